@@ -1,0 +1,186 @@
+//! Integer LayerNorm with Power-of-Two-Factor input scales (spec §6; paper §3.3, appendix A.1).
+//!
+//! Input: uint8 codes `q` (tokens × C) with zero point `z` and per-channel scales
+//! `s_c = base · 2^α_c`. Output: integer codes `y` with `y · s_out ≈ LayerNorm(x)`:
+//!
+//! 1. `x_c = (q_c − z) · 2^(α_c − α_min)`, integers in units of `s_min = base · 2^α_min`;
+//! 2. `μ = s_min·Σx/C`, `σ = (s_min/C)·sqrt(C·Σx² − (Σx)²)` (population std, no eps);
+//! 3. `A_c = (s_min/σ)·γ_c/s_out ≈ ±M_c / 2^N_c` ([`reference::get_mn`]);
+//! 4. `B_c = round((β_c − γ_c·μ/σ) / s_out · 2^N_c)`;
+//! 5. `y_c = round((±M_c·x_c + B_c) / 2^N_c)`, half to even, not clamped.
+//!
+//! Integer bounds (checked at entry): `|q − z| ≤ 255` and `2^(α−α_min) ≤ 8` give `|x| ≤ 2040`
+//! (i32); Σx and Σx² are i64, and `C·Σx²` stays below 2^63 for `C ≤ 2^20`; `M·x ≤ 520,200` (i32);
+//! `B` is i64, saturating only at `|B| ≥ 2^63`; `y` saturates to the i32 range.
+//!
+//! A token whose codes are all equal (zero variance) gets `y_c = round(β_c / s_out)`, the limit
+//! of LayerNorm as the variance goes to zero; the original returns NaN there (its issue #31).
+
+pub mod reference;
+
+use rayon::prelude::*;
+
+use crate::qparams::PtfFactor;
+use reference::{TokenStats, channel_code, get_mn, pow2, round_shift, saturate_i32, token_stats, zero_variance_code};
+
+/// The most channels a LayerNorm may have (keeps `C·Σx²` below 2^63).
+pub const MAX_CHANNELS: usize = 1 << 20;
+
+/// The input scale of an integer LayerNorm.
+#[derive(Clone, Copy, Debug)]
+pub enum InScale<'a> {
+    /// One scale for every channel (a layer-wise quantizer).
+    Layer(f32),
+    /// PTF: channel `c` has scale `base · 2^α_c`.
+    Ptf {
+        /// The scale of α = 0 (`s8 / 8` of the PTF observer).
+        base: f32,
+        /// One factor per channel (tiled ×4 by the caller for Swin's patch merging).
+        factors: &'a [PtfFactor],
+    },
+}
+
+impl InScale<'_> {
+    /// `s_min` and each channel's shift `α_c − α_min`.
+    fn min_and_shifts(&self, n_channels: usize) -> (f32, Vec<u32>) {
+        match *self {
+            InScale::Layer(scale) => (scale, vec![0; n_channels]),
+            InScale::Ptf { base, factors } => {
+                let min = factors.iter().map(|f| f.get()).min().unwrap_or(0);
+                let s_min = base * pow2(u32::from(min));
+                (s_min, factors.iter().map(|f| u32::from(f.get() - min)).collect())
+            }
+        }
+    }
+}
+
+/// Everything but the codes.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerNormParams<'a> {
+    /// Input scale(s).
+    pub in_scale: InScale<'a>,
+    /// Input zero point (it cancels in `x − μ`, but the codes are relative to it).
+    pub zero_point: i32,
+    /// γ, length C.
+    pub gamma: &'a [f32],
+    /// β, length C.
+    pub beta: &'a [f32],
+    /// The scale of the quantizer after the LayerNorm (layer-wise).
+    pub out_scale: f32,
+}
+
+impl LayerNormParams<'_> {
+    /// Checks the preconditions and returns C.
+    #[track_caller]
+    fn check(&self, n_codes: usize, n_out: usize) -> usize {
+        let n_channels = self.gamma.len();
+        assert!(
+            (1..=MAX_CHANNELS).contains(&n_channels),
+            "ptf_layer_norm: {n_channels} channels, expected 1..={MAX_CHANNELS}"
+        );
+        assert_eq!(self.beta.len(), n_channels, "ptf_layer_norm: β has {} channels, γ has {n_channels}", self.beta.len());
+        if let InScale::Ptf { factors, base } = self.in_scale {
+            assert_eq!(factors.len(), n_channels, "ptf_layer_norm: {} PTF factors for {n_channels} channels", factors.len());
+            assert!(base > 0.0 && base.is_finite(), "ptf_layer_norm: base scale {base} is not positive");
+        }
+        if let InScale::Layer(s) = self.in_scale {
+            assert!(s > 0.0 && s.is_finite(), "ptf_layer_norm: in-scale {s} is not positive");
+        }
+        assert!((0..=255).contains(&self.zero_point), "ptf_layer_norm: zero point {} is not a uint8 code", self.zero_point);
+        assert!(self.out_scale > 0.0 && self.out_scale.is_finite(), "ptf_layer_norm: out-scale {} is not positive", self.out_scale);
+        assert_eq!(n_codes % n_channels, 0, "ptf_layer_norm: {n_codes} codes are not whole tokens of {n_channels} channels");
+        assert_eq!(n_codes, n_out, "ptf_layer_norm: {n_codes} codes but room for {n_out} outputs");
+        n_channels
+    }
+}
+
+/// Integer LayerNorm over tokens of C uint8 codes, rows in parallel (the fast path).
+///
+/// Gives exactly the codes of [`reference::ptf_layer_norm`].
+///
+/// # Panics
+/// If γ or β is empty or longer than [`MAX_CHANNELS`], their lengths or the number of PTF
+/// factors differ, a scale is not positive and finite, the zero point is not in `0..=255`, or
+/// `codes` and `out` are not the same whole number of tokens.
+///
+/// # Examples
+/// ```
+/// use fqvit_ops::layer_norm::{InScale, LayerNormParams, ptf_layer_norm};
+/// let gamma = [1.0; 4];
+/// let beta = [0.0; 4];
+/// let params = LayerNormParams { in_scale: InScale::Layer(0.1), zero_point: 128, gamma: &gamma, beta: &beta, out_scale: 0.05 };
+/// let mut y = [0; 4];
+/// ptf_layer_norm(&[118, 128, 128, 138], &params, &mut y);
+/// assert_eq!(y, [-28, 0, 0, 28]); // ±√2 / 0.05
+/// ```
+#[track_caller]
+pub fn ptf_layer_norm(codes: &[u8], params: &LayerNormParams<'_>, out: &mut [i32]) {
+    let n_channels = params.check(codes.len(), out.len());
+    let (s_min, shifts) = params.in_scale.min_and_shifts(n_channels);
+    let zero_point = params.zero_point;
+    codes.par_chunks_exact(n_channels).zip(out.par_chunks_exact_mut(n_channels)).with_min_len(8).for_each_init(
+        || vec![0i32; n_channels],
+        |x, (token, y)| {
+            let (mut sum, mut sum_sq) = (0i64, 0i64);
+            for ((xc, &q), &shift) in x.iter_mut().zip(token).zip(&shifts) {
+                *xc = (i32::from(q) - zero_point) << shift;
+                sum += i64::from(*xc);
+                sum_sq += i64::from(*xc * *xc);
+            }
+            match token_stats(sum, sum_sq, n_channels, s_min) {
+                Some(stats) => normalize_token(x, stats, s_min, params, y),
+                None => {
+                    for (yc, &b) in y.iter_mut().zip(params.beta) {
+                        *yc = zero_variance_code(b, params.out_scale);
+                    }
+                }
+            }
+        },
+    );
+}
+
+#[inline]
+fn normalize_token(x: &[i32], stats: TokenStats, s_min: f32, params: &LayerNormParams<'_>, y: &mut [i32]) {
+    let k = s_min / stats.std;
+    let mean_over_std = stats.mean / stats.std;
+    for c in 0..x.len() {
+        let (gamma, beta) = (params.gamma[c], params.beta[c]);
+        let a = k * gamma / params.out_scale;
+        let Some((m, n)) = fast_mn(a.abs()) else {
+            y[c] = channel_code(x[c], stats, s_min, gamma, beta, params.out_scale);
+            continue;
+        };
+        let m = if a < 0.0 { -m } else { m };
+        let b = ((beta - mean_over_std * gamma) / params.out_scale * pow2(n)).round_ties_even() as i64;
+        y[c] = saturate_i32(round_shift(i64::from(m) * i64::from(x[c]) + b, n));
+    }
+}
+
+/// [`get_mn`] from the exponent bits, for the common case; `None` where it must ask `log2`
+/// (zero, subnormal, huge, or within 2^-15 below a power of two, where `log2` may round up).
+#[inline]
+fn fast_mn(abs_a: f32) -> Option<(i32, u32)> {
+    let bits = abs_a.to_bits();
+    let exp = ((bits >> 23) & 0xff) as i32 - 127;
+    if !(-60..=60).contains(&exp) || bits & 0x7f_ffff >= 0x7f_ff00 {
+        return None;
+    }
+    let n = (7 - exp).clamp(0, 31) as u32;
+    let m = (abs_a * pow2(n)).floor().min(255.0) as i32;
+    debug_assert_eq!((m, n), get_mn(abs_a));
+    Some((m, n))
+}
+
+/// Requantizes LayerNorm codes for the next uint8 quantizer: `clamp(y + z, 0, 255)`.
+///
+/// The original dequantizes `y · s_out` and quantizes again with the same scale, which is this.
+///
+/// # Panics
+/// If the lengths differ.
+#[track_caller]
+pub fn requantize_u8(y: &[i32], zero_point: i32, out: &mut [u8]) {
+    assert_eq!(y.len(), out.len(), "requantize_u8: {} codes but room for {}", y.len(), out.len());
+    for (o, &v) in out.iter_mut().zip(y) {
+        *o = (i64::from(v) + i64::from(zero_point)).clamp(0, 255) as u8;
+    }
+}

@@ -1,0 +1,85 @@
+//! Quantization parameters shared by every crate: scales, zero points, PTF factors.
+
+use std::fmt;
+
+use crate::bits::BitType;
+
+/// One scale and zero point for the whole tensor, or one per channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Granularity {
+    /// A single scale and zero point.
+    LayerWise,
+    /// One per channel: the last dimension of an activation, the first of a weight.
+    ChannelWise,
+}
+
+/// A Power-of-Two Factor α in `0..=3`: a channel's scale is `base · 2^α` (spec §3.7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PtfFactor(u8);
+
+impl PtfFactor {
+    /// The largest factor: scales go up to `base · 8`.
+    pub const MAX: PtfFactor = PtfFactor(3);
+
+    /// α as a number.
+    pub const fn get(self) -> u8 {
+        self.0
+    }
+
+    /// `2^α` ∈ {1, 2, 4, 8}.
+    pub const fn multiplier(self) -> i32 {
+        1 << self.0
+    }
+}
+
+/// The error of a factor outside `0..=3`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PtfFactorOutOfRange(pub u8);
+
+impl fmt::Display for PtfFactorOutOfRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PTF factor {} is out of range 0..=3", self.0)
+    }
+}
+
+impl std::error::Error for PtfFactorOutOfRange {}
+
+impl TryFrom<u8> for PtfFactor {
+    type Error = PtfFactorOutOfRange;
+    fn try_from(alpha: u8) -> Result<Self, Self::Error> {
+        if alpha <= 3 { Ok(PtfFactor(alpha)) } else { Err(PtfFactorOutOfRange(alpha)) }
+    }
+}
+
+/// Calibrated parameters of one quantization site.
+///
+/// `scale` and `zero_point` have length 1 (layer-wise) or C (channel-wise). A PTF site has C
+/// scales `base · 2^α_c`, one shared zero point, and its factors in `ptf`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QParams {
+    /// Code type.
+    pub bit_type: BitType,
+    /// Scales, one or one per channel.
+    pub scale: Vec<f32>,
+    /// Zero points (integers), one or one per channel.
+    pub zero_point: Vec<i32>,
+    /// PTF factors α_c, for PTF sites.
+    pub ptf: Option<Vec<PtfFactor>>,
+}
+
+impl QParams {
+    /// Layer-wise parameters.
+    pub fn layer_wise(bit_type: BitType, scale: f32, zero_point: i32) -> Self {
+        QParams { bit_type, scale: vec![scale], zero_point: vec![zero_point], ptf: None }
+    }
+
+    /// Layer-wise or channel-wise, from the number of scales.
+    pub fn granularity(&self) -> Granularity {
+        if self.scale.len() == 1 { Granularity::LayerWise } else { Granularity::ChannelWise }
+    }
+
+    /// The smallest scale, the PTF base `s8/8` when every factor is used.
+    pub fn min_scale(&self) -> f32 {
+        self.scale.iter().copied().fold(f32::INFINITY, f32::min)
+    }
+}

@@ -1,0 +1,128 @@
+//! Log-Int-Softmax (spec §7; paper §3.4): softmax whose output is a log2 code.
+//!
+//! Per row of integer logits `x` with scale `S`: `x ← x − max x`; the integer exponential
+//! `e = int_exp(x)` (I-BERT's polynomial, n = 30, in u64 because it exceeds i32); `Σ = Σ e`;
+//! `u = round(Σ/e)`, the rounded reciprocal of the probability; `k = log_round(u)`; the output
+//! code is `k`, and `k ≥ 2^bits` means the probability is exactly 0. Dequantized, a code is
+//! `2^-k`, or 0 for the zero flag.
+//!
+//! Integer bounds: `S ≥ 2^-10` ([`MIN_SCALE`]) keeps `I_c = ⌊2.79/S²⌋ < 2^22`, so
+//! `e ≤ I_c·2^30 < 2^52`, and rows of at most [`MAX_ROW`] = 2048 keep `Σ < 2^63` (u64).
+
+pub mod reference;
+
+use rayon::prelude::*;
+
+use reference::{COEF, X0, int_exp, log_code};
+
+/// The smallest supported scale (see the module bounds).
+pub const MIN_SCALE: f32 = 1.0 / 1024.0;
+/// The longest supported row.
+pub const MAX_ROW: usize = 2048;
+
+/// The integer constants of one scale, computed in float32 as the original does (a Python
+/// float divided by a tensor is `reciprocal(S) · c` in PyTorch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LisConstants {
+    /// `I0 = ⌊−0.6931 / S⌋`, −ln 2 in grid units (negative).
+    pub i0: i64,
+    /// `I_b = ⌊(b/a) / S⌋`.
+    pub ib: i64,
+    /// `I_c = ⌊(c/a) / S²⌋`.
+    pub ic: i64,
+}
+
+impl LisConstants {
+    /// The constants for scale `S`.
+    ///
+    /// # Panics
+    /// If `S` is below [`MIN_SCALE`] or not finite.
+    #[track_caller]
+    pub fn new(scale: f32) -> Self {
+        assert!(
+            scale.is_finite() && scale >= MIN_SCALE,
+            "log_int_softmax: scale {scale} is outside [2^-10, ∞): the integer exponential would overflow u64"
+        );
+        let recip = 1.0 / scale;
+        let recip_sq = 1.0 / (scale * scale);
+        let floor = |v: f32| v.floor() as i64;
+        LisConstants {
+            i0: floor(recip * X0 as f32),
+            ib: floor(recip * (COEF[1] / COEF[0]) as f32),
+            ic: floor(recip_sq * (COEF[2] / COEF[0]) as f32),
+        }
+    }
+}
+
+#[track_caller]
+fn check_row_args(n_in: usize, n_out: usize, row_len: usize, bits: u32) {
+    assert!((1..=MAX_ROW).contains(&row_len), "log_int_softmax: row length {row_len} is outside 1..={MAX_ROW}");
+    assert!((2..=8).contains(&bits), "log_int_softmax: {bits} bits, expected 2..=8");
+    assert_eq!(n_in % row_len, 0, "log_int_softmax: {n_in} logits are not whole rows of {row_len}");
+    assert_eq!(n_in, n_out, "log_int_softmax: {n_in} logits but room for {n_out} codes");
+}
+
+/// Log-Int-Softmax over rows of integer logits (`q − z`), rows in parallel (the fast path).
+///
+/// `out` receives log2 codes in `0..=2^bits`, where `2^bits` flags an exact 0. Gives exactly the
+/// codes of [`reference::log_int_softmax`].
+///
+/// # Panics
+/// If `row_len` is 0 or above [`MAX_ROW`], `bits` is not in `2..=8`, the scale is below
+/// [`MIN_SCALE`] or not finite, or `codes` and `out` are not the same whole number of rows.
+///
+/// # Examples
+/// ```
+/// use fqvit_ops::softmax::log_int_softmax;
+/// let mut out = [0u16; 4];
+/// // One dominant logit takes all the mass: code 0 (probability 1), the rest are zero (16).
+/// log_int_softmax(&[100, 0, 0, 0], 4, 0.1, 4, &mut out);
+/// assert_eq!(out, [0, 16, 16, 16]);
+/// ```
+#[track_caller]
+pub fn log_int_softmax(codes: &[i32], row_len: usize, scale: f32, bits: u32, out: &mut [u16]) {
+    let k = LisConstants::new(scale);
+    check_row_args(codes.len(), out.len(), row_len, bits);
+    codes.par_chunks_exact(row_len).zip(out.par_chunks_exact_mut(row_len)).with_min_len(16).for_each_init(
+        || vec![0u64; row_len],
+        |e, (row, out)| {
+            let max = i64::from(row.iter().copied().max().unwrap_or(0));
+            let mut sum = 0u64;
+            for (ej, &x) in e.iter_mut().zip(row) {
+                *ej = int_exp(i64::from(x) - max, &k);
+                sum += *ej;
+            }
+            for (o, &ej) in out.iter_mut().zip(e.iter()) {
+                *o = log_code(sum, ej, bits);
+            }
+        },
+    );
+}
+
+/// Log-Int-Softmax on float logits with the original's float32 semantics
+/// ([`reference::log_int_softmax_f32`]), rows in parallel: what the fake-quantized model uses.
+///
+/// # Panics
+/// As [`log_int_softmax`].
+#[track_caller]
+pub fn log_int_softmax_f32(logits: &[f32], row_len: usize, scale: f32, bits: u32, out: &mut [u16]) {
+    let k = LisConstants::new(scale);
+    check_row_args(logits.len(), out.len(), row_len, bits);
+    logits.par_chunks_exact(row_len).zip(out.par_chunks_exact_mut(row_len)).with_min_len(16).for_each_init(
+        || vec![0f32; row_len],
+        |e, (row, out)| reference::row_f32(row, scale, &k, bits, e, out),
+    );
+}
+
+/// The dequantized view of log2 codes: `2^-k`, or 0 for the zero flag `2^bits`.
+///
+/// # Panics
+/// If the lengths differ.
+#[track_caller]
+pub fn dequantize_log2(codes: &[u16], bits: u32, out: &mut [f32]) {
+    assert_eq!(codes.len(), out.len(), "dequantize_log2: {} codes but room for {}", codes.len(), out.len());
+    let zero = 1u16 << bits;
+    for (o, &k) in out.iter_mut().zip(codes) {
+        *o = if k >= zero { 0.0 } else { (-f32::from(k)).exp2() };
+    }
+}

@@ -1,0 +1,45 @@
+//! Test helpers: the shared data beside the repository.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// `../shared` beside the repository (or `$FQVIT_SHARED_DIR`). Panics when it is missing:
+/// tests that need it never pass by skipping.
+pub fn shared_dir() -> PathBuf {
+    let dir = std::env::var_os("FQVIT_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
+    assert!(dir.join("golden").is_dir(), "shared data missing at {} (set FQVIT_SHARED_DIR)", dir.display());
+    dir
+}
+
+/// A tensor read from a golden safetensors file, as f32 or i32 values with its shape.
+pub struct Golden {
+    pub shape: Vec<usize>,
+    pub f32: Vec<f32>,
+}
+
+/// Reads every tensor of `golden/<name>` into f32 values (i32 tensors are converted exactly).
+pub fn read_golden(name: &str) -> HashMap<String, Golden> {
+    let path = shared_dir().join("golden").join(name);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("golden file parses");
+    st.tensors()
+        .into_iter()
+        .map(|(key, view)| {
+            let data = view.data();
+            let values = match view.dtype() {
+                safetensors::Dtype::F32 => {
+                    data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+                }
+                safetensors::Dtype::I32 => {
+                    data.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f32).collect()
+                }
+                other => panic!("{key}: unexpected dtype {other:?}"),
+            };
+            (key, Golden { shape: view.shape().to_vec(), f32: values })
+        })
+        .collect()
+}

@@ -1,0 +1,81 @@
+//! `cargo xtask`: the project's own automation, in Rust so it runs wherever cargo does.
+//!
+//! It depends on no workspace crate and never on `tch`, so it builds before libtorch exists:
+//! `setup` is what installs libtorch in the first place.
+
+mod ci;
+mod demo;
+mod setup;
+mod tidy;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "fqvit project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install libtorch 2.11.0 (PyPI wheel) and cmake into the user cache when missing, and link them into `.fqvit/`.
+    Setup,
+    /// Report the libtorch in use, its version, and whether CUDA is visible.
+    Doctor,
+    /// Everything CI runs: setup, fmt, clippy, tests (with doc tests), benches compiled, docs, tidy.
+    Ci,
+    /// Check the architecture invariants (crate dependency directions, no `todo!`/`dbg!`).
+    Tidy,
+    /// The main job on the shared sample: calibrate, quantize and evaluate ViT-Tiny (release build).
+    Demo {
+        /// Extra arguments passed to `fqvit-cli eval` (e.g. `--limit 200`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::setup().map(drop),
+        Cmd::Doctor => setup::doctor(),
+        Cmd::Ci => ci::ci(),
+        Cmd::Tidy => tidy::tidy(),
+        Cmd::Demo { args } => demo::demo(&args),
+    }
+}
+
+/// The workspace root (the parent of this crate).
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+/// The cargo that runs us (cargo-xtask convention), so the pinned toolchain is used throughout.
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(project_root());
+    cmd
+}
+
+/// Runs a command, echoing it, and fails with its exit status.
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("$ {}", display(cmd));
+    let status = cmd.status().with_context(|| format!("starting {}", display(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed: {status}", display(cmd));
+    }
+    Ok(())
+}
+
+fn display(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&arg.to_string_lossy());
+    }
+    s
+}

@@ -1,0 +1,79 @@
+//! Architecture invariants (ARCHITECTURE.md), checked from `cargo metadata` and the sources.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::cargo;
+
+/// (crate, dependency it must not have in `[dependencies]`, why).
+const FORBIDDEN: &[(&str, &str, &str)] = &[
+    ("fqvit-ops", "tch", "the integer kernels are usable without libtorch"),
+    ("fqvit-models", "fqvit-observers", "models know nothing about calibration algorithms"),
+    ("fqvit-models", "fqvit-calib", "models know nothing about calibration"),
+    ("fqvit-observers", "fqvit-models", "observers see tensors, not models"),
+];
+
+/// Dependencies only binaries may have.
+const BINARY_ONLY: &[&str] = &["anyhow", "clap", "tracing-subscriber", "toml"];
+
+pub(crate) fn tidy() -> Result<()> {
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .output()
+        .context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let meta: Value = serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
+    let mut problems = Vec::new();
+    for pkg in meta["packages"].as_array().context("no packages in cargo metadata")? {
+        let name = pkg["name"].as_str().unwrap_or_default();
+        let deps: Vec<(&str, &str)> = pkg["dependencies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| (d["name"].as_str().unwrap_or_default(), d["kind"].as_str().unwrap_or("normal")))
+            .collect();
+        for &(krate, forbidden, why) in FORBIDDEN {
+            if name == krate && deps.iter().any(|&(d, _)| d == forbidden) {
+                problems.push(format!("{krate} depends on {forbidden}: {why}"));
+            }
+        }
+        if name == "xtask" && deps.iter().any(|&(d, _)| d == "tch" || d.starts_with("fqvit-")) {
+            problems.push("xtask depends on tch or a workspace crate: it must build before libtorch exists".into());
+        }
+        let is_binary = name == "xtask" || name == "fqvit-cli";
+        for &(dep, kind) in &deps {
+            if !is_binary && kind == "normal" && BINARY_ONLY.contains(&dep) {
+                problems.push(format!("library {name} depends on {dep}: only fqvit-cli and xtask may"));
+            }
+        }
+    }
+    scan_sources(&crate::project_root().join("crates"), &mut problems)?;
+    if !problems.is_empty() {
+        bail!("tidy found {} problem(s):\n  {}", problems.len(), problems.join("\n  "));
+    }
+    eprintln!("xtask tidy: invariants hold");
+    Ok(())
+}
+
+fn scan_sources(dir: &Path, problems: &mut Vec<String>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            scan_sources(&path, problems)?;
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let text = std::fs::read_to_string(&path)?;
+            for (i, line) in text.lines().enumerate() {
+                for bad in ["todo!(", "dbg!(", "unimplemented!("] {
+                    if line.contains(bad) {
+                        problems.push(format!("{}:{}: {bad}", path.display(), i + 1));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
