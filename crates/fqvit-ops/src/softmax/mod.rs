@@ -8,6 +8,10 @@
 //!
 //! Integer bounds: `S ≥ 2^-10` ([`MIN_SCALE`]) keeps `I_c = ⌊2.79/S²⌋ < 2^22`, so
 //! `e ≤ I_c·2^30 < 2^52`, and rows of at most [`MAX_ROW`] = 2048 keep `Σ < 2^63` (u64).
+//!
+//! Coarse scales: the grid step `I0·S` is −ln 2 only up to one step, so accuracy falls as S
+//! grows, and above S ≈ 1.67 the constant `I_c` is 0, every `e` is 0 and every code is the zero
+//! flag (the original returns NaN there). Attention logits have S of a few hundredths.
 
 pub mod reference;
 

@@ -1,0 +1,187 @@
+//! Property tests of the kernels (proptest; regressions are kept in `tests/*.proptest-regressions`).
+
+use fqvit_ops::PtfFactor;
+use fqvit_ops::layer_norm::{InScale, LayerNormParams, ptf_layer_norm, reference as ln_ref};
+use fqvit_ops::softmax::{self, dequantize_log2, reference as lis_ref};
+use proptest::prelude::*;
+
+/// Rows of integer logits: (row length, rows, codes in −255..=255 as `q − z` can be).
+fn logit_rows() -> impl Strategy<Value = (usize, Vec<i32>)> {
+    (1usize..=64, 1usize..=4).prop_flat_map(|(len, rows)| (Just(len), prop::collection::vec(-255i32..=255, len * rows)))
+}
+
+fn scale() -> impl Strategy<Value = f32> {
+    // Above S ≈ 1.67, I_c = ⌊2.79/S²⌋ = 0 and every code is the zero flag (see the module docs).
+    prop_oneof![0.001f32..0.01, 0.01f32..0.2, 0.2f32..1.6]
+}
+
+fn lis(codes: &[i32], len: usize, s: f32, bits: u32) -> Vec<u16> {
+    let mut out = vec![0u16; codes.len()];
+    softmax::log_int_softmax(codes, len, s, bits, &mut out);
+    out
+}
+
+proptest! {
+    #[test]
+    fn lis_fast_equals_reference((len, codes) in logit_rows(), s in scale(), bits in prop::sample::select(vec![4u32, 8])) {
+        let mut slow = vec![0u16; codes.len()];
+        lis_ref::log_int_softmax(&codes, len, s, bits, &mut slow);
+        prop_assert_eq!(lis(&codes, len, s, bits), slow);
+        let logits: Vec<f32> = codes.iter().map(|&q| q as f32 * s).collect();
+        let (mut fast_f, mut slow_f) = (vec![0u16; codes.len()], vec![0u16; codes.len()]);
+        softmax::log_int_softmax_f32(&logits, len, s, bits, &mut fast_f);
+        lis_ref::log_int_softmax_f32(&logits, len, s, bits, &mut slow_f);
+        prop_assert_eq!(fast_f, slow_f);
+    }
+
+    #[test]
+    fn lis_codes_in_range_and_masked_entries_are_zero((len, codes) in logit_rows(), s in scale(), bits in prop::sample::select(vec![2u32, 4, 8])) {
+        let out = lis(&codes, len, s, bits);
+        let mut p = vec![0f32; out.len()];
+        dequantize_log2(&out, bits, &mut p);
+        for (&k, &p) in out.iter().zip(&p) {
+            prop_assert!(k <= 1 << bits);
+            prop_assert_eq!(p == 0.0, k == 1 << bits, "code {} dequantized to {}", k, p);
+        }
+        // With 8 bits the row maximum always keeps some probability: Σ/e_max ≤ L ≤ 64 gives a
+        // code ≤ 7. (With 2 bits, 50 equal maxima at 1/50 each all underflow, as they should.)
+        if bits == 8 {
+            for row in out.chunks(len) {
+                prop_assert!(row.iter().any(|&k| k < 1 << bits));
+            }
+        }
+    }
+
+    #[test]
+    fn lis_is_invariant_to_shifting_a_row((len, codes) in logit_rows(), s in scale(), shift in -1000i32..1000) {
+        let shifted: Vec<i32> = codes.iter().map(|&q| q + shift).collect();
+        prop_assert_eq!(lis(&codes, len, s, 4), lis(&shifted, len, s, 4));
+    }
+
+    #[test]
+    fn lis_is_monotone((len, codes) in logit_rows(), s in scale()) {
+        let out = lis(&codes, len, s, 8);
+        for (row, k) in codes.chunks(len).zip(out.chunks(len)) {
+            for i in 0..len {
+                for j in 0..len {
+                    if row[i] > row[j] {
+                        prop_assert!(k[i] <= k[j], "logit {} got code {} but smaller logit {} got {}", row[i], k[i], row[j], k[j]);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lis_single_dominant_logit_gets_code_zero(len in 1usize..=197, s in scale(), pos in 0usize..197, others in -255i32..=0) {
+        // In the integer exponential every |I0| grid steps halve e (and I0·S is only roughly −ln 2
+        // for coarse scales), so a gap of |I0|·(log2(2.5·L) + 1) steps leaves every other e below
+        // e_max / (2.5·L) even with the polynomial's error: Σ < 1.4·e_max and u = 1.
+        let i0 = softmax::LisConstants::new(s).i0.unsigned_abs() as f32;
+        let gap = (i0 * ((2.5 * len as f32).log2() + 1.0)).ceil() as i32;
+        let mut row = vec![others; len];
+        row[pos % len] = others + gap;
+        prop_assert_eq!(lis(&row, len, s, 4)[pos % len], 0);
+    }
+}
+
+/// A LayerNorm case: tokens × C codes, PTF factors, zero point, γ, β.
+#[derive(Debug, Clone)]
+struct LnCase {
+    n_channels: usize,
+    codes: Vec<u8>,
+    factors: Vec<PtfFactor>,
+    zero_point: i32,
+    base: f32,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    out_scale: f32,
+}
+
+impl LnCase {
+    fn params(&self) -> LayerNormParams<'_> {
+        LayerNormParams {
+            in_scale: InScale::Ptf { base: self.base, factors: &self.factors },
+            zero_point: self.zero_point,
+            gamma: &self.gamma,
+            beta: &self.beta,
+            out_scale: self.out_scale,
+        }
+    }
+}
+
+fn ln_case() -> impl Strategy<Value = LnCase> {
+    (1usize..=96, 1usize..=6).prop_flat_map(|(c, t)| {
+        (
+            prop::collection::vec(any::<u8>(), c * t),
+            prop::collection::vec(0u8..=3, c),
+            any::<u8>(),
+            0.005f32..0.2,
+            prop::collection::vec(0.2f32..2.0, c),
+            prop::collection::vec(-1.0f32..1.0, c),
+            0.01f32..0.1,
+        )
+            .prop_map(move |(codes, alphas, z, base, gamma, beta, out_scale)| LnCase {
+                n_channels: c,
+                codes,
+                factors: alphas.into_iter().map(|a| PtfFactor::try_from(a).unwrap()).collect(),
+                zero_point: i32::from(z),
+                base,
+                gamma,
+                beta,
+                out_scale,
+            })
+    })
+}
+
+fn run_ln(case: &LnCase) -> Vec<i32> {
+    let mut y = vec![0i32; case.codes.len()];
+    ptf_layer_norm(&case.codes, &case.params(), &mut y);
+    y
+}
+
+proptest! {
+    #[test]
+    fn ln_fast_equals_reference(case in ln_case()) {
+        let mut slow = vec![0i32; case.codes.len()];
+        ln_ref::ptf_layer_norm(&case.codes, &case.params(), &mut slow);
+        prop_assert_eq!(run_ln(&case), slow);
+    }
+
+    #[test]
+    fn ln_with_all_factors_zero_is_the_layer_wise_kernel(mut case in ln_case()) {
+        case.factors.iter_mut().for_each(|f| *f = PtfFactor::default());
+        let mut layer = vec![0i32; case.codes.len()];
+        let params = LayerNormParams { in_scale: InScale::Layer(case.base), ..case.params() };
+        ptf_layer_norm(&case.codes, &params, &mut layer);
+        prop_assert_eq!(run_ln(&case), layer);
+    }
+
+    #[test]
+    fn ln_stays_close_to_float_layer_norm(case in ln_case()) {
+        let y = run_ln(&case);
+        let c = case.n_channels;
+        let s_min = case.base * f32::from(1u8 << case.factors.iter().map(|f| f.get()).min().unwrap());
+        for (t, token) in case.codes.chunks(c).enumerate() {
+            let x: Vec<f64> = (0..c).map(|i| f64::from((i32::from(token[i]) - case.zero_point) * case.factors[i].multiplier())).collect();
+            let mean = x.iter().sum::<f64>() / c as f64;
+            let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / c as f64;
+            if var == 0.0 {
+                continue;
+            }
+            let std = var.sqrt();
+            for i in 0..c {
+                let a = f64::from(case.gamma[i]) / std / f64::from(case.out_scale);
+                let float = (f64::from(case.gamma[i]) * (x[i] - mean) / std + f64::from(case.beta[i])) / f64::from(case.out_scale);
+                // Error budget in output steps: M/2^N has an 8-bit mantissa (relative error < 2^-7
+                // of |A·x|, x the raw code in s_min units), B and y each round once (≤ 1/2 + 1/2),
+                // and the float32 statistics add ~2^-20 relative to the terms, bounded by 2^-16 here.
+                let ax = (a * x[i]).abs();
+                let bound = ax / 128.0 + 1.0 + (ax + (a * mean).abs()) / 65536.0;
+                let _ = s_min;
+                prop_assert!((f64::from(y[t * c + i]) - float).abs() <= bound,
+                    "token {} channel {}: integer {} vs float {:.3} (bound {:.3})", t, i, y[t * c + i], float, bound);
+            }
+        }
+    }
+}
