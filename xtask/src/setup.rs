@@ -32,7 +32,8 @@ pub(crate) fn cache_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
         return Ok(Path::new(&dir).join("fqvit"));
     }
-    let home = std::env::var_os("HOME").context("neither FQVIT_CACHE_DIR, XDG_CACHE_HOME nor HOME is set")?;
+    let home = std::env::var_os("HOME")
+        .context("neither FQVIT_CACHE_DIR, XDG_CACHE_HOME nor HOME is set")?;
     Ok(Path::new(&home).join(".cache").join("fqvit"))
 }
 
@@ -66,7 +67,10 @@ pub(crate) fn setup() -> Result<Libtorch> {
 pub(crate) fn doctor() -> Result<()> {
     let libtorch = resolve_libtorch(false)?;
     println!("libtorch:  {}", libtorch.dir.display());
-    println!("version:   {} ({}; tch 0.24.0 expects {TORCH_VERSION})", libtorch.version, libtorch.origin);
+    println!(
+        "version:   {} ({}; tch 0.24.0 expects {TORCH_VERSION})",
+        libtorch.version, libtorch.origin
+    );
     let cuda_build = libtorch.dir.join("lib/libtorch_cuda.so").exists();
     println!("build:     {}", if cuda_build { "CUDA" } else { "CPU only" });
     let linked = std::fs::read_link(link_dir().join("libtorch")).ok();
@@ -90,7 +94,10 @@ fn resolve_libtorch(install: bool) -> Result<Libtorch> {
             .output()
             .context("LIBTORCH_USE_PYTORCH is set but python3 could not be run")?;
         if !out.status.success() {
-            bail!("LIBTORCH_USE_PYTORCH is set but `import torch` failed:\n{}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "LIBTORCH_USE_PYTORCH is set but `import torch` failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let text = String::from_utf8_lossy(&out.stdout);
         let mut lines = text.lines();
@@ -122,15 +129,21 @@ fn resolve_libtorch(install: bool) -> Result<Libtorch> {
 fn pip_install(target: &Path, requirement: &str) -> Result<()> {
     let partial = target.with_extension("partial");
     if partial.exists() {
-        std::fs::remove_dir_all(&partial).with_context(|| format!("removing {}", partial.display()))?;
+        std::fs::remove_dir_all(&partial)
+            .with_context(|| format!("removing {}", partial.display()))?;
     }
-    eprintln!("installing {requirement} into {} (the CUDA wheel of torch is about 4.7 GB)", target.display());
+    eprintln!(
+        "installing {requirement} into {} (the CUDA wheel of torch is about 4.7 GB)",
+        target.display()
+    );
     run(Command::new("python3").args(["-m", "pip", "install", "--no-input", "--disable-pip-version-check", "--target"]).arg(&partial).arg(requirement))
         .with_context(|| format!("pip could not install {requirement}; install Python 3 with pip, or set LIBTORCH to a libtorch {TORCH_VERSION}"))?;
     if target.exists() {
-        std::fs::remove_dir_all(target).with_context(|| format!("removing {}", target.display()))?;
+        std::fs::remove_dir_all(target)
+            .with_context(|| format!("removing {}", target.display()))?;
     }
-    std::fs::rename(&partial, target).with_context(|| format!("renaming {} to {}", partial.display(), target.display()))
+    std::fs::rename(&partial, target)
+        .with_context(|| format!("renaming {} to {}", partial.display(), target.display()))
 }
 
 /// Reads `build-version` (libtorch zip) or `version.py` (PyPI wheel).
@@ -144,7 +157,9 @@ fn read_version(dir: &Path) -> Result<String> {
         format!("{} is not a libtorch: it has neither build-version nor version.py", dir.display())
     })?;
     text.lines()
-        .find_map(|line| line.strip_prefix("__version__ = ").map(|v| v.trim_matches(['\'', '"']).to_owned()))
+        .find_map(|line| {
+            line.strip_prefix("__version__ = ").map(|v| v.trim_matches(['\'', '"']).to_owned())
+        })
         .with_context(|| format!("no __version__ in {}", version_py.display()))
 }
 
@@ -176,7 +191,9 @@ fn resolve_cmake() -> Result<PathBuf> {
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join(name)).find(|p| p.is_file())
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
 }
 
 fn relink(link: &Path, to: &Path) -> Result<()> {

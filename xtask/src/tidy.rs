@@ -34,7 +34,9 @@ pub(crate) fn tidy() -> Result<()> {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|d| (d["name"].as_str().unwrap_or_default(), d["kind"].as_str().unwrap_or("normal")))
+            .map(|d| {
+                (d["name"].as_str().unwrap_or_default(), d["kind"].as_str().unwrap_or("normal"))
+            })
             .collect();
         for &(krate, forbidden, why) in FORBIDDEN {
             if name == krate && deps.iter().any(|&(d, _)| d == forbidden) {
@@ -42,12 +44,16 @@ pub(crate) fn tidy() -> Result<()> {
             }
         }
         if name == "xtask" && deps.iter().any(|&(d, _)| d == "tch" || d.starts_with("fqvit-")) {
-            problems.push("xtask depends on tch or a workspace crate: it must build before libtorch exists".into());
+            problems.push(
+                "xtask depends on tch or a workspace crate: it must build before libtorch exists"
+                    .into(),
+            );
         }
         let is_binary = name == "xtask" || name == "fqvit-cli";
         for &(dep, kind) in &deps {
             if !is_binary && kind == "normal" && BINARY_ONLY.contains(&dep) {
-                problems.push(format!("library {name} depends on {dep}: only fqvit-cli and xtask may"));
+                problems
+                    .push(format!("library {name} depends on {dep}: only fqvit-cli and xtask may"));
             }
         }
     }

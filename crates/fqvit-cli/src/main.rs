@@ -1,1 +1,27 @@
-fn main() {}
+//! `fqvit-cli`: evaluate, calibrate and quantize vision transformers the FQ-ViT way.
+//!
+//! `main` parses, installs the tracing subscriber (stderr, `RUST_LOG`) and dispatches.
+
+mod cli;
+mod commands;
+mod config;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cli = cli::Cli::parse();
+    let default = match cli.verbose as i8 - cli.quiet as i8 {
+        i8::MIN..=-1 => "warn",
+        0 => "fqvit=info,fqvit_calib=info,fqvit_models=info,fqvit_cli=info,warn",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match cli.command {
+        cli::Command::Eval(args) => commands::eval::run(args),
+        cli::Command::Quantize(args) => commands::quantize::run(args),
+        cli::Command::Doctor => commands::doctor::run(),
+    }
+}

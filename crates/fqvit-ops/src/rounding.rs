@@ -84,7 +84,10 @@ fn for_each_channel(
 ) {
     let n_channels = n_scales.max(n_zero_points);
     assert!(
-        n_scales >= 1 && n_zero_points >= 1 && (n_scales == 1 || n_scales == n_channels) && (n_zero_points == 1 || n_zero_points == n_channels),
+        n_scales >= 1
+            && n_zero_points >= 1
+            && (n_scales == 1 || n_scales == n_channels)
+            && (n_zero_points == 1 || n_zero_points == n_channels),
         "quantization parameters: {n_scales} scales and {n_zero_points} zero points do not broadcast"
     );
     if n_channels == 1 {

@@ -24,11 +24,24 @@ impl Gen {
 }
 
 #[track_caller]
-fn check_ln(n_channels: usize, n_tokens: usize, codes: Vec<u8>, zero_point: i32, alphas: &[u8], base: f32) {
+fn check_ln(
+    n_channels: usize,
+    n_tokens: usize,
+    codes: Vec<u8>,
+    zero_point: i32,
+    alphas: &[u8],
+    base: f32,
+) {
     let factors: Vec<PtfFactor> = alphas.iter().map(|&a| PtfFactor::try_from(a).unwrap()).collect();
     let gamma: Vec<f32> = (0..n_channels).map(|c| 0.5 + (c % 7) as f32 * 0.25).collect();
     let beta: Vec<f32> = (0..n_channels).map(|c| (c % 5) as f32 * 0.1 - 0.2).collect();
-    let params = LayerNormParams { in_scale: InScale::Ptf { base, factors: &factors }, zero_point, gamma: &gamma, beta: &beta, out_scale: 0.03 };
+    let params = LayerNormParams {
+        in_scale: InScale::Ptf { base, factors: &factors },
+        zero_point,
+        gamma: &gamma,
+        beta: &beta,
+        out_scale: 0.03,
+    };
     let (mut fast, mut slow) = (vec![0; codes.len()], vec![0; codes.len()]);
     ptf_layer_norm(&codes, &params, &mut fast);
     ln_ref::ptf_layer_norm(&codes, &params, &mut slow);
@@ -58,7 +71,13 @@ fn ln_edge_table() {
 #[test]
 fn ln_zero_variance_gives_beta_over_out_scale() {
     let (gamma, beta) = ([1.0f32, 2.0, 3.0], [0.3f32, -0.6, 0.0]);
-    let params = LayerNormParams { in_scale: InScale::Layer(0.1), zero_point: 5, gamma: &gamma, beta: &beta, out_scale: 0.1 };
+    let params = LayerNormParams {
+        in_scale: InScale::Layer(0.1),
+        zero_point: 5,
+        gamma: &gamma,
+        beta: &beta,
+        out_scale: 0.1,
+    };
     let mut y = [0i32; 3];
     ptf_layer_norm(&[9, 9, 9], &params, &mut y);
     assert_eq!(y, [3, -6, 0]);
@@ -84,12 +103,15 @@ fn lis_edge_table() {
     for &len in &[1usize, 2, 3, 49, 64, 197, 2048] {
         for &rows in &[1usize, 2, 49] {
             for &scale in &[softmax::MIN_SCALE, 0.011, 0.1, 0.6931, 10.0] {
-                let random: Vec<i32> = (0..len * rows).map(|_| rng.below(511) as i32 - 255).collect();
+                let random: Vec<i32> =
+                    (0..len * rows).map(|_| rng.below(511) as i32 - 255).collect();
                 check_lis(len, &random, scale);
                 check_lis(len, &vec![-255; len * rows], scale);
-                let repeated_max: Vec<i32> = (0..len * rows).map(|i| if i % 3 == 0 { 255 } else { -3 }).collect();
+                let repeated_max: Vec<i32> =
+                    (0..len * rows).map(|i| if i % 3 == 0 { 255 } else { -3 }).collect();
                 check_lis(len, &repeated_max, scale);
-                let dominant: Vec<i32> = (0..len * rows).map(|i| if i % len == len / 2 { 255 } else { -255 }).collect();
+                let dominant: Vec<i32> =
+                    (0..len * rows).map(|i| if i % len == len / 2 { 255 } else { -255 }).collect();
                 check_lis(len, &dominant, scale);
             }
         }
@@ -106,14 +128,16 @@ fn lis_constant_row_is_uniform() {
 
 #[test]
 fn log_round_examples_from_the_spec() {
-    let codes: Vec<u32> = [1u64, 2, 3, 4, 5, 6, 7, 12, 1 << 40].iter().map(|&u| lis_ref::log_round(u)).collect();
+    let codes: Vec<u32> =
+        [1u64, 2, 3, 4, 5, 6, 7, 12, 1 << 40].iter().map(|&u| lis_ref::log_round(u)).collect();
     assert_eq!(codes, [0, 1, 2, 2, 2, 3, 3, 4, 40]);
 }
 
 #[test]
 fn get_mn_table_from_the_spec() {
     // |A| ∈ {0, 1e-3, 0.2, 1, 255.9, 300} (spec §14).
-    let mn: Vec<(i32, u32)> = [0.0f32, 1e-3, 0.2, 1.0, 255.9, 300.0].iter().map(|&a| ln_ref::get_mn(a)).collect();
+    let mn: Vec<(i32, u32)> =
+        [0.0f32, 1e-3, 0.2, 1.0, 255.9, 300.0].iter().map(|&a| ln_ref::get_mn(a)).collect();
     assert_eq!(mn, [(0, 31), (131, 17), (204, 10), (128, 7), (255, 0), (255, 0)]);
 }
 
@@ -121,13 +145,22 @@ fn get_mn_table_from_the_spec() {
 #[track_caller]
 fn panic_message(f: impl FnOnce()) -> String {
     let err = catch_unwind(AssertUnwindSafe(f)).expect_err("expected a documented panic");
-    err.downcast_ref::<String>().cloned().or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+    err.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
 }
 
 #[test]
 fn mismatched_inputs_panic_at_the_entry_with_a_message() {
     let (gamma, beta) = ([1.0f32; 4], [0.0f32; 3]);
-    let params = LayerNormParams { in_scale: InScale::Layer(0.1), zero_point: 0, gamma: &gamma, beta: &beta, out_scale: 0.1 };
+    let params = LayerNormParams {
+        in_scale: InScale::Layer(0.1),
+        zero_point: 0,
+        gamma: &gamma,
+        beta: &beta,
+        out_scale: 0.1,
+    };
     let msg = panic_message(|| ptf_layer_norm(&[0; 4], &params, &mut [0; 4]));
     assert!(msg.contains("β has 3 channels"), "{msg}");
     let params = LayerNormParams { beta: &gamma, ..params };

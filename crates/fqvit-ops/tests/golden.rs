@@ -22,8 +22,14 @@ fn log_int_softmax_float_entry_matches_every_case_exactly() {
             kernel(&input.f32, row_len, scale, bits, &mut codes);
             let mut p = vec![0f32; codes.len()];
             dequantize_log2(&codes, bits, &mut p);
-            let wrong = p.iter().zip(&g("output").f32).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-            assert_eq!(wrong, 0, "case{case} (S = {scale}, {bits} bits, {name}): {wrong} of {} differ", p.len());
+            let wrong =
+                p.iter().zip(&g("output").f32).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(
+                wrong,
+                0,
+                "case{case} (S = {scale}, {bits} bits, {name}): {wrong} of {} differ",
+                p.len()
+            );
         }
     }
 }
@@ -36,7 +42,8 @@ fn log_int_softmax_integer_entry_is_within_one_code_on_at_most_one_percent() {
         let (input, scale, bits) = (g("input"), g("scale").f32[0], g("bits").f32[0] as u32);
         let row_len = *input.shape.last().unwrap();
         // The logits are (q − 128)·S: recover the exact integer codes.
-        let ints: Vec<i32> = input.f32.iter().map(|&x| (x / scale).round_ties_even() as i32).collect();
+        let ints: Vec<i32> =
+            input.f32.iter().map(|&x| (x / scale).round_ties_even() as i32).collect();
         let mut fast = vec![0u16; ints.len()];
         softmax::log_int_softmax(&ints, row_len, scale, bits, &mut fast);
         let mut reference = vec![0u16; ints.len()];
@@ -50,8 +57,15 @@ fn log_int_softmax_integer_entry_is_within_one_code_on_at_most_one_percent() {
                 assert_eq!(a.abs_diff(b), 1, "case{case} element {i}: code {a}, original {b}");
             }
         }
-        println!("case{case} (S = {scale}, {bits} bits): integer entry differs on {off} of {} elements", fast.len());
-        assert!(off * 100 <= fast.len(), "case{case}: {off} of {} differ (more than 1 %)", fast.len());
+        println!(
+            "case{case} (S = {scale}, {bits} bits): integer entry differs on {off} of {} elements",
+            fast.len()
+        );
+        assert!(
+            off * 100 <= fast.len(),
+            "case{case}: {off} of {} differ (more than 1 %)",
+            fast.len()
+        );
     }
 }
 
@@ -79,7 +93,9 @@ fn ptf_layer_norm_matches_every_code_exactly() {
             .f32
             .iter()
             .enumerate()
-            .map(|(i, &x)| ((x / in_scale[i % n_channels]).round_ties_even() as i32 + zero_point) as u8)
+            .map(|(i, &x)| {
+                ((x / in_scale[i % n_channels]).round_ties_even() as i32 + zero_point) as u8
+            })
             .collect();
         let params = LayerNormParams {
             in_scale: InScale::Ptf { base, factors: &factors },
@@ -94,9 +110,16 @@ fn ptf_layer_norm_matches_every_code_exactly() {
         reference::ptf_layer_norm(&codes, &params, &mut slow);
         assert_eq!(fast, slow, "case{case}: fast path differs from the reference");
         // Compared as values: the original's float rounding gives -0.0 where our integer code is 0.
-        let wrong: Vec<usize> =
-            (0..codes.len()).filter(|&i| fast[i] as f32 * out_scale != g("output").f32[i]).collect();
-        assert!(wrong.is_empty(), "case{case} (C = {n_channels}): {} of {} codes differ, first at {:?}", wrong.len(), codes.len(), &wrong[..wrong.len().min(5)]);
+        let wrong: Vec<usize> = (0..codes.len())
+            .filter(|&i| fast[i] as f32 * out_scale != g("output").f32[i])
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "case{case} (C = {n_channels}): {} of {} codes differ, first at {:?}",
+            wrong.len(),
+            codes.len(),
+            &wrong[..wrong.len().min(5)]
+        );
         total += codes.len();
     }
     assert_eq!(total, 157_952);
@@ -111,7 +134,9 @@ fn symmetric_int8_weight_quantization_matches_the_original() {
         .f32
         .chunks_exact(cols)
         .map(|row| {
-            let (min, max) = row.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+            let (min, max) = row
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
             rounding::symmetric_scale(min, max, BitType::INT8)
         })
         .collect();
@@ -122,6 +147,10 @@ fn symmetric_int8_weight_quantization_matches_the_original() {
     assert!(golden["weight.zero_point"].f32.iter().all(|&z| z == 0.0));
     let mut fq = w.f32.clone();
     fake_quantize_slice(&mut fq, &scales, &[0], BitType::INT8, ChannelAxis::First);
-    let wrong = fq.iter().zip(&golden["weight.fake_quant"].f32).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    let wrong = fq
+        .iter()
+        .zip(&golden["weight.fake_quant"].f32)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
     assert_eq!(wrong, 0, "{wrong} fake-quantized weights differ");
 }

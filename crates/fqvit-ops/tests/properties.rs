@@ -7,7 +7,8 @@ use proptest::prelude::*;
 
 /// Rows of integer logits: (row length, rows, codes in −255..=255 as `q − z` can be).
 fn logit_rows() -> impl Strategy<Value = (usize, Vec<i32>)> {
-    (1usize..=64, 1usize..=4).prop_flat_map(|(len, rows)| (Just(len), prop::collection::vec(-255i32..=255, len * rows)))
+    (1usize..=64, 1usize..=4)
+        .prop_flat_map(|(len, rows)| (Just(len), prop::collection::vec(-255i32..=255, len * rows)))
 }
 
 fn scale() -> impl Strategy<Value = f32> {

@@ -21,7 +21,10 @@ pub mod reference;
 use rayon::prelude::*;
 
 use crate::qparams::PtfFactor;
-use reference::{TokenStats, channel_code, get_mn, pow2, round_shift, saturate_i32, token_stats, zero_variance_code};
+use reference::{
+    TokenStats, channel_code, get_mn, pow2, round_shift, saturate_i32, token_stats,
+    zero_variance_code,
+};
 
 /// The most channels a LayerNorm may have (keeps `C·Σx²` below 2^63).
 pub const MAX_CHANNELS: usize = 1 << 20;
@@ -78,17 +81,42 @@ impl LayerNormParams<'_> {
             (1..=MAX_CHANNELS).contains(&n_channels),
             "ptf_layer_norm: {n_channels} channels, expected 1..={MAX_CHANNELS}"
         );
-        assert_eq!(self.beta.len(), n_channels, "ptf_layer_norm: β has {} channels, γ has {n_channels}", self.beta.len());
+        assert_eq!(
+            self.beta.len(),
+            n_channels,
+            "ptf_layer_norm: β has {} channels, γ has {n_channels}",
+            self.beta.len()
+        );
         if let InScale::Ptf { factors, base } = self.in_scale {
-            assert_eq!(factors.len(), n_channels, "ptf_layer_norm: {} PTF factors for {n_channels} channels", factors.len());
-            assert!(base > 0.0 && base.is_finite(), "ptf_layer_norm: base scale {base} is not positive");
+            assert_eq!(
+                factors.len(),
+                n_channels,
+                "ptf_layer_norm: {} PTF factors for {n_channels} channels",
+                factors.len()
+            );
+            assert!(
+                base > 0.0 && base.is_finite(),
+                "ptf_layer_norm: base scale {base} is not positive"
+            );
         }
         if let InScale::Layer(s) = self.in_scale {
             assert!(s > 0.0 && s.is_finite(), "ptf_layer_norm: in-scale {s} is not positive");
         }
-        assert!((0..=255).contains(&self.zero_point), "ptf_layer_norm: zero point {} is not a uint8 code", self.zero_point);
-        assert!(self.out_scale > 0.0 && self.out_scale.is_finite(), "ptf_layer_norm: out-scale {} is not positive", self.out_scale);
-        assert_eq!(n_codes % n_channels, 0, "ptf_layer_norm: {n_codes} codes are not whole tokens of {n_channels} channels");
+        assert!(
+            (0..=255).contains(&self.zero_point),
+            "ptf_layer_norm: zero point {} is not a uint8 code",
+            self.zero_point
+        );
+        assert!(
+            self.out_scale > 0.0 && self.out_scale.is_finite(),
+            "ptf_layer_norm: out-scale {} is not positive",
+            self.out_scale
+        );
+        assert_eq!(
+            n_codes % n_channels,
+            0,
+            "ptf_layer_norm: {n_codes} codes are not whole tokens of {n_channels} channels"
+        );
         assert_eq!(n_codes, n_out, "ptf_layer_norm: {n_codes} codes but room for {n_out} outputs");
         n_channels
     }
@@ -118,29 +146,39 @@ pub fn ptf_layer_norm(codes: &[u8], params: &LayerNormParams<'_>, out: &mut [i32
     let n_channels = params.check(codes.len(), out.len());
     let (s_min, shifts) = params.in_scale.min_and_shifts(n_channels);
     let zero_point = params.zero_point;
-    codes.par_chunks_exact(n_channels).zip(out.par_chunks_exact_mut(n_channels)).with_min_len(8).for_each_init(
-        || vec![0i32; n_channels],
-        |x, (token, y)| {
-            let (mut sum, mut sum_sq) = (0i64, 0i64);
-            for ((xc, &q), &shift) in x.iter_mut().zip(token).zip(&shifts) {
-                *xc = (i32::from(q) - zero_point) << shift;
-                sum += i64::from(*xc);
-                sum_sq += i64::from(*xc * *xc);
-            }
-            match token_stats(sum, sum_sq, n_channels, s_min) {
-                Some(stats) => normalize_token(x, stats, s_min, params, y),
-                None => {
-                    for (yc, &b) in y.iter_mut().zip(params.beta) {
-                        *yc = zero_variance_code(b, params.out_scale);
+    codes
+        .par_chunks_exact(n_channels)
+        .zip(out.par_chunks_exact_mut(n_channels))
+        .with_min_len(8)
+        .for_each_init(
+            || vec![0i32; n_channels],
+            |x, (token, y)| {
+                let (mut sum, mut sum_sq) = (0i64, 0i64);
+                for ((xc, &q), &shift) in x.iter_mut().zip(token).zip(&shifts) {
+                    *xc = (i32::from(q) - zero_point) << shift;
+                    sum += i64::from(*xc);
+                    sum_sq += i64::from(*xc * *xc);
+                }
+                match token_stats(sum, sum_sq, n_channels, s_min) {
+                    Some(stats) => normalize_token(x, stats, s_min, params, y),
+                    None => {
+                        for (yc, &b) in y.iter_mut().zip(params.beta) {
+                            *yc = zero_variance_code(b, params.out_scale);
+                        }
                     }
                 }
-            }
-        },
-    );
+            },
+        );
 }
 
 #[inline]
-fn normalize_token(x: &[i32], stats: TokenStats, s_min: f32, params: &LayerNormParams<'_>, y: &mut [i32]) {
+fn normalize_token(
+    x: &[i32],
+    stats: TokenStats,
+    s_min: f32,
+    params: &LayerNormParams<'_>,
+    y: &mut [i32],
+) {
     let k = s_min / stats.std;
     let mean_over_std = stats.mean / stats.std;
     for c in 0..x.len() {
@@ -151,7 +189,8 @@ fn normalize_token(x: &[i32], stats: TokenStats, s_min: f32, params: &LayerNormP
             continue;
         };
         let m = if a < 0.0 { -m } else { m };
-        let b = ((beta - mean_over_std * gamma) / params.out_scale * pow2(n)).round_ties_even() as i64;
+        let b =
+            ((beta - mean_over_std * gamma) / params.out_scale * pow2(n)).round_ties_even() as i64;
         y[c] = saturate_i32(round_shift(i64::from(m) * i64::from(x[c]) + b, n));
     }
 }

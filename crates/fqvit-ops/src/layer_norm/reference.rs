@@ -47,7 +47,12 @@ pub(crate) struct TokenStats {
 
 /// `μ = (Σx / C) · s_min`, `σ = (s_min / C) · sqrt(C·Σx² − (Σx)²)`, or `None` for zero variance.
 #[inline]
-pub(crate) fn token_stats(sum: i64, sum_sq: i64, n_channels: usize, s_min: f32) -> Option<TokenStats> {
+pub(crate) fn token_stats(
+    sum: i64,
+    sum_sq: i64,
+    n_channels: usize,
+    s_min: f32,
+) -> Option<TokenStats> {
     // Overflow: |x| ≤ 2040 and C ≤ 2^20 give C·Σx² ≤ 2^20 · 2^20 · 2040² < 2^63.
     let n = n_channels as i64;
     if n * sum_sq == sum * sum {
@@ -64,10 +69,23 @@ pub(crate) fn token_stats(sum: i64, sum_sq: i64, n_channels: usize, s_min: f32) 
 
 /// The output code of one channel given its token statistics: steps 6–9 of spec §6.
 #[inline]
-pub(crate) fn channel_code(x: i32, stats: TokenStats, s_min: f32, gamma: f32, beta: f32, out_scale: f32) -> i32 {
+pub(crate) fn channel_code(
+    x: i32,
+    stats: TokenStats,
+    s_min: f32,
+    gamma: f32,
+    beta: f32,
+    out_scale: f32,
+) -> i32 {
     let a = s_min / stats.std * gamma / out_scale;
     let (m, n) = get_mn(a.abs());
-    let m = if a < 0.0 { -m } else if a > 0.0 { m } else { 0 };
+    let m = if a < 0.0 {
+        -m
+    } else if a > 0.0 {
+        m
+    } else {
+        0
+    };
     let b = ((beta - stats.mean / stats.std * gamma) / out_scale * pow2(n)).round_ties_even();
     // Saturates only for |B| ≥ 2^63, far outside any calibrated model.
     let b = b as i64;
@@ -108,7 +126,14 @@ pub fn ptf_layer_norm(codes: &[u8], params: &LayerNormParams<'_>, out: &mut [i32
         match token_stats(sum, sum_sq, n_channels, s_min) {
             Some(stats) => {
                 for c in 0..n_channels {
-                    y[c] = channel_code(x(c), stats, s_min, params.gamma[c], params.beta[c], params.out_scale);
+                    y[c] = channel_code(
+                        x(c),
+                        stats,
+                        s_min,
+                        params.gamma[c],
+                        params.beta[c],
+                        params.out_scale,
+                    );
                 }
             }
             None => {

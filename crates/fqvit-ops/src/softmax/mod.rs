@@ -60,7 +60,10 @@ impl LisConstants {
 
 #[track_caller]
 fn check_row_args(n_in: usize, n_out: usize, row_len: usize, bits: u32) {
-    assert!((1..=MAX_ROW).contains(&row_len), "log_int_softmax: row length {row_len} is outside 1..={MAX_ROW}");
+    assert!(
+        (1..=MAX_ROW).contains(&row_len),
+        "log_int_softmax: row length {row_len} is outside 1..={MAX_ROW}"
+    );
     assert!((2..=8).contains(&bits), "log_int_softmax: {bits} bits, expected 2..=8");
     assert_eq!(n_in % row_len, 0, "log_int_softmax: {n_in} logits are not whole rows of {row_len}");
     assert_eq!(n_in, n_out, "log_int_softmax: {n_in} logits but room for {n_out} codes");
@@ -87,20 +90,24 @@ fn check_row_args(n_in: usize, n_out: usize, row_len: usize, bits: u32) {
 pub fn log_int_softmax(codes: &[i32], row_len: usize, scale: f32, bits: u32, out: &mut [u16]) {
     let k = LisConstants::new(scale);
     check_row_args(codes.len(), out.len(), row_len, bits);
-    codes.par_chunks_exact(row_len).zip(out.par_chunks_exact_mut(row_len)).with_min_len(16).for_each_init(
-        || vec![0u64; row_len],
-        |e, (row, out)| {
-            let max = i64::from(row.iter().copied().max().unwrap_or(0));
-            let mut sum = 0u64;
-            for (ej, &x) in e.iter_mut().zip(row) {
-                *ej = int_exp(i64::from(x) - max, &k);
-                sum += *ej;
-            }
-            for (o, &ej) in out.iter_mut().zip(e.iter()) {
-                *o = log_code(sum, ej, bits);
-            }
-        },
-    );
+    codes
+        .par_chunks_exact(row_len)
+        .zip(out.par_chunks_exact_mut(row_len))
+        .with_min_len(16)
+        .for_each_init(
+            || vec![0u64; row_len],
+            |e, (row, out)| {
+                let max = i64::from(row.iter().copied().max().unwrap_or(0));
+                let mut sum = 0u64;
+                for (ej, &x) in e.iter_mut().zip(row) {
+                    *ej = int_exp(i64::from(x) - max, &k);
+                    sum += *ej;
+                }
+                for (o, &ej) in out.iter_mut().zip(e.iter()) {
+                    *o = log_code(sum, ej, bits);
+                }
+            },
+        );
 }
 
 /// Log-Int-Softmax on float logits with the original's float32 semantics
@@ -112,10 +119,14 @@ pub fn log_int_softmax(codes: &[i32], row_len: usize, scale: f32, bits: u32, out
 pub fn log_int_softmax_f32(logits: &[f32], row_len: usize, scale: f32, bits: u32, out: &mut [u16]) {
     let k = LisConstants::new(scale);
     check_row_args(logits.len(), out.len(), row_len, bits);
-    logits.par_chunks_exact(row_len).zip(out.par_chunks_exact_mut(row_len)).with_min_len(16).for_each_init(
-        || vec![0f32; row_len],
-        |e, (row, out)| reference::row_f32(row, scale, &k, bits, e, out),
-    );
+    logits
+        .par_chunks_exact(row_len)
+        .zip(out.par_chunks_exact_mut(row_len))
+        .with_min_len(16)
+        .for_each_init(
+            || vec![0f32; row_len],
+            |e, (row, out)| reference::row_f32(row, scale, &k, bits, e, out),
+        );
 }
 
 /// The dequantized view of log2 codes: `2^-k`, or 0 for the zero flag `2^bits`.
@@ -124,7 +135,13 @@ pub fn log_int_softmax_f32(logits: &[f32], row_len: usize, scale: f32, bits: u32
 /// If the lengths differ.
 #[track_caller]
 pub fn dequantize_log2(codes: &[u16], bits: u32, out: &mut [f32]) {
-    assert_eq!(codes.len(), out.len(), "dequantize_log2: {} codes but room for {}", codes.len(), out.len());
+    assert_eq!(
+        codes.len(),
+        out.len(),
+        "dequantize_log2: {} codes but room for {}",
+        codes.len(),
+        out.len()
+    );
     let zero = 1u16 << bits;
     for (o, &k) in out.iter_mut().zip(codes) {
         *o = if k >= zero { 0.0 } else { (-f32::from(k)).exp2() };

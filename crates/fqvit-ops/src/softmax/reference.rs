@@ -99,7 +99,14 @@ pub fn log_int_softmax_f32(logits: &[f32], row_len: usize, scale: f32, bits: u32
 
 /// One row of [`log_int_softmax_f32`], with a scratch buffer `e` of the row's length.
 #[inline]
-pub(crate) fn row_f32(row: &[f32], scale: f32, k: &LisConstants, bits: u32, e: &mut [f32], out: &mut [u16]) {
+pub(crate) fn row_f32(
+    row: &[f32],
+    scale: f32,
+    k: &LisConstants,
+    bits: u32,
+    e: &mut [f32],
+    out: &mut [u16],
+) {
     let max = row.iter().map(|&x| x / scale).fold(f32::NEG_INFINITY, f32::max);
     for (ej, &x) in e.iter_mut().zip(row) {
         *ej = int_exp_f32(x / scale - max, k);

@@ -11,7 +11,11 @@ pub fn shared_dir() -> PathBuf {
     let dir = std::env::var_os("FQVIT_SHARED_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
-    assert!(dir.join("golden").is_dir(), "shared data missing at {} (set FQVIT_SHARED_DIR)", dir.display());
+    assert!(
+        dir.join("golden").is_dir(),
+        "shared data missing at {} (set FQVIT_SHARED_DIR)",
+        dir.display()
+    );
     dir
 }
 
@@ -31,12 +35,14 @@ pub fn read_golden(name: &str) -> HashMap<String, Golden> {
         .map(|(key, view)| {
             let data = view.data();
             let values = match view.dtype() {
-                safetensors::Dtype::F32 => {
-                    data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
-                }
-                safetensors::Dtype::I32 => {
-                    data.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f32).collect()
-                }
+                safetensors::Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+                safetensors::Dtype::I32 => data
+                    .chunks_exact(4)
+                    .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f32)
+                    .collect(),
                 other => panic!("{key}: unexpected dtype {other:?}"),
             };
             (key, Golden { shape: view.shape().to_vec(), f32: values })

@@ -1,0 +1,55 @@
+//! The error type of `fqvit-calib`.
+
+use std::path::PathBuf;
+
+/// What can go wrong reading data, calibrating, evaluating or handling artifacts.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or folder could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// An image could not be decoded.
+    #[error("cannot decode image {path}: {reason}")]
+    BadImage {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// A class folder is not an ImageNet-1k wnid.
+    #[error("{path}: folder `{wnid}` is not one of the 1000 ImageNet-1k classes")]
+    UnknownClass {
+        /// The folder.
+        path: PathBuf,
+        /// Its name.
+        wnid: String,
+    },
+    /// A split has no images.
+    #[error("no images under {0}")]
+    Empty(PathBuf),
+    /// A model error.
+    #[error(transparent)]
+    Model(#[from] fqvit_models::Error),
+    /// A libtorch error.
+    #[error(transparent)]
+    Tch(#[from] tch::TchError),
+    /// A quantization-parameters artifact is unusable.
+    #[error("{path}: {reason}")]
+    Artifact {
+        /// The file.
+        path: PathBuf,
+        /// Which check failed.
+        reason: String,
+    },
+    /// The calibration settings are inconsistent.
+    #[error("invalid calibration settings: {0}")]
+    Settings(String),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

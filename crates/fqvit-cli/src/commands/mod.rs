@@ -1,0 +1,5 @@
+//! One module per subcommand, each with `run(args) -> anyhow::Result<()>`.
+
+pub(crate) mod doctor;
+pub(crate) mod eval;
+pub(crate) mod quantize;

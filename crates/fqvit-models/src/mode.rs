@@ -1,0 +1,40 @@
+//! The modes a model runs in, chosen per call (no flags mutated from outside).
+
+use fqvit_ops::QParams;
+use tch::Tensor;
+
+use crate::quant::Quantized;
+use crate::site::SiteId;
+
+/// Which integer paths the quantized model takes (the original's `--ptf` and `--lis`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct QuantOptions {
+    /// Integer LayerNorm on PTF codes (`--ptf`); otherwise float LayerNorm on fake-quantized input.
+    pub int_layer_norm: bool,
+    /// Log-Int-Softmax with this many bits (`--lis`, 4 by default); otherwise float softmax then uint8.
+    pub lis_bits: Option<u32>,
+}
+
+/// Receives every site's tensor during calibration; implemented by `fqvit-calib`.
+pub trait CalibrationSink {
+    /// Observes the tensor at a site: an activation, or a weight at a weight site.
+    fn observe(&mut self, site: SiteId, xs: &Tensor);
+    /// A site's parameters once it is frozen. The last calibration batch freezes sites in
+    /// forward order, so with LIS the softmax already finds its input site frozen (spec §7.1).
+    fn frozen(&self, site: SiteId) -> Option<&QParams>;
+}
+
+/// How a forward pass treats quantization sites.
+pub enum Mode<'a> {
+    /// Full precision, identical to timm.
+    Float,
+    /// Float forward with every site observed (and LIS once its input scale is frozen).
+    Calibrate {
+        /// Where observations go.
+        sink: &'a mut dyn CalibrationSink,
+        /// The integer paths of the experiment.
+        options: QuantOptions,
+    },
+    /// Fake-quantized weights and activations, integer LayerNorm and LIS as configured.
+    Quantized(&'a Quantized),
+}

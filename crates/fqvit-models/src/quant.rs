@@ -1,0 +1,463 @@
+//! The quantization-aware layers (`quant::Act`, `quant::Linear`, ...) and the frozen state of a
+//! quantized model ([`Quantized`]). Each layer matches on [`Mode`] in one place.
+
+use fqvit_ops::QParams;
+use fqvit_ops::layer_norm::{InScale, LayerNormParams, ptf_layer_norm};
+use fqvit_ops::softmax::{dequantize_log2, log_int_softmax_f32};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::mode::{Mode, QuantOptions};
+use crate::site::{QParamTable, SiteId, SiteTable, TensorClass};
+
+/// An activation quantization site (the original's `QAct`).
+#[derive(Debug)]
+pub struct Act {
+    site: SiteId,
+}
+
+impl Act {
+    pub(crate) fn new(
+        sites: &mut SiteTable,
+        name: String,
+        original: String,
+        class: TensorClass,
+        channels: usize,
+    ) -> Self {
+        Act { site: sites.push(name, original, class, channels) }
+    }
+
+    /// The site.
+    pub fn site(&self) -> SiteId {
+        self.site
+    }
+
+    /// Identity in float mode, observes when calibrating, fake-quantizes when quantized.
+    pub fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
+        match mode {
+            Mode::Float => xs.shallow_clone(),
+            Mode::Calibrate { sink, .. } => {
+                sink.observe(self.site, xs);
+                xs.shallow_clone()
+            }
+            Mode::Quantized(q) => q.fake_quant(self.site, xs),
+        }
+    }
+}
+
+/// A linear layer with an int8 per-output-channel weight site (`QLinear`). The bias stays float.
+#[derive(Debug)]
+pub struct Linear {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
+    site: SiteId,
+}
+
+impl Linear {
+    pub(crate) fn new(
+        p: &tch::nn::Path<'_>,
+        sites: &mut SiteTable,
+        name: &str,
+        original: &str,
+        in_dim: i64,
+        out_dim: i64,
+        bias: bool,
+    ) -> Self {
+        let weight =
+            p.var("weight", &[out_dim, in_dim], tch::nn::Init::Randn { mean: 0.0, stdev: 0.02 });
+        let bias = bias.then(|| p.var("bias", &[out_dim], tch::nn::Init::Const(0.0)));
+        Linear {
+            weight,
+            bias,
+            site: sites.push(name, original, TensorClass::Weight, out_dim as usize),
+        }
+    }
+
+    /// The weight site.
+    pub fn site(&self) -> SiteId {
+        self.site
+    }
+
+    /// `xs · Wᵀ + b`, with the fake-quantized weight when quantized.
+    pub fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
+        match mode {
+            Mode::Float => xs.linear(&self.weight, self.bias.as_ref()),
+            Mode::Calibrate { sink, .. } => {
+                sink.observe(self.site, &self.weight);
+                xs.linear(&self.weight, self.bias.as_ref())
+            }
+            Mode::Quantized(q) => xs.linear(q.weight(self.site), self.bias.as_ref()),
+        }
+    }
+}
+
+/// A 2-D convolution (the patch embedding) with an int8 weight site (`QConv2d`).
+#[derive(Debug)]
+pub struct Conv2d {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    stride: i64,
+    site: SiteId,
+}
+
+impl Conv2d {
+    pub(crate) fn new(
+        p: &tch::nn::Path<'_>,
+        sites: &mut SiteTable,
+        name: &str,
+        original: &str,
+        in_ch: i64,
+        out_ch: i64,
+        kernel: i64,
+    ) -> Self {
+        let weight = p.var(
+            "weight",
+            &[out_ch, in_ch, kernel, kernel],
+            tch::nn::Init::Randn { mean: 0.0, stdev: 0.02 },
+        );
+        let bias = p.var("bias", &[out_ch], tch::nn::Init::Const(0.0));
+        Conv2d {
+            weight,
+            bias,
+            stride: kernel,
+            site: sites.push(name, original, TensorClass::Weight, out_ch as usize),
+        }
+    }
+
+    /// The weight site.
+    pub fn site(&self) -> SiteId {
+        self.site
+    }
+
+    /// Convolution with stride = kernel, no padding.
+    pub fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
+        let weight = match mode {
+            Mode::Float => &self.weight,
+            Mode::Calibrate { sink, .. } => {
+                sink.observe(self.site, &self.weight);
+                &self.weight
+            }
+            Mode::Quantized(q) => q.weight(self.site),
+        };
+        xs.conv2d(weight, Some(&self.bias), [self.stride, self.stride], [0, 0], [1, 1], 1)
+    }
+}
+
+/// LayerNorm (`QIntLayerNorm`): float, or integer on PTF codes when quantized with `--ptf`.
+///
+/// It reads its input scale from the site before it and its output scale from the site after.
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    eps: f64,
+    in_site: SiteId,
+    out_site: SiteId,
+}
+
+impl LayerNorm {
+    pub(crate) fn new(
+        p: &tch::nn::Path<'_>,
+        dim: i64,
+        eps: f64,
+        in_site: SiteId,
+        out_site: SiteId,
+    ) -> Self {
+        let weight = p.var("weight", &[dim], tch::nn::Init::Const(1.0));
+        let bias = p.var("bias", &[dim], tch::nn::Init::Const(0.0));
+        LayerNorm { weight, bias, eps, in_site, out_site }
+    }
+
+    /// Normalizes the last dimension.
+    pub fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
+        match mode {
+            Mode::Quantized(q) if q.options.int_layer_norm => q.int_layer_norm(self, xs),
+            _ => xs.layer_norm(
+                [self.weight.size()[0]],
+                Some(&self.weight),
+                Some(&self.bias),
+                self.eps,
+                false,
+            ),
+        }
+    }
+}
+
+/// The attention softmax (`QIntSoftmax`): float softmax then a uint8 site, or Log-Int-Softmax
+/// with the scale of the site before it.
+#[derive(Debug)]
+pub struct Softmax {
+    in_site: SiteId,
+    out: Act,
+}
+
+impl Softmax {
+    pub(crate) fn new(in_site: SiteId, out: Act) -> Self {
+        Softmax { in_site, out }
+    }
+
+    /// Softmax over the last dimension.
+    pub fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
+        match mode {
+            Mode::Float => xs.softmax(-1, Kind::Float),
+            Mode::Calibrate { sink, options } => {
+                match (options.lis_bits, sink.frozen(self.in_site)) {
+                    // FQ-ViT runs LIS whenever the scale exists, so the last calibration batch
+                    // already uses it, on logits that are not fake-quantized (spec §7.1).
+                    (Some(bits), Some(params)) => log_int_softmax(xs, params.scale[0], bits),
+                    (Some(_), None) => xs.softmax(-1, Kind::Float),
+                    (None, _) => self.out.forward(&xs.softmax(-1, Kind::Float), mode),
+                }
+            }
+            Mode::Quantized(q) => match q.options.lis_bits {
+                Some(bits) => log_int_softmax(
+                    xs,
+                    q.table.get(self.in_site).map_or(f32::NAN, |p| p.scale[0]),
+                    bits,
+                ),
+                None => q.fake_quant(self.out.site, &xs.softmax(-1, Kind::Float)),
+            },
+        }
+    }
+}
+
+/// Log-Int-Softmax on float logits with the original's semantics (`fqvit_ops::softmax`), as
+/// powers of two (or 0) in a float tensor.
+///
+/// It runs on the CPU: logits on another device are copied there and back.
+pub fn log_int_softmax(xs: &Tensor, scale: f32, bits: u32) -> Tensor {
+    let shape = xs.size();
+    let row = *shape.last().expect("softmax input has a last dimension") as usize;
+    let logits = to_vec_f32(xs);
+    let mut codes = vec![0u16; logits.len()];
+    log_int_softmax_f32(&logits, row, scale, bits, &mut codes);
+    let mut probs = vec![0f32; codes.len()];
+    dequantize_log2(&codes, bits, &mut probs);
+    Tensor::from_slice(&probs).view(shape.as_slice()).to_device(xs.device())
+}
+
+fn to_vec_f32(xs: &Tensor) -> Vec<f32> {
+    let flat = xs.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view(-1);
+    Vec::<f32>::try_from(&flat).expect("a float tensor converts to Vec<f32>")
+}
+
+/// Per-site fake-quantization constants on the model's device.
+#[derive(Debug)]
+enum ActParams {
+    Layer { scale: f64, zero: f64, lo: f64, hi: f64 },
+    Channel { scale: Tensor, zero: Tensor, lo: f64, hi: f64 },
+}
+
+impl ActParams {
+    fn new(p: &QParams, device: Device) -> Self {
+        let (lo, hi) = (f64::from(p.bit_type.lower()), f64::from(p.bit_type.upper()));
+        if p.scale.len() == 1 && p.zero_point.len() == 1 {
+            ActParams::Layer {
+                scale: f64::from(p.scale[0]),
+                zero: f64::from(p.zero_point[0]),
+                lo,
+                hi,
+            }
+        } else {
+            let zero: Vec<f32> = p.zero_point.iter().map(|&z| z as f32).collect();
+            ActParams::Channel {
+                scale: Tensor::from_slice(&p.scale).to_device(device),
+                zero: Tensor::from_slice(&zero).to_device(device),
+                lo,
+                hi,
+            }
+        }
+    }
+
+    /// `clamp(round(x / s + z), lo, hi)`, as float codes.
+    fn codes(&self, xs: &Tensor) -> Tensor {
+        match self {
+            ActParams::Layer { scale, zero, lo, hi } => {
+                (xs / *scale + *zero).round().clamp(*lo, *hi)
+            }
+            ActParams::Channel { scale, zero, lo, hi } => {
+                (xs / scale + zero).round().clamp(*lo, *hi)
+            }
+        }
+    }
+
+    fn fake_quant(&self, xs: &Tensor) -> Tensor {
+        let q = self.codes(xs);
+        match self {
+            ActParams::Layer { scale, zero, .. } => (q - *zero) * *scale,
+            ActParams::Channel { scale, zero, .. } => (q - zero) * scale,
+        }
+    }
+}
+
+/// What a model exposes so it can be quantized.
+pub trait Quantizable {
+    /// Its sites, in forward order.
+    fn sites(&self) -> &SiteTable;
+    /// The float weight of a weight site.
+    fn weight(&self, site: SiteId) -> Option<&Tensor>;
+    /// The device its variables live on.
+    fn device(&self) -> Device;
+}
+
+/// A classifier: what evaluation and calibration need of a model.
+pub trait Classifier: Quantizable {
+    /// Logits `(B, classes)` of normalized images `(B, 3, H, W)`.
+    fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor;
+    /// How its input images are prepared.
+    fn preprocess(&self) -> crate::Preprocess;
+}
+
+/// A model's frozen quantization state: the parameter table, the options, and the
+/// fake-quantized weights (computed once; the original recomputes identical ones every call).
+#[derive(Debug)]
+pub struct Quantized {
+    table: QParamTable,
+    options: QuantOptions,
+    sites: SiteTable,
+    weights: Vec<Option<Tensor>>,
+    acts: Vec<Option<ActParams>>,
+}
+
+impl Quantized {
+    /// Checks `table` against the model's sites and prepares the quantized forward.
+    ///
+    /// Fails, naming the site, when a used site has no parameters, the wrong number of
+    /// channels, or (with integer LayerNorm) a LayerNorm input that is neither layer-wise nor PTF.
+    pub fn new(model: &dyn Quantizable, table: QParamTable, options: QuantOptions) -> Result<Self> {
+        let sites = model.sites().clone();
+        if table.len() != sites.len() {
+            return Err(Error::Site {
+                site: "*".into(),
+                reason: format!("the table has {} sites, the model {}", table.len(), sites.len()),
+            });
+        }
+        let device = model.device();
+        let mut weights = Vec::with_capacity(sites.len());
+        let mut acts = Vec::with_capacity(sites.len());
+        for (id, site) in sites.iter() {
+            let bad = |reason: String| Error::Site { site: site.name.clone(), reason };
+            let used = !(site.class == TensorClass::Softmax && options.lis_bits.is_some());
+            let Some(params) = table.get(id).filter(|_| used) else {
+                if used {
+                    return Err(bad("has no calibrated parameters".into()));
+                }
+                weights.push(None);
+                acts.push(None);
+                continue;
+            };
+            let n = params.scale.len();
+            if params.zero_point.len() != n && params.zero_point.len() != 1 {
+                return Err(bad(format!("{n} scales but {} zero points", params.zero_point.len())));
+            }
+            if params.scale.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+                return Err(bad("has a scale that is not positive and finite".into()));
+            }
+            if site.class == TensorClass::Weight {
+                if n != site.channels {
+                    return Err(bad(format!(
+                        "{n} weight scales for {} output channels",
+                        site.channels
+                    )));
+                }
+                let w =
+                    model.weight(id).ok_or_else(|| bad("is not a weight of this model".into()))?;
+                weights.push(Some(fake_quant_weight(w, params)));
+                acts.push(None);
+                continue;
+            }
+            if n != 1 && n != site.channels {
+                return Err(bad(format!("{n} scales for {} channels", site.channels)));
+            }
+            if options.int_layer_norm
+                && site.class == TensorClass::LayerNormInput
+                && n != 1
+                && params.ptf.is_none()
+            {
+                return Err(bad(
+                    "feeds an integer LayerNorm but is channel-wise without PTF factors".into(),
+                ));
+            }
+            weights.push(None);
+            acts.push(Some(ActParams::new(params, device)));
+        }
+        Ok(Quantized { table, options, sites, weights, acts })
+    }
+
+    /// The parameter table.
+    pub fn table(&self) -> &QParamTable {
+        &self.table
+    }
+
+    /// The options.
+    pub fn options(&self) -> QuantOptions {
+        self.options
+    }
+
+    fn act(&self, site: SiteId) -> &ActParams {
+        self.acts[site.index()].as_ref().unwrap_or_else(|| {
+            panic!("site {} has no activation parameters", self.sites.get(site).name)
+        })
+    }
+
+    fn fake_quant(&self, site: SiteId, xs: &Tensor) -> Tensor {
+        self.act(site).fake_quant(xs)
+    }
+
+    fn weight(&self, site: SiteId) -> &Tensor {
+        self.weights[site.index()]
+            .as_ref()
+            .unwrap_or_else(|| panic!("site {} has no weight", self.sites.get(site).name))
+    }
+
+    /// The integer LayerNorm of `fqvit_ops` on the codes of the input site (spec §6).
+    fn int_layer_norm(&self, ln: &LayerNorm, xs: &Tensor) -> Tensor {
+        let (p_in, p_out) = (&self.table.get(ln.in_site), &self.table.get(ln.out_site));
+        let (Some(p_in), Some(p_out)) = (p_in, p_out) else {
+            panic!("integer LayerNorm after {} lacks parameters", self.sites.get(ln.in_site).name)
+        };
+        let shape = xs.size();
+        let codes: Vec<u8> =
+            to_vec_f32(&self.act(ln.in_site).codes(xs)).into_iter().map(|q| q as u8).collect();
+        let n_channels = *shape.last().expect("LayerNorm input has channels") as usize;
+        let factors = p_in.ptf.as_ref().map(|f| crate::quant::tile(f, n_channels));
+        let in_scale = match &factors {
+            Some(f) => {
+                InScale::Ptf { base: p_in.scale[0] / f32::from(1u8 << f[0].get()), factors: f }
+            }
+            None => InScale::Layer(p_in.scale[0]),
+        };
+        let (gamma, beta) = (to_vec_f32(&ln.weight), to_vec_f32(&ln.bias));
+        let params = LayerNormParams {
+            in_scale,
+            zero_point: p_in.zero_point[0],
+            gamma: &gamma,
+            beta: &beta,
+            out_scale: p_out.scale[0],
+        };
+        let mut y = vec![0i32; codes.len()];
+        ptf_layer_norm(&codes, &params, &mut y);
+        let out_scale = p_out.scale[0];
+        let ys: Vec<f32> = y.into_iter().map(|v| v as f32 * out_scale).collect();
+        Tensor::from_slice(&ys).view(shape.as_slice()).to_device(xs.device())
+    }
+}
+
+/// Repeats per-channel factors to cover `n` channels (Swin's patch merging concatenates four
+/// neighbours of one quantized tensor, spec §6 `in_scale_expand`).
+pub(crate) fn tile<T: Copy>(xs: &[T], n: usize) -> Vec<T> {
+    xs.iter().copied().cycle().take(n).collect()
+}
+
+/// `((w / s + z).round().clamp(lo, hi) − z) · s` per output channel (spec §4.1).
+fn fake_quant_weight(w: &Tensor, p: &QParams) -> Tensor {
+    let mut shape = vec![-1i64];
+    shape.resize(w.dim(), 1);
+    let scale = Tensor::from_slice(&p.scale).to_device(w.device()).view(shape.as_slice());
+    let zero: Vec<f32> = p.zero_point.iter().map(|&z| z as f32).collect();
+    let zero = Tensor::from_slice(&zero)
+        .to_device(w.device())
+        .view(if zero.len() == 1 { vec![1i64] } else { shape.clone() }.as_slice());
+    let (lo, hi) = (f64::from(p.bit_type.lower()), f64::from(p.bit_type.upper()));
+    tch::no_grad(|| ((w / &scale + &zero).round().clamp(lo, hi) - &zero) * &scale)
+}

@@ -1,0 +1,250 @@
+//! MinMax, EMA, Percentile and OMSE (spec §3.3–§3.6), and [`build`].
+
+use fqvit_ops::{BitType, Granularity, QParams};
+use tch::{Kind, Tensor};
+
+use crate::stats::{channel_max_min, fake_quant, mse, params_from_range, values};
+use crate::{Error, Observer, ObserverConfig, ObserverKind, Ptf, Result};
+
+/// Builds the observer for a site; `is_weight` selects the weight reshape (per output channel).
+///
+/// Refuses what the original cannot do: percentile or omse channel-wise, ptf layer-wise or on
+/// weights.
+pub fn build(cfg: &ObserverConfig, is_weight: bool) -> Result<Box<dyn Observer + Send>> {
+    let channel_wise = cfg.granularity == Granularity::ChannelWise;
+    let unsupported =
+        |what: &str| Err(Error::Unsupported(format!("the {} observer {what}", cfg.kind.as_str())));
+    Ok(match cfg.kind {
+        ObserverKind::MinMax => Box::new(MinMax::new(cfg.bit_type, cfg.granularity, is_weight)),
+        ObserverKind::Ema => {
+            Box::new(Ema { range: Range::new(cfg.granularity, is_weight), bit_type: cfg.bit_type })
+        }
+        ObserverKind::Percentile if channel_wise => {
+            return unsupported("is layer-wise only (it ranks all elements together)");
+        }
+        ObserverKind::Percentile => Box::new(Percentile { bit_type: cfg.bit_type, range: None }),
+        ObserverKind::Omse if channel_wise => return unsupported("is layer-wise only"),
+        ObserverKind::Omse => Box::new(Omse {
+            minmax: MinMax::new(cfg.bit_type, cfg.granularity, is_weight),
+            last: None,
+        }),
+        ObserverKind::Ptf if !channel_wise || is_weight => {
+            return unsupported("is channel-wise on activations only");
+        }
+        ObserverKind::Ptf => Box::new(Ptf::new(cfg.bit_type)),
+    })
+}
+
+/// Running per-channel (or global) max and min, kept on the tensor's device.
+#[derive(Debug)]
+struct Range {
+    granularity: Granularity,
+    is_weight: bool,
+    max: Option<Tensor>,
+    min: Option<Tensor>,
+}
+
+impl Range {
+    fn new(granularity: Granularity, is_weight: bool) -> Self {
+        Range { granularity, is_weight, max: None, min: None }
+    }
+
+    /// Folds in a batch with `combine(old, current)`, then reduces to scalars if layer-wise
+    /// (the original reduces after every update).
+    fn update(
+        &mut self,
+        xs: &Tensor,
+        combine: impl Fn(&Tensor, &Tensor, bool) -> Tensor,
+    ) -> Result<()> {
+        if xs.numel() == 0 {
+            return Err(Error::BadInput("an empty tensor".into()));
+        }
+        let (cur_max, cur_min) = tch::no_grad(|| channel_max_min(xs, self.is_weight));
+        let (max, min) = match (&self.max, &self.min) {
+            (Some(max), Some(min)) => (combine(max, &cur_max, true), combine(min, &cur_min, false)),
+            _ => (cur_max, cur_min),
+        };
+        let layer_wise = self.granularity == Granularity::LayerWise;
+        self.max = Some(if layer_wise { max.max() } else { max });
+        self.min = Some(if layer_wise { min.min() } else { min });
+        Ok(())
+    }
+
+    fn values(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        match (&self.min, &self.max) {
+            (Some(min), Some(max)) => Ok((values(min)?, values(max)?)),
+            _ => Err(Error::Empty),
+        }
+    }
+}
+
+/// Running min/max (spec §3.3).
+#[derive(Debug)]
+pub struct MinMax {
+    range: Range,
+    bit_type: BitType,
+}
+
+impl MinMax {
+    /// A min/max observer.
+    pub fn new(bit_type: BitType, granularity: Granularity, is_weight: bool) -> Self {
+        MinMax { range: Range::new(granularity, is_weight), bit_type }
+    }
+
+    pub(crate) fn update_range(&mut self, xs: &Tensor) -> Result<()> {
+        self.range
+            .update(xs, |old, cur, is_max| if is_max { old.maximum(cur) } else { old.minimum(cur) })
+    }
+
+    /// The running (min, max) values.
+    pub(crate) fn range_values(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.range.values()
+    }
+}
+
+impl Observer for MinMax {
+    fn update(&mut self, xs: &Tensor) -> Result<()> {
+        self.update_range(xs)
+    }
+
+    fn finish(self: Box<Self>) -> Result<QParams> {
+        let (min, max) = self.range.values()?;
+        params_from_range(&min, &max, self.bit_type, self.bit_type.signed)
+    }
+}
+
+/// EMA of the per-batch min/max with σ = 0.01 (spec §3.4).
+#[derive(Debug)]
+pub struct Ema {
+    range: Range,
+    bit_type: BitType,
+}
+
+/// The original's `ema_sigma`.
+const EMA_SIGMA: f64 = 0.01;
+
+impl Observer for Ema {
+    fn update(&mut self, xs: &Tensor) -> Result<()> {
+        self.range.update(xs, |old, cur, _| old + (cur - old) * EMA_SIGMA)
+    }
+
+    fn finish(self: Box<Self>) -> Result<QParams> {
+        let (min, max) = self.range.values()?;
+        params_from_range(&min, &max, self.bit_type, self.bit_type.signed)
+    }
+}
+
+/// EMA of the 1e-5 / 0.99999 quantiles of all elements (spec §3.5), layer-wise.
+#[derive(Debug)]
+pub struct Percentile {
+    bit_type: BitType,
+    /// (min, max) so far.
+    range: Option<(f32, f32)>,
+}
+
+/// The original's hard-coded `percentile_alpha`.
+const PERCENTILE_ALPHA: f64 = 0.99999;
+/// torch.quantile refuses more elements than this; the original then calls numpy.percentile.
+const TORCH_QUANTILE_MAX: i64 = 1 << 24;
+
+impl Observer for Percentile {
+    fn update(&mut self, xs: &Tensor) -> Result<()> {
+        let flat = xs.to_kind(Kind::Float).reshape([-1]);
+        let n = flat.size()[0];
+        if n == 0 {
+            return Err(Error::BadInput("an empty tensor".into()));
+        }
+        let (cur_max, cur_min) = tch::no_grad(|| -> Result<(f32, f32)> {
+            Ok((quantile(&flat, PERCENTILE_ALPHA)?, quantile(&flat, 1.0 - PERCENTILE_ALPHA)?))
+        })?;
+        self.range = Some(match self.range {
+            None => (cur_min, cur_max),
+            Some((min, max)) => {
+                (min + EMA_SIGMA as f32 * (cur_min - min), max + EMA_SIGMA as f32 * (cur_max - max))
+            }
+        });
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<QParams> {
+        let (min, max) = self.range.ok_or(Error::Empty)?;
+        params_from_range(&[min], &[max], self.bit_type, self.bit_type.signed)
+    }
+}
+
+/// The `k`-th smallest (0-based) and the next of `flat`, found by a partial sort from the
+/// nearer end (a full sort of every activation is what makes the original slow).
+fn order_stats(flat: &Tensor, k: i64) -> Result<(f32, f32)> {
+    let n = flat.size()[0];
+    let hi = (k + 1).min(n - 1);
+    let from_top = k > n / 2;
+    let (count, largest) = if from_top { (n - k, true) } else { (hi + 1, false) };
+    let (vals, _) = flat.f_topk(count, 0, largest, true)?;
+    let vals = values(&vals)?;
+    let at = |i: i64| if from_top { vals[(n - 1 - i) as usize] } else { vals[i as usize] };
+    Ok((at(k), at(hi)))
+}
+
+/// `torch.quantile(v, p)` with linear interpolation in float32 (spec §3.5), or numpy's float64
+/// `percentile` for tensors beyond torch's limit of 2^24 elements.
+fn quantile(flat: &Tensor, p: f64) -> Result<f32> {
+    let n = flat.size()[0];
+    if n > TORCH_QUANTILE_MAX {
+        // numpy: virtual index n·q + (1 − q) − 1 in float64, then _lerp on the float32 values
+        // (b − a in float32, the rest in float64), cast back to float32.
+        let q = p * 100.0 / 100.0;
+        let virt = n as f64 * q + (1.0 - q) - 1.0;
+        let lo = virt.floor();
+        let (a, b) = order_stats(flat, lo as i64)?;
+        let t = virt - lo;
+        let diff = f64::from(b - a);
+        let v = if t >= 0.5 { f64::from(b) - diff * (1.0 - t) } else { f64::from(a) + diff * t };
+        return Ok(v as f32);
+    }
+    // torch: ranks = q · (n − 1) in float32, below = trunc, weights = ranks − below, then lerp.
+    let rank = p as f32 * (n - 1) as f32;
+    let below = rank as i64;
+    let (a, b) = order_stats(flat, below)?;
+    let b = if rank.ceil() as i64 == below { a } else { b };
+    let w = rank - below as f32;
+    Ok(if w < 0.5 { a + w * (b - a) } else { b - (b - a) * (1.0 - w) })
+}
+
+/// MinMax statistics, then on the last batch the shrink factor f ∈ {1.00, 0.99, …, 0.11} of both
+/// bounds with the least MSE (spec §3.6).
+#[derive(Debug)]
+pub struct Omse {
+    minmax: MinMax,
+    last: Option<Tensor>,
+}
+
+impl Observer for Omse {
+    fn update(&mut self, xs: &Tensor) -> Result<()> {
+        self.minmax.update_range(xs)?;
+        self.last = Some(xs.to_kind(Kind::Float));
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<QParams> {
+        let (min, max) = self.minmax.range_values()?;
+        let xs = self.last.ok_or(Error::Empty)?;
+        let bit_type = self.minmax.bit_type;
+        let mut best = (1e10f32, None);
+        tch::no_grad(|| -> Result<()> {
+            for i in 0..90 {
+                let f = (1.0 - f64::from(i) * 0.01) as f32;
+                let p = params_from_range(&[min[0] * f], &[max[0] * f], bit_type, false)?;
+                let score =
+                    mse(&xs, &fake_quant(&xs, p.scale[0], p.zero_point[0] as f32, bit_type));
+                // Strict: the earliest factor wins ties, as in the original.
+                if score < best.0 {
+                    best = (score, Some(p));
+                }
+            }
+            Ok(())
+        })?;
+        best.1.ok_or_else(|| {
+            Error::BadInput("every candidate range gave a NaN error (NaN activations)".into())
+        })
+    }
+}

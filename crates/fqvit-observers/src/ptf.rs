@@ -1,0 +1,69 @@
+//! The Power-of-Two-Factor observer (spec §3.7).
+
+use fqvit_ops::{BitType, Granularity, PtfFactor, QParams};
+use tch::{Kind, Tensor};
+
+use crate::observer::MinMax;
+use crate::stats::{fake_quant, mse, params_from_range};
+use crate::{Error, Observer, Result};
+
+/// Channel-wise min/max, then on the last batch (`(B, N, C)`) one scale `s8 = (M − m)/255` from
+/// the global range, a shared zero point from s8, and per channel the factor k ∈ {1, 2, 4, 8}
+/// whose scale `s8 · k / 8` gives the least MSE (ties to the smaller scale).
+#[derive(Debug)]
+pub struct Ptf {
+    minmax: MinMax,
+    bit_type: BitType,
+    last: Option<Tensor>,
+}
+
+impl Ptf {
+    /// A PTF observer.
+    pub fn new(bit_type: BitType) -> Self {
+        Ptf { minmax: MinMax::new(bit_type, Granularity::ChannelWise, false), bit_type, last: None }
+    }
+}
+
+impl Observer for Ptf {
+    fn update(&mut self, xs: &Tensor) -> Result<()> {
+        if xs.dim() != 3 {
+            return Err(Error::BadInput(format!(
+                "the ptf observer needs (B, N, C) activations, got shape {:?}",
+                xs.size()
+            )));
+        }
+        self.minmax.update_range(xs)?;
+        self.last = Some(xs.to_kind(Kind::Float));
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<QParams> {
+        let xs = self.last.ok_or(Error::Empty)?;
+        let bt = self.bit_type;
+        let (min, max) = self.minmax.range_values()?;
+        let global_max = max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let global_min = min.iter().copied().fold(f32::INFINITY, f32::min);
+        // s8 and its zero point, then s4, s2, s1 by halving (float32, as the original).
+        let s8 = params_from_range(&[global_min], &[global_max], bt, false)?;
+        let (s8, zero_point) = (s8.scale[0], s8.zero_point[0]);
+        let scales = [s8 / 2.0 / 2.0 / 2.0, s8 / 2.0 / 2.0, s8 / 2.0, s8];
+        let z = zero_point as f32;
+        let n_channels = xs.size()[2];
+        let mut factors = Vec::with_capacity(n_channels as usize);
+        tch::no_grad(|| {
+            for j in 0..n_channels {
+                let data = xs.select(2, j).unsqueeze(-1);
+                let scores: Vec<f32> =
+                    scales.iter().map(|&s| mse(&data, &fake_quant(&data, s, z, bt))).collect();
+                // Python's list.index(min(list)): the first minimum.
+                let best = scores
+                    .iter()
+                    .enumerate()
+                    .fold(0, |b, (k, &v)| if v < scores[b] { k } else { b });
+                factors.push(PtfFactor::try_from(best as u8).expect("four candidates"));
+            }
+        });
+        let scale = factors.iter().map(|f| scales[0] * f.multiplier() as f32).collect();
+        Ok(QParams { bit_type: bt, scale, zero_point: vec![zero_point], ptf: Some(factors) })
+    }
+}

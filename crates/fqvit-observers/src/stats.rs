@@ -1,0 +1,72 @@
+//! Per-channel statistics and the shared scale/zero-point formulas (spec §3.1, §3.2).
+
+use fqvit_ops::rounding::{asymmetric_params, symmetric_scale};
+use fqvit_ops::{BitType, QParams};
+use tch::{Kind, Tensor};
+
+use crate::{Error, Result};
+
+/// `(C, rest)` rows per channel: weights `(out, −1)`; activations channel-last, 4-D ones NHWC
+/// first (so the channel is dim 1).
+pub(crate) fn channel_rows(xs: &Tensor, is_weight: bool) -> Tensor {
+    let xs = xs.to_kind(Kind::Float);
+    if is_weight {
+        return xs.reshape([xs.size()[0], -1]);
+    }
+    let xs = if xs.dim() == 4 { xs.permute([0, 2, 3, 1]) } else { xs };
+    let c = *xs.size().last().unwrap_or(&1);
+    xs.reshape([-1, c]).transpose(0, 1)
+}
+
+/// Per-channel max and min, shape `(C)`.
+pub(crate) fn channel_max_min(xs: &Tensor, is_weight: bool) -> (Tensor, Tensor) {
+    let rows = channel_rows(xs, is_weight);
+    (rows.amax(1, false), rows.amin(1, false))
+}
+
+/// A float tensor's values.
+pub(crate) fn values(xs: &Tensor) -> Result<Vec<f32>> {
+    Ok(Vec::<f32>::try_from(
+        xs.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous().view(-1),
+    )?)
+}
+
+/// Scales and zero points from min/max values: symmetric (`m / 127.5`, zp 0) or asymmetric
+/// (`(max − min) / span`, `zp = clamp(lower − round(min/s))`). Minmax, ema and percentile are
+/// symmetric exactly for signed types; omse and ptf are always asymmetric (spec §1).
+pub(crate) fn params_from_range(
+    min: &[f32],
+    max: &[f32],
+    bit_type: BitType,
+    symmetric: bool,
+) -> Result<QParams> {
+    if min.iter().chain(max).any(|v| !v.is_finite()) {
+        return Err(Error::BadInput(
+            "the observed range is not finite (NaN or infinite activations)".into(),
+        ));
+    }
+    let (mut scale, mut zero_point) =
+        (Vec::with_capacity(min.len()), Vec::with_capacity(min.len()));
+    for (&lo, &hi) in min.iter().zip(max) {
+        if symmetric {
+            scale.push(symmetric_scale(lo, hi, bit_type));
+            zero_point.push(0);
+        } else {
+            let (s, z) = asymmetric_params(lo, hi, bit_type);
+            scale.push(s);
+            zero_point.push(z);
+        }
+    }
+    Ok(QParams { bit_type, scale, zero_point, ptf: None })
+}
+
+/// `((x / s + z).round().clamp(lo, hi) − z) · s` with scalar parameters, in float32.
+pub(crate) fn fake_quant(xs: &Tensor, scale: f32, zero_point: f32, bit_type: BitType) -> Tensor {
+    let (s, z) = (f64::from(scale), f64::from(zero_point));
+    ((xs / s + z).round().clamp(f64::from(bit_type.lower()), f64::from(bit_type.upper())) - z) * s
+}
+
+/// `lp_loss(x, x̂, p = 2, reduction = 'all')`: `mean(|x − x̂|²)` in float32.
+pub(crate) fn mse(xs: &Tensor, fq: &Tensor) -> f32 {
+    (xs - fq).abs().pow_tensor_scalar(2.0).mean(Kind::Float).double_value(&[]) as f32
+}
