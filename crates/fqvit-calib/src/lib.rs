@@ -18,10 +18,14 @@
 //! assert_eq!(sorted, [0, 1, 2, 3, 4]);
 //! ```
 
+pub mod calibrate;
 pub mod data;
 pub mod decode;
 mod error;
 pub mod eval;
+pub mod experiment;
 pub mod resize;
 
+pub use calibrate::{Calibrator, calibrate, calibration_set};
 pub use error::{Error, Result};
+pub use experiment::Experiment;

@@ -3,7 +3,7 @@
 
 use fqvit_ops::QParams;
 use fqvit_ops::layer_norm::{InScale, LayerNormParams, ptf_layer_norm};
-use fqvit_ops::softmax::{dequantize_log2, log_int_softmax_f32};
+use fqvit_ops::softmax::LisConstants;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
@@ -221,19 +221,34 @@ impl Softmax {
     }
 }
 
-/// Log-Int-Softmax on float logits with the original's semantics (`fqvit_ops::softmax`), as
-/// powers of two (or 0) in a float tensor.
+/// Log-Int-Softmax on float logits with the original's semantics, as powers of two (or 0).
 ///
-/// It runs on the CPU: logits on another device are copied there and back.
+/// The same float32 steps as `fqvit_ops::softmax::reference::log_int_softmax_f32`, written as
+/// tensor operations so that the row sum is libtorch's own (its vectorised summation order, as in
+/// the original; a different order moves `round(Σ/e)` at exact boundaries) and the work stays on
+/// the tensor's device. The integer constants come from `fqvit_ops`.
 pub fn log_int_softmax(xs: &Tensor, scale: f32, bits: u32) -> Tensor {
-    let shape = xs.size();
-    let row = *shape.last().expect("softmax input has a last dimension") as usize;
-    let logits = to_vec_f32(xs);
-    let mut codes = vec![0u16; logits.len()];
-    log_int_softmax_f32(&logits, row, scale, bits, &mut codes);
-    let mut probs = vec![0f32; codes.len()];
-    dequantize_log2(&codes, bits, &mut probs);
-    Tensor::from_slice(&probs).view(shape.as_slice()).to_device(xs.device())
+    let k = LisConstants::new(scale);
+    let (i0, ib, ic) = (k.i0 as f64, k.ib as f64, k.ic as f64);
+    let n = f64::from(fqvit_ops::softmax::reference::N);
+    let s = Tensor::from(scale).to_device(xs.device());
+    let x = xs.to_kind(Kind::Float) / &s;
+    let x = &x - x.amax([-1i64].as_slice(), true);
+    let x = x.clamp_min(n * i0);
+    let q = (&x / i0).floor();
+    let r = &x - &q * i0;
+    let z = &r * (&r + ib) + ic;
+    let e = (z * (-&q + n).exp2()).floor().clamp_min(0.0);
+    let sum = e.sum_dim_intlist([-1i64].as_slice(), true, Kind::Float);
+    let u = (sum / &e).round();
+    // log_round: ⌊log2 u⌋, plus one where u − 2^k ≥ 2^(k−1).
+    let big = u.log2().floor();
+    let extra = (&u - big.exp2()).ge_tensor(&(&big - 1.0).exp2());
+    let big = &big + extra.to_kind(Kind::Float);
+    let zero = f64::from(1u32 << bits);
+    let mask = big.ge(zero);
+    let qlog = big.clamp(0.0, zero - 1.0);
+    (-qlog).exp2().masked_fill(&mask, 0.0)
 }
 
 fn to_vec_f32(xs: &Tensor) -> Vec<f32> {

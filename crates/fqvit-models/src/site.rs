@@ -42,6 +42,11 @@ impl SiteId {
     pub fn index(self) -> usize {
         self.0 as usize
     }
+
+    /// The id of the site at a position of a [`SiteTable`].
+    pub fn from_index(index: usize) -> Self {
+        SiteId(u32::try_from(index).expect("fewer than 2^32 sites"))
+    }
 }
 
 /// One quantization site.

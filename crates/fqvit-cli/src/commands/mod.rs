@@ -2,4 +2,3 @@
 
 pub(crate) mod doctor;
 pub(crate) mod eval;
-pub(crate) mod quantize;

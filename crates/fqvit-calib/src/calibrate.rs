@@ -1,0 +1,170 @@
+//! Calibration: run the model in calibrate mode over the calibration batches, feed every site's
+//! observer, and freeze a [`QParamTable`] (spec §9).
+
+use std::time::Instant;
+
+use fqvit_models::{CalibrationSink, Classifier, Mode, QParamTable, SiteId, SiteTable, TensorClass};
+use fqvit_observers::{Observer, build};
+use fqvit_ops::QParams;
+use indicatif::ProgressBar;
+use tch::{Device, Tensor};
+
+use crate::data::{BadImages, ImageFolder, for_each_batch};
+use crate::error::{Error, Result};
+use crate::experiment::{CalibOrder, Experiment};
+
+enum Slot {
+    /// Not observed in this experiment.
+    Unused,
+    Observing(Box<dyn Observer + Send>),
+    Frozen(QParams),
+}
+
+/// The [`CalibrationSink`] over `fqvit-observers`: one observer per site. During the last batch
+/// each site freezes right after its update, in forward order, like the original's
+/// `last_calibrate`.
+pub struct Calibrator {
+    slots: Vec<Slot>,
+    names: Vec<String>,
+    last_batch: bool,
+    publish_in_last_batch: bool,
+    error: Option<Error>,
+}
+
+impl Calibrator {
+    /// One observer per site, as the experiment configures its class.
+    pub fn new(sites: &SiteTable, exp: &Experiment) -> Result<Self> {
+        exp.validate()?;
+        let mut slots = Vec::with_capacity(sites.len());
+        for (_, site) in sites.iter() {
+            slots.push(match exp.observer(site.class) {
+                None => Slot::Unused,
+                Some(cfg) => Slot::Observing(
+                    build(&cfg, site.class == TensorClass::Weight)
+                        .map_err(|e| Error::Settings(format!("site {}: {e}", site.name)))?,
+                ),
+            });
+        }
+        Ok(Calibrator {
+            slots,
+            names: sites.iter().map(|(_, s)| s.name.clone()).collect(),
+            last_batch: false,
+            publish_in_last_batch: exp.lis_in_last_calibration_batch,
+            error: None,
+        })
+    }
+
+    /// Marks the next forward as the last batch: sites freeze as they are observed.
+    pub fn set_last_batch(&mut self, last: bool) {
+        self.last_batch = last;
+    }
+
+    /// The first error an observer raised, naming its site.
+    fn take_error(&mut self) -> Result<()> {
+        self.error.take().map_or(Ok(()), Err)
+    }
+
+    /// The frozen table; fails if a used site never froze.
+    pub fn freeze(mut self) -> Result<QParamTable> {
+        self.take_error()?;
+        let mut table = QParamTable::empty(self.slots.len());
+        for (i, slot) in self.slots.into_iter().enumerate() {
+            match slot {
+                Slot::Unused => {}
+                Slot::Frozen(p) => {
+                    tracing::debug!(site = %self.names[i], scale = ?&p.scale[..p.scale.len().min(4)], zero_point = ?&p.zero_point[..p.zero_point.len().min(4)], ptf = p.ptf.is_some(), "frozen");
+                    table.set(SiteId::from_index(i), p)
+                }
+                Slot::Observing(_) => {
+                    return Err(Error::Settings(format!("site {} was never observed in the last batch", self.names[i])));
+                }
+            }
+        }
+        Ok(table)
+    }
+}
+
+impl CalibrationSink for Calibrator {
+    fn observe(&mut self, site: SiteId, xs: &Tensor) {
+        if self.error.is_some() {
+            return;
+        }
+        let i = site.index();
+        let slot = std::mem::replace(&mut self.slots[i], Slot::Unused);
+        self.slots[i] = match slot {
+            Slot::Observing(mut obs) => {
+                let res = obs.update(xs).and_then(|()| if self.last_batch { obs.finish().map(Slot::Frozen) } else { Ok(Slot::Observing(obs)) });
+                match res {
+                    Ok(slot) => slot,
+                    Err(e) => {
+                        self.error = Some(Error::Settings(format!("site {}: {e}", self.names[i])));
+                        Slot::Unused
+                    }
+                }
+            }
+            other => other,
+        };
+    }
+
+    fn frozen(&self, site: SiteId) -> Option<&QParams> {
+        match &self.slots[site.index()] {
+            Slot::Frozen(p) if self.publish_in_last_batch => Some(p),
+            _ => None,
+        }
+    }
+}
+
+/// The calibration images: `<DATA>/train` in the experiment's order, exactly
+/// `batch_size · iterations` of them.
+pub fn calibration_set(data: &std::path::Path, exp: &Experiment) -> Result<ImageFolder> {
+    let mut folder = ImageFolder::open(data, "train")?;
+    let cal = exp.calibration;
+    let needed = cal.batch_size * cal.iterations;
+    if folder.samples().len() < needed {
+        return Err(Error::Settings(format!(
+            "calibration needs {needed} images ({} batches of {}), {} has {}",
+            cal.iterations,
+            cal.batch_size,
+            data.join("train").display(),
+            folder.samples().len()
+        )));
+    }
+    if cal.order == CalibOrder::Shuffled {
+        folder.shuffle(cal.seed);
+    }
+    folder.truncate(needed);
+    Ok(folder)
+}
+
+/// Calibration timing.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct CalibrationStats {
+    /// Images seen.
+    pub images: usize,
+    /// Wall-clock seconds, data loading included.
+    pub seconds: f64,
+}
+
+/// Calibrates `model` on `folder` (from [`calibration_set`]) and returns the frozen table.
+pub fn calibrate(model: &dyn Classifier, folder: &ImageFolder, exp: &Experiment, device: Device, progress: &ProgressBar) -> Result<(QParamTable, CalibrationStats)> {
+    let start = Instant::now();
+    let mut sink = Calibrator::new(model.sites(), exp)?;
+    let options = exp.quant_options();
+    let cal = exp.calibration;
+    let pp = model.preprocess();
+    progress.set_length(folder.samples().len() as u64);
+    let mut batch_index = 0;
+    let mut skipped = Vec::new();
+    for_each_batch(folder, &pp, cal.batch_size, device, BadImages::Fail, &mut skipped, |batch| {
+        sink.set_last_batch(batch_index + 1 == cal.iterations);
+        tracing::info!(batch = batch_index + 1, of = cal.iterations, "calibrating");
+        // The logits of calibration batches are not used, as in the original.
+        let _logits = tch::no_grad(|| model.forward(&batch.images, &mut Mode::Calibrate { sink: &mut sink, options }));
+        sink.take_error()?;
+        batch_index += 1;
+        progress.inc(batch.samples.len() as u64);
+        Ok(())
+    })?;
+    let table = sink.freeze()?;
+    Ok((table, CalibrationStats { images: folder.samples().len(), seconds: start.elapsed().as_secs_f64() }))
+}

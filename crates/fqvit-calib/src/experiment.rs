@@ -1,0 +1,206 @@
+//! The experiment settings (the original's `config.py` and flags) as data.
+//!
+//! [`Experiment::default`] is the paper's setting ("Ours 8/8/4"): int8 channel-wise minmax
+//! weights, uint8 layer-wise activations, PTF on LayerNorm inputs, 4-bit Log-Int-Softmax.
+//! [`Experiment::full_precision`] is the original command line without flags.
+
+use fqvit_models::{QuantOptions, TensorClass};
+use fqvit_observers::{ObserverConfig, ObserverKind};
+use fqvit_ops::{BitType, Bits, Granularity};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The activation observer (`--quant-method`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Running min/max.
+    Minmax,
+    /// EMA of min/max.
+    Ema,
+    /// EMA of the 1e-5 / 0.99999 quantiles.
+    Percentile,
+    /// MSE-optimal shrink of min/max on the last batch.
+    Omse,
+}
+
+impl Method {
+    /// The observer.
+    pub fn observer(self) -> ObserverKind {
+        match self {
+            Method::Minmax => ObserverKind::MinMax,
+            Method::Ema => ObserverKind::Ema,
+            Method::Percentile => ObserverKind::Percentile,
+            Method::Omse => ObserverKind::Omse,
+        }
+    }
+}
+
+/// Layer-wise or channel-wise activation statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActGranularity {
+    /// One scale per tensor (the original's setting).
+    #[default]
+    LayerWise,
+    /// One scale per channel (minmax and ema only).
+    ChannelWise,
+}
+
+/// Which calibration images, in which order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CalibOrder {
+    /// `<DATA>/train` shuffled by [`crate::data::shuffle`] with the seed (the original shuffles too).
+    #[default]
+    Shuffled,
+    /// `<DATA>/train` in sorted path order (the reproducible protocol of the parity checks).
+    Sorted,
+}
+
+/// Calibration data settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Calibration {
+    /// Images per batch (`--calib-batchsize`, 100).
+    pub batch_size: usize,
+    /// Batches (`--calib-iter`, 10); omse and ptf search on the last one.
+    pub iterations: usize,
+    /// Image order (`--calib-order`).
+    pub order: CalibOrder,
+    /// Shuffle seed (`--seed`, 0).
+    pub seed: u64,
+}
+
+impl Default for Calibration {
+    fn default() -> Self {
+        Calibration { batch_size: 100, iterations: 10, order: CalibOrder::Shuffled, seed: 0 }
+    }
+}
+
+/// One quantization experiment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Experiment {
+    /// Quantize at all (`--quant`); otherwise full precision.
+    pub quant: bool,
+    /// PTF on LayerNorm inputs and integer LayerNorm (`--ptf`).
+    pub ptf: bool,
+    /// Log-Int-Softmax (`--lis`).
+    pub lis: bool,
+    /// Activation observer (`--quant-method`).
+    pub quant_method: Method,
+    /// Activation granularity (layer-wise in the original).
+    pub activation_granularity: ActGranularity,
+    /// Weight bits (int8).
+    pub weight_bits: u8,
+    /// Activation bits (uint8); also the uniform softmax's bits without LIS.
+    pub activation_bits: u8,
+    /// Log2 code bits of LIS (`--attn-bits`: 4 for "8/8/4", 8 for "8/8/8 with LIS").
+    pub attn_bits: u8,
+    /// Run LIS in the last calibration batch once its input scale is known, as the original
+    /// does (spec §7.1). `false` keeps calibration entirely float.
+    pub lis_in_last_calibration_batch: bool,
+    /// Calibration data.
+    pub calibration: Calibration,
+}
+
+impl Default for Experiment {
+    /// The paper's setting, "Ours 8/8/4": `--quant --ptf --lis --quant-method minmax`.
+    fn default() -> Self {
+        Experiment {
+            quant: true,
+            ptf: true,
+            lis: true,
+            quant_method: Method::Minmax,
+            activation_granularity: ActGranularity::LayerWise,
+            weight_bits: 8,
+            activation_bits: 8,
+            attn_bits: 4,
+            lis_in_last_calibration_batch: true,
+            calibration: Calibration::default(),
+        }
+    }
+}
+
+impl Experiment {
+    /// The original's command line without flags: full precision, minmax if quantized.
+    pub fn full_precision() -> Self {
+        Experiment { quant: false, ptf: false, lis: false, ..Experiment::default() }
+    }
+
+    /// Checks the combination, naming the offending setting.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |s: String| Err(Error::Settings(s));
+        for (name, bits) in [("weight-bits", self.weight_bits), ("activation-bits", self.activation_bits), ("attn-bits", self.attn_bits)] {
+            if Bits::try_from(bits).is_err() {
+                return bad(format!("{name} = {bits}: code widths are 2..=8"));
+            }
+        }
+        if self.activation_granularity == ActGranularity::ChannelWise && matches!(self.quant_method, Method::Percentile | Method::Omse) {
+            return bad(format!(
+                "the {} observer is layer-wise only; use activation-granularity = \"layer-wise\" or quant-method minmax/ema",
+                self.quant_method.observer().as_str()
+            ));
+        }
+        if self.calibration.batch_size == 0 || self.calibration.iterations == 0 {
+            return bad("calibration needs at least one batch of at least one image".into());
+        }
+        if !self.quant && (self.ptf || self.lis) {
+            return bad(format!(
+                "{} needs quant: without it the model runs in full precision and {} would do nothing",
+                if self.ptf { "ptf" } else { "lis" },
+                if self.ptf { "PTF" } else { "LIS" },
+            ));
+        }
+        Ok(())
+    }
+
+    /// The observer of a site class, or `None` for a site that is not observed (the uniform
+    /// softmax quantizer under LIS).
+    pub fn observer(&self, class: TensorClass) -> Option<ObserverConfig> {
+        let bits = |b: u8| Bits::try_from(b).expect("validated");
+        let act = BitType { bits: bits(self.activation_bits), signed: false };
+        let granularity = match self.activation_granularity {
+            ActGranularity::LayerWise => Granularity::LayerWise,
+            ActGranularity::ChannelWise => Granularity::ChannelWise,
+        };
+        let method = ObserverConfig { kind: self.quant_method.observer(), bit_type: act, granularity };
+        Some(match class {
+            TensorClass::Weight => ObserverConfig {
+                kind: ObserverKind::MinMax,
+                bit_type: BitType { bits: bits(self.weight_bits), signed: true },
+                granularity: Granularity::ChannelWise,
+            },
+            TensorClass::Activation => method,
+            TensorClass::LayerNormInput if self.ptf => ObserverConfig { kind: ObserverKind::Ptf, bit_type: act, granularity: Granularity::ChannelWise },
+            TensorClass::LayerNormInput => method,
+            TensorClass::Softmax if self.lis => return None,
+            // The softmax quantizer is layer-wise in every configuration of the original.
+            TensorClass::Softmax => ObserverConfig { granularity: Granularity::LayerWise, ..method },
+        })
+    }
+
+    /// The integer paths of the quantized model.
+    pub fn quant_options(&self) -> QuantOptions {
+        QuantOptions { int_layer_norm: self.ptf, lis_bits: self.lis.then_some(u32::from(self.attn_bits)) }
+    }
+
+    /// A short label: `8/8/4 ptf lis minmax`.
+    pub fn label(&self) -> String {
+        if !self.quant {
+            return "full precision".into();
+        }
+        let attn = if self.lis { self.attn_bits } else { self.activation_bits };
+        let mut s = format!("{}/{}/{}", self.weight_bits, self.activation_bits, attn);
+        for (on, name) in [(self.ptf, " ptf"), (self.lis, " lis")] {
+            if on {
+                s.push_str(name);
+            }
+        }
+        s.push(' ');
+        s.push_str(self.quant_method.observer().as_str());
+        s
+    }
+}

@@ -1,0 +1,133 @@
+//! The command line (clap). Doc comments are the help text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Post-training quantization of vision transformers, fully quantized the FQ-ViT way.
+#[derive(Parser)]
+#[command(name = "fqvit-cli", version, about)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+    /// More logging (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub(crate) verbose: u8,
+    /// Less logging.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub(crate) quiet: u8,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Evaluate a model on <DATA>/val, optionally calibrated and quantized on <DATA>/train.
+    Eval(EvalArgs),
+    /// Report what libtorch sees (version, CUDA).
+    Doctor,
+}
+
+/// Which device runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum DeviceArg {
+    /// CUDA when available, else the CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// The first CUDA GPU.
+    Cuda,
+}
+
+/// The activation observer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum MethodArg {
+    /// Running min/max.
+    Minmax,
+    /// EMA of min/max (σ = 0.01).
+    Ema,
+    /// EMA of the 1e-5 / 0.99999 quantiles.
+    Percentile,
+    /// MSE-optimal range shrink on the last batch.
+    Omse,
+}
+
+/// Calibration image order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OrderArg {
+    /// Seeded shuffle of <DATA>/train (Fisher–Yates with SplitMix64, see the README).
+    Shuffled,
+    /// Sorted path order (reproducible across implementations).
+    Sorted,
+}
+
+/// Where the model and its weights come from.
+#[derive(Args, Debug)]
+pub(crate) struct ModelArgs {
+    /// Model: vit_tiny, deit_tiny, deit_small, deit_base, vit_base, vit_large.
+    pub(crate) model: String,
+    /// ImageNet folder with train/<wnid>/ and val/<wnid>/.
+    pub(crate) data: PathBuf,
+    /// A timm safetensors weights file.
+    #[arg(long, conflicts_with = "weights_dir")]
+    pub(crate) weights: Option<PathBuf>,
+    /// Folder with <timm name>/model.safetensors; else the Hugging Face hub.
+    #[arg(long, env = "FQVIT_WEIGHTS_DIR")]
+    pub(crate) weights_dir: Option<PathBuf>,
+    /// Device.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub(crate) device: DeviceArg,
+}
+
+/// The quantization experiment: a config file, then these flags on top.
+#[derive(Args, Debug)]
+pub(crate) struct QuantArgs {
+    /// Experiment settings (TOML, see configs/); flags override it.
+    #[arg(long)]
+    pub(crate) config: Option<PathBuf>,
+    /// Quantize (calibrate on <DATA>/train, then evaluate quantized).
+    #[arg(long)]
+    pub(crate) quant: bool,
+    /// Power-of-Two Factor on LayerNorm inputs and integer LayerNorm.
+    #[arg(long)]
+    pub(crate) ptf: bool,
+    /// Log-Int-Softmax.
+    #[arg(long)]
+    pub(crate) lis: bool,
+    /// Activation observer [default: minmax].
+    #[arg(long, value_enum)]
+    pub(crate) quant_method: Option<MethodArg>,
+    /// Log2 code bits of Log-Int-Softmax [default: 4].
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["4", "8"]))]
+    pub(crate) attn_bits: Option<String>,
+    /// Calibration images per batch [default: 100].
+    #[arg(long)]
+    pub(crate) calib_batchsize: Option<usize>,
+    /// Calibration batches [default: 10].
+    #[arg(long)]
+    pub(crate) calib_iter: Option<usize>,
+    /// Calibration image order [default: shuffled].
+    #[arg(long, value_enum)]
+    pub(crate) calib_order: Option<OrderArg>,
+    /// Shuffle seed [default: 0].
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct EvalArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    #[command(flatten)]
+    pub(crate) quant: QuantArgs,
+    /// Validation images per batch.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) val_batchsize: usize,
+    /// Evaluate only the first N validation images (sorted order).
+    #[arg(long)]
+    pub(crate) limit: Option<usize>,
+    /// Skip undecodable images with a warning (counted in the results) instead of stopping.
+    #[arg(long)]
+    pub(crate) skip_bad: bool,
+    /// Write the results, configuration and per-image predictions to this JSON file.
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
+}

@@ -1,0 +1,137 @@
+//! `fqvit-cli eval`: evaluate, optionally after calibrating and quantizing.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use fqvit_calib::data::{BadImages, ImageFolder};
+use fqvit_calib::eval::{EvalOptions, EvalReport, evaluate};
+use fqvit_calib::{Experiment, calibrate, calibration_set};
+use fqvit_models::weights::{WeightsSource, load_strict, resolve};
+use fqvit_models::{Mode, ModelName, Quantized, vit};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tch::Device;
+
+use crate::cli::{DeviceArg, EvalArgs, ModelArgs};
+
+/// A loaded model with where its weights came from.
+pub(crate) struct Loaded {
+    pub(crate) name: ModelName,
+    pub(crate) model: vit::Vit,
+    pub(crate) weights: PathBuf,
+    pub(crate) device: Device,
+    // Owns the variables the model's tensors point into.
+    _vs: tch::nn::VarStore,
+}
+
+pub(crate) fn device(arg: DeviceArg) -> Result<Device> {
+    Ok(match arg {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda if !tch::Cuda::is_available() => anyhow::bail!("--device cuda: libtorch sees no CUDA GPU (see `fqvit-cli doctor`)"),
+        DeviceArg::Cuda => Device::Cuda(0),
+        DeviceArg::Auto => Device::cuda_if_available(),
+    })
+}
+
+pub(crate) fn load_model(args: &ModelArgs) -> Result<Loaded> {
+    let name: ModelName = args.model.parse()?;
+    let source = match (&args.weights, &args.weights_dir) {
+        (Some(file), _) => WeightsSource::File(file.clone()),
+        (None, Some(dir)) => WeightsSource::Dir(dir.clone()),
+        (None, None) => WeightsSource::Hub,
+    };
+    let weights = resolve(name, &source)?;
+    let device = device(args.device)?;
+    let vs = tch::nn::VarStore::new(device);
+    let model = vit::Vit::new(&vs.root(), &name.config());
+    load_strict(&vs, &weights)?;
+    tracing::info!(model = %name, weights = %weights.display(), ?device, "model loaded");
+    Ok(Loaded { name, model, weights, device, _vs: vs })
+}
+
+pub(crate) fn progress(len: usize, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>11} [{bar:30}] {pos}/{len} images, {per_sec}, eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_owned());
+    bar
+}
+
+pub(crate) fn run(args: EvalArgs) -> Result<()> {
+    if !args.quant.quant && args.quant.config.is_none() {
+        for (set, flag) in [(args.quant.ptf, "--ptf"), (args.quant.lis, "--lis")] {
+            if set {
+                anyhow::bail!("{flag} needs --quant: without --quant the model runs in full precision, so {flag} would do nothing");
+            }
+        }
+    }
+    let exp = crate::config::resolve(&args.quant)?;
+    let loaded = load_model(&args.model)?;
+    let mut val = ImageFolder::open(&args.model.data, "val")?;
+    if let Some(n) = args.limit {
+        val.truncate(n);
+    }
+    let (quantized, calib) = if exp.quant {
+        let folder = calibration_set(&args.model.data, &exp)?;
+        let bar = progress(folder.samples().len(), "calibrating");
+        let (table, stats) = calibrate(&loaded.model, &folder, &exp, loaded.device, &bar)?;
+        bar.finish_and_clear();
+        eprintln!("calibrated on {} images in {:.1} s", stats.images, stats.seconds);
+        (Some(Quantized::new(&loaded.model, table, exp.quant_options())?), Some(stats))
+    } else {
+        (None, None)
+    };
+    let mut mode = match &quantized {
+        Some(q) => Mode::Quantized(q),
+        None => Mode::Float,
+    };
+    let bar = progress(val.samples().len(), "evaluating");
+    let opts = EvalOptions {
+        batch_size: args.val_batchsize.max(1),
+        device: loaded.device,
+        bad_images: if args.skip_bad { BadImages::Skip } else { BadImages::Fail },
+    };
+    let report = evaluate(&loaded.model, &mut mode, &val, &opts, &bar)?;
+    bar.finish_and_clear();
+    print_report(&loaded, &exp, &report, calib.map(|c| c.seconds));
+    if let Some(path) = &args.json {
+        let value = json!({
+            "model": loaded.name.as_str(),
+            "top1": report.top1,
+            "top5": report.top5,
+            "images": report.images,
+            "skipped": report.skipped,
+            "tied_top1": report.tied_top1,
+            "weights": loaded.weights,
+            "data": args.model.data,
+            "device": format!("{:?}", loaded.device),
+            "experiment": exp,
+            "label": exp.label(),
+            "calibration": calib,
+            "eval_seconds": report.seconds,
+            "predictions": report.predictions,
+        });
+        let text = serde_json::to_string_pretty(&value)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn print_report(loaded: &Loaded, exp: &Experiment, report: &EvalReport, calib_seconds: Option<f64>) {
+    println!("model:   {} ({})", loaded.name, exp.label());
+    println!("top-1:   {:.2} %", report.top1);
+    println!("top-5:   {:.2} %", report.top5);
+    println!("images:  {} ({:.1} images/s, {:.1} s)", report.images, report.images as f64 / report.seconds, report.seconds);
+    if let Some(s) = calib_seconds {
+        println!("calibration: {s:.1} s");
+    }
+    if report.tied_top1 > 0 {
+        println!("tied top-1: {} images (ties go to the lower class index)", report.tied_top1);
+    }
+    if !report.skipped.is_empty() {
+        println!("skipped: {} undecodable images", report.skipped.len());
+    }
+}

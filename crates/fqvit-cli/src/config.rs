@@ -1,0 +1,50 @@
+//! Resolving the experiment: built-in default < TOML file < command-line flags.
+//!
+//! Without `--config` the base is the original's command line without flags (full precision);
+//! with it, the base is the paper's setting overlaid with the file.
+
+use anyhow::{Context, Result};
+use fqvit_calib::Experiment;
+use fqvit_calib::experiment::{CalibOrder, Method};
+
+use crate::cli::{MethodArg, OrderArg, QuantArgs};
+
+pub(crate) fn resolve(args: &QuantArgs) -> Result<Experiment> {
+    let mut exp = match &args.config {
+        None => Experiment::full_precision(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+    };
+    exp.quant |= args.quant;
+    exp.ptf |= args.ptf;
+    exp.lis |= args.lis;
+    if let Some(m) = args.quant_method {
+        exp.quant_method = match m {
+            MethodArg::Minmax => Method::Minmax,
+            MethodArg::Ema => Method::Ema,
+            MethodArg::Percentile => Method::Percentile,
+            MethodArg::Omse => Method::Omse,
+        };
+    }
+    if let Some(bits) = &args.attn_bits {
+        exp.attn_bits = bits.parse().context("--attn-bits")?;
+    }
+    let cal = &mut exp.calibration;
+    cal.batch_size = args.calib_batchsize.unwrap_or(cal.batch_size);
+    cal.iterations = args.calib_iter.unwrap_or(cal.iterations);
+    cal.seed = args.seed.unwrap_or(cal.seed);
+    if let Some(order) = args.calib_order {
+        cal.order = match order {
+            OrderArg::Shuffled => CalibOrder::Shuffled,
+            OrderArg::Sorted => CalibOrder::Sorted,
+        };
+    }
+    if !exp.quant && (args.quant_method.is_some() || args.attn_bits.is_some()) {
+        anyhow::bail!("--quant-method and --attn-bits need --quant: without it the model runs in full precision");
+    }
+    exp.validate().map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("invalid calibration settings: ", "")))?;
+    tracing::debug!(?exp, "resolved experiment");
+    Ok(exp)
+}
