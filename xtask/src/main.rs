@@ -6,6 +6,7 @@
 mod ci;
 mod demo;
 mod setup;
+mod table;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -31,6 +32,24 @@ enum Cmd {
     Ci,
     /// Check the architecture invariants (crate dependency directions, no `todo!`/`dbg!`).
     Tidy,
+    /// The accuracy matrix (4 methods × plain/--ptf/--lis/--ptf --lis) as a markdown table.
+    Table {
+        /// Model name.
+        #[arg(long, default_value = "vit_tiny")]
+        model: String,
+        /// ImageNet folder.
+        #[arg(long, default_value = "../shared/imagenet-sample")]
+        data: String,
+        /// Weights folder.
+        #[arg(long, default_value = "../shared/weights")]
+        weights_dir: String,
+        /// Observers to run.
+        #[arg(long, value_delimiter = ',', default_value = "minmax,ema,percentile,omse")]
+        methods: Vec<String>,
+        /// Also run `--ptf --lis --attn-bits 8` ("8/8/8 with LIS") per method.
+        #[arg(long)]
+        attn8: bool,
+    },
     /// The main job on the shared sample: calibrate, quantize and evaluate ViT-Tiny (release build).
     Demo {
         /// Extra arguments passed to `fqvit-cli eval` (e.g. `--limit 200`).
@@ -46,6 +65,9 @@ fn main() -> Result<()> {
         Cmd::Ci => ci::ci(),
         Cmd::Tidy => tidy::tidy(),
         Cmd::Demo { args } => demo::demo(&args),
+        Cmd::Table { model, data, weights_dir, methods, attn8 } => {
+            table::table(&model, &data, &weights_dir, &methods, attn8)
+        }
     }
 }
 

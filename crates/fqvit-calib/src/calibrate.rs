@@ -3,7 +3,9 @@
 
 use std::time::Instant;
 
-use fqvit_models::{CalibrationSink, Classifier, Mode, QParamTable, SiteId, SiteTable, TensorClass};
+use fqvit_models::{
+    CalibrationSink, Classifier, Mode, QParamTable, SiteId, SiteTable, TensorClass,
+};
 use fqvit_observers::{Observer, build};
 use fqvit_ops::QParams;
 use indicatif::ProgressBar;
@@ -76,7 +78,10 @@ impl Calibrator {
                     table.set(SiteId::from_index(i), p)
                 }
                 Slot::Observing(_) => {
-                    return Err(Error::Settings(format!("site {} was never observed in the last batch", self.names[i])));
+                    return Err(Error::Settings(format!(
+                        "site {} was never observed in the last batch",
+                        self.names[i]
+                    )));
                 }
             }
         }
@@ -93,7 +98,13 @@ impl CalibrationSink for Calibrator {
         let slot = std::mem::replace(&mut self.slots[i], Slot::Unused);
         self.slots[i] = match slot {
             Slot::Observing(mut obs) => {
-                let res = obs.update(xs).and_then(|()| if self.last_batch { obs.finish().map(Slot::Frozen) } else { Ok(Slot::Observing(obs)) });
+                let res = obs.update(xs).and_then(|()| {
+                    if self.last_batch {
+                        obs.finish().map(Slot::Frozen)
+                    } else {
+                        Ok(Slot::Observing(obs))
+                    }
+                });
                 match res {
                     Ok(slot) => slot,
                     Err(e) => {
@@ -146,7 +157,13 @@ pub struct CalibrationStats {
 }
 
 /// Calibrates `model` on `folder` (from [`calibration_set`]) and returns the frozen table.
-pub fn calibrate(model: &dyn Classifier, folder: &ImageFolder, exp: &Experiment, device: Device, progress: &ProgressBar) -> Result<(QParamTable, CalibrationStats)> {
+pub fn calibrate(
+    model: &dyn Classifier,
+    folder: &ImageFolder,
+    exp: &Experiment,
+    device: Device,
+    progress: &ProgressBar,
+) -> Result<(QParamTable, CalibrationStats)> {
     let start = Instant::now();
     let mut sink = Calibrator::new(model.sites(), exp)?;
     let options = exp.quant_options();
@@ -159,12 +176,17 @@ pub fn calibrate(model: &dyn Classifier, folder: &ImageFolder, exp: &Experiment,
         sink.set_last_batch(batch_index + 1 == cal.iterations);
         tracing::info!(batch = batch_index + 1, of = cal.iterations, "calibrating");
         // The logits of calibration batches are not used, as in the original.
-        let _logits = tch::no_grad(|| model.forward(&batch.images, &mut Mode::Calibrate { sink: &mut sink, options }));
+        let _logits = tch::no_grad(|| {
+            model.forward(&batch.images, &mut Mode::Calibrate { sink: &mut sink, options })
+        });
         sink.take_error()?;
         batch_index += 1;
         progress.inc(batch.samples.len() as u64);
         Ok(())
     })?;
     let table = sink.freeze()?;
-    Ok((table, CalibrationStats { images: folder.samples().len(), seconds: start.elapsed().as_secs_f64() }))
+    Ok((
+        table,
+        CalibrationStats { images: folder.samples().len(), seconds: start.elapsed().as_secs_f64() },
+    ))
 }

@@ -133,12 +133,18 @@ impl Experiment {
     /// Checks the combination, naming the offending setting.
     pub fn validate(&self) -> Result<()> {
         let bad = |s: String| Err(Error::Settings(s));
-        for (name, bits) in [("weight-bits", self.weight_bits), ("activation-bits", self.activation_bits), ("attn-bits", self.attn_bits)] {
+        for (name, bits) in [
+            ("weight-bits", self.weight_bits),
+            ("activation-bits", self.activation_bits),
+            ("attn-bits", self.attn_bits),
+        ] {
             if Bits::try_from(bits).is_err() {
                 return bad(format!("{name} = {bits}: code widths are 2..=8"));
             }
         }
-        if self.activation_granularity == ActGranularity::ChannelWise && matches!(self.quant_method, Method::Percentile | Method::Omse) {
+        if self.activation_granularity == ActGranularity::ChannelWise
+            && matches!(self.quant_method, Method::Percentile | Method::Omse)
+        {
             return bad(format!(
                 "the {} observer is layer-wise only; use activation-granularity = \"layer-wise\" or quant-method minmax/ema",
                 self.quant_method.observer().as_str()
@@ -166,7 +172,8 @@ impl Experiment {
             ActGranularity::LayerWise => Granularity::LayerWise,
             ActGranularity::ChannelWise => Granularity::ChannelWise,
         };
-        let method = ObserverConfig { kind: self.quant_method.observer(), bit_type: act, granularity };
+        let method =
+            ObserverConfig { kind: self.quant_method.observer(), bit_type: act, granularity };
         Some(match class {
             TensorClass::Weight => ObserverConfig {
                 kind: ObserverKind::MinMax,
@@ -174,17 +181,26 @@ impl Experiment {
                 granularity: Granularity::ChannelWise,
             },
             TensorClass::Activation => method,
-            TensorClass::LayerNormInput if self.ptf => ObserverConfig { kind: ObserverKind::Ptf, bit_type: act, granularity: Granularity::ChannelWise },
+            TensorClass::LayerNormInput if self.ptf => ObserverConfig {
+                kind: ObserverKind::Ptf,
+                bit_type: act,
+                granularity: Granularity::ChannelWise,
+            },
             TensorClass::LayerNormInput => method,
             TensorClass::Softmax if self.lis => return None,
             // The softmax quantizer is layer-wise in every configuration of the original.
-            TensorClass::Softmax => ObserverConfig { granularity: Granularity::LayerWise, ..method },
+            TensorClass::Softmax => {
+                ObserverConfig { granularity: Granularity::LayerWise, ..method }
+            }
         })
     }
 
     /// The integer paths of the quantized model.
     pub fn quant_options(&self) -> QuantOptions {
-        QuantOptions { int_layer_norm: self.ptf, lis_bits: self.lis.then_some(u32::from(self.attn_bits)) }
+        QuantOptions {
+            int_layer_norm: self.ptf,
+            lis_bits: self.lis.then_some(u32::from(self.attn_bits)),
+        }
     }
 
     /// A short label: `8/8/4 ptf lis minmax`.

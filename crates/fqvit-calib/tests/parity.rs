@@ -15,18 +15,27 @@ fn calibrated_parameters_match_the_original_site_by_site() {
     let mut exp = Experiment::default();
     exp.calibration.order = CalibOrder::Sorted;
     let folder = calibration_set(&common::sample_dir(), &exp).unwrap();
-    let (table, _) = calibrate(&model, &folder, &exp, tch::Device::Cpu, &ProgressBar::hidden()).unwrap();
+    let (table, _) =
+        calibrate(&model, &folder, &exp, tch::Device::Cpu, &ProgressBar::hidden()).unwrap();
     let path = common::shared_dir().join("golden/vit_tiny_minmax_ptf_lis_qparams.json");
-    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let golden = &golden["qparams"];
-    let (mut checked, mut worst, mut factor_total, mut factor_equal, mut exact_sites) = (0, (0f64, String::new()), 0, 0, 0);
+    let (mut checked, mut worst, mut factor_total, mut factor_equal, mut exact_sites) =
+        (0, (0f64, String::new()), 0, 0, 0);
     let mut failures = Vec::new();
     for (id, site) in model.sites().iter() {
         let Some(params) = table.get(id) else {
-            assert!(golden.get(&site.original).is_none(), "{} has golden parameters but we froze none", site.name);
+            assert!(
+                golden.get(&site.original).is_none(),
+                "{} has golden parameters but we froze none",
+                site.name
+            );
             continue;
         };
-        let g = golden.get(&site.original).unwrap_or_else(|| panic!("no golden entry {} for {}", site.original, site.name));
+        let g = golden
+            .get(&site.original)
+            .unwrap_or_else(|| panic!("no golden entry {} for {}", site.original, site.name));
         let as_vec = |v: &serde_json::Value| -> Vec<f64> {
             match v {
                 serde_json::Value::Array(a) => a.iter().map(|x| x.as_f64().unwrap()).collect(),
@@ -48,10 +57,18 @@ fn calibrated_parameters_match_the_original_site_by_site() {
             };
             let rel = (f64::from(ours) - theirs).abs() / theirs.abs().max(1e-30);
             if rel > worst.0 {
-                worst = (rel, format!("{} ({}) channel {c}: {ours} vs {theirs}", site.name, site.original));
+                worst = (
+                    rel,
+                    format!("{} ({}) channel {c}: {ours} vs {theirs}", site.name, site.original),
+                );
             }
             if rel > 0.005 {
-                failures.push(format!("{} ({}) channel {c}: scale {ours} vs {theirs} ({:.3} %)", site.name, site.original, rel * 100.0));
+                failures.push(format!(
+                    "{} ({}) channel {c}: scale {ours} vs {theirs} ({:.3} %)",
+                    site.name,
+                    site.original,
+                    rel * 100.0
+                ));
             }
         }
         for (&ours, &theirs) in params.zero_point.iter().zip(&gz) {
@@ -70,14 +87,36 @@ fn calibrated_parameters_match_the_original_site_by_site() {
         let exact = params.scale.iter().zip(&gs).all(|(&a, &b)| a == b as f32);
         exact_sites += usize::from(exact);
         if !exact {
-            let rel = params.scale.iter().zip(&gs).map(|(&a, &b)| ((f64::from(a) - b) / b).abs()).fold(0f64, f64::max);
-            println!("  {} ({}): max relative scale difference {rel:.2e}", site.name, site.original);
+            let rel = params
+                .scale
+                .iter()
+                .zip(&gs)
+                .map(|(&a, &b)| ((f64::from(a) - b) / b).abs())
+                .fold(0f64, f64::max);
+            println!(
+                "  {} ({}): max relative scale difference {rel:.2e}",
+                site.name, site.original
+            );
         }
         checked += 1;
     }
-    println!("{checked} sites checked; worst relative scale difference {:.4} % at {}", worst.0 * 100.0, worst.1);
-    println!("PTF factors equal on {factor_equal} of {factor_total} channels; {exact_sites} of {checked} sites have bit-identical scales");
+    println!(
+        "{checked} sites checked; worst relative scale difference {:.4} % at {}",
+        worst.0 * 100.0,
+        worst.1
+    );
+    println!(
+        "PTF factors equal on {factor_equal} of {factor_total} channels; {exact_sites} of {checked} sites have bit-identical scales"
+    );
     assert_eq!(checked, 176, "every site of the golden file");
-    assert!(failures.is_empty(), "{} scale/zero-point mismatches:\n{}", failures.len(), failures[..failures.len().min(30)].join("\n"));
-    assert!(factor_equal * 100 >= factor_total * 98, "PTF factors equal on only {factor_equal} of {factor_total}");
+    assert!(
+        failures.is_empty(),
+        "{} scale/zero-point mismatches:\n{}",
+        failures.len(),
+        failures[..failures.len().min(30)].join("\n")
+    );
+    assert!(
+        factor_equal * 100 >= factor_total * 98,
+        "PTF factors equal on only {factor_equal} of {factor_total}"
+    );
 }

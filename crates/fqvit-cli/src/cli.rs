@@ -21,7 +21,7 @@ pub(crate) struct Cli {
 #[derive(Subcommand)]
 pub(crate) enum Command {
     /// Evaluate a model on <DATA>/val, optionally calibrated and quantized on <DATA>/train.
-    Eval(EvalArgs),
+    Eval(Box<EvalArgs>),
     /// Report what libtorch sees (version, CUDA).
     Doctor,
 }

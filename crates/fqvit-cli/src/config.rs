@@ -13,7 +13,8 @@ pub(crate) fn resolve(args: &QuantArgs) -> Result<Experiment> {
     let mut exp = match &args.config {
         None => Experiment::full_precision(),
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
         }
     };
@@ -42,9 +43,13 @@ pub(crate) fn resolve(args: &QuantArgs) -> Result<Experiment> {
         };
     }
     if !exp.quant && (args.quant_method.is_some() || args.attn_bits.is_some()) {
-        anyhow::bail!("--quant-method and --attn-bits need --quant: without it the model runs in full precision");
+        anyhow::bail!(
+            "--quant-method and --attn-bits need --quant: without it the model runs in full precision"
+        );
     }
-    exp.validate().map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("invalid calibration settings: ", "")))?;
+    exp.validate().map_err(|e| {
+        anyhow::anyhow!("{}", e.to_string().replace("invalid calibration settings: ", ""))
+    })?;
     tracing::debug!(?exp, "resolved experiment");
     Ok(exp)
 }

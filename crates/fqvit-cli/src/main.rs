@@ -20,7 +20,7 @@ fn main() -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match cli.command {
-        cli::Command::Eval(args) => commands::eval::run(args),
+        cli::Command::Eval(args) => commands::eval::run(*args),
         cli::Command::Doctor => commands::doctor::run(),
     }
 }

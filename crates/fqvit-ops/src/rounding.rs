@@ -94,7 +94,10 @@ fn for_each_channel(
         f(0..len, 0);
         return;
     }
-    assert!(len % n_channels == 0, "{len} elements are not a multiple of {n_channels} channels");
+    assert!(
+        len.is_multiple_of(n_channels),
+        "{len} elements are not a multiple of {n_channels} channels"
+    );
     match axis {
         ChannelAxis::Last => {
             for start in (0..len).step_by(n_channels) {

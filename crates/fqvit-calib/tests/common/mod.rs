@@ -13,7 +13,11 @@ pub fn shared_dir() -> PathBuf {
     let dir = std::env::var_os("FQVIT_SHARED_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
-    assert!(dir.join("imagenet-sample").is_dir(), "shared data missing at {} (set FQVIT_SHARED_DIR)", dir.display());
+    assert!(
+        dir.join("imagenet-sample").is_dir(),
+        "shared data missing at {} (set FQVIT_SHARED_DIR)",
+        dir.display()
+    );
     dir
 }
 

@@ -27,7 +27,9 @@ pub(crate) struct Loaded {
 pub(crate) fn device(arg: DeviceArg) -> Result<Device> {
     Ok(match arg {
         DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda if !tch::Cuda::is_available() => anyhow::bail!("--device cuda: libtorch sees no CUDA GPU (see `fqvit-cli doctor`)"),
+        DeviceArg::Cuda if !tch::Cuda::is_available() => {
+            anyhow::bail!("--device cuda: libtorch sees no CUDA GPU (see `fqvit-cli doctor`)")
+        }
         DeviceArg::Cuda => Device::Cuda(0),
         DeviceArg::Auto => Device::cuda_if_available(),
     })
@@ -52,9 +54,11 @@ pub(crate) fn load_model(args: &ModelArgs) -> Result<Loaded> {
 pub(crate) fn progress(len: usize, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len as u64);
     bar.set_style(
-        ProgressStyle::with_template("{prefix:>11} [{bar:30}] {pos}/{len} images, {per_sec}, eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{prefix:>11} [{bar:30}] {pos}/{len} images, {per_sec}, eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_prefix(what.to_owned());
     bar
@@ -64,7 +68,9 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     if !args.quant.quant && args.quant.config.is_none() {
         for (set, flag) in [(args.quant.ptf, "--ptf"), (args.quant.lis, "--lis")] {
             if set {
-                anyhow::bail!("{flag} needs --quant: without --quant the model runs in full precision, so {flag} would do nothing");
+                anyhow::bail!(
+                    "{flag} needs --quant: without --quant the model runs in full precision, so {flag} would do nothing"
+                );
             }
         }
     }
@@ -120,11 +126,21 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_report(loaded: &Loaded, exp: &Experiment, report: &EvalReport, calib_seconds: Option<f64>) {
+fn print_report(
+    loaded: &Loaded,
+    exp: &Experiment,
+    report: &EvalReport,
+    calib_seconds: Option<f64>,
+) {
     println!("model:   {} ({})", loaded.name, exp.label());
     println!("top-1:   {:.2} %", report.top1);
     println!("top-5:   {:.2} %", report.top5);
-    println!("images:  {} ({:.1} images/s, {:.1} s)", report.images, report.images as f64 / report.seconds, report.seconds);
+    println!(
+        "images:  {} ({:.1} images/s, {:.1} s)",
+        report.images,
+        report.images as f64 / report.seconds,
+        report.seconds
+    );
     if let Some(s) = calib_seconds {
         println!("calibration: {s:.1} s");
     }

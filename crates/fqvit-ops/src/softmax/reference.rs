@@ -5,7 +5,8 @@ use super::{LisConstants, check_row_args};
 
 /// I-BERT's second-order fit of `exp` on `(−ln 2, 0]`: `a·(x + b/a)² + c` (spec §7 step 6).
 pub const COEF: [f64; 3] = [0.35815147, 0.96963238, 1.0];
-/// `x0 = −ln 2` as the original writes it.
+/// `x0 = −ln 2` as the original writes it (four digits, not `LN_2`: the constants must match).
+#[allow(clippy::approx_constant)]
 pub const X0: f64 = -0.6931;
 /// `n`: the exponent range of the integer exponential (I-BERT's choice, spec §12.19).
 pub const N: u32 = 30;
@@ -142,7 +143,7 @@ pub fn sum_f32(xs: &[f32]) -> f32 {
 pub fn log_code_f32(sum: f32, e: f32, bits: u32) -> u16 {
     let zero = 1u32 << bits;
     let u = (sum / e).round_ties_even();
-    if !(u >= 1.0 && u < 1.8e19) {
+    if !(1.0..1.8e19).contains(&u) {
         return zero as u16;
     }
     log_round(u as u64).min(zero) as u16

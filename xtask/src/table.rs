@@ -1,0 +1,90 @@
+//! `cargo xtask table`: the accuracy matrix on a data folder, through the release CLI, as a
+//! markdown table (top-1, top-5, calibration and evaluation seconds). Each run's JSON stays in
+//! `target/accuracy/`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use crate::{cargo, project_root, run};
+
+/// One row: a label and the quantization flags.
+fn rows(methods: &[String]) -> Vec<(String, Vec<String>)> {
+    let mut rows = vec![("float".to_owned(), vec![])];
+    for m in methods {
+        for (label, flags) in [
+            ("", &[][..]),
+            (" --ptf", &["--ptf"][..]),
+            (" --lis", &["--lis"][..]),
+            (" --ptf --lis", &["--ptf", "--lis"][..]),
+        ] {
+            let mut args = vec!["--quant".to_owned(), "--quant-method".to_owned(), m.clone()];
+            args.extend(flags.iter().map(|s| s.to_string()));
+            rows.push((format!("{m}{label}"), args));
+        }
+    }
+    rows
+}
+
+pub(crate) fn table(
+    model: &str,
+    data: &str,
+    weights_dir: &str,
+    methods: &[String],
+    attn8: bool,
+) -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "fqvit-cli"]))?;
+    let cli = project_root().join("target/release/fqvit-cli");
+    let out_dir = project_root().join("target/accuracy");
+    std::fs::create_dir_all(&out_dir)?;
+    let mut rows = rows(methods);
+    if attn8 {
+        for m in methods {
+            let args = ["--quant", "--ptf", "--lis", "--attn-bits", "8", "--quant-method", m]
+                .map(String::from)
+                .to_vec();
+            rows.push((format!("{m} --ptf --lis --attn-bits 8"), args));
+        }
+    }
+    let mut lines = vec![
+        format!("| {model}: flags | top-1 | top-5 | calibration s | evaluation s |"),
+        "|---|---|---|---|---|".to_owned(),
+    ];
+    for (label, args) in rows {
+        let json: PathBuf = out_dir
+            .join(format!("{model}-{}.json", label.replace([' ', '-'], "_").trim_matches('_')));
+        let mut cmd = std::process::Command::new(&cli);
+        cmd.args([
+            "-q",
+            "eval",
+            model,
+            data,
+            "--weights-dir",
+            weights_dir,
+            "--calib-order",
+            "sorted",
+        ])
+        .args(&args)
+        .arg("--json")
+        .arg(&json);
+        run(&mut cmd)?;
+        let v: Value = serde_json::from_str(
+            &std::fs::read_to_string(&json)
+                .with_context(|| format!("reading {}", json.display()))?,
+        )?;
+        let calib =
+            v["calibration"]["seconds"].as_f64().map_or("–".to_owned(), |s| format!("{s:.0}"));
+        let line = format!(
+            "| `{}` | {:.2} | {:.2} | {calib} | {:.0} |",
+            if args.is_empty() { "(float)".to_owned() } else { args.join(" ") },
+            v["top1"].as_f64().unwrap_or(f64::NAN),
+            v["top5"].as_f64().unwrap_or(f64::NAN),
+            v["eval_seconds"].as_f64().unwrap_or(f64::NAN),
+        );
+        eprintln!("{line}");
+        lines.push(line);
+    }
+    println!("{}", lines.join("\n"));
+    Ok(())
+}
