@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use crate::{cargo, run, setup};
+use crate::{cargo, project_root, run, setup};
 
 pub(crate) fn demo(extra: &[String]) -> Result<()> {
     setup::setup()?;
@@ -28,4 +28,18 @@ pub(crate) fn demo(extra: &[String]) -> Result<()> {
     ]);
     cmd.args(extra);
     run(&mut cmd)
+}
+
+/// Installs Pillow into a scratch folder and runs `xtask/scripts/pillow_fixtures.py`.
+pub(crate) fn pillow_fixtures() -> Result<()> {
+    let scratch = setup::cache_dir()?.join("pillow-fixtures");
+    let root = project_root();
+    run(std::process::Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--upgrade", "--target"])
+        .arg(&scratch)
+        .arg("pillow"))?;
+    run(std::process::Command::new("python3")
+        .env("PYTHONPATH", &scratch)
+        .arg(root.join("xtask/scripts/pillow_fixtures.py"))
+        .arg(root.join("crates/fqvit-calib/tests/fixtures/pillow_resize.bin")))
 }

@@ -50,6 +50,8 @@ enum Cmd {
         #[arg(long)]
         attn8: bool,
     },
+    /// Regenerate the Pillow resampling fixtures of fqvit-calib (installs Pillow from PyPI into a scratch folder).
+    PillowFixtures,
     /// The main job on the shared sample: calibrate, quantize and evaluate ViT-Tiny (release build).
     Demo {
         /// Extra arguments passed to `fqvit-cli eval` (e.g. `--limit 200`).
@@ -65,6 +67,7 @@ fn main() -> Result<()> {
         Cmd::Ci => ci::ci(),
         Cmd::Tidy => tidy::tidy(),
         Cmd::Demo { args } => demo::demo(&args),
+        Cmd::PillowFixtures => demo::pillow_fixtures(),
         Cmd::Table { model, data, weights_dir, methods, attn8 } => {
             table::table(&model, &data, &weights_dir, &methods, attn8)
         }

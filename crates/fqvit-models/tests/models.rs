@@ -1,0 +1,214 @@
+//! Strict weight loading, the site table, and the tensor Log-Int-Softmax against the golden file.
+
+use std::path::PathBuf;
+
+use fqvit_models::quant::log_int_softmax;
+use fqvit_models::weights::load_strict;
+use fqvit_models::{Error, Mode, ModelName, Quantizable, TensorClass, vit};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+fn tiny_config() -> vit::Config {
+    vit::Config {
+        embed_dim: 16,
+        depth: 2,
+        num_heads: 2,
+        img_size: 32,
+        num_classes: 10,
+        ..vit::Config::deit_tiny()
+    }
+}
+
+/// Writes the variables of a freshly built tiny model, edited by `edit`, to a safetensors file.
+fn weights_file(dir: &tempfile::TempDir, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) -> PathBuf {
+    let vs = VarStore::new(Device::Cpu);
+    let _model = vit::Vit::new(&vs.root(), &tiny_config());
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    edit(&mut vars);
+    let path = dir.path().join("w.safetensors");
+    Tensor::write_safetensors(&vars, &path).unwrap();
+    path
+}
+
+fn load(path: &std::path::Path) -> fqvit_models::Result<()> {
+    let vs = VarStore::new(Device::Cpu);
+    let _model = vit::Vit::new(&vs.root(), &tiny_config());
+    load_strict(&vs, path)
+}
+
+#[test]
+fn an_exact_file_loads_and_reproduces_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = weights_file(&dir, |_| {});
+    load(&path).unwrap();
+}
+
+#[track_caller]
+fn mismatch(
+    edit: impl FnOnce(&mut Vec<(String, Tensor)>),
+) -> (Vec<String>, Vec<String>, Vec<String>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = weights_file(&dir, edit);
+    match load(&path) {
+        Err(err @ Error::WeightsMismatch { .. }) => {
+            let msg = err.to_string();
+            let Error::WeightsMismatch { missing, unexpected, mismatched, .. } = err else {
+                unreachable!()
+            };
+            (missing, unexpected, mismatched, msg)
+        }
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_missing_tensor_is_named() {
+    let (missing, unexpected, mismatched, msg) =
+        mismatch(|v| v.retain(|(k, _)| k != "blocks.1.mlp.fc2.bias"));
+    assert_eq!(missing, ["blocks.1.mlp.fc2.bias"]);
+    assert!(unexpected.is_empty() && mismatched.is_empty());
+    assert!(msg.contains("1 missing: blocks.1.mlp.fc2.bias"), "{msg}");
+}
+
+#[test]
+fn an_extra_tensor_is_named() {
+    let (missing, unexpected, _, msg) =
+        mismatch(|v| v.push(("head.extra".into(), Tensor::zeros([3], (Kind::Float, Device::Cpu)))));
+    assert!(missing.is_empty());
+    assert_eq!(unexpected, ["head.extra"]);
+    assert!(msg.contains("1 unexpected: head.extra"), "{msg}");
+}
+
+#[test]
+fn a_misshapen_or_mistyped_tensor_is_named() {
+    let (_, _, mismatched, _) = mismatch(|v| {
+        let t = v.iter_mut().find(|(k, _)| k == "pos_embed").unwrap();
+        t.1 = Tensor::zeros([1, 6, 16], (Kind::Float, Device::Cpu));
+    });
+    assert_eq!(mismatched.len(), 1);
+    assert!(
+        mismatched[0].starts_with("pos_embed: expected [1, 5, 16]")
+            && mismatched[0].contains("got [1, 6, 16]"),
+        "{mismatched:?}"
+    );
+    let (_, _, mismatched, _) = mismatch(|v| {
+        let t = v.iter_mut().find(|(k, _)| k == "norm.weight").unwrap();
+        t.1 = t.1.to_kind(Kind::Half);
+    });
+    assert!(
+        mismatched[0].starts_with("norm.weight:") && mismatched[0].contains("F16"),
+        "{mismatched:?}"
+    );
+}
+
+#[test]
+fn a_truncated_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = weights_file(&dir, |_| {});
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load(&path).unwrap_err();
+    assert!(matches!(err, Error::Safetensors { .. }), "{err}");
+    assert!(err.to_string().contains("w.safetensors is not a valid safetensors file"), "{err}");
+}
+
+/// The site table: names, the original's module names, classes, counts.
+#[test]
+fn site_table_matches_the_original_graph() {
+    for (name, top_level) in [(ModelName::VitTiny, 6), (ModelName::DeitSmall, 7)] {
+        let vs = VarStore::new(Device::Cpu);
+        let model = vit::Vit::new(&vs.root(), &name.config());
+        let sites = model.sites();
+        let acts = |prefix: Option<&str>| {
+            sites
+                .iter()
+                .filter(|(_, s)| s.class != TensorClass::Weight)
+                .filter(|(_, s)| match prefix {
+                    Some(p) => s.name.starts_with(p),
+                    None => !s.name.starts_with("blocks."),
+                })
+                .filter(|(_, s)| s.class != TensorClass::Softmax)
+                .count()
+        };
+        assert_eq!(acts(None), top_level, "{name}: top-level activation sites");
+        for i in 0..12 {
+            assert_eq!(acts(Some(&format!("blocks.{i}."))), 10, "{name}: block {i}");
+        }
+        let weights = sites.iter().filter(|(_, s)| s.class == TensorClass::Weight).count();
+        assert_eq!(weights, 2 + 4 * 12, "{name}: weight sites");
+    }
+    let vs = VarStore::new(Device::Cpu);
+    let model = vit::Vit::new(&vs.root(), &ModelName::VitTiny.config());
+    let table: Vec<(String, String, TensorClass)> = model
+        .sites()
+        .iter()
+        .filter(|(_, s)| !s.name.starts_with("blocks.") || s.name.starts_with("blocks.0."))
+        .map(|(_, s)| (s.name.clone(), s.original.clone(), s.class))
+        .collect();
+    use TensorClass::*;
+    let expected = [
+        ("patch_embed.proj", "patch_embed.proj", Weight),
+        ("patch_embed.out", "patch_embed.qact", Activation),
+        ("embed", "qact_embed", Activation),
+        ("pos_embed", "qact_pos", Activation),
+        ("embed_sum", "qact1", LayerNormInput),
+        ("blocks.0.norm1_out", "blocks.0.qact1", Activation),
+        ("blocks.0.attn.qkv", "blocks.0.attn.qkv", Weight),
+        ("blocks.0.attn.qkv_out", "blocks.0.attn.qact1", Activation),
+        ("blocks.0.attn.attn_scores", "blocks.0.attn.qact_attn1", Activation),
+        ("blocks.0.attn.attn_probs", "blocks.0.attn.log_int_softmax", Softmax),
+        ("blocks.0.attn.context", "blocks.0.attn.qact2", Activation),
+        ("blocks.0.attn.proj", "blocks.0.attn.proj", Weight),
+        ("blocks.0.attn.proj_out", "blocks.0.attn.qact3", Activation),
+        ("blocks.0.residual1", "blocks.0.qact2", LayerNormInput),
+        ("blocks.0.norm2_out", "blocks.0.qact3", Activation),
+        ("blocks.0.mlp.fc1", "blocks.0.mlp.fc1", Weight),
+        ("blocks.0.mlp.hidden", "blocks.0.mlp.qact1", Activation),
+        ("blocks.0.mlp.fc2", "blocks.0.mlp.fc2", Weight),
+        ("blocks.0.mlp.out", "blocks.0.mlp.qact2", Activation),
+        ("blocks.0.residual2", "blocks.0.qact4", LayerNormInput),
+        ("norm_out", "qact2", Activation),
+        ("head", "head", Weight),
+        ("logits", "act_out", Activation),
+    ];
+    let expected: Vec<(String, String, TensorClass)> =
+        expected.iter().map(|&(a, b, c)| (a.into(), b.into(), c)).collect();
+    assert_eq!(table, expected);
+}
+
+/// The tensor LIS the model runs equals the original on every golden case, bit for bit.
+#[test]
+fn tensor_log_int_softmax_matches_the_golden_cases() {
+    let dir = std::env::var_os("FQVIT_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
+    let path = dir.join("golden/log_int_softmax.safetensors");
+    assert!(path.is_file(), "golden file missing at {}", path.display());
+    let golden: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(&path).unwrap().into_iter().collect();
+    for case in 0..6 {
+        let g = |k: &str| &golden[&format!("case{case}.{k}")];
+        let scale = g("scale").double_value(&[0]) as f32;
+        let bits = g("bits").int64_value(&[0]) as u32;
+        let out = log_int_softmax(g("input"), scale, bits);
+        let diff = out.ne_tensor(g("output")).sum(Kind::Int64).int64_value(&[]);
+        assert_eq!(diff, 0, "case{case}: {diff} elements differ");
+    }
+}
+
+/// Float mode runs, and quantized mode refuses a table that lacks a site.
+#[test]
+fn quantized_mode_refuses_an_incomplete_table() {
+    let vs = VarStore::new(Device::Cpu);
+    let model = vit::Vit::new(&vs.root(), &tiny_config());
+    let logits =
+        model.forward(&Tensor::zeros([1, 3, 32, 32], (Kind::Float, Device::Cpu)), &mut Mode::Float);
+    assert_eq!(logits.size(), [1, 10]);
+    let table = fqvit_models::QParamTable::empty(model.sites().len());
+    let err = fqvit_models::Quantized::new(&model, table, Default::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("quantization site `input`: has no calibrated parameters"),
+        "{err}"
+    );
+}
