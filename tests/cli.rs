@@ -217,3 +217,74 @@ fn a_quantized_run_calibrates_and_reports() {
     assert!(v["calibration"]["seconds"].as_f64().unwrap() > 0.0);
     assert_eq!(v["label"], "8/8/4 ptf lis minmax");
 }
+
+/// `quantize` then `eval --qparams` gives the same per-image predictions as calibrating and
+/// evaluating in one run, for `--ptf --lis` and for plain minmax, without the float weights.
+#[test]
+fn quantize_then_eval_qparams_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, flags) in [("ptf_lis", &["--ptf", "--lis"][..]), ("minmax", &[][..])] {
+        let calib = ["--calib-batchsize", "20", "--calib-iter", "2", "--calib-order", "sorted"];
+        let artifact = dir.path().join(format!("{name}.safetensors"));
+        let mut args = vec!["quantize", "vit_tiny"];
+        let (s, w) = (sample(), weights_dir());
+        args.extend([s.as_str(), "--weights-dir", w.as_str(), "-o", artifact.to_str().unwrap()]);
+        args.extend(flags);
+        args.extend(calib);
+        let out = cli(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            artifact.with_extension("toml").is_file(),
+            "the TOML summary is written beside the artifact"
+        );
+        let direct = dir.path().join(format!("{name}-direct.json"));
+        let mut args = vec![
+            "eval",
+            "vit_tiny",
+            s.as_str(),
+            "--weights-dir",
+            w.as_str(),
+            "--quant",
+            "--limit",
+            "60",
+            "--json",
+            direct.to_str().unwrap(),
+        ];
+        args.extend(flags);
+        args.extend(calib);
+        assert!(cli(&args).status.success());
+        let replay = dir.path().join(format!("{name}-replay.json"));
+        let out = cli(&[
+            "eval",
+            "vit_tiny",
+            &s,
+            "--qparams",
+            artifact.to_str().unwrap(),
+            "--limit",
+            "60",
+            "--json",
+            replay.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let read = |p: &std::path::Path| {
+            serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(p).unwrap()).unwrap()
+        };
+        let (a, b) = (read(&direct), read(&replay));
+        assert_eq!(a["predictions"], b["predictions"], "{name}: per-image predictions");
+        assert_eq!(
+            (a["top1"].clone(), a["top5"].clone()),
+            (b["top1"].clone(), b["top5"].clone()),
+            "{name}"
+        );
+        assert_eq!(a["experiment"], b["experiment"], "{name}: the artifact carries the settings");
+    }
+    let artifact = dir.path().join("minmax.safetensors");
+    fails_with(
+        &["eval", "deit_tiny", &sample(), "--qparams", artifact.to_str().unwrap()],
+        "calibrated for model vit_tiny, not deit_tiny",
+    );
+    fails_with(
+        &["eval", "vit_tiny", &sample(), "--qparams", artifact.to_str().unwrap(), "--ptf"],
+        "--qparams carries its own quantization settings",
+    );
+}

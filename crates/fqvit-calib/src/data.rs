@@ -98,6 +98,11 @@ impl ImageFolder {
         self.samples.truncate(n);
     }
 
+    /// Keeps the images for which `keep` is true.
+    pub fn retain(&mut self, keep: impl FnMut(&Sample) -> bool) {
+        self.samples.retain(keep);
+    }
+
     /// Reorders the images with a seeded shuffle ([`shuffle`]).
     pub fn shuffle(&mut self, seed: u64) {
         shuffle(&mut self.samples, seed);

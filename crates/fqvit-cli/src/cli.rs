@@ -22,6 +22,8 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Evaluate a model on <DATA>/val, optionally calibrated and quantized on <DATA>/train.
     Eval(Box<EvalArgs>),
+    /// Calibrate on <DATA>/train and write the quantized model and its parameters to a file.
+    Quantize(Box<QuantizeArgs>),
     /// Report what libtorch sees (version, CUDA).
     Doctor,
 }
@@ -70,6 +72,7 @@ pub(crate) struct ModelArgs {
     #[arg(long, conflicts_with = "weights_dir")]
     pub(crate) weights: Option<PathBuf>,
     /// Folder with <timm name>/model.safetensors; else the Hugging Face hub.
+    /// Not needed with `eval --qparams`, which carries the weights.
     #[arg(long, env = "FQVIT_WEIGHTS_DIR")]
     pub(crate) weights_dir: Option<PathBuf>,
     /// Device.
@@ -130,4 +133,18 @@ pub(crate) struct EvalArgs {
     /// Write the results, configuration and per-image predictions to this JSON file.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
+    /// Evaluate with the parameters and int8 weights of a `quantize` artifact (no calibration).
+    #[arg(long)]
+    pub(crate) qparams: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct QuantizeArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    #[command(flatten)]
+    pub(crate) quant: QuantArgs,
+    /// The artifact to write (safetensors); a TOML summary goes beside it (`.toml`).
+    #[arg(short, long)]
+    pub(crate) output: PathBuf,
 }

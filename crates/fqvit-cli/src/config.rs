@@ -10,6 +10,15 @@ use fqvit_calib::experiment::{CalibOrder, Method};
 use crate::cli::{MethodArg, OrderArg, QuantArgs};
 
 pub(crate) fn resolve(args: &QuantArgs) -> Result<Experiment> {
+    resolve_with(args, false)
+}
+
+/// For `quantize`, which quantizes without `--quant`.
+pub(crate) fn resolve_quantize(args: &QuantArgs) -> Result<Experiment> {
+    resolve_with(args, true)
+}
+
+fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
     let mut exp = match &args.config {
         None => Experiment::full_precision(),
         Some(path) => {
@@ -18,7 +27,7 @@ pub(crate) fn resolve(args: &QuantArgs) -> Result<Experiment> {
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
         }
     };
-    exp.quant |= args.quant;
+    exp.quant |= args.quant || quant;
     exp.ptf |= args.ptf;
     exp.lis |= args.lis;
     if let Some(m) = args.quant_method {

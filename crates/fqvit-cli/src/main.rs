@@ -21,6 +21,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match cli.command {
         cli::Command::Eval(args) => commands::eval::run(*args),
+        cli::Command::Quantize(args) => commands::quantize::run(*args),
         cli::Command::Doctor => commands::doctor::run(),
     }
 }

@@ -25,7 +25,7 @@ pub enum ModelName {
 
 /// Input preprocessing of a model family (spec §9): resize the short side to
 /// `⌊224 / crop_pct⌋` (bicubic, antialiased), centre crop 224, normalize.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Preprocess {
     /// Crop fraction: 0.875 (DeiT) or 0.9 (ViT, Swin).
     pub crop_pct: f64,

@@ -10,7 +10,7 @@ use crate::quant::{Act, Classifier, Conv2d, LayerNorm, Linear, Quantizable, Soft
 use crate::site::{SiteId, SiteTable, TensorClass};
 
 /// Architecture hyper-parameters.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Config {
     /// Token width D.
     pub embed_dim: i64,

@@ -28,7 +28,8 @@
 //! log_int_softmax(&codes, 4, 0.1, 4, &mut k);
 //! let mut p = [0f32; 4];
 //! dequantize_log2(&k, 4, &mut p);
-//! assert_eq!(p, [0.5, 0.25, 0.125, 0.0078125]);
+//! // softmax is (0.66, 0.24, 0.090, 0.0045): 1/p rounds to 2, 4, 11, 224 → 2^-1, 2^-2, 2^-3, 2^-8.
+//! assert_eq!(p, [0.5, 0.25, 0.125, 0.00390625]);
 //! ```
 
 pub mod bits;

@@ -14,14 +14,15 @@ use tch::Device;
 
 use crate::cli::{DeviceArg, EvalArgs, ModelArgs};
 
-/// A loaded model with where its weights came from.
+/// A model with where its weights came from.
 pub(crate) struct Loaded {
     pub(crate) name: ModelName,
     pub(crate) model: vit::Vit,
-    pub(crate) weights: PathBuf,
+    /// The float weights file; `None` while the variables still await an artifact.
+    pub(crate) weights: Option<PathBuf>,
     pub(crate) device: Device,
-    // Owns the variables the model's tensors point into.
-    _vs: tch::nn::VarStore,
+    /// Owns the variables the model's tensors point into.
+    pub(crate) vs: tch::nn::VarStore,
 }
 
 pub(crate) fn device(arg: DeviceArg) -> Result<Device> {
@@ -36,19 +37,26 @@ pub(crate) fn device(arg: DeviceArg) -> Result<Device> {
 }
 
 pub(crate) fn load_model(args: &ModelArgs) -> Result<Loaded> {
-    let name: ModelName = args.model.parse()?;
+    let mut loaded = build_model(args)?;
     let source = match (&args.weights, &args.weights_dir) {
         (Some(file), _) => WeightsSource::File(file.clone()),
         (None, Some(dir)) => WeightsSource::Dir(dir.clone()),
         (None, None) => WeightsSource::Hub,
     };
-    let weights = resolve(name, &source)?;
+    let weights = resolve(loaded.name, &source)?;
+    load_strict(&loaded.vs, &weights)?;
+    tracing::info!(model = %loaded.name, weights = %weights.display(), device = ?loaded.device, "model loaded");
+    loaded.weights = Some(weights);
+    Ok(loaded)
+}
+
+/// The model with random variables, to be filled from weights or an artifact.
+fn build_model(args: &ModelArgs) -> Result<Loaded> {
+    let name: ModelName = args.model.parse()?;
     let device = device(args.device)?;
     let vs = tch::nn::VarStore::new(device);
     let model = vit::Vit::new(&vs.root(), &name.config());
-    load_strict(&vs, &weights)?;
-    tracing::info!(model = %name, weights = %weights.display(), ?device, "model loaded");
-    Ok(Loaded { name, model, weights, device, _vs: vs })
+    Ok(Loaded { name, model, weights: None, device, vs })
 }
 
 pub(crate) fn progress(len: usize, what: &str) -> ProgressBar {
@@ -65,6 +73,9 @@ pub(crate) fn progress(len: usize, what: &str) -> ProgressBar {
 }
 
 pub(crate) fn run(args: EvalArgs) -> Result<()> {
+    if let Some(path) = &args.qparams {
+        return eval_artifact(&args, path);
+    }
     if !args.quant.quant && args.quant.config.is_none() {
         for (set, flag) in [(args.quant.ptf, "--ptf"), (args.quant.lis, "--lis")] {
             if set {
@@ -90,7 +101,60 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     } else {
         (None, None)
     };
-    let mut mode = match &quantized {
+    finish_eval(
+        &args,
+        &loaded,
+        &exp,
+        quantized.as_ref(),
+        calib.map(|c| serde_json::to_value(c).expect("serialisable")),
+        val,
+    )
+}
+
+/// `eval --qparams`: the model, its weights and its parameters all come from the artifact.
+fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
+    let q = &args.quant;
+    if q.quant
+        || q.ptf
+        || q.lis
+        || q.config.is_some()
+        || q.quant_method.is_some()
+        || q.attn_bits.is_some()
+    {
+        anyhow::bail!(
+            "--qparams carries its own quantization settings: drop --quant, --ptf, --lis, --quant-method, --attn-bits and --config"
+        );
+    }
+    let explicit_weights = args.model.weights.is_some() || args.model.weights_dir.is_some();
+    let mut loaded =
+        if explicit_weights { load_model(&args.model)? } else { build_model(&args.model)? };
+    let sha = loaded.weights.as_deref().map(fqvit_calib::artifact::sha256_file).transpose()?;
+    let expect = fqvit_calib::artifact::Expect {
+        model: loaded.name.as_str(),
+        architecture: loaded.model.config(),
+        weights_sha256: sha.as_deref(),
+    };
+    let artifact = fqvit_calib::artifact::read(path, &loaded.model, &loaded.vs, expect)?;
+    loaded.weights = Some(path.to_owned());
+    let exp = artifact.provenance.experiment;
+    let quantized = Quantized::new(&loaded.model, artifact.table, exp.quant_options())?;
+    let mut val = ImageFolder::open(&args.model.data, "val")?;
+    if let Some(n) = args.limit {
+        val.truncate(n);
+    }
+    let provenance = serde_json::to_value(&artifact.provenance.calibration)?;
+    finish_eval(args, &loaded, &exp, Some(&quantized), Some(provenance), val)
+}
+
+fn finish_eval(
+    args: &EvalArgs,
+    loaded: &Loaded,
+    exp: &Experiment,
+    quantized: Option<&Quantized>,
+    calib: Option<serde_json::Value>,
+    val: ImageFolder,
+) -> Result<()> {
+    let mut mode = match quantized {
         Some(q) => Mode::Quantized(q),
         None => Mode::Float,
     };
@@ -102,7 +166,7 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     };
     let report = evaluate(&loaded.model, &mut mode, &val, &opts, &bar)?;
     bar.finish_and_clear();
-    print_report(&loaded, &exp, &report, calib.map(|c| c.seconds));
+    print_report(loaded, exp, &report, calib.as_ref().and_then(|c| c["seconds"].as_f64()));
     if let Some(path) = &args.json {
         let value = json!({
             "model": loaded.name.as_str(),
@@ -112,6 +176,7 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
             "skipped": report.skipped,
             "tied_top1": report.tied_top1,
             "weights": loaded.weights,
+            "qparams": args.qparams,
             "data": args.model.data,
             "device": format!("{:?}", loaded.device),
             "experiment": exp,

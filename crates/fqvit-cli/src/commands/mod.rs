@@ -2,3 +2,4 @@
 
 pub(crate) mod doctor;
 pub(crate) mod eval;
+pub(crate) mod quantize;

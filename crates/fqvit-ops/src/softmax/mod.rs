@@ -40,12 +40,12 @@ impl LisConstants {
     /// The constants for scale `S`.
     ///
     /// # Panics
-    /// If `S` is below [`MIN_SCALE`] or not finite.
+    /// If `S` is not positive and finite.
     #[track_caller]
     pub fn new(scale: f32) -> Self {
         assert!(
-            scale.is_finite() && scale >= MIN_SCALE,
-            "log_int_softmax: scale {scale} is outside [2^-10, ∞): the integer exponential would overflow u64"
+            scale.is_finite() && scale > 0.0,
+            "log_int_softmax: scale {scale} is not positive and finite"
         );
         let recip = 1.0 / scale;
         let recip_sq = 1.0 / (scale * scale);
@@ -56,6 +56,15 @@ impl LisConstants {
             ic: floor(recip_sq * (COEF[2] / COEF[0]) as f32),
         }
     }
+}
+
+/// The integer path's bound (module docs); the float path computes in float32 and has none.
+#[track_caller]
+fn check_integer_scale(scale: f32) {
+    assert!(
+        scale >= MIN_SCALE,
+        "log_int_softmax: scale {scale} is outside [2^-10, ∞): the integer exponential would overflow u64"
+    );
 }
 
 #[track_caller]
@@ -82,13 +91,17 @@ fn check_row_args(n_in: usize, n_out: usize, row_len: usize, bits: u32) {
 /// ```
 /// use fqvit_ops::softmax::log_int_softmax;
 /// let mut out = [0u16; 4];
-/// // One dominant logit takes all the mass: code 0 (probability 1), the rest are zero (16).
+/// // A dominant logit takes all the mass: code 0 (probability 1); the others are 10 below it,
+/// // e^-10 ≈ 2^-14.4, so code 14. Twenty below would be under 2^-15: the zero flag, 16.
 /// log_int_softmax(&[100, 0, 0, 0], 4, 0.1, 4, &mut out);
+/// assert_eq!(out, [0, 14, 14, 14]);
+/// log_int_softmax(&[200, 0, 0, 0], 4, 0.1, 4, &mut out);
 /// assert_eq!(out, [0, 16, 16, 16]);
 /// ```
 #[track_caller]
 pub fn log_int_softmax(codes: &[i32], row_len: usize, scale: f32, bits: u32, out: &mut [u16]) {
     let k = LisConstants::new(scale);
+    check_integer_scale(scale);
     check_row_args(codes.len(), out.len(), row_len, bits);
     codes
         .par_chunks_exact(row_len)
@@ -111,10 +124,10 @@ pub fn log_int_softmax(codes: &[i32], row_len: usize, scale: f32, bits: u32, out
 }
 
 /// Log-Int-Softmax on float logits with the original's float32 semantics
-/// ([`reference::log_int_softmax_f32`]), rows in parallel: what the fake-quantized model uses.
+/// ([`reference::log_int_softmax_f32`]), rows in parallel.
 ///
 /// # Panics
-/// As [`log_int_softmax`].
+/// As [`log_int_softmax`], except that any positive finite scale is accepted.
 #[track_caller]
 pub fn log_int_softmax_f32(logits: &[f32], row_len: usize, scale: f32, bits: u32, out: &mut [u16]) {
     let k = LisConstants::new(scale);

@@ -69,6 +69,7 @@ pub fn log_code(sum: u64, e: u64, bits: u32) -> u16 {
 #[track_caller]
 pub fn log_int_softmax(codes: &[i32], row_len: usize, scale: f32, bits: u32, out: &mut [u16]) {
     let k = LisConstants::new(scale);
+    super::check_integer_scale(scale);
     check_row_args(codes.len(), out.len(), row_len, bits);
     for (row, out) in codes.chunks_exact(row_len).zip(out.chunks_exact_mut(row_len)) {
         let max = row.iter().copied().max().map_or(0, i64::from);

@@ -1,0 +1,36 @@
+//! The real ViT-Tiny (shared weights) in float mode on a few shared images: the top-1 class is
+//! the ground truth (German shepherd, koala, balance beam, silky terrier, spaghetti squash,
+//! sunglass), through the whole data pipeline.
+
+mod common;
+
+use fqvit_calib::data::{BadImages, ImageFolder, class_index};
+use fqvit_calib::eval::{EvalOptions, evaluate};
+use fqvit_models::Mode;
+use indicatif::ProgressBar;
+
+const IMAGES: [&str; 6] = [
+    "val/n02106662/ILSVRC2012_val_00004538.JPEG",
+    "val/n01882714/ILSVRC2012_val_00008498.JPEG",
+    "val/n02777292/ILSVRC2012_val_00012479.JPEG",
+    "val/n02097658/ILSVRC2012_val_00040875.JPEG",
+    "val/n07716906/ILSVRC2012_val_00033247.JPEG",
+    "val/n04355933/ILSVRC2012_val_00040473.JPEG",
+];
+
+#[test]
+fn float_vit_tiny_classifies_shared_images() {
+    let (_vs, model) = common::vit_tiny();
+    let mut folder = ImageFolder::open(&common::sample_dir(), "val").unwrap();
+    folder.retain(|s| IMAGES.contains(&s.rel_path.as_str()));
+    assert_eq!(folder.samples().len(), IMAGES.len());
+    let opts = EvalOptions { batch_size: 4, device: tch::Device::Cpu, bad_images: BadImages::Fail };
+    let report =
+        evaluate(&model, &mut Mode::Float, &folder, &opts, &ProgressBar::hidden()).unwrap();
+    for p in &report.predictions {
+        let wnid = p.path.split('/').nth(1).unwrap();
+        assert_eq!(Some(p.label), class_index(wnid));
+        assert_eq!(p.top5[0], p.label, "{}: predicted {:?}", p.path, p.top5);
+    }
+    assert_eq!(report.top1, 100.0);
+}

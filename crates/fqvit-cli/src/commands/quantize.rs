@@ -1,0 +1,128 @@
+//! `fqvit-cli quantize`: calibrate and write the artifact (and a TOML summary beside it).
+
+use std::path::Path;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use fqvit_calib::artifact::{self, CalibrationData, FORMAT_VERSION, Provenance};
+use fqvit_calib::experiment::CalibOrder;
+use fqvit_calib::{calibrate, calibration_set};
+use fqvit_models::{QParamTable, Quantizable};
+use serde::Serialize;
+
+use crate::cli::QuantizeArgs;
+use crate::commands::eval::{load_model, progress};
+
+pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
+    let mut exp = crate::config::resolve_quantize(&args.quant)?;
+    exp.quant = true;
+    exp.validate()?;
+    let loaded = load_model(&args.model)?;
+    let weights = loaded
+        .weights
+        .as_ref()
+        .context("quantize needs float weights (--weights or --weights-dir)")?;
+    let folder = calibration_set(&args.model.data, &exp)?;
+    let bar = progress(folder.samples().len(), "calibrating");
+    let (table, stats) = calibrate(&loaded.model, &folder, &exp, loaded.device, &bar)?;
+    bar.finish_and_clear();
+    let start = Instant::now();
+    let prov = Provenance {
+        format_version: FORMAT_VERSION,
+        fqvit_version: env!("CARGO_PKG_VERSION").to_owned(),
+        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        model: loaded.name.to_string(),
+        architecture: *loaded.model.config(),
+        weights_sha256: artifact::sha256_file(weights)?,
+        experiment: exp,
+        calibration: CalibrationData {
+            data: args.model.data.display().to_string(),
+            images: stats.images,
+            order: match exp.calibration.order {
+                CalibOrder::Shuffled => "shuffled".into(),
+                CalibOrder::Sorted => "sorted".into(),
+            },
+            seed: exp.calibration.seed,
+        },
+        lis_bits: exp.quant_options().lis_bits,
+        sites: artifact::site_infos(&loaded.model, &table, &exp),
+    };
+    artifact::write(&args.output, &loaded.model, &loaded.vs, &table, &prov)?;
+    let summary = args.output.with_extension("toml");
+    write_summary(&summary, &loaded.model, &table, &prov)?;
+    let size = std::fs::metadata(&args.output).map_or(0, |m| m.len());
+    println!(
+        "calibrated {} ({}) on {} images in {:.1} s",
+        prov.model,
+        exp.label(),
+        stats.images,
+        stats.seconds
+    );
+    println!(
+        "wrote {} ({:.2} MB) and {} in {:.2} s",
+        args.output.display(),
+        size as f64 / 1e6,
+        summary.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The per-site scalars for people diffing two calibrations.
+#[derive(Serialize)]
+struct Summary<'a> {
+    model: &'a str,
+    weights_sha256: &'a str,
+    format_version: u32,
+    created_unix: u64,
+    experiment: &'a fqvit_calib::Experiment,
+    calibration: &'a CalibrationData,
+    site: Vec<SiteSummary<'a>>,
+}
+
+#[derive(Serialize)]
+struct SiteSummary<'a> {
+    name: &'a str,
+    original: &'a str,
+    class: &'a str,
+    bit_type: String,
+    scale: &'a [f32],
+    zero_point: &'a [i32],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ptf_factor: Option<Vec<u8>>,
+}
+
+fn write_summary(
+    path: &Path,
+    model: &dyn Quantizable,
+    table: &QParamTable,
+    prov: &Provenance,
+) -> Result<()> {
+    let site = model
+        .sites()
+        .iter()
+        .filter_map(|(id, s)| {
+            let p = table.get(id)?;
+            Some(SiteSummary {
+                name: &s.name,
+                original: &s.original,
+                class: s.class.as_str(),
+                bit_type: p.bit_type.name(),
+                scale: &p.scale,
+                zero_point: &p.zero_point,
+                ptf_factor: p.ptf.as_ref().map(|f| f.iter().map(|f| f.get()).collect()),
+            })
+        })
+        .collect();
+    let summary = Summary {
+        model: &prov.model,
+        weights_sha256: &prov.weights_sha256,
+        format_version: prov.format_version,
+        created_unix: prov.created_unix,
+        experiment: &prov.experiment,
+        calibration: &prov.calibration,
+        site,
+    };
+    let text = toml::to_string(&summary).context("formatting the summary")?;
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
