@@ -275,13 +275,13 @@ pub fn read(
             expect.model, prov.architecture
         )));
     }
-    if let Some(sha) = expect.weights_sha256 {
-        if sha != prov.weights_sha256 {
-            return Err(bad(format!(
-                "calibrated from other weights (SHA-256 {}, the given weights are {sha})",
-                prov.weights_sha256
-            )));
-        }
+    if let Some(sha) = expect.weights_sha256
+        && sha != prov.weights_sha256
+    {
+        return Err(bad(format!(
+            "calibrated from other weights (SHA-256 {}, the given weights are {sha})",
+            prov.weights_sha256
+        )));
     }
     // Sites: the same set as the model, each with well-formed tensors.
     let sites = model.sites();
@@ -399,7 +399,7 @@ pub fn read(
             let p = table.get(id).expect("weight sites have parameters");
             let mut bshape = vec![-1i64];
             bshape.resize(shape.len(), 1);
-            value = value * Tensor::from_slice(&p.scale).view(bshape.as_slice());
+            value *= Tensor::from_slice(&p.scale).view(bshape.as_slice());
         }
         consumed.insert(key);
         values.push((name.clone(), value));
