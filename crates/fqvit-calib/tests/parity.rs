@@ -4,9 +4,11 @@
 
 mod common;
 
+use fqvit_calib::data::{BadImages, ImageFolder};
+use fqvit_calib::eval::{EvalOptions, evaluate};
 use fqvit_calib::experiment::CalibOrder;
 use fqvit_calib::{Experiment, calibrate, calibration_set};
-use fqvit_models::Quantizable;
+use fqvit_models::{Mode, Quantizable, Quantized};
 use indicatif::ProgressBar;
 
 #[test]
@@ -119,4 +121,32 @@ fn calibrated_parameters_match_the_original_site_by_site() {
         factor_equal * 100 >= factor_total * 98,
         "PTF factors equal on only {factor_equal} of {factor_total}"
     );
+}
+
+/// The calibrated 8/8/4 model on six shared validation images: the quantized top-1 is the ground
+/// truth (impala, grey whale, brassiere, wallet, sea snake, sulphur-crested cockatoo).
+fn quantized_model_classifies_shared_images(
+    model: &fqvit_models::vit::Vit,
+    table: &fqvit_models::QParamTable,
+    exp: &Experiment,
+) {
+    const IMAGES: [&str; 6] = [
+        "val/n02454379/ILSVRC2012_val_00047889.JPEG",
+        "val/n02066245/ILSVRC2012_val_00038153.JPEG",
+        "val/n02892767/ILSVRC2012_val_00032597.JPEG",
+        "val/n04548362/ILSVRC2012_val_00010981.JPEG",
+        "val/n01751748/ILSVRC2012_val_00025367.JPEG",
+        "val/n01819313/ILSVRC2012_val_00042665.JPEG",
+    ];
+    let quantized = Quantized::new(model, table.clone(), exp.quant_options()).unwrap();
+    let mut folder = ImageFolder::open(&common::sample_dir(), "val").unwrap();
+    folder.retain(|s| IMAGES.contains(&s.rel_path.as_str()));
+    let opts = EvalOptions { batch_size: 6, device: tch::Device::Cpu, bad_images: BadImages::Fail };
+    let report =
+        evaluate(model, &mut Mode::Quantized(&quantized), &folder, &opts, &ProgressBar::hidden())
+            .unwrap();
+    assert_eq!(report.images, 6);
+    for p in &report.predictions {
+        assert_eq!(p.top5[0], p.label, "{}: quantized prediction {:?}", p.path, p.top5);
+    }
 }
