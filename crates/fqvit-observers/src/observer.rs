@@ -70,6 +70,12 @@ impl Range {
         Ok(())
     }
 
+    /// Parameters from the range, symmetric for signed types (spec §3.2).
+    fn params(&self, bit_type: BitType) -> Result<QParams> {
+        let (min, max) = self.values()?;
+        params_from_range(&min, &max, bit_type, bit_type.signed)
+    }
+
     fn values(&self) -> Result<(Vec<f32>, Vec<f32>)> {
         match (&self.min, &self.max) {
             (Some(min), Some(max)) => Ok((values(min)?, values(max)?)),
@@ -108,8 +114,7 @@ impl Observer for MinMax {
     }
 
     fn finish(self: Box<Self>) -> Result<QParams> {
-        let (min, max) = self.range.values()?;
-        params_from_range(&min, &max, self.bit_type, self.bit_type.signed)
+        self.range.params(self.bit_type)
     }
 }
 
@@ -129,8 +134,7 @@ impl Observer for Ema {
     }
 
     fn finish(self: Box<Self>) -> Result<QParams> {
-        let (min, max) = self.range.values()?;
-        params_from_range(&min, &max, self.bit_type, self.bit_type.signed)
+        self.range.params(self.bit_type)
     }
 }
 
