@@ -19,6 +19,7 @@ fn calibrated_parameters_match_the_original_site_by_site() {
     let folder = calibration_set(&common::sample_dir(), &exp).unwrap();
     let (table, _) =
         calibrate(&model, &folder, &exp, tch::Device::Cpu, &ProgressBar::hidden()).unwrap();
+    quantized_model_classifies_shared_images(&model, &table, &exp);
     let path = common::shared_dir().join("golden/vit_tiny_minmax_ptf_lis_qparams.json");
     let golden: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
