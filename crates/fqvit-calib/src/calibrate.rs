@@ -108,7 +108,10 @@ impl CalibrationSink for Calibrator {
                 match res {
                     Ok(slot) => slot,
                     Err(e) => {
-                        self.error = Some(Error::Settings(format!("site {}: {e}", self.names[i])));
+                        self.error = Some(Error::Observer {
+                            site: self.names[i].clone(),
+                            reason: e.to_string(),
+                        });
                         Slot::Unused
                     }
                 }

@@ -46,6 +46,14 @@ pub enum Error {
         /// Which check failed.
         reason: String,
     },
+    /// An observer could not use a site's tensor (NaN or infinite activations, an empty tensor).
+    #[error("calibration failed at site {site}: {reason}")]
+    Observer {
+        /// The site's dotted name.
+        site: String,
+        /// What the observer said.
+        reason: String,
+    },
     /// The calibration settings are inconsistent.
     #[error("invalid calibration settings: {0}")]
     Settings(String),

@@ -188,3 +188,22 @@ fn every_mismatch_is_refused_with_its_reason() {
     std::fs::write(&junk, b"\x05\x00\x00\x00\x00\x00\x00\x00{oops").unwrap();
     refused(&junk, "tiny", None, "truncated or corrupt");
 }
+
+#[test]
+fn nan_activations_stop_calibration_naming_the_site() {
+    tch::manual_seed(0);
+    let vs = VarStore::new(Device::Cpu);
+    let model = vit::Vit::new(&vs.root(), &config());
+    let exp = Experiment::default();
+    let mut sink = Calibrator::new(model.sites(), &exp).unwrap();
+    sink.set_last_batch(true);
+    let nan = Tensor::full([2, 3, 32, 32], f64::NAN, (Kind::Float, Device::Cpu));
+    let _ = tch::no_grad(|| {
+        model.forward(&nan, &mut Mode::Calibrate { sink: &mut sink, options: exp.quant_options() })
+    });
+    let err = sink.freeze().unwrap_err().to_string();
+    assert!(
+        err.starts_with("calibration failed at site input:") && err.contains("not finite"),
+        "{err}"
+    );
+}
