@@ -73,7 +73,10 @@ fn scan_sources(dir: &Path, problems: &mut Vec<String>) -> Result<()> {
         } else if path.extension().is_some_and(|e| e == "rs") {
             let text = std::fs::read_to_string(&path)?;
             for (i, line) in text.lines().enumerate() {
-                for bad in ["todo!(", "dbg!(", "unimplemented!("] {
+                // Built with concat! so that this file does not contain the patterns it forbids.
+                for bad in
+                    [concat!("todo", "!("), concat!("dbg", "!("), concat!("unimplemented", "!(")]
+                {
                     if line.contains(bad) {
                         problems.push(format!("{}:{}: {bad}", path.display(), i + 1));
                     }
