@@ -69,6 +69,36 @@ fn ln_edge_table() {
 }
 
 #[test]
+fn ln_multipliers_just_below_powers_of_two() {
+    // Codes z ± 64 over 2^16 channels make σ = 64·s_min exactly, so A = γ/64/s_out = 4γ for
+    // s_out = 2^-8. γ = 2 − c·2^-23 puts A just below 8, where float32 log2 rounds up to 3 for
+    // the first channels and the fast path must not read N off the exponent.
+    let c = 1 << 16;
+    let gamma: Vec<f32> = (0..c).map(|i| 2.0 - i as f32 * f32::EPSILON / 2.0).collect();
+    let beta: Vec<f32> = (0..c).map(|i| (i % 11) as f32 * 0.01 - 0.05).collect();
+    let codes: Vec<u8> = (0..2 * c).map(|i| if i % 2 == 0 { 64 } else { 192 }).collect();
+    for out_scale in [1.0 / 256.0, 0.1, 1e-13, 1e13] {
+        let params = LayerNormParams {
+            in_scale: InScale::Layer(0.02),
+            zero_point: 128,
+            gamma: &gamma,
+            beta: &beta,
+            out_scale,
+        };
+        let (mut fast, mut slow) = (vec![0; codes.len()], vec![0; codes.len()]);
+        ptf_layer_norm(&codes, &params, &mut fast);
+        ln_ref::ptf_layer_norm(&codes, &params, &mut slow);
+        let differ = fast.iter().zip(&slow).filter(|(f, s)| f != s).count();
+        assert_eq!(differ, 0, "out-scale {out_scale}: {differ} codes differ");
+    }
+    // The case is a real one: the reference's N differs from the exponent's for some channels.
+    let exponent_n = |a: f32| 7 - ((a.to_bits() >> 23) as i32 - 127);
+    let rounded_up =
+        gamma.iter().filter(|&&g| ln_ref::get_mn(4.0 * g).1 as i32 != exponent_n(4.0 * g)).count();
+    assert!(rounded_up > 0);
+}
+
+#[test]
 fn ln_zero_variance_gives_beta_over_out_scale() {
     let (gamma, beta) = ([1.0f32, 2.0, 3.0], [0.3f32, -0.6, 0.0]);
     let params = LayerNormParams {

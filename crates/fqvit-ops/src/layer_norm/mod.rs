@@ -16,15 +16,14 @@
 //! A token whose codes are all equal (zero variance) gets `y_c = round(β_c / s_out)`, the limit
 //! of LayerNorm as the variance goes to zero; the original returns NaN there (its issue #31).
 
+mod fast;
 pub mod reference;
 
 use rayon::prelude::*;
 
 use crate::qparams::PtfFactor;
-use reference::{
-    TokenStats, channel_code, get_mn, pow2, round_shift, saturate_i32, token_stats,
-    zero_variance_code,
-};
+use fast::Tokens;
+use reference::pow2;
 
 /// The most channels a LayerNorm may have (keeps `C·Σx²` below 2^63).
 pub const MAX_CHANNELS: usize = 1 << 20;
@@ -145,69 +144,15 @@ impl LayerNormParams<'_> {
 pub fn ptf_layer_norm(codes: &[u8], params: &LayerNormParams<'_>, out: &mut [i32]) {
     let n_channels = params.check(codes.len(), out.len());
     let (s_min, shifts) = params.in_scale.min_and_shifts(n_channels);
-    let zero_point = params.zero_point;
-    codes
-        .par_chunks_exact(n_channels)
-        .zip(out.par_chunks_exact_mut(n_channels))
-        .with_min_len(8)
-        .for_each_init(
-            || vec![0i32; n_channels],
-            |x, (token, y)| {
-                let (mut sum, mut sum_sq) = (0i64, 0i64);
-                for ((xc, &q), &shift) in x.iter_mut().zip(token).zip(&shifts) {
-                    *xc = (i32::from(q) - zero_point) << shift;
-                    sum += i64::from(*xc);
-                    sum_sq += i64::from(*xc * *xc);
-                }
-                match token_stats(sum, sum_sq, n_channels, s_min) {
-                    Some(stats) => normalize_token(x, stats, s_min, params, y),
-                    None => {
-                        for (yc, &b) in y.iter_mut().zip(params.beta) {
-                            *yc = zero_variance_code(b, params.out_scale);
-                        }
-                    }
-                }
-            },
-        );
-}
-
-#[inline]
-fn normalize_token(
-    x: &[i32],
-    stats: TokenStats,
-    s_min: f32,
-    params: &LayerNormParams<'_>,
-    y: &mut [i32],
-) {
-    let k = s_min / stats.std;
-    let mean_over_std = stats.mean / stats.std;
-    for c in 0..x.len() {
-        let (gamma, beta) = (params.gamma[c], params.beta[c]);
-        let a = k * gamma / params.out_scale;
-        let Some((m, n)) = fast_mn(a.abs()) else {
-            y[c] = channel_code(x[c], stats, s_min, gamma, beta, params.out_scale);
-            continue;
-        };
-        let m = if a < 0.0 { -m } else { m };
-        let b =
-            ((beta - mean_over_std * gamma) / params.out_scale * pow2(n)).round_ties_even() as i64;
-        y[c] = saturate_i32(round_shift(i64::from(m) * i64::from(x[c]) + b, n));
-    }
-}
-
-/// [`get_mn`] from the exponent bits, for the common case; `None` where it must ask `log2`
-/// (zero, subnormal, huge, or within 2^-15 below a power of two, where `log2` may round up).
-#[inline]
-fn fast_mn(abs_a: f32) -> Option<(i32, u32)> {
-    let bits = abs_a.to_bits();
-    let exp = ((bits >> 23) & 0xff) as i32 - 127;
-    if !(-60..=60).contains(&exp) || bits & 0x7f_ffff >= 0x7f_ff00 {
-        return None;
-    }
-    let n = (7 - exp).clamp(0, 31) as u32;
-    let m = (abs_a * pow2(n)).floor().min(255.0) as i32;
-    debug_assert_eq!((m, n), get_mn(abs_a));
-    Some((m, n))
+    let factors: Vec<i32> = shifts.iter().map(|&shift| 1 << shift).collect();
+    let task = n_channels * fast::TOKENS_PER_TASK;
+    // Runs each task with the widest instruction set the CPU has, so the channel loops below
+    // vectorise; IEEE arithmetic gives the same results on every one.
+    let arch = pulp::Arch::new();
+    codes.par_chunks(task).zip(out.par_chunks_mut(task)).for_each_init(
+        || vec![0i32; n_channels],
+        |x, (codes, y)| arch.dispatch(Tokens { codes, factors: &factors, s_min, params, x, y }),
+    );
 }
 
 /// Requantizes LayerNorm codes for the next uint8 quantizer: `clamp(y + z, 0, 255)`.

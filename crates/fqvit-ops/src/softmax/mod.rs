@@ -13,11 +13,13 @@
 //! grows, and above S ≈ 1.67 the constant `I_c` is 0, every `e` is 0 and every code is the zero
 //! flag (the original returns NaN there). Attention logits have S of a few hundredths.
 
+mod fast;
 pub mod reference;
 
 use rayon::prelude::*;
 
-use reference::{COEF, X0, int_exp, log_code};
+use fast::Rows;
+use reference::{COEF, X0};
 
 /// The smallest supported scale (see the module bounds).
 pub const MIN_SCALE: f32 = 1.0 / 1024.0;
@@ -103,24 +105,13 @@ pub fn log_int_softmax(codes: &[i32], row_len: usize, scale: f32, bits: u32, out
     let k = LisConstants::new(scale);
     check_integer_scale(scale);
     check_row_args(codes.len(), out.len(), row_len, bits);
-    codes
-        .par_chunks_exact(row_len)
-        .zip(out.par_chunks_exact_mut(row_len))
-        .with_min_len(16)
-        .for_each_init(
-            || vec![0u64; row_len],
-            |e, (row, out)| {
-                let max = i64::from(row.iter().copied().max().unwrap_or(0));
-                let mut sum = 0u64;
-                for (ej, &x) in e.iter_mut().zip(row) {
-                    *ej = int_exp(i64::from(x) - max, &k);
-                    sum += *ej;
-                }
-                for (o, &ej) in out.iter_mut().zip(e.iter()) {
-                    *o = log_code(sum, ej, bits);
-                }
-            },
-        );
+    let task = row_len * fast::ELEMENTS_PER_TASK.div_ceil(row_len);
+    // The widest instruction set the CPU has, so the row loops vectorise (see `lis_row`).
+    let arch = pulp::Arch::new();
+    codes.par_chunks(task).zip(out.par_chunks_mut(task)).for_each_init(
+        || vec![0f64; row_len],
+        |e, (rows, out)| arch.dispatch(Rows { rows, k: &k, bits, e, out }),
+    );
 }
 
 /// Log-Int-Softmax on float logits with the original's float32 semantics
