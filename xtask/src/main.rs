@@ -49,6 +49,9 @@ enum Cmd {
         /// Also run `--ptf --lis --attn-bits 8` ("8/8/8 with LIS") per method.
         #[arg(long)]
         attn8: bool,
+        /// Keep rows whose JSON is already in `target/accuracy/` (marked "reused" on stderr).
+        #[arg(long)]
+        reuse: bool,
     },
     /// Regenerate the Pillow resampling fixtures of fqvit-calib (installs Pillow from PyPI into a scratch folder).
     PillowFixtures,
@@ -68,8 +71,8 @@ fn main() -> Result<()> {
         Cmd::Tidy => tidy::tidy(),
         Cmd::Demo { args } => demo::demo(&args),
         Cmd::PillowFixtures => demo::pillow_fixtures(),
-        Cmd::Table { model, data, weights_dir, methods, attn8 } => {
-            table::table(&model, &data, &weights_dir, &methods, attn8)
+        Cmd::Table { model, data, weights_dir, methods, attn8, reuse } => {
+            table::table(&table::Options { model, data, weights_dir, methods, attn8, reuse })
         }
     }
 }

@@ -27,19 +27,24 @@ fn rows(methods: &[String]) -> Vec<(String, Vec<String>)> {
     rows
 }
 
-pub(crate) fn table(
-    model: &str,
-    data: &str,
-    weights_dir: &str,
-    methods: &[String],
-    attn8: bool,
-) -> Result<()> {
+/// What `cargo xtask table` runs.
+pub(crate) struct Options {
+    pub(crate) model: String,
+    pub(crate) data: String,
+    pub(crate) weights_dir: String,
+    pub(crate) methods: Vec<String>,
+    pub(crate) attn8: bool,
+    pub(crate) reuse: bool,
+}
+
+pub(crate) fn table(options: &Options) -> Result<()> {
+    let Options { model, data, weights_dir, methods, attn8, reuse } = options;
     run(cargo().args(["build", "--release", "-p", "fqvit-cli"]))?;
     let cli = project_root().join("target/release/fqvit-cli");
     let out_dir = project_root().join("target/accuracy");
     std::fs::create_dir_all(&out_dir)?;
     let mut rows = rows(methods);
-    if attn8 {
+    if *attn8 {
         for m in methods {
             let args = ["--quant", "--ptf", "--lis", "--attn-bits", "8", "--quant-method", m]
                 .map(String::from)
@@ -54,21 +59,25 @@ pub(crate) fn table(
     for (label, args) in rows {
         let json: PathBuf = out_dir
             .join(format!("{model}-{}.json", label.replace([' ', '-'], "_").trim_matches('_')));
-        let mut cmd = std::process::Command::new(&cli);
-        cmd.args([
-            "-q",
-            "eval",
-            model,
-            data,
-            "--weights-dir",
-            weights_dir,
-            "--calib-order",
-            "sorted",
-        ])
-        .args(&args)
-        .arg("--json")
-        .arg(&json);
-        run(&mut cmd)?;
+        if *reuse && json.exists() {
+            eprintln!("table: reusing {}", json.display());
+        } else {
+            let mut cmd = std::process::Command::new(&cli);
+            cmd.args([
+                "-q",
+                "eval",
+                model,
+                data,
+                "--weights-dir",
+                weights_dir,
+                "--calib-order",
+                "sorted",
+            ])
+            .args(&args)
+            .arg("--json")
+            .arg(&json);
+            run(&mut cmd)?;
+        }
         let v: Value = serde_json::from_str(
             &std::fs::read_to_string(&json)
                 .with_context(|| format!("reading {}", json.display()))?,
