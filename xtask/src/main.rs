@@ -55,6 +55,8 @@ enum Cmd {
     },
     /// Regenerate the Pillow resampling fixtures of fqvit-calib (installs Pillow from PyPI into a scratch folder).
     PillowFixtures,
+    /// Regenerate fqvit-models' timm parity fixtures (installs timm from PyPI into a scratch folder).
+    TimmFixtures,
     /// The main job on the shared sample: calibrate, quantize and evaluate ViT-Tiny (release build).
     Demo {
         /// Extra arguments passed to `fqvit-cli eval` (e.g. `--limit 200`).
@@ -71,6 +73,7 @@ fn main() -> Result<()> {
         Cmd::Tidy => tidy::tidy(),
         Cmd::Demo { args } => demo::demo(&args),
         Cmd::PillowFixtures => demo::pillow_fixtures(),
+        Cmd::TimmFixtures => demo::timm_fixtures(),
         Cmd::Table { model, data, weights_dir, methods, attn8, reuse } => {
             table::table(&table::Options { model, data, weights_dir, methods, attn8, reuse })
         }

@@ -51,7 +51,7 @@ fn data_loading(bencher: Bencher) {
 fn float_eval(bencher: Bencher) {
     let folder = val();
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let model = vit::Vit::new(&vs.root(), &ModelName::VitTiny.config());
+    let model = vit::Vit::new(&vs.root(), &vit::Config::vit_tiny());
     let weights = shared()
         .join("weights")
         .join(ModelName::VitTiny.weights_folder())

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use fqvit_models::{QParamTable, Quantizable, SiteId, TensorClass, vit};
+use fqvit_models::{Architecture, QParamTable, Quantizable, SiteId, TensorClass};
 use fqvit_ops::{BitType, Bits, PtfFactor, QParams};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
@@ -18,8 +18,9 @@ use tch::{Kind, Tensor};
 use crate::error::{Error, Result};
 use crate::experiment::Experiment;
 
-/// The format this version writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format this version writes and the newest it reads. Version 2 tags the architecture
+/// with its family (`"family": "vit"` or `"swin"`); version 1 files (ViT only) still read.
+pub const FORMAT_VERSION: u32 = 2;
 /// The safetensors metadata key holding [`Provenance`] as JSON.
 pub const METADATA_KEY: &str = "fqvit";
 
@@ -73,7 +74,7 @@ pub struct Provenance {
     /// Model name, e.g. `vit_tiny`.
     pub model: String,
     /// The architecture.
-    pub architecture: vit::Config,
+    pub architecture: Architecture,
     /// SHA-256 of the float weights file it was calibrated from.
     pub weights_sha256: String,
     /// The experiment settings.
@@ -229,7 +230,7 @@ pub struct Expect<'a> {
     /// Model name.
     pub model: &'a str,
     /// Its architecture.
-    pub architecture: &'a vit::Config,
+    pub architecture: &'a Architecture,
     /// The SHA-256 of float weights the caller also loaded, if any.
     pub weights_sha256: Option<&'a str>,
 }
@@ -256,16 +257,21 @@ pub fn read(
         .as_ref()
         .and_then(|m| m.get(METADATA_KEY))
         .ok_or_else(|| bad(format!("not an fqvit artifact: no `{METADATA_KEY}` metadata")))?;
-    let version: serde_json::Value =
+    let mut version: serde_json::Value =
         serde_json::from_str(json).map_err(|e| bad(format!("corrupt metadata: {e}")))?;
     let format_version = version["format_version"].as_u64().unwrap_or(0);
+    if format_version == 1
+        && let Some(arch) = version["architecture"].as_object_mut()
+    {
+        arch.entry("family").or_insert_with(|| "vit".into());
+    }
     if format_version > u64::from(FORMAT_VERSION) {
         return Err(bad(format!(
             "written in format version {format_version} by a newer fqvit; this version reads up to {FORMAT_VERSION}"
         )));
     }
     let prov: Provenance =
-        serde_json::from_str(json).map_err(|e| bad(format!("corrupt metadata: {e}")))?;
+        serde_json::from_value(version).map_err(|e| bad(format!("corrupt metadata: {e}")))?;
     if prov.model != expect.model {
         return Err(bad(format!("calibrated for model {}, not {}", prov.model, expect.model)));
     }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use fqvit_calib::artifact::{self, CalibrationData, Expect, FORMAT_VERSION, Provenance};
 use fqvit_calib::{Calibrator, Experiment};
-use fqvit_models::{Mode, QParamTable, Quantizable, Quantized, vit};
+use fqvit_models::{Architecture, Mode, QParamTable, Quantizable, Quantized, vit};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -47,7 +47,7 @@ fn calibrated(dir: &Path) -> (VarStore, vit::Vit, QParamTable, PathBuf, Experime
         fqvit_version: "test".into(),
         created_unix: 0,
         model: "tiny".into(),
-        architecture: config(),
+        architecture: Architecture::Vit(config()),
         weights_sha256: "abc".into(),
         experiment: exp,
         calibration: CalibrationData {
@@ -64,7 +64,7 @@ fn calibrated(dir: &Path) -> (VarStore, vit::Vit, QParamTable, PathBuf, Experime
     (vs, model, table, path, exp)
 }
 
-fn expect(cfg: &vit::Config) -> Expect<'_> {
+fn expect(cfg: &Architecture) -> Expect<'_> {
     Expect { model: "tiny", architecture: cfg, weights_sha256: None }
 }
 
@@ -82,7 +82,7 @@ fn round_trip_gives_identical_outputs_without_the_float_weights() {
     let x = images(3);
     let q = Quantized::new(&model, table.clone(), exp.quant_options()).unwrap();
     let before = tch::no_grad(|| model.forward(&x, &mut Mode::Quantized(&q)));
-    let cfg = config();
+    let cfg = Architecture::Vit(config());
     let (vs2, model2) = fresh();
     let loaded = artifact::read(&path, &model2, &vs2, expect(&cfg)).unwrap();
     assert_eq!(loaded.table, table, "parameters round-trip exactly");
@@ -131,7 +131,7 @@ fn edited(
 fn refused(path: &Path, expect_model: &str, weights_sha: Option<&str>, needle: &str) {
     let (vs, model) = fresh();
     let before = vs.root().get("pos_embed").unwrap().copy();
-    let cfg = config();
+    let cfg = Architecture::Vit(config());
     let err = artifact::read(
         path,
         &model,

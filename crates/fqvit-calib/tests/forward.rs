@@ -34,3 +34,28 @@ fn float_vit_tiny_classifies_shared_images() {
     }
     assert_eq!(report.top1, 100.0);
 }
+
+/// Our decoding and preprocessing equal timm's transform (Pillow bicubic, crop 0.9, mean = std
+/// = 0.5) bit for bit on the images of fqvit-models' timm fixture.
+#[test]
+fn preprocessing_equals_timm_transform() {
+    use fqvit_calib::data::preprocess;
+    use fqvit_calib::decode::load_rgb;
+    let fixture = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fqvit-models/tests/fixtures/timm/vit_tiny_shared.safetensors");
+    let bytes = std::fs::read(&fixture).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let images: Vec<String> =
+        serde_json::from_str(&header.metadata().as_ref().unwrap()["images"]).unwrap();
+    let timm: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(&fixture).unwrap().into_iter().collect();
+    let timm = Vec::<f32>::try_from(timm["input"].view(-1)).unwrap();
+    let pp = fqvit_models::ModelName::VitTiny.preprocess();
+    let ours: Vec<f32> = images
+        .iter()
+        .flat_map(|p| preprocess(&load_rgb(&common::sample_dir().join(p)).unwrap(), &pp))
+        .collect();
+    assert_eq!(ours.len(), timm.len());
+    let differ = ours.iter().zip(&timm).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    assert_eq!(differ, 0, "{differ} of {} input values differ from timm's", ours.len());
+}

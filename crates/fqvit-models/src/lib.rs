@@ -1,4 +1,4 @@
-//! # fqvit-models: ViT and DeiT over libtorch, with FQ-ViT quantization sites
+//! # fqvit-models: ViT, DeiT and Swin over libtorch, with FQ-ViT quantization sites
 //!
 //! Sits on `fqvit-ops` (the integer kernels and the quantization vocabulary) and `tch`; it
 //! knows nothing about calibration algorithms: calibration calls a [`CalibrationSink`] at every
@@ -22,16 +22,18 @@
 //! assert_eq!(logits.size(), [2, 10]);
 //! ```
 
+mod common;
 mod error;
 mod mode;
 pub mod quant;
 mod registry;
 pub mod site;
+pub mod swin;
 pub mod vit;
 pub mod weights;
 
 pub use error::{Error, Result};
 pub use mode::{CalibrationSink, Mode, QuantOptions};
-pub use quant::{Classifier, Quantizable, Quantized};
-pub use registry::{ModelName, Preprocess};
+pub use quant::{Classifier, Quantizable, Quantized, Wiring};
+pub use registry::{Architecture, ModelName, Preprocess};
 pub use site::{QParamTable, Site, SiteId, SiteTable, TensorClass};

@@ -153,6 +153,7 @@ pub struct LayerNorm {
     eps: f64,
     in_site: SiteId,
     out_site: SiteId,
+    in_expand: i64,
 }
 
 impl LayerNorm {
@@ -165,7 +166,23 @@ impl LayerNorm {
     ) -> Self {
         let weight = p.var("weight", &[dim], tch::nn::Init::Const(1.0));
         let bias = p.var("bias", &[dim], tch::nn::Init::Const(0.0));
-        LayerNorm { weight, bias, eps, in_site, out_site }
+        LayerNorm { weight, bias, eps, in_site, out_site, in_expand: 1 }
+    }
+
+    /// Which sites it reads its scales from, as `consumer`.
+    pub(crate) fn wiring(&self, consumer: String) -> Wiring {
+        Wiring {
+            consumer,
+            in_site: self.in_site,
+            out_site: Some(self.out_site),
+            in_expand: self.in_expand,
+        }
+    }
+
+    /// The input is `expand` tensors of the in-site concatenated on channels (Swin's patch
+    /// merging: 4), so its per-channel scales repeat `expand` times (spec §6 `in_scale_expand`).
+    pub(crate) fn with_in_expand(self, expand: i64) -> Self {
+        LayerNorm { in_expand: expand, ..self }
     }
 
     /// Normalizes the last dimension.
@@ -194,6 +211,11 @@ pub struct Softmax {
 impl Softmax {
     pub(crate) fn new(in_site: SiteId, out: Act) -> Self {
         Softmax { in_site, out }
+    }
+
+    /// The site whose scale LIS uses, as `consumer`.
+    pub(crate) fn wiring(&self, consumer: String) -> Wiring {
+        Wiring { consumer, in_site: self.in_site, out_site: None, in_expand: 1 }
     }
 
     /// Softmax over the last dimension.
@@ -313,6 +335,22 @@ pub trait Quantizable {
     fn weight(&self, site: SiteId) -> Option<&Tensor>;
     /// The device its variables live on.
     fn device(&self) -> Device;
+    /// Every integer LayerNorm and softmax with the sites it reads, in forward order.
+    fn wiring(&self) -> Vec<Wiring>;
+}
+
+/// Where an integer LayerNorm or a Log-Int-Softmax takes its scales from (spec §8.3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wiring {
+    /// The LayerNorm's parameter prefix (`blocks.0.norm1`) or the attention's softmax
+    /// (`blocks.0.attn.softmax`).
+    pub consumer: String,
+    /// The site whose codes and scale(s) it reads.
+    pub in_site: SiteId,
+    /// The site whose scale its output codes use (LayerNorm only).
+    pub out_site: Option<SiteId>,
+    /// How many times the in-site's channels repeat across the input (4 for patch merging).
+    pub in_expand: i64,
 }
 
 /// A classifier: what evaluation and calibration need of a model.
@@ -321,6 +359,8 @@ pub trait Classifier: Quantizable {
     fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor;
     /// How its input images are prepared.
     fn preprocess(&self) -> crate::Preprocess;
+    /// Its family and hyper-parameters.
+    fn architecture(&self) -> crate::Architecture;
 }
 
 /// A model's frozen quantization state: the parameter table, the options, and the
@@ -432,8 +472,11 @@ impl Quantized {
             panic!("integer LayerNorm after {} lacks parameters", self.sites.get(ln.in_site).name)
         };
         let shape = xs.size();
+        let channels = *shape.last().expect("LayerNorm input has channels");
+        // Channel-wise in-scales cover one of the `in_expand` concatenated parts.
+        let parts = xs.reshape([-1, ln.in_expand, channels / ln.in_expand]);
         let codes: Vec<u8> =
-            to_vec_f32(&self.act(ln.in_site).codes(xs)).into_iter().map(|q| q as u8).collect();
+            to_vec_f32(&self.act(ln.in_site).codes(&parts)).into_iter().map(|q| q as u8).collect();
         let n_channels = *shape.last().expect("LayerNorm input has channels") as usize;
         let factors = p_in.ptf.as_ref().map(|f| crate::quant::tile(f, n_channels));
         let in_scale = match &factors {

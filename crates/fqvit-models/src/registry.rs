@@ -3,8 +3,39 @@
 use std::fmt;
 use std::str::FromStr;
 
+use tch::nn::Path;
+
 use crate::error::Error;
-use crate::vit;
+use crate::quant::Classifier;
+use crate::{swin, vit};
+
+/// A model family with its hyper-parameters: what a model is, apart from its weights.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "family", rename_all = "kebab-case")]
+pub enum Architecture {
+    /// ViT or DeiT.
+    Vit(vit::Config),
+    /// Swin.
+    Swin(swin::Config),
+}
+
+impl Architecture {
+    /// Builds the model with randomly initialised variables under `p` (timm key names).
+    pub fn build(&self, p: &Path<'_>) -> Box<dyn Classifier> {
+        match self {
+            Architecture::Vit(cfg) => Box::new(vit::Vit::new(p, cfg)),
+            Architecture::Swin(cfg) => Box::new(swin::Swin::new(p, cfg)),
+        }
+    }
+
+    /// The input preprocessing.
+    pub fn preprocess(&self) -> Preprocess {
+        match self {
+            Architecture::Vit(cfg) => cfg.preprocess,
+            Architecture::Swin(cfg) => cfg.preprocess,
+        }
+    }
+}
 
 /// A model the CLI and the library know by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -21,6 +52,12 @@ pub enum ModelName {
     VitBase,
     /// ViT-Large/16.
     VitLarge,
+    /// Swin-T (patch 4, window 7).
+    SwinTiny,
+    /// Swin-S.
+    SwinSmall,
+    /// Swin-B.
+    SwinBase,
 }
 
 /// Input preprocessing of a model family (spec §9): resize the short side to
@@ -59,13 +96,16 @@ const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 impl ModelName {
     /// Every model, in the published table's order.
-    pub const ALL: [ModelName; 6] = [
+    pub const ALL: [ModelName; 9] = [
         ModelName::VitTiny,
         ModelName::DeitTiny,
         ModelName::DeitSmall,
         ModelName::DeitBase,
         ModelName::VitBase,
         ModelName::VitLarge,
+        ModelName::SwinTiny,
+        ModelName::SwinSmall,
+        ModelName::SwinBase,
     ];
 
     /// The name on the command line.
@@ -77,6 +117,9 @@ impl ModelName {
             ModelName::DeitBase => "deit_base",
             ModelName::VitBase => "vit_base",
             ModelName::VitLarge => "vit_large",
+            ModelName::SwinTiny => "swin_tiny",
+            ModelName::SwinSmall => "swin_small",
+            ModelName::SwinBase => "swin_base",
         }
     }
 
@@ -89,6 +132,9 @@ impl ModelName {
             ModelName::DeitBase => "timm/deit_base_patch16_224.fb_in1k",
             ModelName::VitBase => "timm/vit_base_patch16_224.augreg_in21k_ft_in1k",
             ModelName::VitLarge => "timm/vit_large_patch16_224.augreg_in21k_ft_in1k",
+            ModelName::SwinTiny => "timm/swin_tiny_patch4_window7_224.ms_in1k",
+            ModelName::SwinSmall => "timm/swin_small_patch4_window7_224.ms_in1k",
+            ModelName::SwinBase => "timm/swin_base_patch4_window7_224.ms_in1k",
         }
     }
 
@@ -98,23 +144,23 @@ impl ModelName {
     }
 
     /// The architecture.
-    pub fn config(self) -> vit::Config {
+    pub fn config(self) -> Architecture {
         match self {
-            ModelName::VitTiny => vit::Config::vit_tiny(),
-            ModelName::DeitTiny => vit::Config::deit_tiny(),
-            ModelName::DeitSmall => vit::Config::deit_small(),
-            ModelName::DeitBase => vit::Config::deit_base(),
-            ModelName::VitBase => vit::Config::vit_base(),
-            ModelName::VitLarge => vit::Config::vit_large(),
+            ModelName::VitTiny => Architecture::Vit(vit::Config::vit_tiny()),
+            ModelName::DeitTiny => Architecture::Vit(vit::Config::deit_tiny()),
+            ModelName::DeitSmall => Architecture::Vit(vit::Config::deit_small()),
+            ModelName::DeitBase => Architecture::Vit(vit::Config::deit_base()),
+            ModelName::VitBase => Architecture::Vit(vit::Config::vit_base()),
+            ModelName::VitLarge => Architecture::Vit(vit::Config::vit_large()),
+            ModelName::SwinTiny => Architecture::Swin(swin::Config::swin_tiny()),
+            ModelName::SwinSmall => Architecture::Swin(swin::Config::swin_small()),
+            ModelName::SwinBase => Architecture::Swin(swin::Config::swin_base()),
         }
     }
 
     /// The input preprocessing.
     pub fn preprocess(self) -> Preprocess {
-        match self {
-            ModelName::VitTiny | ModelName::VitBase | ModelName::VitLarge => Preprocess::VIT,
-            ModelName::DeitTiny | ModelName::DeitSmall | ModelName::DeitBase => Preprocess::DEIT,
-        }
+        self.config().preprocess()
     }
 }
 

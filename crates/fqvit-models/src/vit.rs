@@ -5,8 +5,9 @@ use tch::nn::{Init, Path};
 use tch::{Device, Tensor};
 
 use crate::Preprocess;
+use crate::common::{Mlp, act};
 use crate::mode::Mode;
-use crate::quant::{Act, Classifier, Conv2d, LayerNorm, Linear, Quantizable, Softmax};
+use crate::quant::{Act, Classifier, Conv2d, LayerNorm, Linear, Quantizable, Softmax, Wiring};
 use crate::site::{SiteId, SiteTable, TensorClass};
 
 /// Architecture hyper-parameters.
@@ -156,48 +157,6 @@ impl Attention {
 }
 
 #[derive(Debug)]
-struct Mlp {
-    fc1: Linear,
-    hidden: Act,
-    fc2: Linear,
-    out: Act,
-}
-
-impl Mlp {
-    fn new(p: &Path<'_>, sites: &mut SiteTable, prefix: &str, cfg: &Config) -> Self {
-        let (d, h, o) = (cfg.embed_dim, cfg.embed_dim * cfg.mlp_ratio, format!("{prefix}.mlp"));
-        Mlp {
-            fc1: Linear::new(
-                &(p / "fc1"),
-                sites,
-                &format!("{o}.fc1"),
-                &format!("{o}.fc1"),
-                d,
-                h,
-                true,
-            ),
-            hidden: act(sites, &o, "hidden", "qact1", TensorClass::Activation, h),
-            fc2: Linear::new(
-                &(p / "fc2"),
-                sites,
-                &format!("{o}.fc2"),
-                &format!("{o}.fc2"),
-                h,
-                d,
-                true,
-            ),
-            out: act(sites, &o, "out", "qact2", TensorClass::Activation, d),
-        }
-    }
-
-    fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
-        let x = self.fc1.forward(xs, mode).gelu("none");
-        let x = self.hidden.forward(&x, mode);
-        self.out.forward(&self.fc2.forward(&x, mode), mode)
-    }
-}
-
-#[derive(Debug)]
 struct Block {
     norm1: LayerNorm,
     norm1_out: Act,
@@ -224,7 +183,7 @@ impl Block {
         let residual1 = act(sites, &o, "residual1", "qact2", TensorClass::LayerNormInput, d);
         let norm2_out = act(sites, &o, "norm2_out", "qact3", TensorClass::Activation, d);
         let norm2 = LayerNorm::new(&(p / "norm2"), d, cfg.eps, residual1.site(), norm2_out.site());
-        let mlp = Mlp::new(&(p / "mlp"), sites, &o, cfg);
+        let mlp = Mlp::new(&(p / "mlp"), sites, &o, d, d * cfg.mlp_ratio);
         let residual2 = act(sites, &o, "residual2", "qact4", TensorClass::LayerNormInput, d);
         Block { norm1, norm1_out, attn, residual1, norm2, norm2_out, mlp, residual2 }
     }
@@ -235,18 +194,6 @@ impl Block {
         let h = self.norm2_out.forward(&self.norm2.forward(&x, mode), mode);
         self.residual2.forward(&(&x + self.mlp.forward(&h, mode)), mode)
     }
-}
-
-fn act(
-    sites: &mut SiteTable,
-    prefix: &str,
-    name: &str,
-    original: &str,
-    class: TensorClass,
-    channels: i64,
-) -> Act {
-    let join = |s: &str| if prefix.is_empty() { s.to_owned() } else { format!("{prefix}.{s}") };
-    Act::new(sites, join(name), join(original), class, channels as usize)
 }
 
 /// A ViT or DeiT classifier with its quantization sites.
@@ -341,6 +288,10 @@ impl Classifier for Vit {
         self.cfg.preprocess
     }
 
+    fn architecture(&self) -> crate::Architecture {
+        crate::Architecture::Vit(self.cfg)
+    }
+
     fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
         let _span = tracing::trace_span!("vit.forward").entered();
         let x = match &self.input {
@@ -383,5 +334,16 @@ impl Quantizable for Vit {
 
     fn device(&self) -> Device {
         self.device
+    }
+
+    fn wiring(&self) -> Vec<Wiring> {
+        let mut out = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            out.push(b.norm1.wiring(format!("blocks.{i}.norm1")));
+            out.push(b.attn.softmax.wiring(format!("blocks.{i}.attn.softmax")));
+            out.push(b.norm2.wiring(format!("blocks.{i}.norm2")));
+        }
+        out.push(self.norm.wiring("norm".into()));
+        out
     }
 }

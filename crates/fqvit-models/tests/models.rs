@@ -118,7 +118,7 @@ fn a_truncated_file_is_refused() {
 fn site_table_matches_the_original_graph() {
     for (name, top_level) in [(ModelName::VitTiny, 6), (ModelName::DeitSmall, 7)] {
         let vs = VarStore::new(Device::Cpu);
-        let model = vit::Vit::new(&vs.root(), &name.config());
+        let model = name.config().build(&vs.root());
         let sites = model.sites();
         let acts = |prefix: Option<&str>| {
             sites
@@ -139,7 +139,7 @@ fn site_table_matches_the_original_graph() {
         assert_eq!(weights, 2 + 4 * 12, "{name}: weight sites");
     }
     let vs = VarStore::new(Device::Cpu);
-    let model = vit::Vit::new(&vs.root(), &ModelName::VitTiny.config());
+    let model = vit::Vit::new(&vs.root(), &vit::Config::vit_tiny());
     let table: Vec<(String, String, TensorClass)> = model
         .sites()
         .iter()

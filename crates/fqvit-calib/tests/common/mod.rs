@@ -32,7 +32,7 @@ pub fn vit_tiny_weights() -> PathBuf {
 /// The real ViT-Tiny with the shared weights, on the CPU.
 pub fn vit_tiny() -> (tch::nn::VarStore, vit::Vit) {
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let model = vit::Vit::new(&vs.root(), &ModelName::VitTiny.config());
+    let model = vit::Vit::new(&vs.root(), &vit::Config::vit_tiny());
     load_strict(&vs, &vit_tiny_weights()).expect("shared ViT-Tiny weights load");
     (vs, model)
 }

@@ -7,7 +7,7 @@ use fqvit_calib::data::{BadImages, ImageFolder};
 use fqvit_calib::eval::{EvalOptions, EvalReport, evaluate};
 use fqvit_calib::{Experiment, calibrate, calibration_set};
 use fqvit_models::weights::{WeightsSource, load_strict, resolve};
-use fqvit_models::{Mode, ModelName, Quantized, vit};
+use fqvit_models::{Classifier, Mode, ModelName, Quantized};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::Device;
@@ -17,7 +17,7 @@ use crate::cli::{DeviceArg, EvalArgs, ModelArgs};
 /// A model with where its weights came from.
 pub(crate) struct Loaded {
     pub(crate) name: ModelName,
-    pub(crate) model: vit::Vit,
+    pub(crate) model: Box<dyn Classifier>,
     /// The float weights file; `None` while the variables still await an artifact.
     pub(crate) weights: Option<PathBuf>,
     pub(crate) device: Device,
@@ -55,7 +55,7 @@ fn build_model(args: &ModelArgs) -> Result<Loaded> {
     let name: ModelName = args.model.parse()?;
     let device = device(args.device)?;
     let vs = tch::nn::VarStore::new(device);
-    let model = vit::Vit::new(&vs.root(), &name.config());
+    let model = name.config().build(&vs.root());
     Ok(Loaded { name, model, weights: None, device, vs })
 }
 
@@ -94,10 +94,10 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     let (quantized, calib) = if exp.quant {
         let folder = calibration_set(&args.model.data, &exp)?;
         let bar = progress(folder.samples().len(), "calibrating");
-        let (table, stats) = calibrate(&loaded.model, &folder, &exp, loaded.device, &bar)?;
+        let (table, stats) = calibrate(&*loaded.model, &folder, &exp, loaded.device, &bar)?;
         bar.finish_and_clear();
         eprintln!("calibrated on {} images in {:.1} s", stats.images, stats.seconds);
-        (Some(Quantized::new(&loaded.model, table, exp.quant_options())?), Some(stats))
+        (Some(Quantized::new(&*loaded.model, table, exp.quant_options())?), Some(stats))
     } else {
         (None, None)
     };
@@ -131,13 +131,13 @@ fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
     let sha = loaded.weights.as_deref().map(fqvit_calib::artifact::sha256_file).transpose()?;
     let expect = fqvit_calib::artifact::Expect {
         model: loaded.name.as_str(),
-        architecture: loaded.model.config(),
+        architecture: &loaded.model.architecture(),
         weights_sha256: sha.as_deref(),
     };
-    let artifact = fqvit_calib::artifact::read(path, &loaded.model, &loaded.vs, expect)?;
+    let artifact = fqvit_calib::artifact::read(path, &*loaded.model, &loaded.vs, expect)?;
     loaded.weights = Some(path.to_owned());
     let exp = artifact.provenance.experiment;
-    let quantized = Quantized::new(&loaded.model, artifact.table, exp.quant_options())?;
+    let quantized = Quantized::new(&*loaded.model, artifact.table, exp.quant_options())?;
     let mut val = ImageFolder::open(&args.model.data, "val")?;
     if let Some(n) = args.limit {
         val.truncate(n);
@@ -164,7 +164,7 @@ fn finish_eval(
         device: loaded.device,
         bad_images: if args.skip_bad { BadImages::Skip } else { BadImages::Fail },
     };
-    let report = evaluate(&loaded.model, &mut mode, &val, &opts, &bar)?;
+    let report = evaluate(&*loaded.model, &mut mode, &val, &opts, &bar)?;
     bar.finish_and_clear();
     print_report(loaded, exp, &report, calib.as_ref().and_then(|c| c["seconds"].as_f64()));
     if let Some(path) = &args.json {

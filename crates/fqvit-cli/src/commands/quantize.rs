@@ -24,7 +24,7 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
         .context("quantize needs float weights (--weights or --weights-dir)")?;
     let folder = calibration_set(&args.model.data, &exp)?;
     let bar = progress(folder.samples().len(), "calibrating");
-    let (table, stats) = calibrate(&loaded.model, &folder, &exp, loaded.device, &bar)?;
+    let (table, stats) = calibrate(&*loaded.model, &folder, &exp, loaded.device, &bar)?;
     bar.finish_and_clear();
     let start = Instant::now();
     let prov = Provenance {
@@ -32,7 +32,7 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
         fqvit_version: env!("CARGO_PKG_VERSION").to_owned(),
         created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         model: loaded.name.to_string(),
-        architecture: *loaded.model.config(),
+        architecture: loaded.model.architecture(),
         weights_sha256: artifact::sha256_file(weights)?,
         experiment: exp,
         calibration: CalibrationData {
@@ -45,11 +45,11 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
             seed: exp.calibration.seed,
         },
         lis_bits: exp.quant_options().lis_bits,
-        sites: artifact::site_infos(&loaded.model, &table, &exp),
+        sites: artifact::site_infos(&*loaded.model, &table, &exp),
     };
-    artifact::write(&args.output, &loaded.model, &loaded.vs, &table, &prov)?;
+    artifact::write(&args.output, &*loaded.model, &loaded.vs, &table, &prov)?;
     let summary = args.output.with_extension("toml");
-    write_summary(&summary, &loaded.model, &table, &prov)?;
+    write_summary(&summary, &*loaded.model, &table, &prov)?;
     let size = std::fs::metadata(&args.output).map_or(0, |m| m.len());
     println!(
         "calibrated {} ({}) on {} images in {:.1} s",

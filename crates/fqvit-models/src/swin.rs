@@ -1,0 +1,563 @@
+//! Swin Transformer, after timm's `SwinTransformer` (its key layout) and FQ-ViT's
+//! `models/swin_quant.py` (its quantization sites, spec §8.2).
+//!
+//! Tokens stay `(B, L, C)` between blocks; a block views them as `(B, H, W, C)` for the cyclic
+//! shift and the window partition. timm puts patch merging at the start of stages 1–3
+//! (`layers.{s}.downsample`), the original at the end of stages 0–2; the forward order and the
+//! quantization sites are the same, and each site keeps the original's module name.
+
+use tch::nn::{Init, Path};
+use tch::{Device, Kind, Tensor};
+
+use crate::Preprocess;
+use crate::common::{Mlp, act, act_renamed};
+use crate::mode::Mode;
+use crate::quant::{Act, Classifier, Conv2d, LayerNorm, Linear, Quantizable, Softmax, Wiring};
+use crate::site::{SiteId, SiteTable, TensorClass};
+
+/// Architecture hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Config {
+    /// Channels of stage 0 (`C0`); stage `s` has `C0 · 2^s`.
+    pub embed_dim: i64,
+    /// Blocks per stage.
+    pub depths: [usize; 4],
+    /// Attention heads per stage.
+    pub num_heads: [i64; 4],
+    /// Window side (7); the shift is half of it.
+    pub window_size: i64,
+    /// Patch side (4).
+    pub patch_size: i64,
+    /// Input side (224).
+    pub img_size: i64,
+    /// MLP hidden width = `mlp_ratio · C`.
+    pub mlp_ratio: i64,
+    /// Classes.
+    pub num_classes: i64,
+    /// LayerNorm epsilon (1e-5).
+    pub eps: f64,
+    /// Input preprocessing.
+    pub preprocess: Preprocess,
+}
+
+impl Config {
+    const fn base(embed_dim: i64, depths: [usize; 4], num_heads: [i64; 4]) -> Self {
+        Config {
+            embed_dim,
+            depths,
+            num_heads,
+            window_size: 7,
+            patch_size: 4,
+            img_size: 224,
+            mlp_ratio: 4,
+            num_classes: 1000,
+            eps: 1e-5,
+            preprocess: Preprocess::SWIN,
+        }
+    }
+
+    /// timm `swin_tiny_patch4_window7_224`.
+    pub const fn swin_tiny() -> Self {
+        Config::base(96, [2, 2, 6, 2], [3, 6, 12, 24])
+    }
+    /// timm `swin_small_patch4_window7_224`.
+    pub const fn swin_small() -> Self {
+        Config::base(96, [2, 2, 18, 2], [3, 6, 12, 24])
+    }
+    /// timm `swin_base_patch4_window7_224`.
+    pub const fn swin_base() -> Self {
+        Config::base(128, [2, 2, 18, 2], [4, 8, 16, 32])
+    }
+
+    /// The side of stage `s`'s token grid.
+    pub const fn resolution(&self, stage: usize) -> i64 {
+        (self.img_size / self.patch_size) >> stage
+    }
+
+    /// Stage `s`'s window side and shift: the stage-4 rule makes a grid no larger than the
+    /// window one unshifted window (spec §8.2).
+    pub const fn window(&self, stage: usize) -> (i64, i64) {
+        let res = self.resolution(stage);
+        if res <= self.window_size { (res, 0) } else { (self.window_size, self.window_size / 2) }
+    }
+}
+
+/// Window attention with the relative position bias (spec §8.2, 6 sites).
+#[derive(Debug)]
+struct WindowAttention {
+    qkv: Linear,
+    qkv_out: Act,
+    scores: Act,
+    bias_table: Tensor,
+    table_out: Act,
+    biased: Act,
+    softmax: Softmax,
+    context: Act,
+    proj: Linear,
+    proj_out: Act,
+    /// `(N·N,)` indices into the table's rows, computed.
+    index: Tensor,
+    num_heads: i64,
+    scale: f64,
+}
+
+impl WindowAttention {
+    fn new(
+        p: &Path<'_>,
+        sites: &mut SiteTable,
+        prefix: &str,
+        dim: i64,
+        num_heads: i64,
+        window: i64,
+    ) -> Self {
+        let o = format!("{prefix}.attn");
+        let linear = |sites: &mut SiteTable, name: &str, out_dim| {
+            let site = format!("{o}.{name}");
+            Linear::new(&(p / name), sites, &site, &site, dim, out_dim, true)
+        };
+        let qkv = linear(sites, "qkv", 3 * dim);
+        let qkv_out = act(sites, &o, "qkv_out", "qact1", TensorClass::Activation, 3 * dim);
+        let scores =
+            act(sites, &o, "attn_scores", "qact_attn1", TensorClass::Activation, num_heads);
+        let rows = (2 * window - 1) * (2 * window - 1);
+        let bias_table = p.var(
+            "relative_position_bias_table",
+            &[rows, num_heads],
+            Init::Randn { mean: 0.0, stdev: 0.02 },
+        );
+        let table_out = act(
+            sites,
+            &o,
+            "relative_position_bias",
+            "qact_table",
+            TensorClass::Activation,
+            num_heads,
+        );
+        let biased = act(sites, &o, "attn_biased", "qact2", TensorClass::Activation, num_heads);
+        let probs =
+            act(sites, &o, "attn_probs", "log_int_softmax", TensorClass::Softmax, num_heads);
+        let context = act(sites, &o, "context", "qact3", TensorClass::Activation, dim);
+        let proj = linear(sites, "proj", dim);
+        let proj_out = act(sites, &o, "proj_out", "qact4", TensorClass::Activation, dim);
+        WindowAttention {
+            qkv,
+            qkv_out,
+            scores,
+            bias_table,
+            table_out,
+            // LIS takes its scale from the biased logits, before the mask (spec §8.3).
+            softmax: Softmax::new(biased.site(), probs),
+            biased,
+            context,
+            proj,
+            proj_out,
+            index: relative_position_index(window, p.device()),
+            num_heads,
+            scale: ((dim / num_heads) as f64).powf(-0.5),
+        }
+    }
+
+    /// Attention within windows `(B·nW, N, C)`; `mask` is `(nW, N, N)` for shifted windows.
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>, mode: &mut Mode<'_>) -> Tensor {
+        let (b, n, c) = xs.size3().expect("window attention input is (B·nW, N, C)");
+        let h = self.num_heads;
+        let qkv = self.qkv_out.forward(&self.qkv.forward(xs, mode), mode);
+        let qkv = qkv.reshape([b, n, 3, h, c / h]).permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        // Swin scales q before the matmul (ViT after it).
+        let attn = (q * self.scale).matmul(&k.transpose(-2, -1));
+        let attn = self.scores.forward(&attn, mode);
+        let table = self.table_out.forward(&self.bias_table, mode);
+        let bias = table.index_select(0, &self.index).view([n, n, h]).permute([2, 0, 1]);
+        let attn = self.biased.forward(&(attn + bias.unsqueeze(0)), mode);
+        let attn = match mask {
+            Some(mask) => {
+                let windows = mask.size()[0];
+                (attn.view([b / windows, windows, h, n, n]) + mask.unsqueeze(1).unsqueeze(0))
+                    .view([b, h, n, n])
+            }
+            None => attn,
+        };
+        let attn = self.softmax.forward(&attn, mode);
+        let x = attn.matmul(&v).transpose(1, 2).reshape([b, n, c]);
+        let x = self.context.forward(&x, mode);
+        self.proj_out.forward(&self.proj.forward(&x, mode), mode)
+    }
+}
+
+/// `idx(i, j) = (r_i − r_j + w − 1)·(2w − 1) + (c_i − c_j + w − 1)` for tokens `t = w·r + c`.
+fn relative_position_index(window: i64, device: Device) -> Tensor {
+    let n = window * window;
+    let index: Vec<i64> = (0..n * n)
+        .map(|ij| {
+            let (i, j) = (ij / n, ij % n);
+            let (ri, ci, rj, cj) = (i / window, i % window, j / window, j % window);
+            (ri - rj + window - 1) * (2 * window - 1) + (ci - cj + window - 1)
+        })
+        .collect();
+    Tensor::from_slice(&index).to_device(device)
+}
+
+/// The shifted-window mask `(nW, N, N)`: 0 within a region of the shifted grid, −100 across
+/// (spec §8.2; the same 9 regions and values as timm and the original).
+fn shift_mask(res: i64, window: i64, shift: i64, device: Device) -> Tensor {
+    let region = |v: i64| {
+        if v < res - window {
+            0
+        } else if v < res - shift {
+            1
+        } else {
+            2
+        }
+    };
+    let (per_side, n) = (res / window, window * window);
+    let mut labels = Vec::with_capacity((per_side * per_side * n) as usize);
+    for wr in 0..per_side {
+        for wc in 0..per_side {
+            for t in 0..n {
+                let (r, c) = (wr * window + t / window, wc * window + t % window);
+                labels.push(3 * region(r) + region(c));
+            }
+        }
+    }
+    let mut mask = Vec::with_capacity(labels.len() * n as usize);
+    for w in labels.chunks(n as usize) {
+        for &li in w {
+            mask.extend(w.iter().map(|&lj| if li == lj { 0f32 } else { -100.0 }));
+        }
+    }
+    Tensor::from_slice(&mask).view([per_side * per_side, n, n]).to_device(device)
+}
+
+/// `(B, H, W, C)` → `(B·nW, w·w, C)`, windows batch-major then row-major.
+fn window_partition(xs: &Tensor, window: i64) -> Tensor {
+    let (b, h, w, c) = xs.size4().expect("window partition input is (B, H, W, C)");
+    xs.view([b, h / window, window, w / window, window, c]).permute([0, 1, 3, 2, 4, 5]).reshape([
+        -1,
+        window * window,
+        c,
+    ])
+}
+
+/// The inverse of [`window_partition`].
+fn window_reverse(windows: &Tensor, window: i64, b: i64, h: i64, w: i64) -> Tensor {
+    let c = *windows.size().last().expect("windows have channels");
+    windows
+        .view([b, h / window, w / window, window, window, c])
+        .permute([0, 1, 3, 2, 4, 5])
+        .reshape([b, h, w, c])
+}
+
+#[derive(Debug)]
+struct Block {
+    norm1: LayerNorm,
+    norm1_out: Act,
+    attn: WindowAttention,
+    residual1: Act,
+    norm2: LayerNorm,
+    norm2_out: Act,
+    mlp: Mlp,
+    residual2: Act,
+    resolution: i64,
+    window: i64,
+    shift: i64,
+    mask: Option<Tensor>,
+}
+
+/// Where a block sits.
+struct BlockAt {
+    stage: usize,
+    index: usize,
+    dim: i64,
+    heads: i64,
+    last_q: SiteId,
+}
+
+impl Block {
+    fn new(p: &Path<'_>, sites: &mut SiteTable, cfg: &Config, at: &BlockAt) -> Self {
+        let (d, o) = (at.dim, format!("layers.{}.blocks.{}", at.stage, at.index));
+        let resolution = cfg.resolution(at.stage);
+        let (window, shift) = cfg.window(at.stage);
+        let shift = if at.index % 2 == 1 { shift } else { 0 };
+        let norm1_out = act(sites, &o, "norm1_out", "qact1", TensorClass::Activation, d);
+        let norm1 = LayerNorm::new(&(p / "norm1"), d, cfg.eps, at.last_q, norm1_out.site());
+        let attn = WindowAttention::new(&(p / "attn"), sites, &o, d, at.heads, window);
+        let residual1 = act(sites, &o, "residual1", "qact2", TensorClass::LayerNormInput, d);
+        let norm2_out = act(sites, &o, "norm2_out", "qact3", TensorClass::Activation, d);
+        let norm2 = LayerNorm::new(&(p / "norm2"), d, cfg.eps, residual1.site(), norm2_out.site());
+        let mlp = Mlp::new(&(p / "mlp"), sites, &o, d, d * cfg.mlp_ratio);
+        let residual2 = act(sites, &o, "residual2", "qact4", TensorClass::LayerNormInput, d);
+        let mask = (shift > 0).then(|| shift_mask(resolution, window, shift, p.device()));
+        Block {
+            norm1,
+            norm1_out,
+            attn,
+            residual1,
+            norm2,
+            norm2_out,
+            mlp,
+            residual2,
+            resolution,
+            window,
+            shift,
+            mask,
+        }
+    }
+
+    fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
+        let (b, l, c) = xs.size3().expect("Swin block input is (B, L, C)");
+        let (res, s) = (self.resolution, self.shift);
+        let h = self.norm1_out.forward(&self.norm1.forward(xs, mode), mode).view([b, res, res, c]);
+        let h = if s > 0 { h.roll([-s, -s], [1, 2]) } else { h };
+        let windows = window_partition(&h, self.window);
+        let windows = self.attn.forward(&windows, self.mask.as_ref(), mode);
+        let h = window_reverse(&windows, self.window, b, res, res);
+        let h = if s > 0 { h.roll([s, s], [1, 2]) } else { h };
+        let x = self.residual1.forward(&(xs + h.view([b, l, c])), mode);
+        let h = self.norm2_out.forward(&self.norm2.forward(&x, mode), mode);
+        self.residual2.forward(&(&x + self.mlp.forward(&h, mode)), mode)
+    }
+}
+
+/// Patch merging at the start of stages 1–3 (timm's place): 2×2 neighbours concatenated as
+/// `[x(0,0), x(1,0), x(0,1), x(1,1)]` (row, column offsets), LayerNorm over 4C, reduction to 2C.
+#[derive(Debug)]
+struct PatchMerging {
+    norm: LayerNorm,
+    norm_out: Act,
+    reduction: Linear,
+    out: Act,
+    resolution: i64,
+}
+
+impl PatchMerging {
+    /// `stage` is the stage it starts (≥ 1), `dim` the channels it receives.
+    fn new(
+        p: &Path<'_>,
+        sites: &mut SiteTable,
+        cfg: &Config,
+        stage: usize,
+        dim: i64,
+        last_q: SiteId,
+    ) -> Self {
+        let o = format!("layers.{stage}.downsample");
+        let original = format!("layers.{}.downsample", stage - 1);
+        let norm_out = act_renamed(
+            sites,
+            &o,
+            "norm_out",
+            &original,
+            "qact1",
+            TensorClass::Activation,
+            4 * dim,
+        );
+        let norm = LayerNorm::new(&(p / "norm"), 4 * dim, cfg.eps, last_q, norm_out.site())
+            .with_in_expand(4);
+        let reduction = Linear::new(
+            &(p / "reduction"),
+            sites,
+            &format!("{o}.reduction"),
+            &format!("{original}.reduction"),
+            4 * dim,
+            2 * dim,
+            false,
+        );
+        let out =
+            act_renamed(sites, &o, "out", &original, "qact2", TensorClass::LayerNormInput, 2 * dim);
+        PatchMerging { norm, norm_out, reduction, out, resolution: cfg.resolution(stage - 1) }
+    }
+
+    fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
+        let (b, _, c) = xs.size3().expect("patch merging input is (B, L, C)");
+        let half = self.resolution / 2;
+        let x = xs.view([b, half, 2, half, 2, c]).permute([0, 1, 3, 4, 2, 5]).reshape([
+            b,
+            half * half,
+            4 * c,
+        ]);
+        let x = self.norm_out.forward(&self.norm.forward(&x, mode), mode);
+        self.out.forward(&self.reduction.forward(&x, mode), mode)
+    }
+}
+
+#[derive(Debug)]
+struct Stage {
+    downsample: Option<PatchMerging>,
+    blocks: Vec<Block>,
+}
+
+/// A Swin classifier with its quantization sites.
+#[derive(Debug)]
+pub struct Swin {
+    cfg: Config,
+    sites: SiteTable,
+    device: Device,
+    input: Act,
+    patch_proj: Conv2d,
+    patch_proj_out: Act,
+    patch_norm: LayerNorm,
+    patch_out: Act,
+    stages: Vec<Stage>,
+    norm: LayerNorm,
+    norm_out: Act,
+    pooled: Act,
+    head: Linear,
+    logits: Act,
+}
+
+impl Swin {
+    /// Builds the model with randomly initialised variables under `p` (timm key names).
+    pub fn new(p: &Path<'_>, cfg: &Config) -> Self {
+        let mut sites = SiteTable::default();
+        let s = &mut sites;
+        let c0 = cfg.embed_dim;
+        let input = act(s, "", "input", "qact_input", TensorClass::Activation, 3);
+        let pe = p / "patch_embed";
+        let patch_proj = Conv2d::new(
+            &(&pe / "proj"),
+            s,
+            "patch_embed.proj",
+            "patch_embed.proj",
+            3,
+            c0,
+            cfg.patch_size,
+        );
+        let patch_proj_out =
+            act(s, "patch_embed", "proj_out", "qact_before_norm", TensorClass::Activation, c0);
+        let patch_out = act(s, "patch_embed", "out", "qact", TensorClass::Activation, c0);
+        let patch_norm =
+            LayerNorm::new(&(&pe / "norm"), c0, cfg.eps, patch_proj_out.site(), patch_out.site());
+        // The first block's LayerNorm reads the layer-wise patch_embed.qact (spec §8.3).
+        let mut last_q = patch_out.site();
+        let mut stages = Vec::with_capacity(4);
+        for stage in 0..4 {
+            let sp = p / "layers" / stage;
+            let dim = c0 << stage;
+            let downsample = (stage > 0).then(|| {
+                let merge =
+                    PatchMerging::new(&(&sp / "downsample"), s, cfg, stage, dim / 2, last_q);
+                last_q = merge.out.site();
+                merge
+            });
+            let mut blocks = Vec::with_capacity(cfg.depths[stage]);
+            for index in 0..cfg.depths[stage] {
+                let at = BlockAt { stage, index, dim, heads: cfg.num_heads[stage], last_q };
+                let block = Block::new(&(&sp / "blocks" / index), s, cfg, &at);
+                last_q = block.residual2.site();
+                blocks.push(block);
+            }
+            stages.push(Stage { downsample, blocks });
+        }
+        let dim = c0 << 3;
+        let norm_out = act(s, "", "norm_out", "qact2", TensorClass::Activation, dim);
+        let norm = LayerNorm::new(&(p / "norm"), dim, cfg.eps, last_q, norm_out.site());
+        let pooled = act(s, "", "pooled", "qact3", TensorClass::Activation, dim);
+        let head = Linear::new(&(p / "head" / "fc"), s, "head", "head", dim, cfg.num_classes, true);
+        let logits = act(s, "", "logits", "act_out", TensorClass::Activation, cfg.num_classes);
+        Swin {
+            cfg: *cfg,
+            sites,
+            device: p.device(),
+            input,
+            patch_proj,
+            patch_proj_out,
+            patch_norm,
+            patch_out,
+            stages,
+            norm,
+            norm_out,
+            pooled,
+            head,
+            logits,
+        }
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Logits `(B, classes)` of normalized images `(B, 3, H, W)`.
+    pub fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
+        Classifier::forward(self, xs, mode)
+    }
+
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.stages
+            .iter()
+            .flat_map(|stage| {
+                let merge = stage.downsample.iter().map(|m| &m.reduction);
+                let blocks = stage
+                    .blocks
+                    .iter()
+                    .flat_map(|b| [&b.attn.qkv, &b.attn.proj, &b.mlp.fc1, &b.mlp.fc2]);
+                merge.chain(blocks)
+            })
+            .chain([&self.head])
+    }
+}
+
+impl Classifier for Swin {
+    fn preprocess(&self) -> Preprocess {
+        self.cfg.preprocess
+    }
+
+    fn architecture(&self) -> crate::Architecture {
+        crate::Architecture::Swin(self.cfg)
+    }
+
+    fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
+        let _span = tracing::trace_span!("swin.forward").entered();
+        let x = self.input.forward(xs, mode);
+        let x = self.patch_proj.forward(&x, mode).flatten(2, -1).transpose(1, 2);
+        let x = self.patch_proj_out.forward(&x, mode);
+        let mut x = self.patch_out.forward(&self.patch_norm.forward(&x, mode), mode);
+        for (s, stage) in self.stages.iter().enumerate() {
+            let _span = tracing::trace_span!("stage", s).entered();
+            if let Some(merge) = &stage.downsample {
+                x = merge.forward(&x, mode);
+            }
+            for block in &stage.blocks {
+                x = block.forward(&x, mode);
+            }
+        }
+        let x = self.norm_out.forward(&self.norm.forward(&x, mode), mode);
+        let x = self.pooled.forward(&x.mean_dim([1i64].as_slice(), false, Kind::Float), mode);
+        let x = self.head.forward(&x, mode);
+        self.logits.forward(&x, mode)
+    }
+}
+
+impl Quantizable for Swin {
+    fn sites(&self) -> &SiteTable {
+        &self.sites
+    }
+
+    fn weight(&self, site: SiteId) -> Option<&Tensor> {
+        if self.patch_proj.site() == site {
+            return Some(&self.patch_proj.weight);
+        }
+        self.linears().find(|l| l.site() == site).map(|l| &l.weight)
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn wiring(&self) -> Vec<Wiring> {
+        let mut out = vec![self.patch_norm.wiring("patch_embed.norm".into())];
+        for (s, stage) in self.stages.iter().enumerate() {
+            if let Some(merge) = &stage.downsample {
+                out.push(merge.norm.wiring(format!("layers.{s}.downsample.norm")));
+            }
+            for (i, b) in stage.blocks.iter().enumerate() {
+                let o = format!("layers.{s}.blocks.{i}");
+                out.push(b.norm1.wiring(format!("{o}.norm1")));
+                out.push(b.attn.softmax.wiring(format!("{o}.attn.softmax")));
+                out.push(b.norm2.wiring(format!("{o}.norm2")));
+            }
+        }
+        out.push(self.norm.wiring("norm".into()));
+        out
+    }
+}
