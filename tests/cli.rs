@@ -288,3 +288,84 @@ fn quantize_then_eval_qparams_round_trips() {
         "--qparams carries its own quantization settings",
     );
 }
+
+/// `convert` on a ViT AugReg `.npz` built from the shared ViT-Tiny (Google's names and
+/// layouts, spec §10) gives back exactly the timm tensors; a checkpoint for another shape is
+/// refused and leaves no file.
+#[test]
+fn convert_reads_an_augreg_npz_and_refuses_a_misfit() {
+    use tch::Tensor;
+    let weights =
+        shared().join("weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k/model.safetensors");
+    let timm: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(&weights).unwrap().into_iter().collect();
+    let (d, heads) = (192i64, 3i64);
+    let mut npz: Vec<(String, Tensor)> = vec![
+        ("embedding/kernel".into(), timm["patch_embed.proj.weight"].permute([2, 3, 1, 0])),
+        ("embedding/bias".into(), timm["patch_embed.proj.bias"].shallow_clone()),
+        ("cls".into(), timm["cls_token"].shallow_clone()),
+        ("Transformer/posembed_input/pos_embedding".into(), timm["pos_embed"].shallow_clone()),
+        ("Transformer/encoder_norm/scale".into(), timm["norm.weight"].shallow_clone()),
+        ("Transformer/encoder_norm/bias".into(), timm["norm.bias"].shallow_clone()),
+        ("head/kernel".into(), timm["head.weight"].tr()),
+        ("head/bias".into(), timm["head.bias"].shallow_clone()),
+    ];
+    for i in 0..12 {
+        let (b, p) = (format!("blocks.{i}."), format!("opt/target/Transformer/encoderblock_{i}/"));
+        let t = |k: &str| timm[&format!("{b}{k}")].shallow_clone();
+        let mut put = |k: &str, v: Tensor| npz.push((format!("{p}{k}"), v.contiguous()));
+        put("LayerNorm_0/scale", t("norm1.weight"));
+        put("LayerNorm_0/bias", t("norm1.bias"));
+        put("LayerNorm_2/scale", t("norm2.weight"));
+        put("LayerNorm_2/bias", t("norm2.bias"));
+        for (j, n) in ["query", "key", "value"].into_iter().enumerate() {
+            let rows = t("attn.qkv.weight").narrow(0, j as i64 * d, d);
+            put(
+                &format!("MultiHeadDotProductAttention_1/{n}/kernel"),
+                rows.tr().reshape([d, heads, -1]),
+            );
+            let bias = t("attn.qkv.bias").narrow(0, j as i64 * d, d);
+            put(&format!("MultiHeadDotProductAttention_1/{n}/bias"), bias.reshape([heads, -1]));
+        }
+        put(
+            "MultiHeadDotProductAttention_1/out/kernel",
+            t("attn.proj.weight").tr().reshape([heads, -1, d]),
+        );
+        put("MultiHeadDotProductAttention_1/out/bias", t("attn.proj.bias"));
+        for r in 0..2 {
+            put(
+                &format!("MlpBlock_3/Dense_{r}/kernel"),
+                t(&format!("mlp.fc{}.weight", r + 1)).tr(),
+            );
+            put(&format!("MlpBlock_3/Dense_{r}/bias"), t(&format!("mlp.fc{}.bias", r + 1)));
+        }
+    }
+    // The top-level arrays carry the same prefix as the blocks in these files.
+    let npz: Vec<(String, Tensor)> = npz
+        .into_iter()
+        .map(|(k, v)| {
+            if k.starts_with("opt/") { (k, v) } else { (format!("opt/target/{k}"), v.contiguous()) }
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("ViT-Ti_16.npz");
+    Tensor::write_npz(&npz, &input).unwrap();
+    let output = dir.path().join("converted/model.safetensors");
+    let out =
+        cli(&["convert", "vit_tiny", input.to_str().unwrap(), "-o", output.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let converted: Vec<(String, Tensor)> = Tensor::read_safetensors(&output).unwrap();
+    assert_eq!(converted.len(), timm.len());
+    for (k, v) in &converted {
+        assert!(v.equal(&timm[k]), "{k} differs after conversion");
+    }
+
+    let swin = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fqvit-models/tests/fixtures/timm/swin_variant.pth");
+    let misfit = dir.path().join("swin/model.safetensors");
+    fails_with(
+        &["convert", "swin_tiny", swin.to_str().unwrap(), "-o", misfit.to_str().unwrap()],
+        "does not fit swin_tiny",
+    );
+    assert!(!misfit.exists() && !misfit.with_extension("partial.safetensors").exists());
+}

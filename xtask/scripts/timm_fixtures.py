@@ -71,6 +71,78 @@ for seed, (variant, (timm_name, kwargs)) in enumerate(VARIANTS.items()):
     save_file(tensors, os.path.join(OUT, f"{variant}.safetensors"))
     manifest["variants"][variant] = {"timm": timm_name, "kwargs": kwargs}
 
+# The paper's original checkpoint formats, written from the variants and checked with timm's
+# own converters, for `fqvit-cli convert`: a DeiT `.pth` ({"model": state dict}, timm's keys),
+# a Swin `.pth` in Microsoft's layout (patch merging at the end of a stage, `head.*`, the
+# derived buffers), and a ViT AugReg `.npz` (spec section 10).
+import numpy as np
+from timm.models import swin_transformer, vision_transformer
+
+
+def variant_state(variant):
+    tensors = load_file(os.path.join(OUT, f"{variant}.safetensors"))
+    return {k: v for k, v in tensors.items() if not k.startswith("fixture.")}
+
+
+def model_of(variant):
+    timm_name, kwargs = VARIANTS[variant]
+    return timm.create_model(timm_name, pretrained=False, **kwargs).eval()
+
+
+torch.save({"model": variant_state("deit_variant")}, os.path.join(OUT, "deit_variant.pth"))
+
+timm_sd = variant_state("swin_variant")
+swin = model_of("swin_variant")
+original = {}
+for key, value in timm_sd.items():
+    if ".downsample." in key:
+        stage = int(key.split(".")[1])
+        key = key.replace(f"layers.{stage}.downsample", f"layers.{stage - 1}.downsample")
+    original[key.replace("head.fc.", "head.")] = value
+for s, layer in enumerate(swin.layers):
+    for b, block in enumerate(layer.blocks):
+        original[f"layers.{s}.blocks.{b}.attn.relative_position_index"] = block.attn.relative_position_index.clone()
+        if block.attn_mask is not None:
+            original[f"layers.{s}.blocks.{b}.attn_mask"] = block.attn_mask.clone()
+back = swin_transformer.checkpoint_filter_fn({"model": original}, swin)
+assert back.keys() == timm_sd.keys() and all(torch.equal(back[k], timm_sd[k]) for k in back), "Swin layout"
+torch.save({"model": original}, os.path.join(OUT, "swin_variant.pth"))
+
+vit_sd = variant_state("vit_variant")
+vit = model_of("vit_variant")
+heads = vit.blocks[0].attn.num_heads
+d = vit_sd["cls_token"].shape[-1]
+hd = d // heads
+npz = {
+    "embedding/kernel": vit_sd["patch_embed.proj.weight"].permute(2, 3, 1, 0),
+    "embedding/bias": vit_sd["patch_embed.proj.bias"],
+    "cls": vit_sd["cls_token"],
+    "Transformer/posembed_input/pos_embedding": vit_sd["pos_embed"],
+    "Transformer/encoder_norm/scale": vit_sd["norm.weight"],
+    "Transformer/encoder_norm/bias": vit_sd["norm.bias"],
+    "head/kernel": vit_sd["head.weight"].T,
+    "head/bias": vit_sd["head.bias"],
+}
+for i in range(len(vit.blocks)):
+    b, p = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+    npz[p + "LayerNorm_0/scale"], npz[p + "LayerNorm_0/bias"] = vit_sd[b + "norm1.weight"], vit_sd[b + "norm1.bias"]
+    npz[p + "LayerNorm_2/scale"], npz[p + "LayerNorm_2/bias"] = vit_sd[b + "norm2.weight"], vit_sd[b + "norm2.bias"]
+    qkv_w, qkv_b = vit_sd[b + "attn.qkv.weight"], vit_sd[b + "attn.qkv.bias"]
+    for j, n in enumerate(("query", "key", "value")):
+        npz[p + f"MultiHeadDotProductAttention_1/{n}/kernel"] = qkv_w[j * d:(j + 1) * d].T.reshape(d, heads, hd)
+        npz[p + f"MultiHeadDotProductAttention_1/{n}/bias"] = qkv_b[j * d:(j + 1) * d].reshape(heads, hd)
+    npz[p + "MultiHeadDotProductAttention_1/out/kernel"] = vit_sd[b + "attn.proj.weight"].T.reshape(heads, hd, d)
+    npz[p + "MultiHeadDotProductAttention_1/out/bias"] = vit_sd[b + "attn.proj.bias"]
+    for r in range(2):
+        npz[p + f"MlpBlock_3/Dense_{r}/kernel"] = vit_sd[b + f"mlp.fc{r + 1}.weight"].T
+        npz[p + f"MlpBlock_3/Dense_{r}/bias"] = vit_sd[b + f"mlp.fc{r + 1}.bias"]
+npz_path = os.path.join(OUT, "vit_variant.npz")
+np.savez(npz_path, **{k: v.contiguous().numpy() for k, v in npz.items()})
+check = model_of("vit_variant")
+with torch.no_grad():
+    vision_transformer._load_weights(check, npz_path)
+assert all(torch.equal(v, vit_sd[k]) for k, v in check.state_dict().items()), "AugReg layout"
+
 # The real ViT-Tiny on two shared validation images, through timm's own preprocessing.
 weights = os.path.join(SHARED, "weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k/model.safetensors")
 model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()

@@ -24,8 +24,23 @@ pub(crate) enum Command {
     Eval(Box<EvalArgs>),
     /// Calibrate on <DATA>/train and write the quantized model and its parameters to a file.
     Quantize(Box<QuantizeArgs>),
+    /// Convert a checkpoint the paper used (DeiT or Swin `.pth`, ViT AugReg `.npz`) to timm's
+    /// safetensors layout, checked strictly against the model.
+    Convert(ConvertArgs),
     /// Report what libtorch sees (version, CUDA).
     Doctor,
+}
+
+/// `fqvit-cli convert`.
+#[derive(Args, Debug)]
+pub(crate) struct ConvertArgs {
+    /// The model the checkpoint is for (e.g. `deit_small`, `swin_tiny`, `vit_base`).
+    pub(crate) model: String,
+    /// The original checkpoint: `.pth` (DeiT, Swin) or `.npz` (ViT AugReg).
+    pub(crate) input: PathBuf,
+    /// Where to write the timm-layout safetensors (e.g. `<weights-dir>/<timm name>/model.safetensors`).
+    #[arg(short, long)]
+    pub(crate) output: PathBuf,
 }
 
 /// Which device runs the model.

@@ -25,6 +25,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         cli::Command::Eval(args) => commands::eval::run(*args),
         cli::Command::Quantize(args) => commands::quantize::run(*args),
+        cli::Command::Convert(args) => commands::convert::run(&args),
         cli::Command::Doctor => commands::doctor::run(),
     }
 }

@@ -41,6 +41,14 @@ pub enum Error {
         /// Where we looked and what failed.
         reason: String,
     },
+    /// An original checkpoint could not be converted to timm's layout.
+    #[error("converting {path}: {reason}")]
+    Convert {
+        /// The checkpoint.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// An unknown model name.
     #[error("unknown model `{0}`; known models: {known}", known = crate::ModelName::ALL.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", "))]
     UnknownModel(String),

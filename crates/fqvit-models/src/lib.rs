@@ -23,6 +23,7 @@
 //! ```
 
 mod common;
+pub mod convert;
 mod error;
 mod mode;
 pub mod quant;

@@ -166,3 +166,52 @@ fn real_vit_tiny_gives_timm_logits_on_shared_images() {
     assert_eq!(top(&logits), top(&io["logits"]));
     assert_eq!(logits.kind(), Kind::Float);
 }
+
+/// The paper's checkpoint formats (written by the fixture script from the variants and checked
+/// there with timm's own converters) convert to exactly the variants' timm tensors.
+#[test]
+fn original_checkpoints_convert_to_timm_layout() {
+    let variants = variants();
+    for (file, variant) in [
+        ("deit_variant.pth", "deit_variant"),
+        ("swin_variant.pth", "swin_variant"),
+        ("vit_variant.npz", "vit_variant"),
+    ] {
+        let (_, arch, _) = variants.iter().find(|v| v.0 == variant).unwrap();
+        let converted = fqvit_models::convert::convert(arch, &fixture(file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let mut expected = read(&fixture(&format!("{variant}.safetensors")));
+        expected.retain(|k, _| !k.starts_with("fixture."));
+        let names: Vec<&String> = converted.iter().map(|(k, _)| k).collect();
+        let mut want: Vec<&String> = expected.keys().collect();
+        want.sort();
+        assert_eq!(names, want, "{file}: tensor names");
+        for (k, v) in &converted {
+            assert!(v.equal(&expected[k]), "{file}: {k} differs");
+        }
+    }
+}
+
+#[test]
+fn conversion_refuses_bad_input_naming_the_file() {
+    let swin = ModelName::SwinTiny.config();
+    let vit = ModelName::VitBase.config();
+    let err = |arch: &Architecture, path: &Path| {
+        fqvit_models::convert::convert(arch, path).map(drop).unwrap_err().to_string()
+    };
+    let e = err(&swin, &fixture("vit_variant.npz"));
+    assert!(e.contains("vit_variant.npz") && e.contains("Swin checkpoints are `.pth`"), "{e}");
+    let e = err(&vit, &fixture("manifest.json"));
+    assert!(e.contains("manifest.json") && e.contains("expected a `.pth`"), "{e}");
+    // Truncated files, and a file that does not exist.
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["vit_variant.npz", "deit_variant.pth"] {
+        let bytes = std::fs::read(fixture(name)).unwrap();
+        let cut = dir.path().join(name);
+        std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+        let e = err(&vit, &cut);
+        assert!(e.contains(name) && e.contains("not a readable"), "{e}");
+    }
+    let e = err(&vit, &fixture("deit_variant.safetensors").with_extension("npz"));
+    assert!(e.contains("deit_variant.npz"), "{e}");
+}
