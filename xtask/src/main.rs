@@ -55,6 +55,25 @@ enum Cmd {
     },
     /// Regenerate the Pillow resampling fixtures of fqvit-calib (installs Pillow from PyPI into a scratch folder).
     PillowFixtures,
+    /// Throughput and peak memory of every full-size model (random weights) as a markdown table.
+    BenchModels {
+        /// Models to run (CLI names); all nine by default.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "vit_tiny,deit_tiny,deit_small,deit_base,vit_base,vit_large,swin_tiny,swin_small,swin_base"
+        )]
+        models: Vec<String>,
+        /// auto, cpu or cuda.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Images per forward.
+        #[arg(long, default_value_t = 32)]
+        batch_size: u32,
+        /// Timed forwards per mode.
+        #[arg(long, default_value_t = 3)]
+        iters: u32,
+    },
     /// Regenerate fqvit-models' timm parity fixtures (installs timm from PyPI into a scratch folder).
     TimmFixtures,
     /// The main job on the shared sample: calibrate, quantize and evaluate ViT-Tiny (release build).
@@ -74,6 +93,9 @@ fn main() -> Result<()> {
         Cmd::Demo { args } => demo::demo(&args),
         Cmd::PillowFixtures => demo::pillow_fixtures(),
         Cmd::TimmFixtures => demo::timm_fixtures(),
+        Cmd::BenchModels { models, device, batch_size, iters } => {
+            table::bench_models(&models, &device, batch_size, iters)
+        }
         Cmd::Table { model, data, weights_dir, methods, attn8, reuse } => {
             table::table(&table::Options { model, data, weights_dir, methods, attn8, reuse })
         }

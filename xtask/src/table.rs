@@ -1,6 +1,7 @@
 //! `cargo xtask table`: the accuracy matrix on a data folder, through the release CLI, as a
 //! markdown table (top-1, top-5, calibration and evaluation seconds). Each run's JSON stays in
-//! `target/accuracy/`.
+//! `target/accuracy/`. `cargo xtask bench-models`: `fqvit-cli bench` per model (one process
+//! each, so each peak memory is its own), as a markdown table; JSON in `target/bench-models/`.
 
 use std::path::PathBuf;
 
@@ -94,6 +95,58 @@ pub(crate) fn table(options: &Options) -> Result<()> {
         eprintln!("{line}");
         lines.push(line);
     }
+    println!("{}", lines.join("\n"));
+    Ok(())
+}
+
+pub(crate) fn bench_models(
+    models: &[String],
+    device: &str,
+    batch_size: u32,
+    iters: u32,
+) -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "fqvit-cli"]))?;
+    let cli = project_root().join("target/release/fqvit-cli");
+    let out_dir = project_root().join("target/bench-models");
+    std::fs::create_dir_all(&out_dir)?;
+    let mut lines = vec![
+        format!(
+            "| model | parameters | float images/s | quantized (`--ptf --lis`) images/s | quantized / float | peak RSS MiB |"
+        ),
+        "|---|---|---|---|---|---|".to_owned(),
+    ];
+    for model in models {
+        let json = out_dir.join(format!("{model}.json"));
+        run(std::process::Command::new(&cli)
+            .args(["-q", "bench", model])
+            .args([
+                "--device",
+                device,
+                "--batch-size",
+                &batch_size.to_string(),
+                "--iters",
+                &iters.to_string(),
+                "--json",
+            ])
+            .arg(&json))?;
+        let v: Value = serde_json::from_str(
+            &std::fs::read_to_string(&json)
+                .with_context(|| format!("reading {}", json.display()))?,
+        )?;
+        let (float, quant) = (
+            v["float_images_per_s"].as_f64().unwrap_or(f64::NAN),
+            v["quantized_images_per_s"].as_f64().unwrap_or(f64::NAN),
+        );
+        let line = format!(
+            "| `{model}` | {:.1} M | {float:.1} | {quant:.1} | {:.2} | {:.0} |",
+            v["parameters"].as_f64().unwrap_or(f64::NAN) / 1e6,
+            quant / float,
+            v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
+        );
+        eprintln!("{line}");
+        lines.push(line);
+    }
+    println!("batch {batch_size}, {iters} timed forwards per mode, device {device}\n");
     println!("{}", lines.join("\n"));
     Ok(())
 }

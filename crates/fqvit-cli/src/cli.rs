@@ -27,8 +27,30 @@ pub(crate) enum Command {
     /// Convert a checkpoint the paper used (DeiT or Swin `.pth`, ViT AugReg `.npz`) to timm's
     /// safetensors layout, checked strictly against the model.
     Convert(ConvertArgs),
+    /// Throughput and peak memory of a model with random weights, float and quantized
+    /// (8/8/4 `--ptf --lis`, calibrated on random images): what `cargo xtask bench-models` runs.
+    Bench(BenchArgs),
     /// Report what libtorch sees (version, CUDA).
     Doctor,
+}
+
+/// `fqvit-cli bench`.
+#[derive(Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// The model (its architecture; the weights are random).
+    pub(crate) model: String,
+    /// Images per forward.
+    #[arg(long, default_value_t = 32)]
+    pub(crate) batch_size: i64,
+    /// Timed forwards per mode (after one warm-up forward).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) iters: usize,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub(crate) device: DeviceArg,
+    /// Write the figures as JSON here too.
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
 }
 
 /// `fqvit-cli convert`.

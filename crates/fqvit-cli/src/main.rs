@@ -26,6 +26,7 @@ fn main() -> anyhow::Result<()> {
         cli::Command::Eval(args) => commands::eval::run(*args),
         cli::Command::Quantize(args) => commands::quantize::run(*args),
         cli::Command::Convert(args) => commands::convert::run(&args),
+        cli::Command::Bench(args) => commands::bench::run(&args),
         cli::Command::Doctor => commands::doctor::run(),
     }
 }

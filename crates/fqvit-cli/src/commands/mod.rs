@@ -1,5 +1,6 @@
 //! One module per subcommand, each with `run(args) -> anyhow::Result<()>`.
 
+pub(crate) mod bench;
 pub(crate) mod convert;
 pub(crate) mod doctor;
 pub(crate) mod eval;

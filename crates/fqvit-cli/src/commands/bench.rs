@@ -1,0 +1,86 @@
+//! `fqvit-cli bench`: images per second of a model with random weights, float and quantized,
+//! and the process's peak memory. One model per process, so the peak is that model's.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use fqvit_calib::{Calibrator, Experiment};
+use fqvit_models::{Classifier, Mode, ModelName, Quantized};
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+use crate::cli::BenchArgs;
+
+pub(crate) fn run(args: &BenchArgs) -> Result<()> {
+    let name: ModelName = args.model.parse()?;
+    let device = crate::commands::eval::device(args.device)?;
+    tch::manual_seed(0);
+    let vs = tch::nn::VarStore::new(device);
+    let model = name.config().build(&vs.root());
+    let params: i64 = vs.trainable_variables().iter().map(Tensor::numel).map(|n| n as i64).sum();
+    let side = model.preprocess().size as i64;
+    let images = Tensor::randn([args.batch_size, 3, side, side], (Kind::Float, device));
+
+    let float = images_per_second(&*model, &images, &mut Mode::Float, args.iters, device);
+    // 8/8/4 with PTF and LIS, calibrated on two random batches (the last one freezes).
+    let exp = Experiment::default();
+    let mut sink = Calibrator::new(model.sites(), &exp)?;
+    for last in [false, true] {
+        sink.set_last_batch(last);
+        let batch = Tensor::randn([args.batch_size, 3, side, side], (Kind::Float, device));
+        let options = exp.quant_options();
+        let _ = tch::no_grad(|| {
+            model.forward(&batch, &mut Mode::Calibrate { sink: &mut sink, options })
+        });
+    }
+    let quantized = Quantized::new(&*model, sink.freeze()?, exp.quant_options())?;
+    let quant =
+        images_per_second(&*model, &images, &mut Mode::Quantized(&quantized), args.iters, device);
+    let peak_mib = peak_rss_mib();
+    let report = json!({
+        "model": name.as_str(),
+        "parameters": params,
+        "batch_size": args.batch_size,
+        "device": format!("{device:?}"),
+        "float_images_per_s": float,
+        "quantized_images_per_s": quant,
+        "peak_rss_mib": peak_mib,
+    });
+    println!("{report}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn images_per_second(
+    model: &dyn Classifier,
+    images: &Tensor,
+    mode: &mut Mode<'_>,
+    iters: usize,
+    device: Device,
+) -> f64 {
+    let forward = |mode: &mut Mode<'_>| {
+        let logits = tch::no_grad(|| model.forward(images, mode));
+        // Waits for the device, so the time is the forward's.
+        let _ = logits.sum(Kind::Float).double_value(&[]);
+    };
+    forward(mode);
+    let start = Instant::now();
+    for _ in 0..iters {
+        forward(mode);
+    }
+    if let Device::Cuda(_) = device {
+        tch::Cuda::synchronize(0);
+    }
+    (iters as i64 * images.size()[0]) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The process's peak resident memory (`VmHWM`), in MiB; `None` off Linux.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
