@@ -5,9 +5,10 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use fqvit_calib::artifact::{self, CalibrationData, Expect, FORMAT_VERSION, Provenance};
 use fqvit_calib::{Calibrator, Experiment};
 use fqvit_models::weights::load_strict;
-use fqvit_models::{Mode, QParamTable, Quantizable, Quantized, swin};
+use fqvit_models::{Architecture, Mode, QParamTable, Quantizable, Quantized, swin};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -97,4 +98,46 @@ fn swin_calibrates_and_runs_quantized() {
         println!("{label}: correlation with float logits {corr:.3}");
         assert!(corr > 0.8, "{label}: correlation with float logits {corr}");
     }
+}
+
+/// A Swin artifact (int8 weights, PTF factors of the merging LayerNorms' inputs) reloads into a
+/// fresh model and gives the same quantized logits without the float weights.
+#[test]
+fn swin_artifact_round_trips() {
+    let (vs, model, input) = model();
+    let exp = Experiment::default();
+    let table = calibrate(&model, &exp, &batches(&input));
+    let arch = Architecture::Swin(variant());
+    let prov = Provenance {
+        format_version: FORMAT_VERSION,
+        fqvit_version: "test".into(),
+        created_unix: 0,
+        model: "swin_variant".into(),
+        architecture: arch,
+        weights_sha256: "fixture".into(),
+        experiment: exp,
+        calibration: CalibrationData {
+            data: "random".into(),
+            images: 16,
+            order: "sorted".into(),
+            seed: 7,
+        },
+        lis_bits: exp.quant_options().lis_bits,
+        sites: artifact::site_infos(&model, &table, &exp),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("swin.qparams.safetensors");
+    artifact::write(&path, &model, &vs, &table, &prov).unwrap();
+    let q = Quantized::new(&model, table.clone(), exp.quant_options()).unwrap();
+    let before = tch::no_grad(|| model.forward(&input, &mut Mode::Quantized(&q)));
+
+    tch::manual_seed(123);
+    let vs2 = VarStore::new(Device::Cpu);
+    let model2 = swin::Swin::new(&vs2.root(), &variant());
+    let expect = Expect { model: "swin_variant", architecture: &arch, weights_sha256: None };
+    let loaded = artifact::read(&path, &model2, &vs2, expect).unwrap();
+    assert_eq!(loaded.table, table);
+    let q2 = Quantized::new(&model2, loaded.table, exp.quant_options()).unwrap();
+    let after = tch::no_grad(|| model2.forward(&input, &mut Mode::Quantized(&q2)));
+    assert!(before.equal(&after), "quantized Swin logits differ after the round trip");
 }

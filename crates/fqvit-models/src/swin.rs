@@ -452,7 +452,9 @@ impl Swin {
         let norm_out = act(s, "", "norm_out", "qact2", TensorClass::Activation, dim);
         let norm = LayerNorm::new(&(p / "norm"), dim, cfg.eps, last_q, norm_out.site());
         let pooled = act(s, "", "pooled", "qact3", TensorClass::Activation, dim);
-        let head = Linear::new(&(p / "head" / "fc"), s, "head", "head", dim, cfg.num_classes, true);
+        // A weight site is named by its parameter prefix (timm's `head.fc`); the artifact relies on it.
+        let head =
+            Linear::new(&(p / "head" / "fc"), s, "head.fc", "head", dim, cfg.num_classes, true);
         let logits = act(s, "", "logits", "act_out", TensorClass::Activation, cfg.num_classes);
         Swin {
             cfg: *cfg,

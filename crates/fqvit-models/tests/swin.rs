@@ -91,7 +91,7 @@ fn site_names_map_to_the_original_modules() {
         ("layers.1.downsample.out", "layers.0.downsample.qact2", LayerNormInput),
         ("norm_out", "qact2", Activation),
         ("pooled", "qact3", Activation),
-        ("head", "head", Weight),
+        ("head.fc", "head", Weight),
         ("logits", "act_out", Activation),
     ];
     let expected: Vec<(String, String, TensorClass)> =

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use fqvit_models::weights::load_strict;
-use fqvit_models::{Architecture, Mode, ModelName, Preprocess, swin, vit};
+use fqvit_models::{Architecture, Mode, ModelName, Preprocess, TensorClass, swin, vit};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -128,9 +128,18 @@ fn full_size_models_have_timm_parameter_names_and_shapes() {
             })
             .collect();
         let vs = VarStore::new(Device::Cpu);
-        let _model = tch::no_grad(|| name.config().build(&vs.root()));
+        let model = tch::no_grad(|| name.config().build(&vs.root()));
+        let vars = vs.variables();
+        // Weight sites are named by their parameter prefix (the artifact pairs them so).
+        for (_, site) in model.sites().iter().filter(|(_, s)| s.class == TensorClass::Weight) {
+            assert!(
+                vars.contains_key(&format!("{}.weight", site.name)),
+                "{name}: site {}",
+                site.name
+            );
+        }
         let mut ours: Vec<(String, Vec<i64>)> =
-            vs.variables().into_iter().map(|(k, v)| (k, v.size())).collect();
+            vars.into_iter().map(|(k, v)| (k, v.size())).collect();
         ours.sort();
         theirs.sort();
         assert_eq!(ours, theirs, "{name}: parameter names and shapes");
