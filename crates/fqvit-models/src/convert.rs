@@ -82,11 +82,13 @@ fn swin_to_timm(tensors: BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
     tensors
         .into_iter()
         .map(|(k, v)| {
-            let k = match k.strip_prefix("layers.").and_then(|r| r.split_once(".downsample.")) {
-                Some((stage, rest)) if stage.parse::<usize>().is_ok() => {
-                    format!("layers.{}.downsample.{rest}", stage.parse::<usize>().unwrap_or(0) + 1)
-                }
-                _ => k,
+            let merge = k
+                .strip_prefix("layers.")
+                .and_then(|r| r.split_once(".downsample."))
+                .and_then(|(stage, rest)| Some((stage.parse::<usize>().ok()?, rest)));
+            let k = match merge {
+                Some((stage, rest)) => format!("layers.{}.downsample.{rest}", stage + 1),
+                None => k,
             };
             let k = match k.strip_prefix("head.") {
                 Some(rest) if !rest.starts_with("fc.") => format!("head.fc.{rest}"),
