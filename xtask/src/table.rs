@@ -110,9 +110,8 @@ pub(crate) fn bench_models(
     let out_dir = project_root().join("target/bench-models");
     std::fs::create_dir_all(&out_dir)?;
     let mut lines = vec![
-        format!(
-            "| model | parameters | float images/s | quantized (`--ptf --lis`) images/s | quantized / float | peak RSS MiB |"
-        ),
+        "| model | parameters | float images/s | quantized (`--ptf --lis`) images/s | quantized / float | peak RSS MiB |"
+            .to_owned(),
         "|---|---|---|---|---|---|".to_owned(),
     ];
     for model in models {

@@ -501,6 +501,18 @@ impl Quantized {
     }
 }
 
+/// The float weight of `site` among a model's patch convolution and linear layers.
+pub(crate) fn find_weight<'a>(
+    conv: &'a Conv2d,
+    linears: impl IntoIterator<Item = &'a Linear>,
+    site: SiteId,
+) -> Option<&'a Tensor> {
+    if conv.site() == site {
+        return Some(&conv.weight);
+    }
+    linears.into_iter().find(|l| l.site() == site).map(|l| &l.weight)
+}
+
 /// Repeats per-channel factors to cover `n` channels (Swin's patch merging concatenates four
 /// neighbours of one quantized tensor, spec §6 `in_scale_expand`).
 pub(crate) fn tile<T: Copy>(xs: &[T], n: usize) -> Vec<T> {

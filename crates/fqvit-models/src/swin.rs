@@ -12,7 +12,9 @@ use tch::{Device, Kind, Tensor};
 use crate::Preprocess;
 use crate::common::{Mlp, act, act_renamed};
 use crate::mode::Mode;
-use crate::quant::{Act, Classifier, Conv2d, LayerNorm, Linear, Quantizable, Softmax, Wiring};
+use crate::quant::{
+    Act, Classifier, Conv2d, LayerNorm, Linear, Quantizable, Softmax, Wiring, find_weight,
+};
 use crate::site::{SiteId, SiteTable, TensorClass};
 
 /// Architecture hyper-parameters.
@@ -536,10 +538,7 @@ impl Quantizable for Swin {
     }
 
     fn weight(&self, site: SiteId) -> Option<&Tensor> {
-        if self.patch_proj.site() == site {
-            return Some(&self.patch_proj.weight);
-        }
-        self.linears().find(|l| l.site() == site).map(|l| &l.weight)
+        find_weight(&self.patch_proj, self.linears(), site)
     }
 
     fn device(&self) -> Device {

@@ -7,7 +7,9 @@ use tch::{Device, Tensor};
 use crate::Preprocess;
 use crate::common::{Mlp, act};
 use crate::mode::Mode;
-use crate::quant::{Act, Classifier, Conv2d, LayerNorm, Linear, Quantizable, Softmax, Wiring};
+use crate::quant::{
+    Act, Classifier, Conv2d, LayerNorm, Linear, Quantizable, Softmax, Wiring, find_weight,
+};
 use crate::site::{SiteId, SiteTable, TensorClass};
 
 /// Architecture hyper-parameters.
@@ -326,10 +328,7 @@ impl Quantizable for Vit {
             .iter()
             .flat_map(|b| [&b.attn.qkv, &b.attn.proj, &b.mlp.fc1, &b.mlp.fc2])
             .chain([&self.head]);
-        if self.patch_proj.site() == site {
-            return Some(&self.patch_proj.weight);
-        }
-        linears.into_iter().find(|l| l.site() == site).map(|l| &l.weight)
+        find_weight(&self.patch_proj, linears, site)
     }
 
     fn device(&self) -> Device {

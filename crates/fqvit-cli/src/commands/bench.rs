@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use fqvit_calib::{Calibrator, Experiment};
 use fqvit_models::{Classifier, Mode, ModelName, Quantized};
 use serde_json::json;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::cli::BenchArgs;
 
@@ -21,7 +21,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     let side = model.preprocess().size as i64;
     let images = Tensor::randn([args.batch_size, 3, side, side], (Kind::Float, device));
 
-    let float = images_per_second(&*model, &images, &mut Mode::Float, args.iters, device);
+    let float = images_per_second(&*model, &images, &mut Mode::Float, args.iters);
     // 8/8/4 with PTF and LIS, calibrated on two random batches (the last one freezes).
     let exp = Experiment::default();
     let mut sink = Calibrator::new(model.sites(), &exp)?;
@@ -34,8 +34,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         });
     }
     let quantized = Quantized::new(&*model, sink.freeze()?, exp.quant_options())?;
-    let quant =
-        images_per_second(&*model, &images, &mut Mode::Quantized(&quantized), args.iters, device);
+    let quant = images_per_second(&*model, &images, &mut Mode::Quantized(&quantized), args.iters);
     let peak_mib = peak_rss_mib();
     let report = json!({
         "model": name.as_str(),
@@ -59,20 +58,16 @@ fn images_per_second(
     images: &Tensor,
     mode: &mut Mode<'_>,
     iters: usize,
-    device: Device,
 ) -> f64 {
     let forward = |mode: &mut Mode<'_>| {
         let logits = tch::no_grad(|| model.forward(images, mode));
-        // Waits for the device, so the time is the forward's.
+        // Reading a value waits for the device, so the time is the forward's.
         let _ = logits.sum(Kind::Float).double_value(&[]);
     };
     forward(mode);
     let start = Instant::now();
     for _ in 0..iters {
         forward(mode);
-    }
-    if let Device::Cuda(_) = device {
-        tch::Cuda::synchronize(0);
     }
     (iters as i64 * images.size()[0]) as f64 / start.elapsed().as_secs_f64()
 }
