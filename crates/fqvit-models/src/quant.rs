@@ -307,23 +307,48 @@ impl ActParams {
     }
 
     /// `clamp(round(x / s + z), lo, hi)`, as float codes.
+    ///
+    /// One new tensor, then in-place steps: the same float32 operations in the same order as
+    /// the original's chain (so the same values), without an allocation per step.
     fn codes(&self, xs: &Tensor) -> Tensor {
+        let mut q = match self {
+            ActParams::Layer { scale, zero, .. } => {
+                let mut q = xs / *scale;
+                let _ = q.g_add_scalar_(*zero);
+                q
+            }
+            ActParams::Channel { scale, zero, .. } => {
+                let mut q = xs / scale;
+                let _ = q.g_add_(zero);
+                q
+            }
+        };
+        let (lo, hi) = self.range();
+        let _ = q.round_();
+        let _ = q.clamp_(lo, hi);
+        q
+    }
+
+    fn range(&self) -> (f64, f64) {
         match self {
-            ActParams::Layer { scale, zero, lo, hi } => {
-                (xs / *scale + *zero).round().clamp(*lo, *hi)
-            }
-            ActParams::Channel { scale, zero, lo, hi } => {
-                (xs / scale + zero).round().clamp(*lo, *hi)
-            }
+            ActParams::Layer { lo, hi, .. } | ActParams::Channel { lo, hi, .. } => (*lo, *hi),
         }
     }
 
+    /// `(codes − z) · s`, in place on the codes.
     fn fake_quant(&self, xs: &Tensor) -> Tensor {
-        let q = self.codes(xs);
+        let mut q = self.codes(xs);
         match self {
-            ActParams::Layer { scale, zero, .. } => (q - *zero) * *scale,
-            ActParams::Channel { scale, zero, .. } => (q - zero) * scale,
+            ActParams::Layer { scale, zero, .. } => {
+                let _ = q.g_sub_scalar_(*zero);
+                let _ = q.g_mul_scalar_(*scale);
+            }
+            ActParams::Channel { scale, zero, .. } => {
+                let _ = q.g_sub_(zero);
+                let _ = q.g_mul_(scale);
+            }
         }
+        q
     }
 }
 
@@ -530,4 +555,40 @@ fn fake_quant_weight(w: &Tensor, p: &QParams) -> Tensor {
         .view(if zero.len() == 1 { vec![1i64] } else { shape.clone() }.as_slice());
     let (lo, hi) = (f64::from(p.bit_type.lower()), f64::from(p.bit_type.upper()));
     tch::no_grad(|| ((w / &scale + &zero).round().clamp(lo, hi) - &zero) * &scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fqvit_ops::BitType;
+
+    /// The in-place fake quantization equals the original's out-of-place chain bit for bit, with
+    /// values on rounding ties, outside the code range, and per-channel parameters.
+    #[test]
+    fn in_place_fake_quant_equals_the_chain() {
+        tch::manual_seed(7);
+        let (s, z) = (0.03125f32, 113i32);
+        // Ties: x/s + z = k + 0.5 exactly for these x (s is a power of two).
+        let ties = (Tensor::arange_start(-300, 300, (Kind::Float, Device::Cpu)) + 0.5
+            - f64::from(z))
+            * f64::from(s);
+        let xs = Tensor::cat(&[Tensor::randn([4000], (Kind::Float, Device::Cpu)) * 6.0, ties], 0);
+        let layer = QParams::layer_wise(BitType::UINT8, s, z);
+        let chain =
+            |xs: &Tensor, s: &Tensor, z: &Tensor| ((xs / s + z).round().clamp(0.0, 255.0) - z) * s;
+        let ours = ActParams::new(&layer, Device::Cpu).fake_quant(&xs);
+        let theirs = chain(&xs, &Tensor::from(s), &Tensor::from(z as f32));
+        assert!(ours.equal(&theirs), "layer-wise");
+        let xs = xs.narrow(0, 0, 4096).reshape([16, 256]);
+        let scales: Vec<f32> = (0..256).map(|c| s * (1 << (c % 4)) as f32).collect();
+        let channel = QParams {
+            bit_type: BitType::UINT8,
+            scale: scales.clone(),
+            zero_point: vec![z; 256],
+            ptf: None,
+        };
+        let ours = ActParams::new(&channel, Device::Cpu).fake_quant(&xs);
+        let theirs = chain(&xs, &Tensor::from_slice(&scales), &Tensor::from(z as f32));
+        assert!(ours.equal(&theirs), "channel-wise");
+    }
 }
