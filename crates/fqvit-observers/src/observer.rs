@@ -3,7 +3,7 @@
 use fqvit_ops::{BitType, Granularity, QParams};
 use tch::{Kind, Tensor};
 
-use crate::stats::{channel_max_min, fake_quant_mse, params_from_range, values};
+use crate::stats::{channel_max_min, fake_quant_mse, max_min, params_from_range, values};
 use crate::{Error, Observer, ObserverConfig, ObserverKind, Ptf, Result};
 
 /// Builds the observer for a site; `is_weight` selects the weight reshape (per output channel).
@@ -59,12 +59,17 @@ impl Range {
         if xs.numel() == 0 {
             return Err(Error::BadInput("an empty tensor".into()));
         }
-        let (cur_max, cur_min) = tch::no_grad(|| channel_max_min(xs, self.is_weight));
+        let layer_wise = self.granularity == Granularity::LayerWise;
+        // Layer-wise, the original combines per-channel values and then reduces them. Max and min
+        // are exact and every `combine` (max, min, the EMA step) is monotone in the current value,
+        // so reducing first gives the same result bit for bit, in one contiguous pass.
+        let (cur_max, cur_min) = tch::no_grad(|| {
+            if layer_wise { max_min(xs) } else { channel_max_min(xs, self.is_weight) }
+        });
         let (max, min) = match (&self.max, &self.min) {
             (Some(max), Some(min)) => (combine(max, &cur_max, true), combine(min, &cur_min, false)),
             _ => (cur_max, cur_min),
         };
-        let layer_wise = self.granularity == Granularity::LayerWise;
         self.max = Some(if layer_wise { max.max() } else { max });
         self.min = Some(if layer_wise { min.min() } else { min });
         Ok(())

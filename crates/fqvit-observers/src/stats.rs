@@ -6,22 +6,27 @@ use tch::{Kind, Tensor};
 
 use crate::{Error, Result};
 
-/// `(C, rest)` rows per channel: weights `(out, −1)`; activations channel-last, 4-D ones NHWC
-/// first (so the channel is dim 1).
-pub(crate) fn channel_rows(xs: &Tensor, is_weight: bool) -> Tensor {
+/// Per-channel max and min, shape `(C)`: weights over `(out, −1)` rows; activations
+/// channel-last, 4-D ones NHWC first (spec §3.1).
+///
+/// The original transposes activations to `(C, rest)` rows; reducing the `(rest, C)` view over
+/// its first dimension gives the same values (max and min are exact) without a strided pass.
+pub(crate) fn channel_max_min(xs: &Tensor, is_weight: bool) -> (Tensor, Tensor) {
     let xs = xs.to_kind(Kind::Float);
     if is_weight {
-        return xs.reshape([xs.size()[0], -1]);
+        let rows = xs.reshape([xs.size()[0], -1]);
+        return (rows.amax(1, false), rows.amin(1, false));
     }
     let xs = if xs.dim() == 4 { xs.permute([0, 2, 3, 1]) } else { xs };
     let c = *xs.size().last().unwrap_or(&1);
-    xs.reshape([-1, c]).transpose(0, 1)
+    let rows = xs.reshape([-1, c]);
+    (rows.amax(0, false), rows.amin(0, false))
 }
 
-/// Per-channel max and min, shape `(C)`.
-pub(crate) fn channel_max_min(xs: &Tensor, is_weight: bool) -> (Tensor, Tensor) {
-    let rows = channel_rows(xs, is_weight);
-    (rows.amax(1, false), rows.amin(1, false))
+/// The max and min of all elements, as 0-d tensors.
+pub(crate) fn max_min(xs: &Tensor) -> (Tensor, Tensor) {
+    let (min, max) = xs.to_kind(Kind::Float).aminmax(None::<i64>, false);
+    (max, min)
 }
 
 /// A float tensor's values.
