@@ -5,6 +5,7 @@
 // Doc comments are clap's help text, where `<DATA>` is the usual placeholder, not HTML.
 #![allow(rustdoc::invalid_html_tags)]
 
+mod alloc;
 mod cli;
 mod commands;
 mod config;
@@ -13,6 +14,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
+    let allocator_set = alloc::keep_freed_memory();
     let cli = cli::Cli::parse();
     let default = match cli.verbose as i8 - cli.quiet as i8 {
         i8::MIN..=-1 => "warn",
@@ -22,6 +24,9 @@ fn main() -> anyhow::Result<()> {
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    if !allocator_set {
+        tracing::warn!("glibc refused the allocator setting; large tensors will page-fault");
+    }
     match cli.command {
         cli::Command::Eval(args) => commands::eval::run(*args),
         cli::Command::Quantize(args) => commands::quantize::run(*args),
