@@ -101,7 +101,8 @@ pub(crate) enum OrderArg {
 /// Where the model and its weights come from.
 #[derive(Args, Debug)]
 pub(crate) struct ModelArgs {
-    /// Model: vit_tiny, deit_tiny, deit_small, deit_base, vit_base, vit_large.
+    /// Model: vit_tiny, deit_tiny, deit_small, deit_base, vit_base, vit_large, swin_tiny,
+    /// swin_small, swin_base.
     pub(crate) model: String,
     /// ImageNet folder with train/<wnid>/ and val/<wnid>/.
     pub(crate) data: PathBuf,
