@@ -7,7 +7,7 @@ use divan::counter::ItemsCount;
 use divan::{Bencher, black_box};
 use fqvit_calib::data::{BadImages, ImageFolder, preprocess};
 use fqvit_calib::decode::load_rgb;
-use fqvit_calib::eval::{EvalOptions, evaluate};
+use fqvit_calib::eval::{EvalOptions, Ties, evaluate};
 use fqvit_models::weights::load_strict;
 use fqvit_models::{Mode, ModelName, Preprocess, vit};
 use indicatif::ProgressBar;
@@ -57,8 +57,12 @@ fn float_eval(bencher: Bencher) {
         .join(ModelName::VitTiny.weights_folder())
         .join("model.safetensors");
     load_strict(&vs, &weights).unwrap();
-    let opts =
-        EvalOptions { batch_size: 100, device: tch::Device::Cpu, bad_images: BadImages::Fail };
+    let opts = EvalOptions {
+        batch_size: 100,
+        device: tch::Device::Cpu,
+        bad_images: BadImages::Fail,
+        ties: Ties::Torch,
+    };
     bencher.counter(ItemsCount::new(IMAGES)).bench_local(|| {
         black_box(
             evaluate(&model, &mut Mode::Float, &folder, &opts, &ProgressBar::hidden())

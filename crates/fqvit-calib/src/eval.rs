@@ -17,7 +17,7 @@ pub struct Prediction {
     pub path: String,
     /// The true class.
     pub label: usize,
-    /// The five best classes, best first; ties go to the lower class index.
+    /// The five best classes, best first, equal logits ordered by the evaluation's [`Ties`].
     pub top5: Vec<usize>,
 }
 
@@ -32,6 +32,8 @@ pub struct EvalReport {
     pub images: usize,
     /// Images whose best logit is tied with another class (frequent with quantized logits).
     pub tied_top1: usize,
+    /// How those ties were ordered.
+    pub ties: Ties,
     /// Images skipped as undecodable (`--skip-bad`), by path.
     pub skipped: Vec<String>,
     /// Wall-clock seconds, data loading included.
@@ -49,6 +51,21 @@ pub struct EvalOptions {
     pub device: Device,
     /// What to do with undecodable images.
     pub bad_images: BadImages,
+    /// How equal logits are ranked.
+    pub ties: Ties,
+}
+
+/// How classes with equal logits are ranked (quantized logits tie often: spec §12.12).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ties {
+    /// libtorch's `topk(5, dim 1, largest, sorted)` on the CPU copy of the logits: the
+    /// original's metric (`test_quant.py` `accuracy`), whose order among equal logits is that
+    /// of its `std::partial_sort`, deterministic on the CPU.
+    #[default]
+    Torch,
+    /// The lower class index first: a rule that does not depend on the library.
+    LowerIndex,
 }
 
 /// The indices of the `k` largest values, best first, ties to the lower index.
@@ -58,6 +75,21 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<usize> {
     idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
     idx.truncate(k);
     idx
+}
+
+/// The five best classes of each row of CPU `logits` `(B, classes)` (`values` is their
+/// contents), best first, equal logits ordered by `ties`.
+pub fn top5_rows(logits: &tch::Tensor, values: &[f32], ties: Ties) -> Result<Vec<Vec<usize>>> {
+    let n_classes = logits.size()[1] as usize;
+    Ok(match ties {
+        Ties::Torch => {
+            let k = n_classes.min(5);
+            let (_, idx) = logits.topk(k as i64, 1, true, true);
+            let idx = Vec::<i64>::try_from(idx.contiguous().view(-1))?;
+            idx.chunks_exact(k).map(|r| r.iter().map(|&c| c as usize).collect()).collect()
+        }
+        Ties::LowerIndex => values.chunks_exact(n_classes).map(|row| top_k(row, 5)).collect(),
+    })
 }
 
 /// Evaluates `model` in `mode` on every image of `folder`.
@@ -86,8 +118,10 @@ pub fn evaluate(
                 .to_kind(Kind::Float);
             let n_classes = logits.size()[1] as usize;
             let values = Vec::<f32>::try_from(logits.contiguous().view(-1))?;
-            for (sample, row) in batch.samples.iter().zip(values.chunks_exact(n_classes)) {
-                let top5 = top_k(row, 5);
+            let ranked = top5_rows(&logits, &values, opts.ties)?;
+            for ((sample, row), top5) in
+                batch.samples.iter().zip(values.chunks_exact(n_classes)).zip(ranked)
+            {
                 tied += usize::from(row.iter().filter(|&&v| v == row[top5[0]]).count() > 1);
                 predictions.push(Prediction {
                     path: sample.rel_path.clone(),
@@ -109,10 +143,32 @@ pub fn evaluate(
         top5: pct(hits(5)),
         images,
         tied_top1: tied,
+        ties: opts.ties,
         skipped,
         seconds: start.elapsed().as_secs_f64(),
         predictions,
     };
     tracing::info!(top1 = report.top1, top5 = report.top5, images, "evaluated");
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Six classes tie at the top of 1000: libtorch's topk (as PyTorch 2.11 ranks them for the
+    /// original) and the lower-index rule give different orders, and so different top-1s when
+    /// the label is among the tied classes.
+    #[test]
+    fn ties_rank_as_libtorch_or_by_lower_index() {
+        let mut values = vec![0f32; 1000];
+        for c in [3, 10, 500, 999, 7, 8] {
+            values[c] = 1.0;
+        }
+        let logits = tch::Tensor::from_slice(&values).view([1, 1000]);
+        let torch = top5_rows(&logits, &values, Ties::Torch).unwrap();
+        let lower = top5_rows(&logits, &values, Ties::LowerIndex).unwrap();
+        assert_eq!(torch, [vec![3, 8, 10, 500, 7]]);
+        assert_eq!(lower, [vec![3, 7, 8, 10, 500]]);
+    }
 }

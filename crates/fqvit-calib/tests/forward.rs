@@ -5,7 +5,7 @@
 mod common;
 
 use fqvit_calib::data::{BadImages, ImageFolder, class_index};
-use fqvit_calib::eval::{EvalOptions, evaluate};
+use fqvit_calib::eval::{EvalOptions, Ties, evaluate};
 use fqvit_models::Mode;
 use indicatif::ProgressBar;
 
@@ -24,7 +24,12 @@ fn float_vit_tiny_classifies_shared_images() {
     let mut folder = ImageFolder::open(&common::sample_dir(), "val").unwrap();
     folder.retain(|s| IMAGES.contains(&s.rel_path.as_str()));
     assert_eq!(folder.samples().len(), IMAGES.len());
-    let opts = EvalOptions { batch_size: 4, device: tch::Device::Cpu, bad_images: BadImages::Fail };
+    let opts = EvalOptions {
+        batch_size: 4,
+        device: tch::Device::Cpu,
+        bad_images: BadImages::Fail,
+        ties: Ties::Torch,
+    };
     let report =
         evaluate(&model, &mut Mode::Float, &folder, &opts, &ProgressBar::hidden()).unwrap();
     for p in &report.predictions {

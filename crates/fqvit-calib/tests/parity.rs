@@ -5,7 +5,7 @@
 mod common;
 
 use fqvit_calib::data::{BadImages, ImageFolder};
-use fqvit_calib::eval::{EvalOptions, evaluate};
+use fqvit_calib::eval::{EvalOptions, Ties, evaluate};
 use fqvit_calib::experiment::CalibOrder;
 use fqvit_calib::{Experiment, calibrate, calibration_set};
 use fqvit_models::{Mode, Quantizable, Quantized};
@@ -142,7 +142,12 @@ fn quantized_model_classifies_shared_images(
     let quantized = Quantized::new(model, table.clone(), exp.quant_options()).unwrap();
     let mut folder = ImageFolder::open(&common::sample_dir(), "val").unwrap();
     folder.retain(|s| IMAGES.contains(&s.rel_path.as_str()));
-    let opts = EvalOptions { batch_size: 6, device: tch::Device::Cpu, bad_images: BadImages::Fail };
+    let opts = EvalOptions {
+        batch_size: 6,
+        device: tch::Device::Cpu,
+        bad_images: BadImages::Fail,
+        ties: Ties::Torch,
+    };
     let report =
         evaluate(model, &mut Mode::Quantized(&quantized), &folder, &opts, &ProgressBar::hidden())
             .unwrap();

@@ -76,6 +76,15 @@ pub(crate) enum DeviceArg {
     Cuda,
 }
 
+/// How classes with equal logits are ranked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum TiesArg {
+    /// libtorch's topk on the CPU, as the original's accuracy.
+    Torch,
+    /// The lower class index first.
+    LowerIndex,
+}
+
 /// The activation observer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum MethodArg {
@@ -168,6 +177,10 @@ pub(crate) struct EvalArgs {
     /// Skip undecodable images with a warning (counted in the results) instead of stopping.
     #[arg(long)]
     pub(crate) skip_bad: bool,
+    /// How equal logits rank (quantized logits tie often): libtorch's topk on the CPU as the
+    /// original, or the lower class index first.
+    #[arg(long, value_enum, default_value_t = TiesArg::Torch)]
+    pub(crate) ties: TiesArg,
     /// Write the results, configuration and per-image predictions to this JSON file.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use fqvit_calib::data::{BadImages, ImageFolder};
-use fqvit_calib::eval::{EvalOptions, EvalReport, evaluate};
+use fqvit_calib::eval::{EvalOptions, EvalReport, Ties, evaluate};
 use fqvit_calib::{Experiment, calibrate, calibration_set};
 use fqvit_models::weights::{WeightsSource, load_strict, resolve};
 use fqvit_models::{Classifier, Mode, ModelName, Quantized};
@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::Device;
 
-use crate::cli::{DeviceArg, EvalArgs, ModelArgs};
+use crate::cli::{DeviceArg, EvalArgs, ModelArgs, TiesArg};
 
 /// A model with where its weights came from.
 pub(crate) struct Loaded {
@@ -163,6 +163,10 @@ fn finish_eval(
         batch_size: args.val_batchsize.max(1),
         device: loaded.device,
         bad_images: if args.skip_bad { BadImages::Skip } else { BadImages::Fail },
+        ties: match args.ties {
+            TiesArg::Torch => Ties::Torch,
+            TiesArg::LowerIndex => Ties::LowerIndex,
+        },
     };
     let report = evaluate(&*loaded.model, &mut mode, &val, &opts, &bar)?;
     bar.finish_and_clear();
@@ -175,6 +179,7 @@ fn finish_eval(
             "images": report.images,
             "skipped": report.skipped,
             "tied_top1": report.tied_top1,
+            "ties": report.ties,
             "weights": loaded.weights,
             "qparams": args.qparams,
             "data": args.model.data,
@@ -210,7 +215,11 @@ fn print_report(
         println!("calibration: {s:.1} s");
     }
     if report.tied_top1 > 0 {
-        println!("tied top-1: {} images (ties go to the lower class index)", report.tied_top1);
+        let rule = match report.ties {
+            Ties::Torch => "ranked by libtorch's topk, as the original",
+            Ties::LowerIndex => "ties go to the lower class index",
+        };
+        println!("tied top-1: {} images ({rule})", report.tied_top1);
     }
     if !report.skipped.is_empty() {
         println!("skipped: {} undecodable images", report.skipped.len());
