@@ -5,7 +5,7 @@
 //! ViT-Tiny at batch 100 are 46 MB) arrives as new pages that the kernel must fault in and zero.
 //! libtorch allocates through the same `malloc`. On the quantized ViT-Tiny evaluation, about 40 %
 //! of the time went to page faults, and raising the threshold doubles its speed
-//! (`cargo xtask bench-models` and README "Speed" have the figures).
+//! (README "Speed" has the figures).
 //! The price: memory freed during the run is reused by later tensors instead of going back to
 //! the kernel, so the resident size stays near the peak (which it reaches anyway).
 
