@@ -1,8 +1,9 @@
 //! The process's allocator setting: freed tensors stay in the heap.
 //!
-//! glibc serves every block above its mmap threshold (at most 32 MiB by default) with a fresh
-//! `mmap` and unmaps it on free, so each large tensor of a batch (the attention scores of
-//! ViT-Tiny at batch 100 are 46 MB) arrives as new pages that the kernel must fault in and zero.
+//! glibc serves every block above its mmap threshold (128 KiB, raised by itself to at most
+//! 32 MiB) with a fresh `mmap` and unmaps it on free, so each large tensor of a batch (the
+//! attention scores of ViT-Tiny at batch 100 are 46 MB) arrives as new pages that the kernel must
+//! fault in and zero.
 //! libtorch allocates through the same `malloc`. On the quantized ViT-Tiny evaluation, about 40 %
 //! of the time went to page faults, and raising the threshold doubles its speed
 //! (README "Speed" has the figures).

@@ -66,12 +66,13 @@ impl Range {
         let (cur_max, cur_min) = tch::no_grad(|| {
             if layer_wise { max_min(xs) } else { channel_max_min(xs, self.is_weight) }
         });
+        // Layer-wise values are already single values here, channel-wise ones stay per channel.
         let (max, min) = match (&self.max, &self.min) {
             (Some(max), Some(min)) => (combine(max, &cur_max, true), combine(min, &cur_min, false)),
             _ => (cur_max, cur_min),
         };
-        self.max = Some(if layer_wise { max.max() } else { max });
-        self.min = Some(if layer_wise { min.min() } else { min });
+        self.max = Some(max);
+        self.min = Some(min);
         Ok(())
     }
 
