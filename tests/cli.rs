@@ -92,7 +92,12 @@ fn contradictory_or_unknown_flags_are_refused_with_a_clear_message() {
         &with(&["--quant", "--quant-method", "kmeans"]),
         "invalid value 'kmeans' for '--quant-method",
     );
-    fails_with(&with(&["--quant-method", "omse"]), "--quant-method and --attn-bits need --quant");
+    fails_with(&with(&["--quant-method", "omse"]), "--quant-method needs --quant");
+    fails_with(&with(&["--layer-norm-sqrt", "exact"]), "--layer-norm-sqrt needs --quant");
+    fails_with(
+        &with(&["--quant", "--layer-norm-sqrt", "round"]),
+        "invalid value 'round' for '--layer-norm-sqrt",
+    );
     fails_with(&with(&["--quant", "--attn-bits", "3"]), "invalid value '3' for '--attn-bits");
     fails_with(&with(&["--frobnicate"]), "unexpected argument '--frobnicate'");
     fails_with(

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use fqvit_models::{Architecture, QParamTable, Quantizable, SiteId, TensorClass};
 use fqvit_ops::{BitType, Bits, PtfFactor, QParams};
+use fqvit_tensor::{Axis, Quantizer};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use serde::{Deserialize, Serialize};
@@ -152,13 +153,8 @@ pub fn write(
             let w = model
                 .weight(id)
                 .ok_or_else(|| Error::Settings(format!("site {} has no weight", site.name)))?;
-            let mut shape = vec![-1i64];
-            shape.resize(w.dim(), 1);
-            let scale = Tensor::from_slice(&p.scale).view(shape.as_slice());
-            let (lo, hi) = (f64::from(p.bit_type.lower()), f64::from(p.bit_type.upper()));
-            // Symmetric int8: zero point 0, codes = clamp(round(w / s)).
-            let codes =
-                tch::no_grad(|| (w.to_device(tch::Device::Cpu) / &scale).round().clamp(lo, hi));
+            let quantizer = Quantizer::new(p, Axis::First, tch::Device::Cpu);
+            let codes = tch::no_grad(|| quantizer.codes(&w.to_device(tch::Device::Cpu)));
             let dims: Vec<usize> = w.size().iter().map(|&d| d as usize).collect();
             tensors.push((
                 weight_codes_name(&site.name),

@@ -7,6 +7,7 @@
 use fqvit_models::{QuantOptions, TensorClass};
 use fqvit_observers::{ObserverConfig, ObserverKind};
 use fqvit_ops::{BitType, Bits, Granularity};
+pub use fqvit_tensor::StdSqrt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -102,6 +103,9 @@ pub struct Experiment {
     /// Run LIS in the last calibration batch once its input scale is known, as the original
     /// does (spec §7.1). `false` keeps calibration entirely float.
     pub lis_in_last_calibration_batch: bool,
+    /// The integer LayerNorm's square root (`--layer-norm-sqrt`): libtorch's, as the original
+    /// (its codes can depend on the CPU), or correctly rounded (the same on every machine).
+    pub layer_norm_sqrt: StdSqrt,
     /// Calibration data.
     pub calibration: Calibration,
 }
@@ -119,6 +123,7 @@ impl Default for Experiment {
             activation_bits: 8,
             attn_bits: 4,
             lis_in_last_calibration_batch: true,
+            layer_norm_sqrt: StdSqrt::Libtorch,
             calibration: Calibration::default(),
         }
     }
@@ -200,6 +205,7 @@ impl Experiment {
         QuantOptions {
             int_layer_norm: self.ptf,
             lis_bits: self.lis.then_some(u32::from(self.attn_bits)),
+            std_sqrt: self.layer_norm_sqrt,
         }
     }
 

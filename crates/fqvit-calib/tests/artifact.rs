@@ -81,14 +81,14 @@ fn round_trip_gives_identical_outputs_without_the_float_weights() {
     let (_vs, model, table, path, exp) = calibrated(dir.path());
     let x = images(3);
     let q = Quantized::new(&model, table.clone(), exp.quant_options()).unwrap();
-    let before = tch::no_grad(|| model.forward(&x, &mut Mode::Quantized(&q)));
+    let before = tch::no_grad(|| model.forward(&x, &mut Mode::quantized(&q)));
     let cfg = Architecture::Vit(config());
     let (vs2, model2) = fresh();
     let loaded = artifact::read(&path, &model2, &vs2, expect(&cfg)).unwrap();
     assert_eq!(loaded.table, table, "parameters round-trip exactly");
     let q2 = Quantized::new(&model2, loaded.table, loaded.provenance.experiment.quant_options())
         .unwrap();
-    let after = tch::no_grad(|| model2.forward(&x, &mut Mode::Quantized(&q2)));
+    let after = tch::no_grad(|| model2.forward(&x, &mut Mode::quantized(&q2)));
     assert!(before.equal(&after), "quantized logits differ after the round trip");
     // About a quarter of float32 for the weights, plus the float biases, norms and embeddings.
     let float_bytes: usize = vs2.variables().values().map(|t| t.numel() * 4).sum();

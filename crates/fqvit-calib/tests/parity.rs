@@ -4,11 +4,9 @@
 
 mod common;
 
-use fqvit_calib::data::{BadImages, ImageFolder};
-use fqvit_calib::eval::{EvalOptions, Ties, evaluate};
 use fqvit_calib::experiment::CalibOrder;
 use fqvit_calib::{Experiment, calibrate, calibration_set};
-use fqvit_models::{Mode, Quantizable, Quantized};
+use fqvit_models::Quantizable;
 use indicatif::ProgressBar;
 
 #[test]
@@ -19,7 +17,6 @@ fn calibrated_parameters_match_the_original_site_by_site() {
     let folder = calibration_set(&common::sample_dir(), &exp).unwrap();
     let (table, _) =
         calibrate(&model, &folder, &exp, tch::Device::Cpu, &ProgressBar::hidden()).unwrap();
-    quantized_model_classifies_shared_images(&model, &table, &exp);
     let path = common::shared_dir().join("golden/vit_tiny_minmax_ptf_lis_qparams.json");
     let golden: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -122,39 +119,4 @@ fn calibrated_parameters_match_the_original_site_by_site() {
         factor_equal * 100 >= factor_total * 98,
         "PTF factors equal on only {factor_equal} of {factor_total}"
     );
-}
-
-/// The calibrated 8/8/4 model on six shared validation images: the quantized top-1 is the ground
-/// truth (impala, grey whale, brassiere, wallet, sea snake, sulphur-crested cockatoo).
-fn quantized_model_classifies_shared_images(
-    model: &fqvit_models::vit::Vit,
-    table: &fqvit_models::QParamTable,
-    exp: &Experiment,
-) {
-    const IMAGES: [&str; 6] = [
-        "val/n02454379/ILSVRC2012_val_00047889.JPEG",
-        "val/n02066245/ILSVRC2012_val_00038153.JPEG",
-        "val/n02892767/ILSVRC2012_val_00032597.JPEG",
-        "val/n04548362/ILSVRC2012_val_00010981.JPEG",
-        "val/n01751748/ILSVRC2012_val_00025367.JPEG",
-        "val/n01819313/ILSVRC2012_val_00042665.JPEG",
-    ];
-    let quantized = Quantized::new(model, table.clone(), exp.quant_options()).unwrap();
-    let mut folder = ImageFolder::open(&common::sample_dir(), "val").unwrap();
-    folder.retain(|s| IMAGES.contains(&s.rel_path.as_str()));
-    // The brassiere's top logit ties with another class: rank by class index so that this checks
-    // the model, not libtorch's order among equal values.
-    let opts = EvalOptions {
-        batch_size: 6,
-        device: tch::Device::Cpu,
-        bad_images: BadImages::Fail,
-        ties: Ties::LowerIndex,
-    };
-    let report =
-        evaluate(model, &mut Mode::Quantized(&quantized), &folder, &opts, &ProgressBar::hidden())
-            .unwrap();
-    assert_eq!(report.images, 6);
-    for p in &report.predictions {
-        assert_eq!(p.top5[0], p.label, "{}: quantized prediction {:?}", p.path, p.top5);
-    }
 }

@@ -83,7 +83,7 @@ fn swin_calibrates_and_runs_quantized() {
             "{label}: calibration is deterministic"
         );
         let q = Quantized::new(&model, table, exp.quant_options()).unwrap();
-        let run = || tch::no_grad(|| model.forward(&input, &mut Mode::Quantized(&q)));
+        let run = || tch::no_grad(|| model.forward(&input, &mut Mode::quantized(&q)));
         let logits = run();
         assert_eq!(logits.size(), [2, 10]);
         let finite = logits.isfinite().all().int64_value(&[]);
@@ -129,7 +129,7 @@ fn swin_artifact_round_trips() {
     let path = dir.path().join("swin.qparams.safetensors");
     artifact::write(&path, &model, &vs, &table, &prov).unwrap();
     let q = Quantized::new(&model, table.clone(), exp.quant_options()).unwrap();
-    let before = tch::no_grad(|| model.forward(&input, &mut Mode::Quantized(&q)));
+    let before = tch::no_grad(|| model.forward(&input, &mut Mode::quantized(&q)));
 
     tch::manual_seed(123);
     let vs2 = VarStore::new(Device::Cpu);
@@ -138,6 +138,6 @@ fn swin_artifact_round_trips() {
     let loaded = artifact::read(&path, &model2, &vs2, expect).unwrap();
     assert_eq!(loaded.table, table);
     let q2 = Quantized::new(&model2, loaded.table, exp.quant_options()).unwrap();
-    let after = tch::no_grad(|| model2.forward(&input, &mut Mode::Quantized(&q2)));
+    let after = tch::no_grad(|| model2.forward(&input, &mut Mode::quantized(&q2)));
     assert!(before.equal(&after), "quantized Swin logits differ after the round trip");
 }

@@ -12,7 +12,7 @@
 
 /// Keeps blocks up to 1 GiB in the heap and the heap's top untrimmed.
 ///
-/// Call it first in `main`, before any other thread exists. Returns whether glibc accepted
+/// Call it first in `main`, before any other thread exists (`--low-memory` skips it). Returns whether glibc accepted
 /// both settings (always `true` where they do not apply).
 #[allow(unsafe_code)]
 pub(crate) fn keep_freed_memory() -> bool {

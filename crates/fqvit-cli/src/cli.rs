@@ -16,6 +16,10 @@ pub(crate) struct Cli {
     /// Less logging.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub(crate) quiet: u8,
+    /// Give freed memory back to the system (glibc's defaults): lower peak memory, slower
+    /// (by default large freed blocks stay in the heap for reuse; README "Speed").
+    #[arg(long, global = true, env = "FQVIT_LOW_MEMORY")]
+    pub(crate) low_memory: bool,
 }
 
 #[derive(Subcommand)]
@@ -98,6 +102,15 @@ pub(crate) enum MethodArg {
     Omse,
 }
 
+/// The integer LayerNorm's square root.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum SqrtArg {
+    /// libtorch's float32 sqrt, as the original (its rounding depends on the CPU).
+    Libtorch,
+    /// Correctly rounded: the same codes on every machine.
+    Exact,
+}
+
 /// Calibration image order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum OrderArg {
@@ -148,6 +161,9 @@ pub(crate) struct QuantArgs {
     /// Log2 code bits of Log-Int-Softmax [default: 4].
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["4", "8"]))]
     pub(crate) attn_bits: Option<String>,
+    /// The integer LayerNorm's square root [default: libtorch].
+    #[arg(long, value_enum)]
+    pub(crate) layer_norm_sqrt: Option<SqrtArg>,
     /// Calibration images per batch [default: 100].
     #[arg(long)]
     pub(crate) calib_batchsize: Option<usize>,

@@ -5,9 +5,9 @@
 
 use anyhow::{Context, Result};
 use fqvit_calib::Experiment;
-use fqvit_calib::experiment::{CalibOrder, Method};
+use fqvit_calib::experiment::{CalibOrder, Method, StdSqrt};
 
-use crate::cli::{MethodArg, OrderArg, QuantArgs};
+use crate::cli::{MethodArg, OrderArg, QuantArgs, SqrtArg};
 
 pub(crate) fn resolve(args: &QuantArgs) -> Result<Experiment> {
     resolve_with(args, false)
@@ -41,6 +41,12 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
     if let Some(bits) = &args.attn_bits {
         exp.attn_bits = bits.parse().context("--attn-bits")?;
     }
+    if let Some(sqrt) = args.layer_norm_sqrt {
+        exp.layer_norm_sqrt = match sqrt {
+            SqrtArg::Libtorch => StdSqrt::Libtorch,
+            SqrtArg::Exact => StdSqrt::Exact,
+        };
+    }
     let cal = &mut exp.calibration;
     cal.batch_size = args.calib_batchsize.unwrap_or(cal.batch_size);
     cal.iterations = args.calib_iter.unwrap_or(cal.iterations);
@@ -51,9 +57,19 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
             OrderArg::Sorted => CalibOrder::Sorted,
         };
     }
-    if !exp.quant && (args.quant_method.is_some() || args.attn_bits.is_some()) {
+    let needs_quant: Vec<&str> = [
+        ("--quant-method", args.quant_method.is_some()),
+        ("--attn-bits", args.attn_bits.is_some()),
+        ("--layer-norm-sqrt", args.layer_norm_sqrt.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, given)| given.then_some(flag))
+    .collect();
+    if !exp.quant && !needs_quant.is_empty() {
+        let verb = if needs_quant.len() == 1 { "needs" } else { "need" };
         anyhow::bail!(
-            "--quant-method and --attn-bits need --quant: without it the model runs in full precision"
+            "{} {verb} --quant: without it the model runs in full precision",
+            needs_quant.join(" and ")
         );
     }
     exp.validate().map_err(|e| {

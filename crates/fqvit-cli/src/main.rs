@@ -14,8 +14,9 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
-    let allocator_set = alloc::keep_freed_memory();
+    // Parsing starts no thread, so the allocator setting still comes before any other thread.
     let cli = cli::Cli::parse();
+    let allocator_set = cli.low_memory || alloc::keep_freed_memory();
     let default = match cli.verbose as i8 - cli.quiet as i8 {
         i8::MIN..=-1 => "warn",
         0 => "fqvit=info,fqvit_calib=info,fqvit_models=info,fqvit_cli=info,warn",

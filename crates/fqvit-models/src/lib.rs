@@ -35,6 +35,6 @@ pub mod weights;
 
 pub use error::{Error, Result};
 pub use mode::{CalibrationSink, Mode, QuantOptions};
-pub use quant::{Classifier, Quantizable, Quantized, Wiring};
+pub use quant::{Classifier, Layer, Probe, Quantizable, Quantized, Wiring};
 pub use registry::{Architecture, ModelName, Preprocess};
 pub use site::{QParamTable, Site, SiteId, SiteTable, TensorClass};

@@ -3,7 +3,7 @@
 use fqvit_ops::QParams;
 use tch::Tensor;
 
-use crate::quant::Quantized;
+use crate::quant::{Probe, Quantized};
 use crate::site::SiteId;
 
 /// Which integer paths the quantized model takes (the original's `--ptf` and `--lis`).
@@ -13,6 +13,8 @@ pub struct QuantOptions {
     pub int_layer_norm: bool,
     /// Log-Int-Softmax with this many bits (`--lis`, 4 by default); otherwise float softmax then uint8.
     pub lis_bits: Option<u32>,
+    /// The integer LayerNorm's square root: libtorch's (the original's) or correctly rounded.
+    pub std_sqrt: fqvit_tensor::StdSqrt,
 }
 
 /// Receives every site's tensor during calibration; implemented by `fqvit-calib`.
@@ -36,5 +38,17 @@ pub enum Mode<'a> {
         options: QuantOptions,
     },
     /// Fake-quantized weights and activations, integer LayerNorm and LIS as configured.
-    Quantized(&'a Quantized),
+    Quantized {
+        /// The frozen state.
+        state: &'a Quantized,
+        /// Sees (and may replace) each module's tensors; `None` in a plain forward.
+        probe: Option<&'a mut dyn Probe>,
+    },
+}
+
+impl<'a> Mode<'a> {
+    /// The quantized mode of `state`, without a probe.
+    pub fn quantized(state: &'a Quantized) -> Self {
+        Mode::Quantized { state, probe: None }
+    }
 }

@@ -12,9 +12,7 @@ use tch::{Device, Kind, Tensor};
 use crate::Preprocess;
 use crate::common::{Mlp, act, act_renamed};
 use crate::mode::Mode;
-use crate::quant::{
-    Act, Classifier, Conv2d, LayerNorm, Linear, Quantizable, Softmax, Wiring, find_weight,
-};
+use crate::quant::{Act, Classifier, Conv2d, Layer, LayerNorm, Linear, Quantizable, Softmax};
 use crate::site::{SiteId, SiteTable, TensorClass};
 
 /// Architecture hyper-parameters.
@@ -148,7 +146,7 @@ impl WindowAttention {
             bias_table,
             table_out,
             // LIS takes its scale from the biased logits, before the mask (spec §8.3).
-            softmax: Softmax::new(biased.site(), probs),
+            softmax: Softmax::new(format!("{o}.softmax"), biased.site(), probs),
             biased,
             context,
             proj,
@@ -282,11 +280,28 @@ impl Block {
         let (window, shift) = cfg.window(at.stage);
         let shift = if at.index % 2 == 1 { shift } else { 0 };
         let norm1_out = act(sites, &o, "norm1_out", "qact1", TensorClass::Activation, d);
-        let norm1 = LayerNorm::new(&(p / "norm1"), d, cfg.eps, at.last_q, norm1_out.site());
+        let ln = |name: &str| format!("{o}.{name}");
+        let norm1 = LayerNorm::new(
+            &(p / "norm1"),
+            ln("norm1"),
+            ln("norm1"),
+            d,
+            cfg.eps,
+            at.last_q,
+            norm1_out.site(),
+        );
         let attn = WindowAttention::new(&(p / "attn"), sites, &o, d, at.heads, window);
         let residual1 = act(sites, &o, "residual1", "qact2", TensorClass::LayerNormInput, d);
         let norm2_out = act(sites, &o, "norm2_out", "qact3", TensorClass::Activation, d);
-        let norm2 = LayerNorm::new(&(p / "norm2"), d, cfg.eps, residual1.site(), norm2_out.site());
+        let norm2 = LayerNorm::new(
+            &(p / "norm2"),
+            ln("norm2"),
+            ln("norm2"),
+            d,
+            cfg.eps,
+            residual1.site(),
+            norm2_out.site(),
+        );
         let mlp = Mlp::new(&(p / "mlp"), sites, &o, d, d * cfg.mlp_ratio);
         let residual2 = act(sites, &o, "residual2", "qact4", TensorClass::LayerNormInput, d);
         let mask = (shift > 0).then(|| shift_mask(resolution, window, shift, p.device()));
@@ -353,8 +368,16 @@ impl PatchMerging {
             TensorClass::Activation,
             4 * dim,
         );
-        let norm = LayerNorm::new(&(p / "norm"), 4 * dim, cfg.eps, last_q, norm_out.site())
-            .with_in_expand(4);
+        let norm = LayerNorm::new(
+            &(p / "norm"),
+            format!("{o}.norm"),
+            format!("{original}.norm"),
+            4 * dim,
+            cfg.eps,
+            last_q,
+            norm_out.site(),
+        )
+        .with_in_expand(4);
         let reduction = Linear::new(
             &(p / "reduction"),
             sites,
@@ -427,8 +450,15 @@ impl Swin {
         let patch_proj_out =
             act(s, "patch_embed", "proj_out", "qact_before_norm", TensorClass::Activation, c0);
         let patch_out = act(s, "patch_embed", "out", "qact", TensorClass::Activation, c0);
-        let patch_norm =
-            LayerNorm::new(&(&pe / "norm"), c0, cfg.eps, patch_proj_out.site(), patch_out.site());
+        let patch_norm = LayerNorm::new(
+            &(&pe / "norm"),
+            "patch_embed.norm".into(),
+            "patch_embed.norm".into(),
+            c0,
+            cfg.eps,
+            patch_proj_out.site(),
+            patch_out.site(),
+        );
         // The first block's LayerNorm reads the layer-wise patch_embed.qact (spec §8.3).
         let mut last_q = patch_out.site();
         let mut stages = Vec::with_capacity(4);
@@ -452,7 +482,15 @@ impl Swin {
         }
         let dim = c0 << 3;
         let norm_out = act(s, "", "norm_out", "qact2", TensorClass::Activation, dim);
-        let norm = LayerNorm::new(&(p / "norm"), dim, cfg.eps, last_q, norm_out.site());
+        let norm = LayerNorm::new(
+            &(p / "norm"),
+            "norm".into(),
+            "norm".into(),
+            dim,
+            cfg.eps,
+            last_q,
+            norm_out.site(),
+        );
         let pooled = act(s, "", "pooled", "qact3", TensorClass::Activation, dim);
         // A weight site is named by its parameter prefix (timm's `head.fc`); the artifact relies on it.
         let head =
@@ -484,20 +522,6 @@ impl Swin {
     /// Logits `(B, classes)` of normalized images `(B, 3, H, W)`.
     pub fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
         Classifier::forward(self, xs, mode)
-    }
-
-    fn linears(&self) -> impl Iterator<Item = &Linear> {
-        self.stages
-            .iter()
-            .flat_map(|stage| {
-                let merge = stage.downsample.iter().map(|m| &m.reduction);
-                let blocks = stage
-                    .blocks
-                    .iter()
-                    .flat_map(|b| [&b.attn.qkv, &b.attn.proj, &b.mlp.fc1, &b.mlp.fc2]);
-                merge.chain(blocks)
-            })
-            .chain([&self.head])
     }
 }
 
@@ -537,28 +561,29 @@ impl Quantizable for Swin {
         &self.sites
     }
 
-    fn weight(&self, site: SiteId) -> Option<&Tensor> {
-        find_weight(&self.patch_proj, self.linears(), site)
-    }
-
     fn device(&self) -> Device {
         self.device
     }
 
-    fn wiring(&self) -> Vec<Wiring> {
-        let mut out = vec![self.patch_norm.wiring("patch_embed.norm".into())];
-        for (s, stage) in self.stages.iter().enumerate() {
+    fn layers(&self) -> Vec<Layer<'_>> {
+        let mut out = vec![Layer::Conv2d(&self.patch_proj), Layer::LayerNorm(&self.patch_norm)];
+        for stage in &self.stages {
             if let Some(merge) = &stage.downsample {
-                out.push(merge.norm.wiring(format!("layers.{s}.downsample.norm")));
+                out.extend([Layer::LayerNorm(&merge.norm), Layer::Linear(&merge.reduction)]);
             }
-            for (i, b) in stage.blocks.iter().enumerate() {
-                let o = format!("layers.{s}.blocks.{i}");
-                out.push(b.norm1.wiring(format!("{o}.norm1")));
-                out.push(b.attn.softmax.wiring(format!("{o}.attn.softmax")));
-                out.push(b.norm2.wiring(format!("{o}.norm2")));
+            for b in &stage.blocks {
+                out.extend([
+                    Layer::LayerNorm(&b.norm1),
+                    Layer::Linear(&b.attn.qkv),
+                    Layer::Softmax(&b.attn.softmax),
+                    Layer::Linear(&b.attn.proj),
+                    Layer::LayerNorm(&b.norm2),
+                    Layer::Linear(&b.mlp.fc1),
+                    Layer::Linear(&b.mlp.fc2),
+                ]);
             }
         }
-        out.push(self.norm.wiring("norm".into()));
+        out.extend([Layer::LayerNorm(&self.norm), Layer::Linear(&self.head)]);
         out
     }
 }

@@ -7,9 +7,7 @@ use tch::{Device, Tensor};
 use crate::Preprocess;
 use crate::common::{Mlp, act};
 use crate::mode::Mode;
-use crate::quant::{
-    Act, Classifier, Conv2d, LayerNorm, Linear, Quantizable, Softmax, Wiring, find_weight,
-};
+use crate::quant::{Act, Classifier, Conv2d, Layer, LayerNorm, Linear, Quantizable, Softmax};
 use crate::site::{SiteId, SiteTable, TensorClass};
 
 /// Architecture hyper-parameters.
@@ -131,7 +129,7 @@ impl Attention {
         Attention {
             qkv,
             qkv_out,
-            softmax: Softmax::new(scores.site(), probs),
+            softmax: Softmax::new(format!("{o}.softmax"), scores.site(), probs),
             scores,
             context,
             proj,
@@ -180,11 +178,28 @@ impl Block {
     ) -> Self {
         let (d, o) = (cfg.embed_dim, format!("blocks.{index}"));
         let norm1_out = act(sites, &o, "norm1_out", "qact1", TensorClass::Activation, d);
-        let norm1 = LayerNorm::new(&(p / "norm1"), d, cfg.eps, last_q, norm1_out.site());
+        let ln = |name: &str| format!("{o}.{name}");
+        let norm1 = LayerNorm::new(
+            &(p / "norm1"),
+            ln("norm1"),
+            ln("norm1"),
+            d,
+            cfg.eps,
+            last_q,
+            norm1_out.site(),
+        );
         let attn = Attention::new(&(p / "attn"), sites, &o, cfg);
         let residual1 = act(sites, &o, "residual1", "qact2", TensorClass::LayerNormInput, d);
         let norm2_out = act(sites, &o, "norm2_out", "qact3", TensorClass::Activation, d);
-        let norm2 = LayerNorm::new(&(p / "norm2"), d, cfg.eps, residual1.site(), norm2_out.site());
+        let norm2 = LayerNorm::new(
+            &(p / "norm2"),
+            ln("norm2"),
+            ln("norm2"),
+            d,
+            cfg.eps,
+            residual1.site(),
+            norm2_out.site(),
+        );
         let mlp = Mlp::new(&(p / "mlp"), sites, &o, d, d * cfg.mlp_ratio);
         let residual2 = act(sites, &o, "residual2", "qact4", TensorClass::LayerNormInput, d);
         Block { norm1, norm1_out, attn, residual1, norm2, norm2_out, mlp, residual2 }
@@ -251,7 +266,15 @@ impl Vit {
         }
         let last_q = blocks.last().map_or(embed_sum.site(), |b| b.residual2.site());
         let norm_out = act(s, "", "norm_out", "qact2", TensorClass::Activation, d);
-        let norm = LayerNorm::new(&(p / "norm"), d, cfg.eps, last_q, norm_out.site());
+        let norm = LayerNorm::new(
+            &(p / "norm"),
+            "norm".into(),
+            "norm".into(),
+            d,
+            cfg.eps,
+            last_q,
+            norm_out.site(),
+        );
         let head = Linear::new(&(p / "head"), s, "head", "head", d, cfg.num_classes, true);
         let logits = act(s, "", "logits", "act_out", TensorClass::Activation, cfg.num_classes);
         Vit {
@@ -322,27 +345,24 @@ impl Quantizable for Vit {
         &self.sites
     }
 
-    fn weight(&self, site: SiteId) -> Option<&Tensor> {
-        let linears = self
-            .blocks
-            .iter()
-            .flat_map(|b| [&b.attn.qkv, &b.attn.proj, &b.mlp.fc1, &b.mlp.fc2])
-            .chain([&self.head]);
-        find_weight(&self.patch_proj, linears, site)
-    }
-
     fn device(&self) -> Device {
         self.device
     }
 
-    fn wiring(&self) -> Vec<Wiring> {
-        let mut out = Vec::new();
-        for (i, b) in self.blocks.iter().enumerate() {
-            out.push(b.norm1.wiring(format!("blocks.{i}.norm1")));
-            out.push(b.attn.softmax.wiring(format!("blocks.{i}.attn.softmax")));
-            out.push(b.norm2.wiring(format!("blocks.{i}.norm2")));
+    fn layers(&self) -> Vec<Layer<'_>> {
+        let mut out = vec![Layer::Conv2d(&self.patch_proj)];
+        for b in &self.blocks {
+            out.extend([
+                Layer::LayerNorm(&b.norm1),
+                Layer::Linear(&b.attn.qkv),
+                Layer::Softmax(&b.attn.softmax),
+                Layer::Linear(&b.attn.proj),
+                Layer::LayerNorm(&b.norm2),
+                Layer::Linear(&b.mlp.fc1),
+                Layer::Linear(&b.mlp.fc2),
+            ]);
         }
-        out.push(self.norm.wiring("norm".into()));
+        out.extend([Layer::LayerNorm(&self.norm), Layer::Linear(&self.head)]);
         out
     }
 }

@@ -1,8 +1,7 @@
-//! Strict weight loading, the site table, and the tensor Log-Int-Softmax against the golden file.
+//! Strict weight loading and the site table.
 
 use std::path::PathBuf;
 
-use fqvit_models::quant::log_int_softmax;
 use fqvit_models::weights::load_strict;
 use fqvit_models::{Error, Mode, ModelName, Quantizable, TensorClass, vit};
 use tch::nn::VarStore;
@@ -175,26 +174,6 @@ fn site_table_matches_the_original_graph() {
     let expected: Vec<(String, String, TensorClass)> =
         expected.iter().map(|&(a, b, c)| (a.into(), b.into(), c)).collect();
     assert_eq!(table, expected);
-}
-
-/// The tensor LIS the model runs equals the original on every golden case, bit for bit.
-#[test]
-fn tensor_log_int_softmax_matches_the_golden_cases() {
-    let dir = std::env::var_os("FQVIT_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
-    let path = dir.join("golden/log_int_softmax.safetensors");
-    assert!(path.is_file(), "golden file missing at {}", path.display());
-    let golden: std::collections::HashMap<String, Tensor> =
-        Tensor::read_safetensors(&path).unwrap().into_iter().collect();
-    for case in 0..6 {
-        let g = |k: &str| &golden[&format!("case{case}.{k}")];
-        let scale = g("scale").double_value(&[0]) as f32;
-        let bits = g("bits").int64_value(&[0]) as u32;
-        let out = log_int_softmax(g("input"), scale, bits);
-        let diff = out.ne_tensor(g("output")).sum(Kind::Int64).int64_value(&[]);
-        assert_eq!(diff, 0, "case{case}: {diff} elements differ");
-    }
 }
 
 /// Float mode runs, and quantized mode refuses a table that lacks a site.

@@ -3,7 +3,7 @@
 use fqvit_ops::{BitType, Granularity, QParams};
 use tch::{Kind, Tensor};
 
-use crate::stats::{channel_max_min, fake_quant_mse, max_min, params_from_range, values};
+use crate::stats::{candidate, channel_max_min, max_min, params_from_range, values};
 use crate::{Error, Observer, ObserverConfig, ObserverKind, Ptf, Result};
 
 /// Builds the observer for a site; `is_weight` selects the weight reshape (per output channel).
@@ -244,7 +244,8 @@ impl Observer for Omse {
             for i in 0..90 {
                 let f = (1.0 - f64::from(i) * 0.01) as f32;
                 let p = params_from_range(&[min[0] * f], &[max[0] * f], bit_type, false)?;
-                let score = fake_quant_mse(&xs, p.scale[0], p.zero_point[0] as f32, bit_type);
+                let score = candidate(&xs, p.scale[0], p.zero_point[0] as f32, bit_type)
+                    .fake_quant_mse(&xs);
                 // Strict: the earliest factor wins ties, as in the original.
                 if score < best.0 {
                     best = (score, Some(p));

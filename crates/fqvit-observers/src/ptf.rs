@@ -4,7 +4,7 @@ use fqvit_ops::{BitType, Granularity, PtfFactor, QParams};
 use tch::{Kind, Tensor};
 
 use crate::observer::MinMax;
-use crate::stats::{fake_quant, mse, params_from_range};
+use crate::stats::{candidate, mse, params_from_range};
 use crate::{Error, Observer, Result};
 
 /// Channel-wise min/max, then on the last batch (`(B, N, C)`) one scale `s8 = (M − m)/255` from
@@ -53,8 +53,10 @@ impl Observer for Ptf {
         tch::no_grad(|| {
             for j in 0..n_channels {
                 let data = xs.select(2, j).unsqueeze(-1);
-                let scores: Vec<f32> =
-                    scales.iter().map(|&s| mse(&data, &fake_quant(&data, s, z, bt))).collect();
+                let scores: Vec<f32> = scales
+                    .iter()
+                    .map(|&s| mse(&data, &candidate(&data, s, z, bt).fake_quant(&data)))
+                    .collect();
                 // Python's list.index(min(list)): the first minimum.
                 let best = scores
                     .iter()

@@ -33,6 +33,7 @@
 //! ```
 
 pub mod bits;
+pub mod float;
 pub mod layer_norm;
 pub mod qparams;
 pub mod rounding;

@@ -36,3 +36,37 @@ pub fn vit_tiny() -> (tch::nn::VarStore, vit::Vit) {
     load_strict(&vs, &vit_tiny_weights()).expect("shared ViT-Tiny weights load");
     (vs, model)
 }
+
+/// The original's calibrated parameters of the shared ViT-Tiny (`--ptf --lis` minmax, golden
+/// file) as our table: keyed by the original's module names; a PTF site's factors are its
+/// scales' power-of-two ratios to the smallest one.
+pub fn golden_vit_tiny_table(model: &vit::Vit) -> fqvit_models::QParamTable {
+    use fqvit_models::{Quantizable, TensorClass};
+    use fqvit_ops::{BitType, PtfFactor, QParams};
+    let path = shared_dir().join("golden/vit_tiny_minmax_ptf_lis_qparams.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut table = fqvit_models::QParamTable::empty(model.sites().len());
+    for (id, site) in model.sites().iter() {
+        let Some(g) = golden["qparams"].get(&site.original) else {
+            assert_eq!(site.class, TensorClass::Softmax, "no golden entry for {}", site.original);
+            continue;
+        };
+        let values = |k: &str| -> Vec<f64> {
+            g[k].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()
+        };
+        let scale: Vec<f32> = values("scale").into_iter().map(|s| s as f32).collect();
+        let zero_point: Vec<i32> = values("zero_point").into_iter().map(|z| z as i32).collect();
+        let bit_type =
+            if site.class == TensorClass::Weight { BitType::INT8 } else { BitType::UINT8 };
+        let ptf = (site.class == TensorClass::LayerNormInput && scale.len() > 1).then(|| {
+            let min = scale.iter().copied().fold(f32::INFINITY, f32::min);
+            scale
+                .iter()
+                .map(|&s| PtfFactor::try_from((s / min).log2().round() as u8).unwrap())
+                .collect()
+        });
+        table.set(id, QParams { bit_type, scale, zero_point, ptf });
+    }
+    table
+}

@@ -34,7 +34,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         });
     }
     let quantized = Quantized::new(&*model, sink.freeze()?, exp.quant_options())?;
-    let quant = images_per_second(&*model, &images, &mut Mode::Quantized(&quantized), args.iters);
+    let quant = images_per_second(&*model, &images, &mut Mode::quantized(&quantized), args.iters);
     let peak_mib = peak_rss_mib();
     let report = json!({
         "model": name.as_str(),

@@ -155,7 +155,7 @@ fn finish_eval(
     val: ImageFolder,
 ) -> Result<()> {
     let mut mode = match quantized {
-        Some(q) => Mode::Quantized(q),
+        Some(q) => Mode::quantized(q),
         None => Mode::Float,
     };
     let bar = progress(val.samples().len(), "evaluating");

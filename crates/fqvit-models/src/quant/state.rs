@@ -1,0 +1,185 @@
+//! The frozen state of a quantized model: everything the quantized forward needs, prepared on
+//! the model's device once, when the state is built.
+
+use fqvit_tensor::{Axis, IntLayerNorm, LayerNormInput, LogIntSoftmax, Quantizer};
+use tch::Tensor;
+
+use super::{Layer, Quantizable};
+use crate::error::{Error, Result};
+use crate::mode::QuantOptions;
+use crate::site::{QParamTable, SiteId, SiteTable, TensorClass};
+
+/// What one site needs at run time.
+#[derive(Debug)]
+enum SiteState {
+    /// Unused (the uniform softmax quantizer under LIS).
+    Unused,
+    /// A weight site: the fake-quantized weight (the original recomputes identical ones every
+    /// call).
+    Weight(Tensor),
+    /// An activation site: its quantizer.
+    Act(Quantizer),
+}
+
+/// A model's frozen quantization state: the parameter table, the options, and per site, per
+/// integer LayerNorm and per Log-Int-Softmax the constants of the forward on the model's device.
+#[derive(Debug)]
+pub struct Quantized {
+    table: QParamTable,
+    options: QuantOptions,
+    sites: SiteTable,
+    states: Vec<SiteState>,
+    /// Integer LayerNorms, by their output site.
+    layer_norms: Vec<Option<IntLayerNorm>>,
+    /// Log-Int-Softmaxes, by their (unused) output site.
+    softmaxes: Vec<Option<LogIntSoftmax>>,
+}
+
+impl Quantized {
+    /// Checks `table` against the model's sites and prepares the quantized forward.
+    ///
+    /// Fails, naming the site, when a used site has no parameters, the wrong number of
+    /// channels, or (with integer LayerNorm) a LayerNorm input that is neither layer-wise nor PTF.
+    pub fn new(model: &dyn Quantizable, table: QParamTable, options: QuantOptions) -> Result<Self> {
+        let sites = model.sites().clone();
+        if table.len() != sites.len() {
+            return Err(Error::Site {
+                site: "*".into(),
+                reason: format!("the table has {} sites, the model {}", table.len(), sites.len()),
+            });
+        }
+        let device = model.device();
+        let mut states = Vec::with_capacity(sites.len());
+        for (id, site) in sites.iter() {
+            let bad = |reason: String| Error::Site { site: site.name.clone(), reason };
+            let used = !(site.class == TensorClass::Softmax && options.lis_bits.is_some());
+            let Some(params) = table.get(id).filter(|_| used) else {
+                if used {
+                    return Err(bad("has no calibrated parameters".into()));
+                }
+                states.push(SiteState::Unused);
+                continue;
+            };
+            let n = params.scale.len();
+            if params.zero_point.len() != n && params.zero_point.len() != 1 {
+                return Err(bad(format!("{n} scales but {} zero points", params.zero_point.len())));
+            }
+            if params.scale.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+                return Err(bad("has a scale that is not positive and finite".into()));
+            }
+            if site.class == TensorClass::Weight {
+                if n != site.channels {
+                    return Err(bad(format!(
+                        "{n} weight scales for {} output channels",
+                        site.channels
+                    )));
+                }
+                let w =
+                    model.weight(id).ok_or_else(|| bad("is not a weight of this model".into()))?;
+                let q = Quantizer::new(params, Axis::First, w.device());
+                states.push(SiteState::Weight(tch::no_grad(|| q.fake_quant(w))));
+                continue;
+            }
+            if n != 1 && n != site.channels {
+                return Err(bad(format!("{n} scales for {} channels", site.channels)));
+            }
+            if options.int_layer_norm
+                && site.class == TensorClass::LayerNormInput
+                && n != 1
+                && params.ptf.is_none()
+            {
+                return Err(bad(
+                    "feeds an integer LayerNorm but is channel-wise without PTF factors".into(),
+                ));
+            }
+            states.push(SiteState::Act(Quantizer::new(params, Axis::Last, device)));
+        }
+        let mut layer_norms: Vec<Option<IntLayerNorm>> = (0..sites.len()).map(|_| None).collect();
+        let mut softmaxes: Vec<Option<LogIntSoftmax>> = (0..sites.len()).map(|_| None).collect();
+        for layer in model.layers() {
+            match layer {
+                Layer::LayerNorm(ln) if options.int_layer_norm => {
+                    let p_in = table.require(ln.in_site, &sites)?;
+                    let p_out = table.require(ln.out_site, &sites)?;
+                    let name = |id: SiteId| sites.get(id).name.clone();
+                    if p_out.scale.len() != 1 {
+                        return Err(Error::Site {
+                            site: name(ln.out_site),
+                            reason: "follows an integer LayerNorm but is not layer-wise".into(),
+                        });
+                    }
+                    let channels = ln.weight.size()[0] as usize;
+                    let expand = ln.in_expand as usize;
+                    if p_in.scale.len() != 1 && p_in.scale.len() * expand != channels {
+                        return Err(Error::Site {
+                            site: name(ln.in_site),
+                            reason: format!(
+                                "{} scales ×{expand} for a LayerNorm of {channels} channels",
+                                p_in.scale.len()
+                            ),
+                        });
+                    }
+                    let input = LayerNormInput { params: p_in, expand };
+                    layer_norms[ln.out_site.index()] = Some(tch::no_grad(|| {
+                        IntLayerNorm::new(
+                            &ln.weight,
+                            &ln.bias,
+                            input,
+                            p_out.scale[0],
+                            options.std_sqrt,
+                        )
+                    }));
+                }
+                Layer::Softmax(s) => {
+                    if let Some(bits) = options.lis_bits {
+                        let wiring = s.wiring();
+                        let p_in = table.require(wiring.in_site, &sites)?;
+                        softmaxes[s.out_site().index()] =
+                            Some(LogIntSoftmax::new(p_in.scale[0], bits, device));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(Quantized { table, options, sites, states, layer_norms, softmaxes })
+    }
+
+    /// The parameter table.
+    pub fn table(&self) -> &QParamTable {
+        &self.table
+    }
+
+    /// The options.
+    pub fn options(&self) -> QuantOptions {
+        self.options
+    }
+
+    /// The original's module name of a site.
+    pub(crate) fn module_name(&self, site: SiteId) -> &str {
+        &self.sites.get(site).original
+    }
+
+    pub(crate) fn fake_quant(&self, site: SiteId, xs: &Tensor) -> Tensor {
+        match &self.states[site.index()] {
+            SiteState::Act(q) => q.fake_quant(xs),
+            _ => panic!("site {} has no activation parameters", self.sites.get(site).name),
+        }
+    }
+
+    pub(crate) fn weight(&self, site: SiteId) -> &Tensor {
+        match &self.states[site.index()] {
+            SiteState::Weight(w) => w,
+            _ => panic!("site {} has no weight", self.sites.get(site).name),
+        }
+    }
+
+    /// The integer LayerNorm whose output site is `out_site`, under `--ptf`.
+    pub(crate) fn int_layer_norm(&self, out_site: SiteId) -> Option<&IntLayerNorm> {
+        self.layer_norms[out_site.index()].as_ref()
+    }
+
+    /// The Log-Int-Softmax of the softmax whose output site is `site`, under `--lis`.
+    pub(crate) fn log_int_softmax(&self, site: SiteId) -> Option<&LogIntSoftmax> {
+        self.softmaxes[site.index()].as_ref()
+    }
+}

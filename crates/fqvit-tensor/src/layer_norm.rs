@@ -1,0 +1,187 @@
+//! The integer LayerNorm on PTF codes (spec §6), the original's `QIntLayerNorm` in mode `'int'`.
+
+use fqvit_ops::QParams;
+use tch::{Device, Kind, Tensor};
+
+/// How σ's square root is taken.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum StdSqrt {
+    /// libtorch's float32 `sqrt`, as the original: on CPU it is not correctly rounded (about
+    /// 0.6 % of the integers below 2^24 on one AVX-512 machine, 20 % on another), so the codes
+    /// can depend on the machine, as the original's do.
+    #[default]
+    Libtorch,
+    /// Correctly rounded, as `f32::sqrt` in `fqvit_ops`: the same codes on every machine.
+    Exact,
+}
+
+/// The input side of an integer LayerNorm: the quantizer before it.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerNormInput<'a> {
+    /// Its parameters: layer-wise, or PTF (one scale per channel, powers of two apart).
+    pub params: &'a QParams,
+    /// How many times its channels repeat across the LayerNorm's (Swin's patch merging: 4).
+    pub expand: usize,
+}
+
+/// One integer LayerNorm with every constant that does not change per batch prepared on the
+/// device: the per-channel input scales and their power-of-two ratios, `s_min` and `s_min / C`
+/// (computed there by the same operation as the original, so with its device's rounding),
+/// γ, β, the output scale, and the zero-variance codes.
+///
+/// The result equals `fqvit_ops::layer_norm::ptf_layer_norm` on the same codes (with
+/// [`StdSqrt::Exact`]; with [`StdSqrt::Libtorch`] wherever libtorch's square root is correctly
+/// rounded) because each step is either the same float32 operation or provably exact:
+/// - `x = round(X / s) · m` are integers with `|x| ≤ 2040` (exact in float32);
+/// - `Σx` in float32 is exact (`|Σx| ≤ 2040·C < 2^24` for `C ≤ 8192`); `μ = mean(x) · s_min`
+///   is the original's `mean` (on CPU, `Σx / C`, as `fqvit_ops`);
+/// - `Σx²` is summed in float64, exact below 2^53 (`C·2040² < 2^36`), then rounded once to
+///   float32, as `fqvit_ops` converts its i64 sum; the original sums in float32, which agrees
+///   whenever `Σx² < 2^24` and otherwise depends on its summation order;
+/// - `M·x + B` is formed in float64: `|M·x| ≤ 520,200` and `B` is an integer-valued float32, so
+///   the sum is exact below 2^53, the division by `2^N` is exact and rounding it half to even is
+///   `fqvit_ops`' `round_shift`; the original adds in float32, which agrees below 2^24.
+#[derive(Debug)]
+pub struct IntLayerNorm {
+    in_scale: Tensor,
+    mask: Tensor,
+    s_min: Tensor,
+    s_min_over_c: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    out_scale: Tensor,
+    zero_variance: Tensor,
+    channels: i64,
+    sqrt: StdSqrt,
+}
+
+/// The most channels: `Σx` stays exact in float32 below this.
+pub const MAX_CHANNELS: i64 = 8192;
+
+impl IntLayerNorm {
+    /// Prepares the LayerNorm with γ and β (float32, `C`), the input quantizer and the output
+    /// scale (layer-wise), on γ's device.
+    ///
+    /// # Panics
+    /// If γ and β differ in length, `C` exceeds [`MAX_CHANNELS`], or the input has neither one
+    /// scale nor `C / expand` of them.
+    #[track_caller]
+    pub fn new(
+        gamma: &Tensor,
+        beta: &Tensor,
+        input: LayerNormInput<'_>,
+        out_scale: f32,
+        sqrt: StdSqrt,
+    ) -> Self {
+        let device: Device = gamma.device();
+        let channels = gamma.numel() as i64;
+        assert_eq!(beta.numel() as i64, channels, "integer LayerNorm: γ and β differ in length");
+        assert!(
+            (1..=MAX_CHANNELS).contains(&channels),
+            "integer LayerNorm: {channels} channels, expected 1..={MAX_CHANNELS}"
+        );
+        let scales = &input.params.scale;
+        assert!(
+            scales.len() == 1 || scales.len() * input.expand == channels as usize,
+            "integer LayerNorm: {} input scales ×{} for {channels} channels",
+            scales.len(),
+            input.expand
+        );
+        // The original tiles the per-channel scales `expand` times (`in_scale_expand`).
+        let in_scale: Vec<f32> =
+            scales.iter().copied().cycle().take(scales.len() * input.expand).collect();
+        let in_scale = Tensor::from_slice(&in_scale).to_device(device);
+        let s_min = in_scale.min();
+        let mask = (&in_scale / &s_min).round();
+        let s_min_over_c = &s_min / channels as f64;
+        let out_scale = Tensor::from_slice(&[out_scale]).to_device(device);
+        let (gamma, beta) =
+            (gamma.detach().to_kind(Kind::Float), beta.detach().to_kind(Kind::Float));
+        // A token whose codes are all equal: round(β / s_out), the limit as the variance goes to 0
+        // (the original divides by σ = 0 there and returns NaN).
+        let zero_variance = (&beta / &out_scale).round();
+        IntLayerNorm {
+            in_scale,
+            mask,
+            s_min,
+            s_min_over_c,
+            gamma,
+            beta,
+            out_scale,
+            zero_variance,
+            channels,
+            sqrt,
+        }
+    }
+
+    /// The output codes `y` (not clamped) of the fake-quantized input `X` `(…, C)`, as float32.
+    pub fn codes(&self, xs: &Tensor) -> Tensor {
+        self.codes_with_root(xs, &|var: &Tensor| match self.sqrt {
+            StdSqrt::Libtorch => var.sqrt(),
+            // A faithful float64 root rounds to the correctly rounded float32 one: the root of a
+            // float32 is never within 2^-50 (relative) of a float32 rounding midpoint.
+            StdSqrt::Exact => var.to_kind(Kind::Double).sqrt().to_kind(Kind::Float),
+        })
+    }
+
+    /// [`codes`](Self::codes) with σ's square root `sqrt(C·Σx² − (Σx)²)` taken by `root`
+    /// (float32 in, float32 out): the one step whose rounding differs between libraries and
+    /// CPUs, so that a check can replay another machine's rounding.
+    pub fn codes_with_root(&self, xs: &Tensor, root: &dyn Fn(&Tensor) -> Tensor) -> Tensor {
+        let c = *xs.size().last().expect("LayerNorm input has channels");
+        assert_eq!(
+            c, self.channels,
+            "integer LayerNorm: input has {c} channels, expected {}",
+            self.channels
+        );
+        let last = [-1i64];
+        let last = last.as_slice();
+        // x = round(X / s) · m: the codes minus the zero point, in units of s_min.
+        let mut x = xs / &self.in_scale;
+        let _ = x.round_().g_mul_(&self.mask);
+        let mean = x.mean_dim(last, false, Kind::Float) * &self.s_min;
+        let sum = x.sum_dim_intlist(last, false, Kind::Float);
+        let sum_sq_exact = x.square().sum_dim_intlist(last, false, Kind::Double);
+        // Zero variance, decided on the exact integers (C·Σx² and (Σx)² are below 2^53).
+        let flat =
+            (&sum_sq_exact * self.channels as f64).eq_tensor(&sum.to_kind(Kind::Double).square());
+        let var = sum_sq_exact.to_kind(Kind::Float) * self.channels as f64 - sum.square();
+        let std = &self.s_min_over_c * root(&var);
+        // A = (s_min / σ) · γ / s_out ≈ sign · M / 2^N (get_MN).
+        let a = (&self.s_min / &std).unsqueeze(-1) * &self.gamma / &self.out_scale;
+        let sign = a.sign();
+        let abs = a.abs();
+        let n = (abs.log2().floor().neg() + 7.0).clamp(0.0, 31.0);
+        let pow = n.exp2();
+        let m = (&abs * &pow).floor().clamp(0.0, 255.0);
+        let b = ((&self.beta - (&mean / &std).unsqueeze(-1) * &self.gamma) / &self.out_scale
+            * &pow)
+            .round();
+        // y = round((sign · M · x + B) / 2^N), exactly (see the type's docs).
+        let mx = sign * m * x;
+        let mut y = mx.to_kind(Kind::Double) + b.to_kind(Kind::Double);
+        let _ = y.g_div_(&pow.to_kind(Kind::Double)).round_();
+        let y = y.to_kind(Kind::Float);
+        // Zero variance, or float32 cancellation that leaves σ ≤ 0 or not finite (as fqvit_ops).
+        let regular = std.gt(0.0).logical_and(&std.isfinite()).logical_and(&flat.logical_not());
+        y.where_self(&regular.unsqueeze(-1), &self.zero_variance)
+    }
+
+    /// The output `y · s_out`, what the original returns.
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        self.codes(xs) * &self.out_scale
+    }
+
+    /// The output scale.
+    pub fn out_scale(&self) -> &Tensor {
+        &self.out_scale
+    }
+
+    /// The per-channel input scales (tiled).
+    pub fn in_scale(&self) -> &Tensor {
+        &self.in_scale
+    }
+}
