@@ -141,3 +141,133 @@ fn swin_artifact_round_trips() {
     let after = tch::no_grad(|| model2.forward(&input, &mut Mode::quantized(&q2)));
     assert!(before.equal(&after), "quantized Swin logits differ after the round trip");
 }
+
+/// Records every probed module's tensors, replacing nothing.
+#[derive(Default)]
+struct Recorder(HashMap<String, Tensor>);
+
+impl fqvit_models::Probe for Recorder {
+    fn input(&mut self, module: &str, index: usize, xs: &Tensor) -> Option<Tensor> {
+        self.0.insert(format!("{module}.in{index}"), xs.copy());
+        None
+    }
+    fn output(&mut self, module: &str, ys: &Tensor) -> Option<Tensor> {
+        self.0.insert(format!("{module}.out"), ys.copy());
+        None
+    }
+}
+
+/// The Swin-only steps of the quantized forward against the spec's equations (§8.2), on tensors
+/// recorded from our own forward (no trace of the original's Swin exists): the relative position
+/// bias gathered from the quantized table, the shift mask added after `attn.qact2`, patch
+/// merging's neighbour order, and its integer LayerNorm on PTF scales tiled ×4 (`fqvit_ops`).
+#[test]
+fn swin_only_steps_follow_the_spec_equations() {
+    use fqvit_ops::layer_norm::{InScale, LayerNormParams, reference};
+    let (vs, model, input) = model();
+    let exp = Experiment {
+        layer_norm_sqrt: fqvit_calib::experiment::StdSqrt::Exact,
+        ..Experiment::default()
+    };
+    let table = calibrate(&model, &exp, &batches(&input));
+    let q = Quantized::new(&model, table.clone(), exp.quant_options()).unwrap();
+    let mut rec = Recorder::default();
+    let _ = tch::no_grad(|| {
+        model.forward(&input, &mut Mode::Quantized { state: &q, probe: Some(&mut rec) })
+    });
+    let r = |k: &str| rec.0.get(k).unwrap_or_else(|| panic!("{k} not recorded")).shallow_clone();
+    let (res, ws, shift) = (16i64, 4i64, 2i64);
+    let n = ws * ws;
+
+    // Bias: bias[h, i, j] = table[(r_i − r_j + ws − 1)·(2ws − 1) + (c_i − c_j + ws − 1), h].
+    let a = "layers.0.blocks.1.attn";
+    let table_q = r(&format!("{a}.qact_table.out"));
+    let heads = table_q.size()[1];
+    let mut bias = vec![0f32; (heads * n * n) as usize];
+    let tq = Vec::<f32>::try_from(&table_q.contiguous().view(-1)).unwrap();
+    for h in 0..heads {
+        for i in 0..n {
+            for j in 0..n {
+                let idx = (i / ws - j / ws + ws - 1) * (2 * ws - 1) + (i % ws - j % ws + ws - 1);
+                bias[(h * n * n + i * n + j) as usize] = tq[(idx * heads + h) as usize];
+            }
+        }
+    }
+    let bias = Tensor::from_slice(&bias).view([1, heads, n, n]);
+    assert!(
+        r(&format!("{a}.qact2.in0")).equal(&(r(&format!("{a}.qact_attn1.out")) + &bias)),
+        "bias"
+    );
+
+    // Mask: 9 regions of the shifted grid, −100 between tokens of different regions, added to
+    // the quantized biased logits before LIS.
+    let region = |p: i64| {
+        if p < res - ws {
+            0
+        } else if p < res - shift {
+            1
+        } else {
+            2
+        }
+    };
+    let windows = (res / ws) * (res / ws);
+    let mut mask = vec![0f32; (windows * n * n) as usize];
+    for w in 0..windows {
+        let (wr, wc) = (w / (res / ws), w % (res / ws));
+        let label = |t: i64| 3 * region(wr * ws + t / ws) + region(wc * ws + t % ws);
+        for i in 0..n {
+            for j in 0..n {
+                if label(i) != label(j) {
+                    mask[(w * n * n + i * n + j) as usize] = -100.0;
+                }
+            }
+        }
+    }
+    let mask = Tensor::from_slice(&mask).view([1, windows, 1, n, n]);
+    let biased = r(&format!("{a}.qact2.out"));
+    let b = biased.size()[0];
+    let expected = (biased.view([b / windows, windows, heads, n, n]) + mask).view([b, heads, n, n]);
+    assert!(r(&format!("{a}.log_int_softmax.in0")).equal(&expected), "mask");
+
+    // Patch merging: [x(0::2, 0::2), x(1::2, 0::2), x(0::2, 1::2), x(1::2, 1::2)] on channels.
+    let x = r("layers.0.blocks.1.qact4.out");
+    let (bs, c) = (x.size()[0], x.size()[2]);
+    let grid = x.view([bs, res, res, c]);
+    let pick = |r0: i64, c0: i64| grid.slice(1, r0, res, 2).slice(2, c0, res, 2);
+    let merged =
+        Tensor::cat(&[pick(0, 0), pick(1, 0), pick(0, 1), pick(1, 1)], -1).view([bs, -1, 4 * c]);
+    assert!(r("layers.0.downsample.norm.in0").equal(&merged), "patch merging order");
+
+    // Its integer LayerNorm: fqvit_ops' reference on the codes, the in-site's factors tiled ×4.
+    let site = |name: &str| table.get(model.sites().find(name).unwrap()).unwrap().clone();
+    let (p_in, p_out) = (site("layers.0.blocks.1.residual2"), site("layers.1.downsample.norm_out"));
+    let scales: Vec<f32> = p_in.scale.iter().copied().cycle().take(4 * c as usize).collect();
+    let factors: Vec<_> =
+        p_in.ptf.clone().unwrap().into_iter().cycle().take(4 * c as usize).collect();
+    let xs = Vec::<f32>::try_from(&merged.contiguous().view(-1)).unwrap();
+    let codes: Vec<u8> = xs
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            ((v / scales[i % scales.len()]).round_ties_even() as i32 + p_in.zero_point[0]) as u8
+        })
+        .collect();
+    let vars = vs.variables();
+    let var =
+        |k: &str| Vec::<f32>::try_from(&vars[&format!("layers.1.downsample.norm.{k}")]).unwrap();
+    let (gamma, beta) = (var("weight"), var("bias"));
+    let base = p_in.scale[0] / f32::from(1u8 << factors[0].get());
+    let params = LayerNormParams {
+        in_scale: InScale::Ptf { base, factors: &factors },
+        zero_point: p_in.zero_point[0],
+        gamma: &gamma,
+        beta: &beta,
+        out_scale: p_out.scale[0],
+    };
+    let mut y = vec![0i32; codes.len()];
+    reference::ptf_layer_norm(&codes, &params, &mut y);
+    let y: Vec<f32> = y.into_iter().map(|v| v as f32 * p_out.scale[0]).collect();
+    let ours =
+        Vec::<f32>::try_from(&r("layers.0.downsample.norm.out").contiguous().view(-1)).unwrap();
+    assert_eq!(ours, y, "patch merging's integer LayerNorm");
+}

@@ -86,6 +86,80 @@ impl pulp::WithSimd for FakeQuant<'_> {
     }
 }
 
+/// The uint8 codes of a fake-quantized activation, channels last: `q = round(x / s_c) + z`
+/// (the integer LayerNorm's `round(X / s)`, plus the zero point). Returns whether every code
+/// is in `0..=255` (otherwise `out` holds saturated values).
+///
+/// # Panics
+/// If `xs` and `out` differ in length or are not whole rows of `scales.len()`.
+#[track_caller]
+pub fn codes_u8(xs: &[f32], scales: &[f32], zero: i32, out: &mut [u8]) -> bool {
+    assert_eq!(xs.len(), out.len(), "codes_u8: input and output lengths differ");
+    let c = scales.len();
+    assert!(c >= 1 && xs.len().is_multiple_of(c), "codes_u8: {c} scales for {}", xs.len());
+    let chunk = CHUNK.div_ceil(c) * c;
+    let arch = pulp::Arch::new();
+    xs.par_chunks(chunk)
+        .zip(out.par_chunks_mut(chunk))
+        .map(|(xs, out)| arch.dispatch(Codes { xs, scales, zero: zero as f32, out }))
+        .reduce(|| true, |a, b| a & b)
+}
+
+struct Codes<'a> {
+    xs: &'a [f32],
+    scales: &'a [f32],
+    zero: f32,
+    out: &'a mut [u8],
+}
+
+impl pulp::WithSimd for Codes<'_> {
+    type Output = bool;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> bool {
+        let c = self.scales.len();
+        let mut in_range = true;
+        for (o, x) in self.out.chunks_exact_mut(c).zip(self.xs.chunks_exact(c)) {
+            for ((o, &x), &s) in o.iter_mut().zip(x).zip(self.scales) {
+                let q = (x / s).round_ties_even() + self.zero;
+                in_range &= (0.0..=255.0).contains(&q);
+                *o = q.clamp(0.0, 255.0) as u8;
+            }
+        }
+        in_range
+    }
+}
+
+/// `out = y · s` in float32 (`y` exact as float32 below 2^24).
+///
+/// # Panics
+/// If the lengths differ.
+#[track_caller]
+pub fn dequantize_i32(y: &[i32], scale: f32, out: &mut [f32]) {
+    assert_eq!(y.len(), out.len(), "dequantize_i32: input and output lengths differ");
+    let arch = pulp::Arch::new();
+    y.par_chunks(CHUNK).zip(out.par_chunks_mut(CHUNK)).for_each(|(y, out)| {
+        arch.dispatch(Dequantize { y, scale, out });
+    });
+}
+
+struct Dequantize<'a> {
+    y: &'a [i32],
+    scale: f32,
+    out: &'a mut [f32],
+}
+
+impl pulp::WithSimd for Dequantize<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        for (o, &y) in self.out.iter_mut().zip(self.y) {
+            *o = y as f32 * self.scale;
+        }
+    }
+}
+
 /// The integer exponential of Log-Int-Softmax per row: `e_j = max(⌊z·2^(30−q)⌋, 0)` of
 /// `x_j = X_j/S − max_k X_k/S`, in the original's float32 steps
 /// (`fqvit_ops::softmax::reference::int_exp_f32`).

@@ -1,6 +1,7 @@
 //! The integer LayerNorm on PTF codes (spec §6), the original's `QIntLayerNorm` in mode `'int'`.
 
-use fqvit_ops::QParams;
+use fqvit_ops::layer_norm::{InScale, LayerNormParams, Roots, ptf_layer_norm_with, variance_terms};
+use fqvit_ops::{PtfFactor, QParams};
 use tch::{Device, Kind, Tensor};
 
 /// How σ's square root is taken.
@@ -46,6 +47,7 @@ pub struct LayerNormInput<'a> {
 ///   `fqvit_ops`' `round_shift`; the original adds in float32, which agrees below 2^24.
 #[derive(Debug)]
 pub struct IntLayerNorm {
+    host: Host,
     in_scale: Tensor,
     mask: Tensor,
     s_min: Tensor,
@@ -56,6 +58,34 @@ pub struct IntLayerNorm {
     zero_variance: Tensor,
     channels: i64,
     sqrt: StdSqrt,
+}
+
+/// The constants on the host, for the fused CPU path (`fqvit_ops::layer_norm`).
+#[derive(Debug)]
+struct Host {
+    /// The input scale of every channel (tiled), to recover the codes.
+    scales: Vec<f32>,
+    zero_point: i32,
+    /// PTF factors (tiled) and their base, or `None` for one input scale.
+    ptf: Option<(f32, Vec<PtfFactor>)>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    out_scale: f32,
+}
+
+impl Host {
+    fn params(&self) -> LayerNormParams<'_> {
+        LayerNormParams {
+            in_scale: match &self.ptf {
+                Some((base, factors)) => InScale::Ptf { base: *base, factors },
+                None => InScale::Layer(self.scales[0]),
+            },
+            zero_point: self.zero_point,
+            gamma: &self.gamma,
+            beta: &self.beta,
+            out_scale: self.out_scale,
+        }
+    }
 }
 
 /// The most channels: `Σx` stays exact in float32 below this.
@@ -91,9 +121,14 @@ impl IntLayerNorm {
             input.expand
         );
         // The original tiles the per-channel scales `expand` times (`in_scale_expand`).
-        let in_scale: Vec<f32> =
-            scales.iter().copied().cycle().take(scales.len() * input.expand).collect();
-        let in_scale = Tensor::from_slice(&in_scale).to_device(device);
+        let tile = |n: usize| scales.len() * n;
+        let host_scales: Vec<f32> =
+            scales.iter().copied().cycle().take(tile(input.expand)).collect();
+        let ptf = input.params.ptf.as_ref().filter(|_| scales.len() > 1).map(|f| {
+            let f: Vec<PtfFactor> = f.iter().copied().cycle().take(tile(input.expand)).collect();
+            (host_scales[0] / f32::from(1u8 << f[0].get()), f)
+        });
+        let in_scale = Tensor::from_slice(&host_scales).to_device(device);
         let s_min = in_scale.min();
         let mask = (&in_scale / &s_min).round();
         let s_min_over_c = &s_min / channels as f64;
@@ -103,7 +138,20 @@ impl IntLayerNorm {
         // A token whose codes are all equal: round(β / s_out), the limit as the variance goes to 0
         // (the original divides by σ = 0 there and returns NaN).
         let zero_variance = (&beta / &out_scale).round();
+        let to_host = |t: &Tensor| {
+            Vec::<f32>::try_from(&t.to_device(Device::Cpu).contiguous().view(-1)).expect("float32")
+        };
+        let host = Host {
+            // One per channel, also for a layer-wise input.
+            scales: host_scales.iter().copied().cycle().take(channels as usize).collect(),
+            zero_point: input.params.zero_point[0],
+            ptf,
+            gamma: to_host(&gamma),
+            beta: to_host(&beta),
+            out_scale: out_scale.double_value(&[0]) as f32,
+        };
         IntLayerNorm {
+            host,
             in_scale,
             mask,
             s_min,
@@ -117,7 +165,8 @@ impl IntLayerNorm {
         }
     }
 
-    /// The output codes `y` (not clamped) of the fake-quantized input `X` `(…, C)`, as float32.
+    /// The output codes `y` (not clamped) of the fake-quantized input `X` `(…, C)`, as float32,
+    /// in libtorch operations (any device).
     pub fn codes(&self, xs: &Tensor) -> Tensor {
         self.codes_with_root(xs, &|var: &Tensor| match self.sqrt {
             StdSqrt::Libtorch => var.sqrt(),
@@ -171,8 +220,43 @@ impl IntLayerNorm {
     }
 
     /// The output `y · s_out`, what the original returns.
+    ///
+    /// A contiguous float32 CPU input whose codes `round(X / s) + z` are uint8 takes
+    /// `fqvit_ops::layer_norm` (three passes instead of about twenty-five libtorch operations),
+    /// with σ's root from libtorch's `sqrt` of the radicands laid out as the original's
+    /// (`(…)`, contiguous: libtorch takes vector and scalar paths by position) or exact.
     pub fn forward(&self, xs: &Tensor) -> Tensor {
-        self.codes(xs) * &self.out_scale
+        self.forward_cpu(xs).unwrap_or_else(|| self.codes(xs) * &self.out_scale)
+    }
+
+    fn forward_cpu(&self, xs: &Tensor) -> Option<Tensor> {
+        let x = crate::cpu::slice(xs)?;
+        let size = xs.size();
+        let c = *size.last()? as usize;
+        if c != self.channels as usize {
+            return None;
+        }
+        let h = &self.host;
+        let mut codes = vec![0u8; x.len()];
+        if !fqvit_ops::float::codes_u8(x, &h.scales, h.zero_point, &mut codes) {
+            return None;
+        }
+        let params = h.params();
+        let mut y = vec![0i32; x.len()];
+        match self.sqrt {
+            StdSqrt::Exact => ptf_layer_norm_with(&codes, &params, Roots::Exact, &mut y),
+            StdSqrt::Libtorch => {
+                let mut var = crate::cpu::Owned::zeros(&size[..size.len() - 1]);
+                variance_terms(&codes, &params, var.as_mut_slice());
+                let roots = var.tensor().sqrt();
+                let roots =
+                    crate::cpu::slice(&roots).expect("a new float32 CPU tensor is contiguous");
+                ptf_layer_norm_with(&codes, &params, Roots::Given(roots), &mut y);
+            }
+        }
+        let mut out = crate::cpu::Owned::zeros(&size);
+        fqvit_ops::float::dequantize_i32(&y, h.out_scale, out.as_mut_slice());
+        Some(out.into_tensor())
     }
 
     /// The output scale.

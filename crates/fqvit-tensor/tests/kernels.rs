@@ -82,43 +82,59 @@ impl Case {
         y
     }
 
-    /// The tensor codes, from the fake-quantized input `(q − z) · s_c` as the model feeds it.
-    fn tensor(&self, sqrt: StdSqrt) -> Vec<i32> {
+    /// The input as the model feeds it: `(q − z) · s_c`, `(1, T, C)`.
+    fn input(&self) -> Tensor {
         let scales = self.scales();
         let c = self.channels;
+        let scale = |i: usize| scales[if scales.len() == 1 { 0 } else { i % c }];
         let x: Vec<f32> = self
             .codes
             .iter()
             .enumerate()
-            .map(|(i, &q)| {
-                (i32::from(q) - self.zero_point) as f32
-                    * scales[if scales.len() == 1 { 0 } else { i % c }]
-            })
+            .map(|(i, &q)| (i32::from(q) - self.zero_point) as f32 * scale(i))
             .collect();
-        let x = Tensor::from_slice(&x).view([1, -1, c as i64]);
+        Tensor::from_slice(&x).view([1, -1, c as i64])
+    }
+
+    fn layer_norm(&self, sqrt: StdSqrt) -> IntLayerNorm {
         let params = QParams {
             bit_type: BitType::UINT8,
-            scale: scales,
+            scale: self.scales(),
             zero_point: vec![self.zero_point],
             ptf: self.factors(),
         };
-        let ln = IntLayerNorm::new(
+        IntLayerNorm::new(
             &Tensor::from_slice(&self.gamma),
             &Tensor::from_slice(&self.beta),
             LayerNormInput { params: &params, expand: 1 },
             self.out_scale,
             sqrt,
-        );
-        let y = ln.codes(&x).view(-1);
-        Vec::<f32>::try_from(&y).unwrap().into_iter().map(|v| v as i32).collect()
+        )
     }
 
+    /// Checks, bit for bit: the tensor operations with the exact root against `fqvit_ops`; the
+    /// fused CPU path with the exact root against `fqvit_ops`; the fused CPU path with
+    /// libtorch's root against the tensor operations with libtorch's root.
     #[track_caller]
     fn check(&self, what: &str) {
         let reference = self.reference();
-        let exact = self.tensor(StdSqrt::Exact);
+        let x = self.input();
+        let as_i32 = |t: Tensor| -> Vec<i32> {
+            Vec::<f32>::try_from(&t.view(-1)).unwrap().into_iter().map(|v| v as i32).collect()
+        };
+        let exact = as_i32(self.layer_norm(StdSqrt::Exact).codes(&x));
         let differ = reference.iter().zip(&exact).filter(|(a, b)| a != b).count();
         assert_eq!(differ, 0, "{what}: {differ} of {} codes differ from fqvit_ops", exact.len());
+        let outputs: Vec<f32> = reference.iter().map(|&y| y as f32 * self.out_scale).collect();
+        let fused =
+            Vec::<f32>::try_from(&self.layer_norm(StdSqrt::Exact).forward(&x).view(-1)).unwrap();
+        assert_eq!(fused, outputs, "{what}: the fused path differs from fqvit_ops");
+        let ln = self.layer_norm(StdSqrt::Libtorch);
+        let ops = ln.codes(&x) * f64::from(self.out_scale);
+        assert!(
+            ln.forward(&x).equal(&ops),
+            "{what}: with libtorch's sqrt, fused and tensor paths differ"
+        );
     }
 }
 
@@ -251,4 +267,50 @@ proptest! {
     fn layer_norm_equals_fqvit_ops(case in ln_case()) {
         case.check("random");
     }
+}
+
+/// Swin's patch merging: the LayerNorm over four concatenated neighbours reads the in-site's C/4
+/// PTF scales tiled four times (spec §6 `in_scale_expand`); equal to `fqvit_ops` with the factors
+/// tiled, `[α_0 … α_{C/4−1}, α_0 …]`.
+#[test]
+fn layer_norm_tiles_the_in_scales_for_patch_merging() {
+    let mut rng = Gen(0xfeed);
+    let (quarter, tokens) = (96usize, 49usize);
+    let c = 4 * quarter;
+    let alphas: Vec<u8> = (0..quarter).map(|_| rng.below(4) as u8).collect();
+    let tiled: Vec<u8> = alphas.iter().copied().cycle().take(c).collect();
+    let case = Case {
+        channels: c,
+        codes: (0..c * tokens).map(|_| rng.below(256) as u8).collect(),
+        zero_point: 121,
+        alphas: Some(tiled),
+        base: 0.02,
+        gamma: (0..c).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect(),
+        beta: (0..c).map(|i| (i % 5) as f32 * 0.1 - 0.2).collect(),
+        out_scale: 0.04,
+    };
+    let reference = case.reference();
+    let scales = case.scales();
+    let x: Vec<f32> = case
+        .codes
+        .iter()
+        .enumerate()
+        .map(|(i, &q)| (i32::from(q) - 121) as f32 * scales[i % c])
+        .collect();
+    let quarter_params = QParams {
+        bit_type: BitType::UINT8,
+        scale: alphas.iter().map(|&a| 0.02 * f32::from(1u8 << a)).collect(),
+        zero_point: vec![121],
+        ptf: Some(alphas.iter().map(|&a| PtfFactor::try_from(a).unwrap()).collect()),
+    };
+    let ln = IntLayerNorm::new(
+        &Tensor::from_slice(&case.gamma),
+        &Tensor::from_slice(&case.beta),
+        LayerNormInput { params: &quarter_params, expand: 4 },
+        case.out_scale,
+        StdSqrt::Exact,
+    );
+    let y = ln.codes(&Tensor::from_slice(&x).view([1, tokens as i64, c as i64])).view(-1);
+    let y: Vec<i32> = Vec::<f32>::try_from(&y).unwrap().into_iter().map(|v| v as i32).collect();
+    assert_eq!(y, reference);
 }

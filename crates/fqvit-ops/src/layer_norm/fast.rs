@@ -6,7 +6,7 @@
 //! codes are always those of [`reference::ptf_layer_norm`](super::reference::ptf_layer_norm).
 
 use super::LayerNormParams;
-use super::reference::{TokenStats, channel_code, token_stats, zero_variance_code};
+use super::reference::{TokenStats, channel_code, token_stats, var_term, zero_variance_code};
 #[cfg(doc)]
 use super::reference::{get_mn, round_shift};
 
@@ -24,6 +24,8 @@ const B_LIMIT_F64: f64 = 4_503_599_627_370_496.0;
 /// compiled for the detected instruction set (a closure would not be).
 pub(super) struct Tokens<'a, 'p> {
     pub(super) codes: &'a [u8],
+    /// Each token's root of σ's radicand, when the caller took them.
+    pub(super) roots: Option<&'a [f32]>,
     pub(super) factors: &'a [i32],
     pub(super) s_min: f32,
     pub(super) params: &'a LayerNormParams<'p>,
@@ -38,22 +40,39 @@ impl pulp::WithSimd for Tokens<'_, '_> {
     fn with_simd<S: pulp::Simd>(self, _: S) {
         let n_channels = self.x.len();
         let tokens = self.codes.chunks_exact(n_channels).zip(self.y.chunks_exact_mut(n_channels));
-        for (token, y) in tokens {
-            layer_norm_token(token, self.factors, self.s_min, self.params, self.x, y);
+        for (t, (token, y)) in tokens.enumerate() {
+            let root = self.roots.map(|r| r[t]);
+            layer_norm_token(token, root, self.factors, self.s_min, self.params, self.x, y);
         }
     }
 }
 
+/// A run of tokens whose radicands `C·Σx² − (Σx)²` [`variance_terms`](super::variance_terms)
+/// computes.
+pub(super) struct Radicands<'a> {
+    pub(super) codes: &'a [u8],
+    pub(super) factors: &'a [i32],
+    pub(super) zero_point: i32,
+    pub(super) x: &'a mut [i32],
+    pub(super) out: &'a mut [f32],
+}
+
+impl pulp::WithSimd for Radicands<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let n_channels = self.x.len();
+        for (token, out) in self.codes.chunks_exact(n_channels).zip(self.out.iter_mut()) {
+            let (sum, sum_sq) = token_sums(token, self.factors, self.zero_point, self.x);
+            *out = var_term(sum, sum_sq, n_channels);
+        }
+    }
+}
+
+/// `x_c = (q_c − z)·2^(α_c − α_min)` into `x`, and the exact `Σx`, `Σx²`.
 #[inline(always)]
-fn layer_norm_token(
-    token: &[u8],
-    factors: &[i32],
-    s_min: f32,
-    params: &LayerNormParams<'_>,
-    x: &mut [i32],
-    y: &mut [i32],
-) {
-    let zero_point = params.zero_point;
+fn token_sums(token: &[u8], factors: &[i32], zero_point: i32, x: &mut [i32]) -> (i64, i64) {
     let (mut sum, mut sum_sq) = (0i64, 0i64);
     for ((x, token), factors) in
         x.chunks_mut(SUM_BLOCK).zip(token.chunks(SUM_BLOCK)).zip(factors.chunks(SUM_BLOCK))
@@ -67,7 +86,21 @@ fn layer_norm_token(
         sum += i64::from(block_sum);
         sum_sq += i64::from(block_sum_sq);
     }
-    match token_stats(sum, sum_sq, x.len(), s_min) {
+    (sum, sum_sq)
+}
+
+#[inline(always)]
+fn layer_norm_token(
+    token: &[u8],
+    root: Option<f32>,
+    factors: &[i32],
+    s_min: f32,
+    params: &LayerNormParams<'_>,
+    x: &mut [i32],
+    y: &mut [i32],
+) {
+    let (sum, sum_sq) = token_sums(token, factors, params.zero_point, x);
+    match token_stats(sum, sum_sq, x.len(), s_min, root) {
         Some(stats) => normalize_token(x, stats, s_min, params, y),
         None => {
             for (yc, &b) in y.iter_mut().zip(params.beta) {

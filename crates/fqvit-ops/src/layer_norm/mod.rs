@@ -23,6 +23,7 @@ use rayon::prelude::*;
 
 use crate::qparams::PtfFactor;
 use fast::Tokens;
+
 use reference::pow2;
 
 /// The most channels a LayerNorm may have (keeps `C·Σx²` below 2^63).
@@ -142,16 +143,89 @@ impl LayerNormParams<'_> {
 /// ```
 #[track_caller]
 pub fn ptf_layer_norm(codes: &[u8], params: &LayerNormParams<'_>, out: &mut [i32]) {
+    ptf_layer_norm_with(codes, params, Roots::Exact, out);
+}
+
+/// How σ's square root `sqrt(C·Σx² − (Σx)²)` is taken: the one step of the integer LayerNorm
+/// whose rounding differs between libraries (libtorch's CPU `sqrt` is not correctly rounded).
+#[derive(Clone, Copy, Debug)]
+pub enum Roots<'a> {
+    /// Correctly rounded (`f32::sqrt`).
+    Exact,
+    /// One per token, taken by the caller from [`variance_terms`] (to follow another library).
+    Given(&'a [f32]),
+}
+
+/// [`ptf_layer_norm`] with σ's square root per [`Roots`].
+///
+/// # Panics
+/// As [`ptf_layer_norm`], and if `Roots::Given` does not have one root per token.
+#[track_caller]
+pub fn ptf_layer_norm_with(
+    codes: &[u8],
+    params: &LayerNormParams<'_>,
+    roots: Roots<'_>,
+    out: &mut [i32],
+) {
     let n_channels = params.check(codes.len(), out.len());
+    let roots = match roots {
+        Roots::Exact => None,
+        Roots::Given(r) => {
+            assert_eq!(
+                r.len() * n_channels,
+                codes.len(),
+                "ptf_layer_norm: {} roots for {} tokens",
+                r.len(),
+                codes.len() / n_channels
+            );
+            Some(r)
+        }
+    };
     let (s_min, shifts) = params.in_scale.min_and_shifts(n_channels);
     let factors: Vec<i32> = shifts.iter().map(|&shift| 1 << shift).collect();
     let task = n_channels * fast::TOKENS_PER_TASK;
     // Runs each task with the widest instruction set the CPU has, so the channel loops below
     // vectorise; IEEE arithmetic gives the same results on every one.
     let arch = pulp::Arch::new();
-    codes.par_chunks(task).zip(out.par_chunks_mut(task)).for_each_init(
+    codes.par_chunks(task).zip(out.par_chunks_mut(task)).enumerate().for_each_init(
         || vec![0i32; n_channels],
-        |x, (codes, y)| arch.dispatch(Tokens { codes, factors: &factors, s_min, params, x, y }),
+        |x, (i, (codes, y))| {
+            let roots = roots.map(|r| &r[i * fast::TOKENS_PER_TASK..][..codes.len() / n_channels]);
+            arch.dispatch(Tokens { codes, roots, factors: &factors, s_min, params, x, y })
+        },
+    );
+}
+
+/// σ's radicand `C·Σx² − (Σx)²` of each token in float32, as the original computes it (from
+/// exact sums), for a caller that takes its square root with another library ([`Roots::Given`]).
+///
+/// # Panics
+/// As [`ptf_layer_norm`], with `out` one value per token.
+#[track_caller]
+pub fn variance_terms(codes: &[u8], params: &LayerNormParams<'_>, out: &mut [f32]) {
+    let n_channels = params.check(codes.len(), codes.len());
+    assert_eq!(
+        out.len() * n_channels,
+        codes.len(),
+        "variance_terms: room for {} tokens, {} given",
+        out.len(),
+        codes.len() / n_channels
+    );
+    let (_, shifts) = params.in_scale.min_and_shifts(n_channels);
+    let factors: Vec<i32> = shifts.iter().map(|&shift| 1 << shift).collect();
+    let task = n_channels * fast::TOKENS_PER_TASK;
+    let arch = pulp::Arch::new();
+    codes.par_chunks(task).zip(out.par_chunks_mut(fast::TOKENS_PER_TASK)).for_each_init(
+        || vec![0i32; n_channels],
+        |x, (codes, out)| {
+            arch.dispatch(fast::Radicands {
+                codes,
+                factors: &factors,
+                zero_point: params.zero_point,
+                x,
+                out,
+            })
+        },
     );
 }
 

@@ -45,13 +45,24 @@ pub(crate) struct TokenStats {
     pub(crate) std: f32,
 }
 
+/// `C·Σx² − (Σx)²` in float32 as the original computes it from its sums (σ's radicand).
+#[inline]
+pub(crate) fn var_term(sum: i64, sum_sq: i64, n_channels: usize) -> f32 {
+    let (c, sum_f) = (n_channels as f32, sum as f32);
+    c * (sum_sq as f32) - sum_f * sum_f
+}
+
 /// `μ = (Σx / C) · s_min`, `σ = (s_min / C) · sqrt(C·Σx² − (Σx)²)`, or `None` for zero variance.
+///
+/// `root` is the square root of the radicand when the caller took it (another library's
+/// `sqrt`, see [`Roots`](super::Roots)); `None` takes the correctly rounded one.
 #[inline]
 pub(crate) fn token_stats(
     sum: i64,
     sum_sq: i64,
     n_channels: usize,
     s_min: f32,
+    root: Option<f32>,
 ) -> Option<TokenStats> {
     // Overflow: |x| ≤ 2040 and C ≤ 2^20 give C·Σx² ≤ 2^20 · 2^20 · 2040² < 2^63.
     let n = n_channels as i64;
@@ -59,10 +70,9 @@ pub(crate) fn token_stats(
         return None;
     }
     let c = n_channels as f32;
-    let sum_f = sum as f32;
-    let mean = sum_f / c * s_min;
-    let var_term = c * (sum_sq as f32) - sum_f * sum_f;
-    let std = s_min / c * var_term.sqrt();
+    let mean = sum as f32 / c * s_min;
+    let root = root.unwrap_or_else(|| var_term(sum, sum_sq, n_channels).sqrt());
+    let std = s_min / c * root;
     // float32 cancellation can leave a tiny positive variance at 0 or below: it is zero variance too.
     (std > 0.0 && std.is_finite()).then_some(TokenStats { mean, std })
 }
@@ -123,7 +133,7 @@ pub fn ptf_layer_norm(codes: &[u8], params: &LayerNormParams<'_>, out: &mut [i32
             sum += xc;
             sum_sq += xc * xc;
         }
-        match token_stats(sum, sum_sq, n_channels, s_min) {
+        match token_stats(sum, sum_sq, n_channels, s_min, None) {
             Some(stats) => {
                 for c in 0..n_channels {
                     y[c] = channel_code(
