@@ -1,6 +1,6 @@
-//! Quantization in the model: the quantization-aware layers ([`layers`]), the frozen state of a
-//! quantized model ([`Quantized`], built once from a parameter table), and what a model exposes
-//! so that it can be calibrated and quantized ([`Quantizable`]).
+//! Quantization in the model: the quantization-aware layers ([`Act`], [`Linear`], …), the
+//! frozen state of a quantized model ([`Quantized`], built once from a parameter table), and
+//! what a model exposes so that it can be calibrated and quantized ([`Quantizable`]).
 //!
 //! The tensor arithmetic itself (fake quantization, integer LayerNorm, Log-Int-Softmax) lives
 //! in `fqvit-tensor`; each layer matches on [`Mode`](crate::Mode) in one place.
