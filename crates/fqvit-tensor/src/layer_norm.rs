@@ -258,14 +258,4 @@ impl IntLayerNorm {
         fqvit_ops::float::dequantize_i32(&y, h.out_scale, out.as_mut_slice());
         Some(out.into_tensor())
     }
-
-    /// The output scale.
-    pub fn out_scale(&self) -> &Tensor {
-        &self.out_scale
-    }
-
-    /// The per-channel input scales (tiled).
-    pub fn in_scale(&self) -> &Tensor {
-        &self.in_scale
-    }
 }
