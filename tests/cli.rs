@@ -374,3 +374,412 @@ fn convert_reads_an_augreg_npz_and_refuses_a_misfit() {
     );
     assert!(!misfit.exists() && !misfit.with_extension("partial.safetensors").exists());
 }
+
+// ---- bench-table and output checks ----
+
+/// Writes a checkpoint of `model` with random weights in timm's layout (our variable names are
+/// timm's keys), as safetensors.
+fn random_checkpoint(model: fqvit_models::ModelName, path: &std::path::Path) {
+    tch::manual_seed(7);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _model = model.config().build(&vs.root());
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    vs.save(path).unwrap();
+}
+
+/// Places `file` in a Hugging Face cache laid out as Python's `huggingface_hub` leaves it:
+/// the blob under its sha256, a relative link from the pinned snapshot, `refs/main`.
+fn put_in_hf_cache(
+    cache: &std::path::Path,
+    model: fqvit_models::ModelName,
+    file: &std::path::Path,
+) {
+    let ck = model.hub();
+    let repo = cache.join(format!("models--{}", ck.repo.replace('/', "--")));
+    let blob = repo.join("blobs").join(ck.sha256);
+    std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
+    std::fs::rename(file, &blob).unwrap();
+    let snapshot = repo.join("snapshots").join(ck.revision);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::os::unix::fs::symlink(format!("../../blobs/{}", ck.sha256), snapshot.join(ck.file))
+        .unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), ck.revision).unwrap();
+}
+
+fn bench_table(args: &[&str], env: &[(&str, &std::path::Path)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fqvit-cli"));
+    cmd.arg("bench-table").args(args).env_remove("FQVIT_WEIGHTS_DIR").env_remove("HF_HUB_OFFLINE");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.ends_with('\n'), "{} ends in a whole line", path.display());
+    text.lines().map(|l| serde_json::from_str(l).expect("every line is whole JSON")).collect()
+}
+
+/// The published rows as the issue and the README define them, spelled independently of the
+/// CLI's row table.
+const ROWS: [(&str, &[&str]); 7] = [
+    ("fp32", &[]),
+    ("minmax", &["--quant", "--quant-method", "minmax"]),
+    ("ema", &["--quant", "--quant-method", "ema"]),
+    ("percentile", &["--quant", "--quant-method", "percentile"]),
+    ("omse", &["--quant", "--quant-method", "omse"]),
+    ("ours-8-8-8", &["--quant", "--ptf", "--lis", "--attn-bits", "8", "--quant-method", "minmax"]),
+    ("ours-8-8-4", &["--quant", "--ptf", "--lis", "--quant-method", "minmax"]),
+];
+
+#[test]
+fn bench_table_resumes_after_a_kill_and_each_cell_equals_a_plain_eval() {
+    let out = tempfile::tempdir().unwrap();
+    let out_dir = out.path().to_str().unwrap().to_owned();
+    let (s, w) = (sample(), weights_dir());
+    let args = [
+        "run",
+        "--models",
+        "vit_tiny",
+        "--data",
+        &s,
+        "--weights-dir",
+        &w,
+        "--offline",
+        "--limit",
+        "12",
+        "--calib-batchsize",
+        "6",
+        "--calib-iter",
+        "1",
+        "--calib-order",
+        "sorted",
+        "--val-batchsize",
+        "6",
+        "--device",
+        "cpu",
+        "--out",
+        &out_dir,
+    ];
+    let results = out.path().join("cells.jsonl");
+    // Interrupt the run as soon as its first cell is recorded.
+    let mut child = bench_table(&args, &[]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&results).is_ok_and(|t| !t.is_empty()) {
+        assert!(start.elapsed().as_secs() < 600, "no cell finished in 10 minutes");
+        assert!(child.try_wait().unwrap().is_none(), "bench-table ended before the kill");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = jsonl(&results).len();
+    assert!((1..7).contains(&before), "{before} cells before the kill");
+
+    let rerun = bench_table(&args, &[]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&rerun.stderr);
+    assert!(rerun.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("done before, skipped").count(), before, "{stderr}");
+    let records = jsonl(&results);
+    assert_eq!(records.len(), 7, "each cell recorded once");
+    for (row, flags) in ROWS {
+        let r = records.iter().find(|r| r["row"] == row).unwrap_or_else(|| panic!("row {row}"));
+        assert_eq!(r["status"], "ok");
+        assert_eq!(r["images"], 12);
+        let cell_args: Vec<&str> =
+            r["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        assert_eq!(&cell_args[..flags.len()], flags, "row {row} runs the published flags");
+        // The same flags through a plain eval give the same per-image predictions.
+        let plain = out.path().join(format!("plain-{row}.json"));
+        let mut eval = vec!["eval", "vit_tiny", &s, "--weights-dir", &w];
+        eval.extend(&cell_args);
+        eval.extend(["--json", plain.to_str().unwrap()]);
+        let o = cli(&eval);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let read = |p: &std::path::Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+        };
+        let cell = read(std::path::Path::new(r["result_json"].as_str().unwrap()));
+        assert_eq!(cell["predictions"], read(&plain)["predictions"], "row {row}");
+        assert_eq!(cell["top1"], r["top1"]);
+    }
+    let render =
+        bench_table(&["render", "--models", "vit_tiny", "--out", &out_dir], &[]).output().unwrap();
+    let table = String::from_utf8_lossy(&render.stdout);
+    assert!(render.status.success() && table.contains("| ViT-T |"), "{table}");
+    assert!(!table.contains("not run") && !table.contains("failed"), "{table}");
+    let csv = std::fs::read_to_string(out.path().join("results.csv")).unwrap();
+    assert!(csv.starts_with(
+        "model,top1,top1_err,top5,top5_err,param_count,img_size,crop_pct,interpolation,"
+    ));
+    assert_eq!(csv.lines().count(), 8, "{csv}");
+}
+
+#[test]
+fn bench_table_runs_all_eight_architectures_from_a_weights_folder_and_the_hf_cache() {
+    use fqvit_models::ModelName;
+    let tmp = tempfile::tempdir().unwrap();
+    let (weights, cache, out) =
+        (tmp.path().join("weights"), tmp.path().join("hub"), tmp.path().join("out"));
+    for (i, model) in ModelName::ALL.into_iter().enumerate() {
+        let file = weights.join(model.weights_folder()).join("model.safetensors");
+        random_checkpoint(model, &file);
+        if i % 2 == 1 {
+            put_in_hf_cache(&cache, model, &file);
+        }
+    }
+    // A corrupt checkpoint fails its own cells only.
+    let bad = weights.join(ModelName::VitTiny.weights_folder()).join("model.safetensors");
+    let len = std::fs::metadata(&bad).unwrap().len();
+    std::fs::File::options().write(true).open(&bad).unwrap().set_len(len / 2).unwrap();
+    let s = sample();
+    let names: Vec<&str> = ModelName::ALL.iter().map(|m| m.as_str()).collect();
+    let models = names.join(",");
+    let o = bench_table(
+        &[
+            "--models",
+            &models,
+            "--rows",
+            "fp32,ours-8-8-4",
+            "--data",
+            &s,
+            "--weights-dir",
+            weights.to_str().unwrap(),
+            "--offline",
+            "--limit",
+            "2",
+            "--calib-batchsize",
+            "2",
+            "--calib-iter",
+            "1",
+            "--val-batchsize",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[("HF_HUB_CACHE", &cache)],
+    )
+    .output()
+    .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!o.status.success(), "the corrupt checkpoint's cells fail the run");
+    assert!(stderr.contains("2 cell(s) failed: vit_tiny fp32, vit_tiny ours-8-8-4"), "{stderr}");
+    for (i, model) in ModelName::ALL.into_iter().enumerate().skip(1) {
+        let ck = model.hub();
+        let expect = if i % 2 == 1 {
+            format!("snapshots/{}", ck.revision)
+        } else {
+            weights.display().to_string()
+        };
+        assert!(
+            stderr.contains(&format!("weights {model}: "))
+                && stderr
+                    .lines()
+                    .any(|l| l.starts_with(&format!("weights {model}: ")) && l.contains(&expect)),
+            "{model} from {expect}:\n{stderr}"
+        );
+    }
+    let records = jsonl(&out.join("cells.jsonl"));
+    assert_eq!(records.len(), 18);
+    let ok = records.iter().filter(|r| r["status"] == "ok").count();
+    assert_eq!(ok, 16, "{stderr}");
+    let header = stdout.lines().find(|l| l.starts_with("| Method |")).unwrap();
+    for h in ["ViT-T", "DeiT-T", "DeiT-S", "DeiT-B", "ViT-B", "ViT-L", "Swin-T", "Swin-S", "Swin-B"]
+    {
+        assert!(header.contains(h), "{header}");
+    }
+    let fp32 = stdout.lines().find(|l| l.starts_with("| Full Precision |")).unwrap();
+    assert!(fp32.contains("**failed**") && !fp32.contains("not run"), "{fp32}");
+    let minmax = stdout.lines().find(|l| l.starts_with("| MinMax |")).unwrap();
+    assert_eq!(minmax.matches("not run").count(), 9, "{minmax}");
+}
+
+#[test]
+fn bench_table_refuses_missing_checkpoints_and_an_unusable_out_before_any_cell() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (empty, out) = (tmp.path().join("empty"), tmp.path().join("out"));
+    std::fs::create_dir_all(&empty).unwrap();
+    let s = sample();
+    let o = bench_table(
+        &[
+            "run",
+            "--models",
+            "deit_tiny,swin_base",
+            "--data",
+            &s,
+            "--offline",
+            "--weights-dir",
+            empty.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[("HF_HOME", &empty)],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(stderr.contains("2 checkpoint(s) missing, nothing was run"), "{stderr}");
+    for name in ["deit_tiny_patch16_224.fb_in1k", "swin_base_patch4_window7_224.ms_in1k"] {
+        assert!(
+            stderr
+                .contains(&format!("{}/{name}/model.safetensors does not exist", empty.display())),
+            "{stderr}"
+        );
+    }
+    let hub = empty.join("hub/models--timm--deit_tiny_patch16_224.fb_in1k/snapshots");
+    assert!(stderr.contains(&hub.display().to_string()), "the HF cache under HF_HOME: {stderr}");
+    assert!(!out.join("cells.jsonl").exists());
+
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let o = bench_table(
+        &[
+            "run",
+            "--models",
+            "vit_tiny",
+            "--data",
+            &s,
+            "--offline",
+            "--out",
+            file.join("sub").to_str().unwrap(),
+        ],
+        &[],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("--out"), "{stderr}");
+    let o = bench_table(&["run", "--shard", "2/2", "--data", &s], &[]).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("expected I/N with 0 <= I < N"));
+}
+
+#[test]
+fn bench_table_shards_split_the_cells_and_render_merges_them() {
+    let out = tempfile::tempdir().unwrap();
+    let (s, w) = (sample(), weights_dir());
+    let out_dir = out.path().to_str().unwrap().to_owned();
+    let common = [
+        "run",
+        "--models",
+        "vit_tiny",
+        "--rows",
+        "fp32,minmax,ema",
+        "--data",
+        &s,
+        "--weights-dir",
+        &w,
+        "--offline",
+        "--limit",
+        "4",
+        "--calib-batchsize",
+        "4",
+        "--calib-iter",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        &out_dir,
+    ];
+    let mut first = common.to_vec();
+    first.extend(["--shard", "0/2"]);
+    let ok = |o: Output| assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(bench_table(&first, &[]).output().unwrap());
+    // The second shard from Slurm's array variables.
+    let (id, count) = (std::path::Path::new("1"), std::path::Path::new("2"));
+    ok(bench_table(&common, &[("SLURM_ARRAY_TASK_ID", id), ("SLURM_ARRAY_TASK_COUNT", count)])
+        .output()
+        .unwrap());
+    let rows = |f: &str| -> Vec<String> {
+        jsonl(&out.path().join(f)).iter().map(|r| r["row"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(rows("cells.shard-0-of-2.jsonl"), ["fp32", "ema"]);
+    assert_eq!(rows("cells.shard-1-of-2.jsonl"), ["minmax"]);
+    let render =
+        bench_table(&["render", "--models", "vit_tiny", "--out", &out_dir], &[]).output().unwrap();
+    let table = String::from_utf8_lossy(&render.stdout);
+    for row in ["| Full Precision |", "| MinMax |", "| EMA |"] {
+        let line = table.lines().find(|l| l.starts_with(row)).unwrap();
+        assert!(!line.contains("not run"), "{line}");
+    }
+}
+
+#[test]
+fn output_paths_are_checked_before_calibration_and_non_finite_weights_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, w) = (sample(), weights_dir());
+    let nowhere = tmp.path().join("no/such/dir/out.json");
+    let o = cli(&[
+        "eval",
+        "vit_tiny",
+        &s,
+        "--weights-dir",
+        &w,
+        "--quant",
+        "--json",
+        nowhere.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("--json") && stderr.contains("does not exist"),
+        "{stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("calibrated"),
+        "refused before calibrating"
+    );
+    let artifact = tmp.path().join("missing/q.safetensors");
+    fails_with(
+        &["quantize", "vit_tiny", &s, "--weights-dir", &w, "-o", artifact.to_str().unwrap()],
+        "-o",
+    );
+
+    // One NaN in one tensor: the load names it.
+    let file = tmp.path().join("nan.safetensors");
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _m = fqvit_models::ModelName::VitTiny.config().build(&vs.root());
+    tch::no_grad(|| {
+        let vars = vs.variables();
+        let t = &vars["blocks.3.mlp.fc1.weight"];
+        let _ = t.view(-1).get(5).fill_(f64::NAN);
+    });
+    vs.save(&file).unwrap();
+    fails_with(
+        &["eval", "vit_tiny", &s, "--weights", file.to_str().unwrap(), "--limit", "1"],
+        "tensor `blocks.3.mlp.fc1.weight` holds 1 NaN or infinite values (first at flat index 5)",
+    );
+}
+
+#[test]
+fn the_slurm_scripts_and_the_device_check_parse() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let doc = std::fs::read_to_string(root.join("docs/slurm.md")).unwrap();
+    let mut blocks = 0;
+    for block in doc.split("```bash\n").skip(1) {
+        let script = block.split("```").next().unwrap();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), script).unwrap();
+        let o = Command::new("bash").arg("-n").arg(file.path()).output().unwrap();
+        assert!(o.status.success(), "bash -n:\n{script}\n{}", String::from_utf8_lossy(&o.stderr));
+        blocks += 1;
+    }
+    assert!(blocks >= 1, "docs/slurm.md has its scripts in ```bash blocks");
+    for needle in [
+        "#SBATCH --array=0-",
+        "--dependency=afterany:",
+        "bench-table fetch",
+        "bench-table run",
+        "bench-table render",
+    ] {
+        assert!(doc.contains(needle), "docs/slurm.md lacks {needle}");
+    }
+    let o = Command::new("bash")
+        .arg("-n")
+        .arg(root.join("xtask/scripts/device_check.sh"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -53,6 +53,14 @@ enum Cmd {
         #[arg(long)]
         reuse: bool,
     },
+    /// The published FQ-ViT table end to end (release `fqvit-cli bench-table`: fetch, run,
+    /// render); every argument is passed on (`cargo xtask bench-table --help` lists them).
+    #[command(disable_help_flag = true)]
+    BenchTable {
+        /// `[fetch|run|render] [--data DIR] [--models a,b] [--rows ...] [--device ...] ...`
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Regenerate the Pillow resampling fixtures of fqvit-calib (installs Pillow from PyPI into a scratch folder).
     PillowFixtures,
     /// Throughput and peak memory of every full-size model (random weights) as a markdown table.
@@ -96,6 +104,7 @@ fn main() -> Result<()> {
         Cmd::BenchModels { models, device, batch_size, iters } => {
             table::bench_models(&models, &device, batch_size, iters)
         }
+        Cmd::BenchTable { args } => table::bench_table(&args),
         Cmd::Table { model, data, weights_dir, methods, attn8, reuse } => {
             table::table(&table::Options { model, data, weights_dir, methods, attn8, reuse })
         }

@@ -1,3 +1,4 @@
+//! `cargo xtask bench-table`: the published table, by the release CLI's `bench-table`.
 //! `cargo xtask table`: the accuracy matrix on a data folder, through the release CLI, as a
 //! markdown table (top-1, top-5, calibration and evaluation seconds). Each run's JSON stays in
 //! `target/accuracy/`. `cargo xtask bench-models`: `fqvit-cli bench` per model (one process
@@ -96,6 +97,20 @@ pub(crate) fn table(options: &Options) -> Result<()> {
         lines.push(line);
     }
     println!("{}", lines.join("\n"));
+    Ok(())
+}
+
+/// `cargo xtask bench-table`: builds the release CLI and hands it every argument.
+pub(crate) fn bench_table(args: &[String]) -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "fqvit-cli"]))?;
+    let cli = project_root().join("target/release/fqvit-cli");
+    let status = std::process::Command::new(&cli)
+        .arg("bench-table")
+        .args(args)
+        .current_dir(project_root())
+        .status()
+        .with_context(|| format!("starting {}", cli.display()))?;
+    anyhow::ensure!(status.success(), "bench-table failed: {status}");
     Ok(())
 }
 

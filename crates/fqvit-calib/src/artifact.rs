@@ -12,7 +12,6 @@ use fqvit_tensor::{Axis, Quantizer};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use serde::{Deserialize, Serialize};
-use sha2::Digest;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
@@ -86,13 +85,6 @@ pub struct Provenance {
     pub lis_bits: Option<u32>,
     /// Every site, in forward order.
     pub sites: Vec<SiteInfo>,
-}
-
-/// SHA-256 of a file, hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let bytes =
-        std::fs::read(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
-    Ok(sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn class_name(class: TensorClass) -> &'static str {

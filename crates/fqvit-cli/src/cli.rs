@@ -34,8 +34,81 @@ pub(crate) enum Command {
     /// Throughput and peak memory of a model with random weights, float and quantized
     /// (8/8/4 `--ptf --lis`, calibrated on random images): what `cargo xtask bench-models` runs.
     Bench(BenchArgs),
+    /// The published FQ-ViT table end to end: fetch the pinned checkpoints, run every
+    /// (model, row) cell as its own `eval` process (resumable JSONL), render the tables.
+    BenchTable(BenchTableArgs),
     /// Report what libtorch sees (version, CUDA).
     Doctor,
+}
+
+/// A step of `bench-table`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum TableStep {
+    /// Put every checkpoint the cells need in the HF cache (or check them with --offline).
+    Fetch,
+    /// Run the cells not yet finished with the same inputs, one `eval` process each.
+    Run,
+    /// The markdown tables and CSV from the results so far.
+    Render,
+}
+
+/// `fqvit-cli bench-table` (`cargo xtask bench-table`).
+#[derive(Args, Debug)]
+pub(crate) struct BenchTableArgs {
+    /// fetch, run or render; all three when omitted.
+    #[arg(value_enum)]
+    pub(crate) step: Option<TableStep>,
+    /// ImageNet folder with train/<wnid>/ (calibration) and val/<wnid>/ (evaluation).
+    #[arg(long)]
+    pub(crate) data: Option<PathBuf>,
+    /// Models, comma-separated (the published table's eight by default; vit_tiny on request).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "deit_tiny,deit_small,deit_base,vit_base,vit_large,swin_tiny,swin_small,swin_base"
+    )]
+    pub(crate) models: Vec<String>,
+    /// Rows, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "fp32,minmax,ema,percentile,omse,ours-8-8-8,ours-8-8-4"
+    )]
+    pub(crate) rows: Vec<crate::commands::bench_table::rows::Row>,
+    /// Where every cell runs.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub(crate) device: DeviceArg,
+    /// Evaluate only the first N validation images (sorted order).
+    #[arg(long)]
+    pub(crate) limit: Option<usize>,
+    /// Results folder: the JSONL files, each cell's JSON and log, the rendered tables.
+    #[arg(long, default_value = "target/bench-table")]
+    pub(crate) out: PathBuf,
+    /// Never touch the network: the HF cache and --weights-dir only; missing files are listed.
+    #[arg(long, env = "HF_HUB_OFFLINE")]
+    pub(crate) offline: bool,
+    /// Folder with <timm name>/model.safetensors, looked at before the HF cache.
+    #[arg(long, env = "FQVIT_WEIGHTS_DIR")]
+    pub(crate) weights_dir: Option<PathBuf>,
+    /// Run only cells k with k mod N = I (default: SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT).
+    #[arg(long, value_name = "I/N")]
+    pub(crate) shard: Option<crate::commands::bench_table::Shard>,
+    /// Rerun finished cells too.
+    #[arg(long)]
+    pub(crate) force: bool,
+    /// Calibration image order.
+    #[arg(long, value_enum, default_value_t = OrderArg::Shuffled)]
+    pub(crate) calib_order: OrderArg,
+    /// Calibration images per batch [eval's default: 100].
+    #[arg(long)]
+    pub(crate) calib_batchsize: Option<usize>,
+    /// Calibration batches [eval's default: 10].
+    #[arg(long)]
+    pub(crate) calib_iter: Option<usize>,
+    /// Validation images per batch.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) val_batchsize: usize,
 }
 
 /// `fqvit-cli bench`.
@@ -135,6 +208,9 @@ pub(crate) struct ModelArgs {
     /// Not needed with `eval --qparams`, which carries the weights.
     #[arg(long, env = "FQVIT_WEIGHTS_DIR")]
     pub(crate) weights_dir: Option<PathBuf>,
+    /// Never touch the network: weights from --weights, --weights-dir or the HF cache only.
+    #[arg(long, env = "HF_HUB_OFFLINE")]
+    pub(crate) offline: bool,
     /// Device.
     #[arg(long, value_enum, default_value = "auto")]
     pub(crate) device: DeviceArg,

@@ -9,6 +9,7 @@ mod alloc;
 mod cli;
 mod commands;
 mod config;
+mod output;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
@@ -33,6 +34,7 @@ fn main() -> anyhow::Result<()> {
         cli::Command::Quantize(args) => commands::quantize::run(*args),
         cli::Command::Convert(args) => commands::convert::run(&args),
         cli::Command::Bench(args) => commands::bench::run(&args),
+        cli::Command::BenchTable(args) => commands::bench_table::run(&args),
         cli::Command::Doctor => commands::doctor::run(),
     }
 }

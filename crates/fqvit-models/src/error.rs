@@ -33,6 +33,20 @@ pub enum Error {
         /// Tensors whose shape or dtype differs: `name: expected …, got …`.
         mismatched: Vec<String>,
     },
+    /// A weights tensor holds NaN or infinite values.
+    #[error(
+        "{path}: tensor `{tensor}` holds {count} NaN or infinite values (first at flat index {first}); the checkpoint is corrupt"
+    )]
+    NonFinite {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+        /// How many elements are not finite.
+        count: usize,
+        /// The flat index of the first one.
+        first: usize,
+    },
     /// No weights for a model were found and none could be downloaded.
     #[error("no weights for {model}: {reason}")]
     WeightsNotFound {

@@ -36,5 +36,5 @@ pub mod weights;
 pub use error::{Error, Result};
 pub use mode::{CalibrationSink, Mode, QuantOptions};
 pub use quant::{Classifier, Layer, Probe, Quantizable, Quantized, Wiring};
-pub use registry::{Architecture, ModelName, Preprocess};
+pub use registry::{Architecture, HubCheckpoint, ModelName, Preprocess};
 pub use site::{QParamTable, Site, SiteId, SiteTable, TensorClass};

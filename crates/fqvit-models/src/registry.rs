@@ -37,6 +37,19 @@ impl Architecture {
     }
 }
 
+/// A checkpoint file on the Hugging Face hub at a fixed commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HubCheckpoint {
+    /// `owner/name`.
+    pub repo: &'static str,
+    /// The commit (40 hex digits) the file is taken from.
+    pub revision: &'static str,
+    /// The file's sha256 at that commit (its LFS object id).
+    pub sha256: &'static str,
+    /// The file's name in the repository.
+    pub file: &'static str,
+}
+
 /// A model the CLI and the library know by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ModelName {
@@ -123,19 +136,62 @@ impl ModelName {
         }
     }
 
-    /// The timm checkpoint on the Hugging Face hub.
+    /// The timm checkpoint on the Hugging Face hub, pinned: repository, commit, and the sha256
+    /// of its `model.safetensors` (provenance of the pins: `docs/weights.md`).
+    pub const fn hub(self) -> HubCheckpoint {
+        let (repo, revision, sha256) = match self {
+            ModelName::VitTiny => (
+                "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+                "7d3afdd0cf93ad84d986eb2d6bcc5812ebd0b106",
+                "fecf81b492bd13ee7a5297cb74d1d417aac8bf7e1b7d96aed89c4691984587ed",
+            ),
+            ModelName::DeitTiny => (
+                "timm/deit_tiny_patch16_224.fb_in1k",
+                "80e968688553f219e4a86f940ed945a23709c16f",
+                "21d4764d94f6c3ffdb6da3581115a0a1ee2d505537d96883b540e54766407c9e",
+            ),
+            ModelName::DeitSmall => (
+                "timm/deit_small_patch16_224.fb_in1k",
+                "91327a9c99f98fe6b524cd4d397b7226b80e1365",
+                "1e747b4a8d0df2cfbd3c450e8c97685d867448ab0c2ddbfb34b6885f5cb23e5b",
+            ),
+            ModelName::DeitBase => (
+                "timm/deit_base_patch16_224.fb_in1k",
+                "b78cc5532a69df6bcad9c3a8d76653fd20b31ac6",
+                "cd2da27b74ed7f68b599f16c77af3e1e80f01c75f9ad96029d22ce747a247e8e",
+            ),
+            ModelName::VitBase => (
+                "timm/vit_base_patch16_224.augreg_in21k_ft_in1k",
+                "b5b38b8f7dd93ce67d12e356a8771556b95c8cf9",
+                "c401d219603ac3e20b6373c7b198c78d3a733f80b755d148bda3bc320ae69800",
+            ),
+            ModelName::VitLarge => (
+                "timm/vit_large_patch16_224.augreg_in21k_ft_in1k",
+                "0930ab3308b84cb2ae091a4a80703c459412a4c7",
+                "109390825a5bada2864f1b74445a63d29c51ef079c349644bc98996c452f6cf1",
+            ),
+            ModelName::SwinTiny => (
+                "timm/swin_tiny_patch4_window7_224.ms_in1k",
+                "4cc3a7275b50b53a7bec45f32c236ebe64227cff",
+                "fb01861f793143135fa0d6cd97b1631e4b33eaa3ee162bbea9e62de1c76ebac1",
+            ),
+            ModelName::SwinSmall => (
+                "timm/swin_small_patch4_window7_224.ms_in1k",
+                "b59828b00f6fac85d99c8eac48094b605b6e7ec3",
+                "8fa31b116680e02e4ad6ad06eb29a1b9ca56bd93a2e88510a0bc7e82e0e2024f",
+            ),
+            ModelName::SwinBase => (
+                "timm/swin_base_patch4_window7_224.ms_in1k",
+                "160443c7878650977f11a3a89d4ed685b001a304",
+                "6544e46498082f24e90b3e5269d909dad03aa016db8711777313c162e136420c",
+            ),
+        };
+        HubCheckpoint { repo, revision, sha256, file: "model.safetensors" }
+    }
+
+    /// The timm repository on the Hugging Face hub.
     pub const fn hub_repo(self) -> &'static str {
-        match self {
-            ModelName::VitTiny => "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k",
-            ModelName::DeitTiny => "timm/deit_tiny_patch16_224.fb_in1k",
-            ModelName::DeitSmall => "timm/deit_small_patch16_224.fb_in1k",
-            ModelName::DeitBase => "timm/deit_base_patch16_224.fb_in1k",
-            ModelName::VitBase => "timm/vit_base_patch16_224.augreg_in21k_ft_in1k",
-            ModelName::VitLarge => "timm/vit_large_patch16_224.augreg_in21k_ft_in1k",
-            ModelName::SwinTiny => "timm/swin_tiny_patch4_window7_224.ms_in1k",
-            ModelName::SwinSmall => "timm/swin_small_patch4_window7_224.ms_in1k",
-            ModelName::SwinBase => "timm/swin_base_patch4_window7_224.ms_in1k",
-        }
+        self.hub().repo
     }
 
     /// The folder under a weights directory: the hub name without `timm/`.

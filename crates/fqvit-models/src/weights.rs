@@ -10,6 +10,7 @@ use tch::nn::VarStore;
 
 use crate::ModelName;
 use crate::error::{Error, Result};
+use crate::registry::HubCheckpoint;
 
 /// Where a model's weights come from.
 #[derive(Clone, Debug)]
@@ -22,8 +23,76 @@ pub enum WeightsSource {
     Hub,
 }
 
-/// Resolves a weights file for `model`, downloading it from the hub when no local file has it.
-pub fn resolve(model: ModelName, source: &WeightsSource) -> Result<PathBuf> {
+/// Whether resolving weights may download.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Network {
+    /// Download from the hub what no local file or cache has.
+    Online,
+    /// Never touch the network: local files and the HF cache only.
+    Offline,
+}
+
+/// The Hugging Face hub cache folder (the one holding `models--<owner>--<name>/`), laid out as
+/// Python's `huggingface_hub` lays it out, so both share one cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HubCache {
+    root: PathBuf,
+}
+
+impl HubCache {
+    /// The cache at `root` (the `hub` folder itself).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The cache `huggingface_hub` uses: `HF_HUB_CACHE`, else `HUGGINGFACE_HUB_CACHE`, else
+    /// `HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`.
+    pub fn from_env() -> Self {
+        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let root =
+            var("HF_HUB_CACHE").or_else(|| var("HUGGINGFACE_HUB_CACHE")).unwrap_or_else(|| {
+                var("HF_HOME")
+                    .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("huggingface")))
+                    .unwrap_or_else(|| {
+                        var("HOME").unwrap_or_else(|| PathBuf::from(".")).join(".cache/huggingface")
+                    })
+                    .join("hub")
+            });
+        Self { root }
+    }
+
+    /// The `hub` folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the pinned file lives in the cache: `models--<owner>--<name>/snapshots/<commit>/<file>`.
+    pub fn snapshot_path(&self, ck: &HubCheckpoint) -> PathBuf {
+        self.root
+            .join(format!("models--{}", ck.repo.replace('/', "--")))
+            .join("snapshots")
+            .join(ck.revision)
+            .join(ck.file)
+    }
+
+    /// The cached file, if present. The revision is a commit, so no `refs/` file is read
+    /// (Python writes none for a commit; hf-hub 0.4's own lookup insists on one, so it is not
+    /// used). `is_file` follows the snapshot's link, so a link to a missing blob is a miss.
+    pub fn cached(&self, ck: &HubCheckpoint) -> Option<PathBuf> {
+        let path = self.snapshot_path(ck);
+        path.is_file().then_some(path)
+    }
+}
+
+/// Resolves a weights file for `model`: the given file; else `<dir>/<timm name>/model.safetensors`;
+/// else the pinned checkpoint in the HF cache; else, online, downloads it there (checking its
+/// sha256). Offline, a miss says every place looked at and how to fill one.
+pub fn resolve(
+    model: ModelName,
+    source: &WeightsSource,
+    network: Network,
+    cache: &HubCache,
+) -> Result<PathBuf> {
     let local = match source {
         WeightsSource::File(path) => {
             return if path.is_file() {
@@ -38,37 +107,105 @@ pub fn resolve(model: ModelName, source: &WeightsSource) -> Result<PathBuf> {
         WeightsSource::Dir(dir) => Some(dir.join(model.weights_folder()).join("model.safetensors")),
         WeightsSource::Hub => None,
     };
-    if let Some(path) = &local {
-        if path.is_file() {
-            return Ok(path.clone());
-        }
-        tracing::info!(path = %path.display(), "no local weights, trying the hub");
+    if let Some(path) = local.as_ref().filter(|p| p.is_file()) {
+        return Ok(path.clone());
     }
-    download(model).map_err(|reason| Error::WeightsNotFound {
-        model: model.to_string(),
-        reason: format!(
-            "{}downloading {} from the Hugging Face hub failed ({reason}); download model.safetensors from https://huggingface.co/{} and pass --weights PATH, or put it at <dir>/{}/model.safetensors and pass --weights-dir <dir>",
-            local.map(|p| format!("{} does not exist; ", p.display())).unwrap_or_default(),
-            model.hub_repo(),
-            model.hub_repo(),
-            model.weights_folder(),
-        ),
-    })
+    let ck = model.hub();
+    if let Some(path) = cache.cached(&ck) {
+        return Ok(path);
+    }
+    let looked = format!(
+        "{}{} is not in the Hugging Face cache",
+        local.as_ref().map(|p| format!("{} does not exist; ", p.display())).unwrap_or_default(),
+        cache.snapshot_path(&ck).display(),
+    );
+    let remedy = format!(
+        "download https://huggingface.co/{}/resolve/{}/{} and pass --weights PATH, or put it at <dir>/{}/model.safetensors and pass --weights-dir <dir>",
+        ck.repo,
+        ck.revision,
+        ck.file,
+        model.weights_folder()
+    );
+    match network {
+        Network::Offline => Err(Error::WeightsNotFound {
+            model: model.to_string(),
+            reason: format!(
+                "{looked}; offline, so nothing was downloaded: run `cargo xtask bench-table fetch` with network access, or {remedy}"
+            ),
+        }),
+        Network::Online => {
+            tracing::info!(repo = ck.repo, revision = ck.revision, "downloading weights");
+            download(&ck, cache).map_err(|reason| Error::WeightsNotFound {
+                model: model.to_string(),
+                reason: format!("{looked}; downloading it failed ({reason}); {remedy}"),
+            })
+        }
+    }
 }
 
-fn download(model: ModelName) -> std::result::Result<PathBuf, String> {
+/// Downloads a pinned checkpoint into `cache` (hf-hub resumes a partial `.part` blob and
+/// retries with backoff) and checks its sha256 against the registry.
+fn download(ck: &HubCheckpoint, cache: &HubCache) -> std::result::Result<PathBuf, String> {
     let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_cache_dir(cache.root().to_owned())
+        .with_retries(3)
         .with_progress(true)
         .build()
         .map_err(|e| e.to_string())?;
-    api.model(model.hub_repo().to_owned()).get("model.safetensors").map_err(|e| e.to_string())
+    let repo = hf_hub::Repo::with_revision(
+        ck.repo.to_owned(),
+        hf_hub::RepoType::Model,
+        ck.revision.to_owned(),
+    );
+    let path = api.repo(repo).download(ck.file).map_err(|e| e.to_string())?;
+    let got = sha256_file(&path).map_err(|e| e.to_string())?;
+    if got != ck.sha256 {
+        return Err(format!(
+            "{} has sha256 {got}, but {}@{} publishes {}; delete it and retry",
+            path.display(),
+            ck.repo,
+            ck.revision,
+            ck.sha256
+        ));
+    }
+    Ok(path)
+}
+
+/// The sha256 of a file, hex, read in pieces.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let io = |source| Error::Io { path: path.to_owned(), source };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The count of non-finite little-endian f32 values in `bytes` and the index of the first.
+fn non_finite(bytes: &[u8]) -> Option<(usize, usize)> {
+    let mut found = None::<(usize, usize)>;
+    for (i, c) in bytes.chunks_exact(4).enumerate() {
+        // Exponent all ones: infinity or NaN, whatever the sign and mantissa.
+        if u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000 {
+            found = Some(found.map_or((1, i), |(n, first)| (n + 1, first)));
+        }
+    }
+    found
 }
 
 /// Loads a safetensors file into every variable of `vs`, strictly.
 ///
 /// Fails, listing every offending name, when the file lacks a variable, has a tensor the model
-/// has no variable for, or a tensor's shape or dtype differs. Nothing is copied unless everything
-/// fits.
+/// has no variable for, or a tensor's shape or dtype differs; fails naming the tensor when one
+/// holds NaN or infinite values. Nothing is copied unless everything fits.
 pub fn load_strict(vs: &VarStore, path: &Path) -> Result<()> {
     let bytes =
         std::fs::read(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
@@ -92,6 +229,9 @@ pub fn load_strict(vs: &VarStore, path: &Path) -> Result<()> {
                 view.dtype()
             ));
             continue;
+        }
+        if let Some((count, first)) = non_finite(view.data()) {
+            return Err(Error::NonFinite { path: path.to_owned(), tensor: name, count, first });
         }
         tensors.insert(name, view);
     }

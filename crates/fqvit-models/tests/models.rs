@@ -112,6 +112,79 @@ fn a_truncated_file_is_refused() {
     assert!(err.to_string().contains("w.safetensors is not a valid safetensors file"), "{err}");
 }
 
+#[test]
+fn a_non_finite_weight_is_refused_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = weights_file(&dir, |vars| {
+        let (_, t) = vars.iter_mut().find(|(n, _)| n == "blocks.1.attn.qkv.weight").unwrap();
+        let _ = tch::no_grad(|| t.view(-1).narrow(0, 3, 2).fill_(f64::INFINITY));
+    });
+    let err = load(&path).unwrap_err();
+    assert!(matches!(err, Error::NonFinite { count: 2, first: 3, .. }), "{err}");
+    assert!(
+        err.to_string().contains("tensor `blocks.1.attn.qkv.weight` holds 2 NaN or infinite"),
+        "{err}"
+    );
+}
+
+#[test]
+fn weights_resolve_from_the_folder_then_the_hf_cache_and_offline_misses_say_where() {
+    use fqvit_models::weights::{HubCache, Network, WeightsSource, resolve};
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, cache) = (tmp.path().join("weights"), HubCache::new(tmp.path().join("hub")));
+    let model = ModelName::DeitSmall;
+    let ck = model.hub();
+    let offline = |source: &WeightsSource| resolve(model, source, Network::Offline, &cache);
+
+    // Nothing anywhere: the error names the folder's file, the cache's file and the pinned URL.
+    let err = offline(&WeightsSource::Dir(dir.clone())).unwrap_err().to_string();
+    let local = dir.join("deit_small_patch16_224.fb_in1k/model.safetensors");
+    assert!(err.contains(&format!("{} does not exist", local.display())), "{err}");
+    assert!(err.contains(&cache.snapshot_path(&ck).display().to_string()), "{err}");
+    assert!(
+        err.contains(&format!(
+            "huggingface.co/{}/resolve/{}/model.safetensors",
+            ck.repo, ck.revision
+        )),
+        "{err}"
+    );
+    assert!(err.contains("offline, so nothing was downloaded"), "{err}");
+
+    // Python's layout: a relative link from the pinned snapshot to the blob, no refs/<sha>.
+    let snapshot = cache.snapshot_path(&ck);
+    std::fs::create_dir_all(snapshot.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(format!("../../blobs/{}", ck.sha256), &snapshot).unwrap();
+    assert!(offline(&WeightsSource::Hub).is_err(), "a link to a missing blob is a miss");
+    let blob =
+        cache.root().join("models--timm--deit_small_patch16_224.fb_in1k/blobs").join(ck.sha256);
+    std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
+    std::fs::write(&blob, b"weights").unwrap();
+    assert_eq!(offline(&WeightsSource::Hub).unwrap(), snapshot);
+    assert_eq!(
+        offline(&WeightsSource::Dir(dir.clone())).unwrap(),
+        snapshot,
+        "the cache backs the folder"
+    );
+
+    // A file in the folder comes first.
+    std::fs::create_dir_all(local.parent().unwrap()).unwrap();
+    std::fs::write(&local, b"local").unwrap();
+    assert_eq!(offline(&WeightsSource::Dir(dir)).unwrap(), local);
+}
+
+#[test]
+fn the_registry_pins_every_checkpoint_to_a_commit() {
+    for model in ModelName::ALL {
+        let ck = model.hub();
+        let hex = |s: &str, n: usize| {
+            s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        };
+        assert!(hex(ck.revision, 40), "{model}: revision {}", ck.revision);
+        assert!(hex(ck.sha256, 64), "{model}: sha256 {}", ck.sha256);
+        assert_eq!(ck.repo, format!("timm/{}", model.weights_folder()));
+    }
+}
+
 /// The site table: names, the original's module names, classes, counts.
 #[test]
 fn site_table_matches_the_original_graph() {

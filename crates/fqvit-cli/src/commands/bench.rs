@@ -13,6 +13,9 @@ use crate::cli::BenchArgs;
 
 pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     let name: ModelName = args.model.parse()?;
+    if let Some(path) = &args.json {
+        crate::output::check_writable(path, "--json")?;
+    }
     let device = crate::commands::eval::device(args.device)?;
     tch::manual_seed(0);
     let vs = tch::nn::VarStore::new(device);

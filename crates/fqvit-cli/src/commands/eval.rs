@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use fqvit_calib::data::{BadImages, ImageFolder};
 use fqvit_calib::eval::{EvalOptions, EvalReport, Ties, evaluate};
 use fqvit_calib::{Experiment, calibrate, calibration_set};
-use fqvit_models::weights::{WeightsSource, load_strict, resolve};
+use fqvit_models::weights::{HubCache, Network, WeightsSource, load_strict, resolve};
 use fqvit_models::{Classifier, Mode, ModelName, Quantized};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -43,7 +43,8 @@ pub(crate) fn load_model(args: &ModelArgs) -> Result<Loaded> {
         (None, Some(dir)) => WeightsSource::Dir(dir.clone()),
         (None, None) => WeightsSource::Hub,
     };
-    let weights = resolve(loaded.name, &source)?;
+    let network = if args.offline { Network::Offline } else { Network::Online };
+    let weights = resolve(loaded.name, &source, network, &HubCache::from_env())?;
     load_strict(&loaded.vs, &weights)?;
     tracing::info!(model = %loaded.name, weights = %weights.display(), device = ?loaded.device, "model loaded");
     loaded.weights = Some(weights);
@@ -73,6 +74,9 @@ pub(crate) fn progress(len: usize, what: &str) -> ProgressBar {
 }
 
 pub(crate) fn run(args: EvalArgs) -> Result<()> {
+    if let Some(path) = &args.json {
+        crate::output::check_writable(path, "--json")?;
+    }
     if let Some(path) = &args.qparams {
         return eval_artifact(&args, path);
     }
@@ -128,7 +132,7 @@ fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
     let explicit_weights = args.model.weights.is_some() || args.model.weights_dir.is_some();
     let mut loaded =
         if explicit_weights { load_model(&args.model)? } else { build_model(&args.model)? };
-    let sha = loaded.weights.as_deref().map(fqvit_calib::artifact::sha256_file).transpose()?;
+    let sha = loaded.weights.as_deref().map(fqvit_models::weights::sha256_file).transpose()?;
     let expect = fqvit_calib::artifact::Expect {
         model: loaded.name.as_str(),
         architecture: &loaded.model.architecture(),
@@ -172,8 +176,13 @@ fn finish_eval(
     bar.finish_and_clear();
     print_report(loaded, exp, &report, calib.as_ref().and_then(|c| c["seconds"].as_f64()));
     if let Some(path) = &args.json {
+        let parameters: i64 =
+            loaded.vs.variables().values().map(tch::Tensor::numel).map(|n| n as i64).sum();
         let value = json!({
             "model": loaded.name.as_str(),
+            "parameters": parameters,
+            "preprocess": loaded.name.preprocess(),
+            "interpolation": "bicubic",
             "top1": report.top1,
             "top5": report.top5,
             "images": report.images,

@@ -17,6 +17,8 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
     let mut exp = crate::config::resolve_quantize(&args.quant)?;
     exp.quant = true;
     exp.validate()?;
+    crate::output::check_writable(&args.output, "-o")?;
+    crate::output::check_writable(&args.output.with_extension("toml"), "-o (its .toml summary)")?;
     let loaded = load_model(&args.model)?;
     let weights = loaded
         .weights
@@ -33,7 +35,7 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
         created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         model: loaded.name.to_string(),
         architecture: loaded.model.architecture(),
-        weights_sha256: artifact::sha256_file(weights)?,
+        weights_sha256: fqvit_models::weights::sha256_file(weights)?,
         experiment: exp,
         calibration: CalibrationData {
             data: args.model.data.display().to_string(),
