@@ -96,7 +96,13 @@ pub(crate) fn run(args: &BenchTableArgs) -> Result<()> {
     let models = parse_models(&args.models)?;
     let rows = dedup(&args.rows);
     match args.step {
-        Some(TableStep::Fetch) => fetch(args, &models).map(drop),
+        Some(TableStep::Fetch) => {
+            let manifest = args.out.join("weights.json");
+            std::fs::create_dir_all(&args.out)
+                .with_context(|| format!("--out {}", args.out.display()))?;
+            crate::output::check_writable(&manifest, "--out")?;
+            write_manifest(&manifest, &fetch(args, &models)?)
+        }
         Some(TableStep::Run) => run_cells(args, &models, &rows),
         Some(TableStep::Render) => render(args, &models),
         // `run` fetches what its cells need first.
@@ -162,6 +168,18 @@ fn fetch(
         bail!("{} checkpoint(s) missing, nothing was run:\n{}", missing.len(), missing.join("\n"));
     }
     Ok(found)
+}
+
+/// `weights.json` in `--out`: each model's resolved file and sha256, as `fetch` found them.
+fn write_manifest(file: &Path, found: &BTreeMap<&'static str, (PathBuf, String)>) -> Result<()> {
+    let manifest: BTreeMap<_, _> = found
+        .iter()
+        .map(|(model, (path, sha))| (*model, json!({ "path": path, "sha256": sha })))
+        .collect();
+    std::fs::write(file, serde_json::to_string_pretty(&manifest)?)
+        .with_context(|| format!("writing {}", file.display()))?;
+    eprintln!("wrote {}", file.display());
+    Ok(())
 }
 
 /// What every cell of one run shares.

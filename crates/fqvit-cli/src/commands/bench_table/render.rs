@@ -92,20 +92,23 @@ pub(crate) fn timing(cols: &[ModelName], cells: &Cells) -> String {
     s
 }
 
-/// The images, data and devices behind the figures, one line each distinct value.
+/// The images, data and devices behind the figures, and the calibration orders, one line each
+/// distinct value.
 pub(crate) fn provenance(cells: &Cells) -> String {
     let mut seen = std::collections::BTreeSet::new();
     for r in cells.values().filter(|r| r.status == Status::Ok) {
         seen.insert(format!(
-            "{} val images of {}, calibration order {}, on {} ({}), fqvit {} at {}",
+            "{} val images of {}, on {} ({}), fqvit {} at {}",
             r.images.unwrap_or(0),
             r.data.display(),
-            r.calib_order,
             r.device_name,
             r.device_used.as_deref().unwrap_or("?"),
             r.fqvit_version,
             r.git_commit
         ));
+        if r.row.quantized() {
+            seen.insert(format!("calibration order: {}", r.calib_order));
+        }
     }
     seen.into_iter().map(|l| format!("- {l}\n")).collect()
 }
