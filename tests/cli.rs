@@ -783,3 +783,79 @@ fn the_slurm_scripts_and_the_device_check_parse() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// A stand-in for the hub's `resolve` endpoint on loopback: answers every request with `body`
+/// (byte ranges as asked) and the headers hf-hub reads; records the paths requested.
+fn fake_hub(
+    body: Vec<u8>,
+    commit: &'static str,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let paths = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = paths.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let (mut first, mut range) = (String::new(), None);
+            reader.read_line(&mut first).unwrap();
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if line.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                    let (a, b) = v.trim().split_once('-').unwrap();
+                    range = Some((a.parse::<usize>().unwrap(), b.parse::<usize>().ok()));
+                }
+            }
+            seen.lock().unwrap().push(first.split_whitespace().nth(1).unwrap_or("").to_owned());
+            let (start, end) =
+                range.map_or((0, body.len() - 1), |(a, b)| (a, b.unwrap_or(body.len() - 1)));
+            let part = &body[start..=end.min(body.len() - 1)];
+            let head = format!(
+                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{end}/{}\r\nx-repo-commit: {commit}\r\netag: \"0123abcd\"\r\nConnection: close\r\n\r\n",
+                part.len(),
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(part));
+        }
+    });
+    (url, paths)
+}
+
+#[test]
+fn fetch_downloads_the_pinned_commit_and_refuses_bytes_that_are_not_the_pinned_file() {
+    let ck = fqvit_models::ModelName::DeitTiny.hub();
+    let (url, paths) =
+        fake_hub(b"these bytes are not the pinned checkpoint".repeat(1000), ck.revision);
+    let tmp = tempfile::tempdir().unwrap();
+    let (cache, out) = (tmp.path().join("hub"), tmp.path().join("out"));
+    let o = bench_table(
+        &["fetch", "--models", "deit_tiny", "--out", out.to_str().unwrap()],
+        &[("HF_HUB_CACHE", &cache), ("HF_ENDPOINT", std::path::Path::new(&url))],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    let wanted = format!("/{}/resolve/{}/{}", ck.repo, ck.revision, ck.file);
+    let asked = paths.lock().unwrap().clone();
+    assert!(!asked.is_empty() && asked.iter().all(|p| *p == wanted), "{asked:?}");
+    assert!(
+        stderr.contains(&format!(
+            "but {}@{} publishes {}; it was removed from the cache",
+            ck.repo, ck.revision, ck.sha256
+        )),
+        "{stderr}"
+    );
+    let repo = cache.join("models--timm--deit_tiny_patch16_224.fb_in1k");
+    assert!(repo.join("blobs").is_dir(), "hf-hub downloaded into the HF cache layout");
+    assert!(!repo.join("snapshots").join(ck.revision).join(ck.file).exists());
+    let blobs: Vec<_> =
+        std::fs::read_dir(repo.join("blobs")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(blobs.iter().all(|b| b.to_string_lossy().ends_with(".lock")), "{blobs:?}");
+}

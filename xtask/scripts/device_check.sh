@@ -30,14 +30,14 @@ run() { # name args...
 }
 status=0
 run float-cpu eval vit_tiny "$pack/data" "${w[@]}" --device cpu || status=1
-run float-$dev eval vit_tiny "$pack/data" "${w[@]}" --device "$dev" || status=1
+run float-dev eval vit_tiny "$pack/data" "${w[@]}" --device "$dev" || status=1
 # One calibration, replayed on both devices: the agreement isolates the quantized forward.
 "${cli[@]}" quantize vit_tiny "$pack/data" "${w[@]}" --device cpu --ptf --lis "${calib[@]}" \
     -o "$out/vit_tiny-8-8-4.safetensors" > "$out/quantize.txt" 2>&1 || status=1
 run q884-cpu eval vit_tiny "$pack/data" --qparams "$out/vit_tiny-8-8-4.safetensors" --device cpu || status=1
-run q884-$dev eval vit_tiny "$pack/data" --qparams "$out/vit_tiny-8-8-4.safetensors" --device "$dev" || status=1
+run q884-dev eval vit_tiny "$pack/data" --qparams "$out/vit_tiny-8-8-4.safetensors" --device "$dev" || status=1
 # Calibrating on the device as well (what a bench-table cell does).
-run q884-calib-$dev eval vit_tiny "$pack/data" "${w[@]}" --device "$dev" --quant --ptf --lis "${calib[@]}" || status=1
+run q884-calib-dev eval vit_tiny "$pack/data" "${w[@]}" --device "$dev" --quant --ptf --lis "${calib[@]}" || status=1
 for m in vit_tiny deit_small deit_base swin_tiny; do
     "${cli[@]}" bench "$m" --device "$dev" --batch-size 32 --json "$out/bench-$m.json" > /dev/null 2>&1 || status=1
 done
@@ -49,7 +49,7 @@ def load(name):
     return json.load(open(p)) if os.path.exists(p) else None
 print(f"| check | top-1 CPU | top-1 {dev} | equal top-1 | equal top-5 lists | {dev} images/s |")
 print("|---|---|---|---|---|---|")
-for label, a, b in [("float", "float-cpu", f"float-{dev}"), ("8/8/4, same qparams", "q884-cpu", f"q884-{dev}")]:
+for label, a, b in [("float", "float-cpu", "float-dev"), ("8/8/4, same qparams", "q884-cpu", "q884-dev")]:
     x, y = load(a), load(b)
     if not (x and y):
         print(f"| {label} | missing | | | | |"); continue
@@ -59,7 +59,7 @@ for label, a, b in [("float", "float-cpu", f"float-{dev}"), ("8/8/4, same qparam
     t5 = sum(p["top5"] == q["top5"] for p, q in zip(px, py))
     n = len(px)
     print(f"| {label} | {x['top1']:.2f} | {y['top1']:.2f} | {t1}/{n} ({100*t1/n:.1f} %) | {t5}/{n} | {y['images']/y['eval_seconds']:.0f} |")
-c = load(f"q884-calib-{dev}")
+c = load("q884-calib-dev")
 if c:
     print(f"| 8/8/4 calibrated on {dev} | | {c['top1']:.2f} | | | {c['images']/c['eval_seconds']:.0f} |")
 print()

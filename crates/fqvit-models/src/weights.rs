@@ -160,12 +160,15 @@ fn download(ck: &HubCheckpoint, cache: &HubCache) -> std::result::Result<PathBuf
     let path = api.repo(repo).download(ck.file).map_err(|e| e.to_string())?;
     let got = sha256_file(&path).map_err(|e| e.to_string())?;
     if got != ck.sha256 {
+        // Nothing unverified stays in the cache, where an offline run would take it.
+        let blob = path.canonicalize();
+        let _ = std::fs::remove_file(&path);
+        if let Ok(blob) = blob {
+            let _ = std::fs::remove_file(blob);
+        }
         return Err(format!(
-            "{} has sha256 {got}, but {}@{} publishes {}; delete it and retry",
-            path.display(),
-            ck.repo,
-            ck.revision,
-            ck.sha256
+            "the download has sha256 {got}, but {}@{} publishes {}; it was removed from the cache",
+            ck.repo, ck.revision, ck.sha256
         ));
     }
     Ok(path)
