@@ -94,6 +94,11 @@ fn contradictory_or_unknown_flags_are_refused_with_a_clear_message() {
     );
     fails_with(&with(&["--quant-method", "omse"]), "--quant-method needs --quant");
     fails_with(&with(&["--layer-norm-sqrt", "exact"]), "--layer-norm-sqrt needs --quant");
+    fails_with(&with(&["--float-sites", "mlp-out"]), "--float-sites needs --quant");
+    fails_with(
+        &with(&["--quant", "--float-sites", "fc2"]),
+        "unknown site group `fc2`; known: weights, residual",
+    );
     fails_with(
         &with(&["--quant", "--layer-norm-sqrt", "round"]),
         "invalid value 'round' for '--layer-norm-sqrt",
@@ -292,6 +297,30 @@ fn quantize_then_eval_qparams_round_trips() {
         &["eval", "vit_tiny", &sample(), "--qparams", artifact.to_str().unwrap(), "--ptf"],
         "--qparams carries its own quantization settings",
     );
+    let a = artifact.to_str().unwrap();
+    fails_with(
+        &["eval", "vit_tiny", &sample(), "--qparams", a, "--float-sites", "weights"],
+        "--float-sites weights needs float weights",
+    );
+    // A float group on a replayed artifact is a different experiment, recorded as such.
+    let json = dir.path().join("float.json");
+    let o = cli(&[
+        "eval",
+        "vit_tiny",
+        &sample(),
+        "--qparams",
+        a,
+        "--float-sites",
+        "mlp-out",
+        "--limit",
+        "4",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["experiment"]["float-sites"], serde_json::json!(["mlp-out"]));
 }
 
 /// `convert` on a ViT AugReg `.npz` built from the shared ViT-Tiny (Google's names and

@@ -185,7 +185,7 @@ pub fn site_infos(model: &dyn Quantizable, table: &QParamTable, exp: &Experiment
         .iter()
         .filter_map(|(id, s)| {
             let p = table.get(id)?;
-            let obs = exp.observer(s.class);
+            let obs = exp.observer(s);
             Some(SiteInfo {
                 name: s.name.clone(),
                 original: s.original.clone(),

@@ -39,7 +39,7 @@ impl Calibrator {
         exp.validate()?;
         let mut slots = Vec::with_capacity(sites.len());
         for (_, site) in sites.iter() {
-            slots.push(match exp.observer(site.class) {
+            slots.push(match exp.observer(site) {
                 None => Slot::Unused,
                 Some(cfg) => Slot::Observing(
                     build(&cfg, site.class == TensorClass::Weight)

@@ -4,7 +4,7 @@
 //! weights, uint8 layer-wise activations, PTF on LayerNorm inputs, 4-bit Log-Int-Softmax.
 //! [`Experiment::full_precision`] is the original command line without flags.
 
-use fqvit_models::{QuantOptions, TensorClass};
+use fqvit_models::{QuantOptions, Site, SiteGroups, TensorClass};
 use fqvit_observers::{ObserverConfig, ObserverKind};
 use fqvit_ops::{BitType, Bits, Granularity};
 pub use fqvit_tensor::StdSqrt;
@@ -106,6 +106,14 @@ pub struct Experiment {
     /// The integer LayerNorm's square root (`--layer-norm-sqrt`): libtorch's, as the original
     /// (its codes can depend on the CPU), or correctly rounded (the same on every machine).
     pub layer_norm_sqrt: StdSqrt,
+    /// Activation site groups quantized with Power-of-Two Factors (per-channel `s · 2^k`, the
+    /// PTF observer) instead of one layer-wise scale (`--ptf-sites`, TOML `ptf-sites`; none in
+    /// the original, whose PTF covers the LayerNorm inputs only). Integer-only at inference: a
+    /// PTF code shifted by its channel's power of two is an integer on one base scale.
+    pub ptf_sites: SiteGroups,
+    /// Site groups left in float in the quantized forward (`--float-sites`, TOML
+    /// `float-sites = ["mlp-out"]`; none in the original): a research tool, not integer-only.
+    pub float_sites: SiteGroups,
     /// Calibration data.
     pub calibration: Calibration,
 }
@@ -124,6 +132,8 @@ impl Default for Experiment {
             attn_bits: 4,
             lis_in_last_calibration_batch: true,
             layer_norm_sqrt: StdSqrt::Libtorch,
+            ptf_sites: SiteGroups::NONE,
+            float_sites: SiteGroups::NONE,
             calibration: Calibration::default(),
         }
     }
@@ -155,6 +165,16 @@ impl Experiment {
                 self.quant_method.observer().as_str()
             ));
         }
+        use fqvit_models::SiteGroup;
+        for g in
+            [SiteGroup::Weights, SiteGroup::Residual, SiteGroup::AttnScores, SiteGroup::AttnProbs]
+        {
+            if self.ptf_sites.has(g) {
+                return bad(format!(
+                    "ptf-sites = {g}: PTF applies to plain activation groups (the residual stream has it with ptf; weights are per-channel already; the softmax's input and output have their own integer forms)"
+                ));
+            }
+        }
         if self.calibration.batch_size == 0 || self.calibration.iterations == 0 {
             return bad("calibration needs at least one batch of at least one image".into());
         }
@@ -170,7 +190,8 @@ impl Experiment {
 
     /// The observer of a site class, or `None` for a site that is not observed (the uniform
     /// softmax quantizer under LIS).
-    pub fn observer(&self, class: TensorClass) -> Option<ObserverConfig> {
+    pub fn observer(&self, site: &Site) -> Option<ObserverConfig> {
+        let class = site.class;
         let bits = |b: u8| Bits::try_from(b).expect("validated");
         let act = BitType { bits: bits(self.activation_bits), signed: false };
         let granularity = match self.activation_granularity {
@@ -183,6 +204,11 @@ impl Experiment {
             TensorClass::Weight => ObserverConfig {
                 kind: ObserverKind::MinMax,
                 bit_type: BitType { bits: bits(self.weight_bits), signed: true },
+                granularity: Granularity::ChannelWise,
+            },
+            TensorClass::Activation if self.ptf_sites.contains(site) => ObserverConfig {
+                kind: ObserverKind::Ptf,
+                bit_type: act,
                 granularity: Granularity::ChannelWise,
             },
             TensorClass::Activation => method,
@@ -206,6 +232,7 @@ impl Experiment {
             int_layer_norm: self.ptf,
             lis_bits: self.lis.then_some(u32::from(self.attn_bits)),
             std_sqrt: self.layer_norm_sqrt,
+            float_sites: self.float_sites,
         }
     }
 
@@ -223,6 +250,14 @@ impl Experiment {
         }
         s.push(' ');
         s.push_str(self.quant_method.observer().as_str());
+        if !self.ptf_sites.is_empty() {
+            let groups: Vec<&str> = self.ptf_sites.iter().map(|g| g.as_str()).collect();
+            s.push_str(&format!(" (ptf: {})", groups.join(", ")));
+        }
+        if !self.float_sites.is_empty() {
+            let groups: Vec<&str> = self.float_sites.iter().map(|g| g.as_str()).collect();
+            s.push_str(&format!(" (float: {})", groups.join(", ")));
+        }
         s
     }
 }

@@ -240,6 +240,15 @@ pub(crate) struct QuantArgs {
     /// The integer LayerNorm's square root [default: libtorch].
     #[arg(long, value_enum)]
     pub(crate) layer_norm_sqrt: Option<SqrtArg>,
+    /// Leave these site groups in float in the quantized forward (a research tool: which
+    /// quantization costs the accuracy): weights, residual, norm-out, qkv-out, attn-scores,
+    /// attn-probs, context, proj-out, mlp-hidden, mlp-out, logits. Also with --qparams.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) float_sites: Vec<fqvit_models::SiteGroup>,
+    /// Quantize these activation site groups with Power-of-Two Factors (per-channel s·2^k)
+    /// instead of one scale, e.g. mlp-out (fc2's output before the residual add).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) ptf_sites: Vec<fqvit_models::SiteGroup>,
     /// Calibration images per batch [default: 100].
     #[arg(long)]
     pub(crate) calib_batchsize: Option<usize>,

@@ -47,6 +47,12 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
             SqrtArg::Exact => StdSqrt::Exact,
         };
     }
+    if !args.float_sites.is_empty() {
+        exp.float_sites = args.float_sites.iter().copied().collect();
+    }
+    if !args.ptf_sites.is_empty() {
+        exp.ptf_sites = args.ptf_sites.iter().copied().collect();
+    }
     let cal = &mut exp.calibration;
     cal.batch_size = args.calib_batchsize.unwrap_or(cal.batch_size);
     cal.iterations = args.calib_iter.unwrap_or(cal.iterations);
@@ -61,6 +67,8 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
         ("--quant-method", args.quant_method.is_some()),
         ("--attn-bits", args.attn_bits.is_some()),
         ("--layer-norm-sqrt", args.layer_norm_sqrt.is_some()),
+        ("--float-sites", !args.float_sites.is_empty()),
+        ("--ptf-sites", !args.ptf_sites.is_empty()),
     ]
     .into_iter()
     .filter_map(|(flag, given)| given.then_some(flag))
@@ -77,4 +85,40 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
     })?;
     tracing::debug!(?exp, "resolved experiment");
     Ok(exp)
+}
+
+#[cfg(test)]
+mod tests {
+    use fqvit_calib::Experiment;
+
+    /// Every shipped preset parses, validates and means what its name says.
+    #[test]
+    fn every_config_in_configs_is_a_valid_experiment() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let exp: Experiment =
+                toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            exp.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+            assert!(exp.quant, "{name}");
+            let bits = if name.ends_with("8_8_4") { 4 } else { 8 };
+            assert!(!exp.lis || exp.attn_bits == bits, "{name}");
+            if name.starts_with("fqvit_plus") {
+                assert_eq!(
+                    exp.ptf_sites,
+                    [fqvit_models::SiteGroup::MlpOut].into_iter().collect(),
+                    "{name}"
+                );
+                assert!(
+                    exp.ptf && exp.lis && exp.float_sites.is_empty(),
+                    "{name}: fully quantized"
+                );
+            }
+            seen += 1;
+        }
+        assert!(seen >= 6, "{seen} configs");
+    }
 }

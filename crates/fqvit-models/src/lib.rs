@@ -37,4 +37,4 @@ pub use error::{Error, Result};
 pub use mode::{CalibrationSink, Mode, QuantOptions};
 pub use quant::{Classifier, Layer, Probe, Quantizable, Quantized, Wiring};
 pub use registry::{Architecture, HubCheckpoint, ModelName, Preprocess};
-pub use site::{QParamTable, Site, SiteId, SiteTable, TensorClass};
+pub use site::{QParamTable, Site, SiteGroup, SiteGroups, SiteId, SiteTable, TensorClass};

@@ -15,6 +15,11 @@ pub struct QuantOptions {
     pub lis_bits: Option<u32>,
     /// The integer LayerNorm's square root: libtorch's (the original's) or correctly rounded.
     pub std_sqrt: fqvit_tensor::StdSqrt,
+    /// Sites left in float (none in the original): an activation site is the identity, a
+    /// weight keeps its float values, and a LayerNorm or Log-Int-Softmax whose own site is
+    /// float runs in float. Attention scores left in float still enter Log-Int-Softmax, which
+    /// rounds them on its input scale, as in the original.
+    pub float_sites: crate::site::SiteGroups,
 }
 
 /// Receives every site's tensor during calibration; implemented by `fqvit-calib`.

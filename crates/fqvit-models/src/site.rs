@@ -148,3 +148,157 @@ impl QParamTable {
         self.params.is_empty()
     }
 }
+
+/// A group of sites that a quantized model can leave in float (a research tool: which
+/// quantization costs the accuracy). Named by what the sites hold, for ViT and Swin alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SiteGroup {
+    /// Every weight.
+    Weights,
+    /// The residual stream before each LayerNorm (the PTF sites under `--ptf`).
+    Residual,
+    /// LayerNorm outputs.
+    NormOut,
+    /// The qkv projection's output.
+    QkvOut,
+    /// Attention scores before the softmax (Swin: also the bias table and the biased scores).
+    AttnScores,
+    /// The softmax output (under `--lis`, the float softmax replaces Log-Int-Softmax).
+    AttnProbs,
+    /// Attention · V.
+    Context,
+    /// The attention's output projection.
+    ProjOut,
+    /// After GELU (fc1's activation).
+    MlpHidden,
+    /// fc2's output, before the residual add.
+    MlpOut,
+    /// The classifier's output.
+    Logits,
+}
+
+impl SiteGroup {
+    /// Every group.
+    pub const ALL: [SiteGroup; 11] = [
+        SiteGroup::Weights,
+        SiteGroup::Residual,
+        SiteGroup::NormOut,
+        SiteGroup::QkvOut,
+        SiteGroup::AttnScores,
+        SiteGroup::AttnProbs,
+        SiteGroup::Context,
+        SiteGroup::ProjOut,
+        SiteGroup::MlpHidden,
+        SiteGroup::MlpOut,
+        SiteGroup::Logits,
+    ];
+
+    /// The name in flags and TOML.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SiteGroup::Weights => "weights",
+            SiteGroup::Residual => "residual",
+            SiteGroup::NormOut => "norm-out",
+            SiteGroup::QkvOut => "qkv-out",
+            SiteGroup::AttnScores => "attn-scores",
+            SiteGroup::AttnProbs => "attn-probs",
+            SiteGroup::Context => "context",
+            SiteGroup::ProjOut => "proj-out",
+            SiteGroup::MlpHidden => "mlp-hidden",
+            SiteGroup::MlpOut => "mlp-out",
+            SiteGroup::Logits => "logits",
+        }
+    }
+
+    /// Whether `site` belongs to the group (by class, then by the last parts of its name).
+    pub fn contains(self, site: &Site) -> bool {
+        let ends = |suffixes: &[&str]| {
+            suffixes.iter().any(|s| site.name == *s || site.name.ends_with(&format!(".{s}")))
+        };
+        match self {
+            SiteGroup::Weights => site.class == TensorClass::Weight,
+            SiteGroup::Residual => site.class == TensorClass::LayerNormInput,
+            SiteGroup::AttnProbs => site.class == TensorClass::Softmax,
+            _ if site.class != TensorClass::Activation => false,
+            SiteGroup::NormOut => ends(&["norm1_out", "norm2_out", "norm_out"]),
+            SiteGroup::QkvOut => ends(&["attn.qkv_out"]),
+            SiteGroup::AttnScores => {
+                ends(&["attn.attn_scores", "attn.relative_position_bias", "attn.attn_biased"])
+            }
+            SiteGroup::Context => ends(&["attn.context"]),
+            SiteGroup::ProjOut => ends(&["attn.proj_out"]),
+            SiteGroup::MlpHidden => ends(&["mlp.hidden"]),
+            SiteGroup::MlpOut => ends(&["mlp.out"]),
+            SiteGroup::Logits => ends(&["logits"]),
+        }
+    }
+}
+
+impl std::fmt::Display for SiteGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SiteGroup {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        SiteGroup::ALL.into_iter().find(|g| g.as_str() == s).ok_or_else(|| {
+            let known: Vec<&str> = SiteGroup::ALL.iter().map(|g| g.as_str()).collect();
+            format!("unknown site group `{s}`; known: {}", known.join(", "))
+        })
+    }
+}
+
+/// A set of [`SiteGroup`]s (serialised as a list of their names).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SiteGroups(u16);
+
+impl SiteGroups {
+    /// No group: everything quantized.
+    pub const NONE: SiteGroups = SiteGroups(0);
+
+    /// Adds a group.
+    pub fn with(self, group: SiteGroup) -> Self {
+        SiteGroups(self.0 | 1 << group as u16)
+    }
+
+    /// Whether the set holds `group`.
+    pub fn has(self, group: SiteGroup) -> bool {
+        self.0 & (1 << group as u16) != 0
+    }
+
+    /// Whether any group of the set holds `site`.
+    pub fn contains(self, site: &Site) -> bool {
+        SiteGroup::ALL.into_iter().any(|g| self.has(g) && g.contains(site))
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The groups, in [`SiteGroup::ALL`] order.
+    pub fn iter(self) -> impl Iterator<Item = SiteGroup> {
+        SiteGroup::ALL.into_iter().filter(move |g| self.has(*g))
+    }
+}
+
+impl FromIterator<SiteGroup> for SiteGroups {
+    fn from_iter<I: IntoIterator<Item = SiteGroup>>(iter: I) -> Self {
+        iter.into_iter().fold(SiteGroups::NONE, SiteGroups::with)
+    }
+}
+
+impl serde::Serialize for SiteGroups {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter().map(SiteGroup::as_str))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SiteGroups {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let names = Vec::<String>::deserialize(d)?;
+        names.iter().map(|n| n.parse().map_err(serde::de::Error::custom)).collect()
+    }
+}

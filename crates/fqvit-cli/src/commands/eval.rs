@@ -124,9 +124,15 @@ fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
         || q.config.is_some()
         || q.quant_method.is_some()
         || q.attn_bits.is_some()
+        || !q.ptf_sites.is_empty()
     {
         anyhow::bail!(
-            "--qparams carries its own quantization settings: drop --quant, --ptf, --lis, --quant-method, --attn-bits and --config"
+            "--qparams carries its own quantization settings: drop --quant, --ptf, --lis, --quant-method, --attn-bits, --ptf-sites and --config"
+        );
+    }
+    if q.float_sites.contains(&fqvit_models::SiteGroup::Weights) {
+        anyhow::bail!(
+            "--float-sites weights needs float weights, and a --qparams artifact carries int8 ones: calibrate instead (drop --qparams)"
         );
     }
     let explicit_weights = args.model.weights.is_some() || args.model.weights_dir.is_some();
@@ -140,7 +146,10 @@ fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
     };
     let artifact = fqvit_calib::artifact::read(path, &*loaded.model, &loaded.vs, expect)?;
     loaded.weights = Some(path.to_owned());
-    let exp = artifact.provenance.experiment;
+    let mut exp = artifact.provenance.experiment;
+    if !q.float_sites.is_empty() {
+        exp.float_sites = q.float_sites.iter().copied().collect();
+    }
     let quantized = Quantized::new(&*loaded.model, artifact.table, exp.quant_options())?;
     let mut val = ImageFolder::open(&args.model.data, "val")?;
     if let Some(n) = args.limit {

@@ -19,6 +19,8 @@ enum SiteState {
     Weight(Tensor),
     /// An activation site: its quantizer.
     Act(Quantizer),
+    /// An activation site left in float (`QuantOptions::float_sites`): the identity.
+    Float,
 }
 
 /// A model's frozen quantization state: the parameter table, the options, and per site, per
@@ -52,7 +54,12 @@ impl Quantized {
         let mut states = Vec::with_capacity(sites.len());
         for (id, site) in sites.iter() {
             let bad = |reason: String| Error::Site { site: site.name.clone(), reason };
+            let float = options.float_sites.contains(site);
             let used = !(site.class == TensorClass::Softmax && options.lis_bits.is_some());
+            if float && site.class != TensorClass::Weight {
+                states.push(SiteState::Float);
+                continue;
+            }
             let Some(params) = table.get(id).filter(|_| used) else {
                 if used {
                     return Err(bad("has no calibrated parameters".into()));
@@ -77,7 +84,8 @@ impl Quantized {
                 let w =
                     model.weight(id).ok_or_else(|| bad("is not a weight of this model".into()))?;
                 let q = Quantizer::new(params, Axis::First, w.device());
-                states.push(SiteState::Weight(tch::no_grad(|| q.fake_quant(w))));
+                let w = if float { w.shallow_clone() } else { tch::no_grad(|| q.fake_quant(w)) };
+                states.push(SiteState::Weight(w));
                 continue;
             }
             if n != 1 && n != site.channels {
@@ -96,8 +104,11 @@ impl Quantized {
         }
         let mut layer_norms: Vec<Option<IntLayerNorm>> = (0..sites.len()).map(|_| None).collect();
         let mut softmaxes: Vec<Option<LogIntSoftmax>> = (0..sites.len()).map(|_| None).collect();
+        let is_float = |id: SiteId| matches!(states[id.index()], SiteState::Float);
         for layer in model.layers() {
             match layer {
+                // A float input or output leaves the LayerNorm in float too.
+                Layer::LayerNorm(ln) if is_float(ln.in_site) || is_float(ln.out_site) => {}
                 Layer::LayerNorm(ln) if options.int_layer_norm => {
                     let p_in = table.require(ln.in_site, &sites)?;
                     let p_out = table.require(ln.out_site, &sites)?;
@@ -130,6 +141,8 @@ impl Quantized {
                         )
                     }));
                 }
+                // A float softmax output replaces Log-Int-Softmax by the float softmax.
+                Layer::Softmax(s) if is_float(s.out_site()) => {}
                 Layer::Softmax(s) => {
                     if let Some(bits) = options.lis_bits {
                         let wiring = s.wiring();
@@ -162,6 +175,7 @@ impl Quantized {
     pub(crate) fn fake_quant(&self, site: SiteId, xs: &Tensor) -> Tensor {
         match &self.states[site.index()] {
             SiteState::Act(q) => q.fake_quant(xs),
+            SiteState::Float => xs.shallow_clone(),
             _ => panic!("site {} has no activation parameters", self.sites.get(site).name),
         }
     }
