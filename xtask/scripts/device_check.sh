@@ -33,13 +33,22 @@ run float-cpu eval vit_tiny "$pack/data" "${w[@]}" --device cpu || status=1
 run float-dev eval vit_tiny "$pack/data" "${w[@]}" --device "$dev" || status=1
 # One calibration, replayed on both devices: the agreement isolates the quantized forward.
 "${cli[@]}" quantize vit_tiny "$pack/data" "${w[@]}" --device cpu --ptf --lis "${calib[@]}" \
-    -o "$out/vit_tiny-8-8-4.safetensors" > "$out/quantize.txt" 2>&1 || status=1
+    -o "$out/vit_tiny-8-8-4.safetensors" > "$out/quantize.txt" 2>&1 || {
+    echo "FAILED: quantize"
+    tail -n 20 "$out/quantize.txt"
+    status=1
+}
 run q884-cpu eval vit_tiny "$pack/data" --qparams "$out/vit_tiny-8-8-4.safetensors" --device cpu || status=1
 run q884-dev eval vit_tiny "$pack/data" --qparams "$out/vit_tiny-8-8-4.safetensors" --device "$dev" || status=1
 # Calibrating on the device as well (what a bench-table cell does).
 run q884-calib-dev eval vit_tiny "$pack/data" "${w[@]}" --device "$dev" --quant --ptf --lis "${calib[@]}" || status=1
 for m in vit_tiny deit_small deit_base swin_tiny; do
-    "${cli[@]}" bench "$m" --device "$dev" --batch-size 32 --json "$out/bench-$m.json" > /dev/null 2>&1 || status=1
+    "${cli[@]}" bench "$m" --device "$dev" --batch-size 32 --json "$out/bench-$m.json" \
+        > "$out/bench-$m.txt" 2>&1 || {
+        echo "FAILED: bench $m"
+        tail -n 20 "$out/bench-$m.txt"
+        status=1
+    }
 done
 python3 - "$out" "$dev" <<'PY'
 import json, os, sys
@@ -54,7 +63,8 @@ for label, a, b in [("float", "float-cpu", "float-dev"), ("8/8/4, same qparams",
     if not (x and y):
         print(f"| {label} | missing | | | | |"); continue
     px, py = x["predictions"], y["predictions"]
-    assert [p["path"] for p in px] == [p["path"] for p in py]
+    if [p["path"] for p in px] != [p["path"] for p in py]:
+        print(f"| {label} | the two runs saw different images | | | | |"); continue
     t1 = sum(p["top5"][0] == q["top5"][0] for p, q in zip(px, py))
     t5 = sum(p["top5"] == q["top5"] for p, q in zip(px, py))
     n = len(px)

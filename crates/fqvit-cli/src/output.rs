@@ -10,6 +10,13 @@ pub(crate) fn check_writable(path: &Path, flag: &str) -> Result<()> {
     if path.is_dir() {
         bail!("{flag} {}: is a folder, not a file", path.display());
     }
+    if path.exists() {
+        // An existing file must take writing (opened for appending: nothing changes).
+        return match std::fs::OpenOptions::new().append(true).open(path) {
+            Ok(_) => Ok(()),
+            Err(e) => bail!("{flag} {}: cannot be written: {e}", path.display()),
+        };
+    }
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

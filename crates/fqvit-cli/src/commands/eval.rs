@@ -130,11 +130,6 @@ fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
             "--qparams carries its own quantization settings: drop --quant, --ptf, --lis, --quant-method, --attn-bits, --ptf-sites and --config"
         );
     }
-    if q.float_sites.contains(&fqvit_models::SiteGroup::Weights) {
-        anyhow::bail!(
-            "--float-sites weights needs float weights, and a --qparams artifact carries int8 ones: calibrate instead (drop --qparams)"
-        );
-    }
     let explicit_weights = args.model.weights.is_some() || args.model.weights_dir.is_some();
     let mut loaded =
         if explicit_weights { load_model(&args.model)? } else { build_model(&args.model)? };
@@ -149,6 +144,11 @@ fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
     let mut exp = artifact.provenance.experiment;
     if !q.float_sites.is_empty() {
         exp.float_sites = q.float_sites.iter().copied().collect();
+    }
+    if exp.float_sites.has(fqvit_models::SiteGroup::Weights) {
+        anyhow::bail!(
+            "--float-sites weights needs float weights, and a --qparams artifact carries int8 ones: calibrate instead (drop --qparams)"
+        );
     }
     let quantized = Quantized::new(&*loaded.model, artifact.table, exp.quant_options())?;
     let mut val = ImageFolder::open(&args.model.data, "val")?;

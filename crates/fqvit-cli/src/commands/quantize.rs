@@ -17,6 +17,11 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
     let mut exp = crate::config::resolve_quantize(&args.quant)?;
     exp.quant = true;
     exp.validate()?;
+    if exp.float_sites.has(fqvit_models::SiteGroup::Weights) {
+        anyhow::bail!(
+            "--float-sites weights: an artifact carries int8 weights; evaluate with `eval --quant --float-sites weights` instead"
+        );
+    }
     crate::output::check_writable(&args.output, "-o")?;
     crate::output::check_writable(&args.output.with_extension("toml"), "-o (its .toml summary)")?;
     let loaded = load_model(&args.model)?;

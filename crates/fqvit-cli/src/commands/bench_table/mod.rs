@@ -58,6 +58,18 @@ impl Shard {
             v.parse().with_context(|| format!("{k}={v} is not a number"))
         };
         let min = var("SLURM_ARRAY_TASK_MIN").map_or(Ok(0), |v| num("SLURM_ARRAY_TASK_MIN", &v))?;
+        let contiguous = match var("SLURM_ARRAY_TASK_MAX") {
+            Some(max) => {
+                num("SLURM_ARRAY_TASK_MAX", &max)? + 1
+                    == min + num("SLURM_ARRAY_TASK_COUNT", &count)?
+            }
+            None => true,
+        };
+        anyhow::ensure!(
+            contiguous,
+            "the Slurm array is sparse or stepped (tasks {min}..={} but {count} of them): pass --shard I/N explicitly",
+            var("SLURM_ARRAY_TASK_MAX").unwrap_or_default()
+        );
         let index = num("SLURM_ARRAY_TASK_ID", &id)?
             .checked_sub(min)
             .context("SLURM_ARRAY_TASK_ID below SLURM_ARRAY_TASK_MIN")?;
@@ -108,7 +120,14 @@ pub(crate) fn run(args: &BenchTableArgs) -> Result<()> {
         // `run` fetches what its cells need first.
         None => {
             let ran = run_cells(args, &models, &rows);
-            render(args, &models)?;
+            if Shard::resolve(args.shard)?.is_some() {
+                // Shards render once, after all of them (`render`), not each on its own.
+                eprintln!(
+                    "a shard does not render; run `bench-table render` when all have finished"
+                );
+            } else {
+                render(args, &models)?;
+            }
             ran
         }
     }
@@ -227,10 +246,11 @@ fn run_cells(args: &BenchTableArgs, models: &[ModelName], rows: &[Row]) -> Resul
         results,
         cells_dir,
     };
-    let done: HashSet<String> = records::read_all(&args.out)?
+    // Finished cells by key, with the commit they ran at.
+    let done: BTreeMap<String, String> = records::read_all(&args.out)?
         .into_iter()
         .filter(|r| r.status == Status::Ok)
-        .map(|r| r.key)
+        .map(|r| (r.key, r.git_commit))
         .collect();
     let bar = ProgressBar::new(todo.len() as u64);
     bar.set_style(
@@ -238,13 +258,23 @@ fn run_cells(args: &BenchTableArgs, models: &[ModelName], rows: &[Row]) -> Resul
             .expect("valid template"),
     );
     let (mut failed, mut ran_seconds, mut ran) = (Vec::new(), 0.0, 0usize);
-    let mut pending = todo.iter().filter(|c| !done.contains(&key(args, &ctx, c, &weights))).count();
+    let mut pending = todo
+        .iter()
+        .filter(|c| args.force || !done.contains_key(&key(args, &ctx, c, &weights)))
+        .count();
     for (i, cell) in todo.iter().enumerate() {
         let (path, sha) = &weights[cell.model.as_str()];
         let key = key(args, &ctx, cell, &weights);
         let what = format!("{} {}", cell.model, cell.row.id());
-        if done.contains(&key) && !args.force {
-            say(&bar, format!("[{}/{}] {what}: done before, skipped", i + 1, todo.len()));
+        if let Some(commit) = done.get(&key).filter(|_| !args.force) {
+            // The code is not an input (a documentation commit must not rerun a table), but a
+            // figure from other code is worth a word.
+            let note = if *commit == ctx.git_commit {
+                String::new()
+            } else {
+                format!(" (at {commit}; now {}: --force reruns it)", ctx.git_commit)
+            };
+            say(&bar, format!("[{}/{}] {what}: done before, skipped{note}", i + 1, todo.len()));
             bar.inc(1);
             continue;
         }
@@ -306,6 +336,13 @@ fn say(bar: &ProgressBar, line: String) {
 fn hms(seconds: f64) -> String {
     let s = seconds.max(0.0).round() as u64;
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+fn order_name(order: OrderArg) -> &'static str {
+    match order {
+        OrderArg::Shuffled => "shuffled",
+        OrderArg::Sorted => "sorted",
+    }
 }
 
 fn device_arg(d: DeviceArg) -> &'static str {
@@ -390,7 +427,7 @@ fn run_cell(
         // `--weights` and a weights folder from the environment would conflict.
         .env_remove("FQVIT_WEIGHTS_DIR")
         .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
+        .stdout(log_file.try_clone().with_context(|| format!("opening {}", log.display()))?)
         .stderr(log_file);
     let start = Instant::now();
     let status = cmd.status().context("starting fqvit-cli eval")?;
@@ -424,14 +461,8 @@ fn run_cell(
         top1: v["top1"].as_f64(),
         top5: v["top5"].as_f64(),
         calib_seconds: v["calibration"]["seconds"].as_f64(),
-        calib_order: if cell.row.quantized() {
-            match args.calib_order {
-                OrderArg::Shuffled => "shuffled".into(),
-                OrderArg::Sorted => "sorted".into(),
-            }
-        } else {
-            "none".into()
-        },
+        calib_order: if cell.row.quantized() { order_name(args.calib_order) } else { "none" }
+            .into(),
         eval_seconds: v["eval_seconds"].as_f64(),
         cell_seconds,
         device: device_arg(args.device).into(),
@@ -484,10 +515,13 @@ fn device_name(device: DeviceArg) -> String {
     format!("{} ({threads} threads)", cpu.unwrap_or_else(|| "CPU".into()))
 }
 
-/// The commit of the checkout the command runs in (`+dirty` with uncommitted changes).
+/// The commit of the source tree this binary was built from, if it is still there (`+dirty`
+/// with uncommitted changes).
 fn git_commit() -> String {
     let git = |args: &[&str]| {
         Command::new("git")
+            .arg("-C")
+            .arg(env!("CARGO_MANIFEST_DIR"))
             .args(args)
             .stderr(Stdio::null())
             .output()
@@ -610,7 +644,7 @@ mod tests {
         for r in [
             record("deit_small", Row::Fp32, Status::Ok, 79.86, 1),
             record("deit_small", Row::Minmax, Status::Failed, 0.0, 1),
-            record("vit_tiny", Row::Fp32, Status::Ok, 82.62, 1),
+            CellRecord { images: Some(100), ..record("vit_tiny", Row::Fp32, Status::Ok, 82.62, 1) },
         ] {
             cells.insert((r.model.clone(), r.row), r);
         }
@@ -620,7 +654,7 @@ mod tests {
         let line = |start: &str| table.lines().find(|l| l.starts_with(start)).unwrap().to_owned();
         assert_eq!(
             line("| Full Precision"),
-            "| Full Precision | 32/32/32 | 82.62 (–) | 79.86 (79.85, +0.01) | not run |"
+            "| Full Precision | 32/32/32 | 82.62 (–) [100 images] | 79.86 (79.85, +0.01) | not run |"
         );
         assert_eq!(line("| MinMax"), "| MinMax | 8/8/8 | not run | **failed** | not run |");
         assert_eq!(line("| Bit-Split"), "| Bit-Split (paper only) | 8/8/8 | – | (77.06) | – |");

@@ -95,9 +95,13 @@ pub(crate) fn read_all(dir: &Path) -> Result<Vec<CellRecord>> {
     Ok(records)
 }
 
-/// Appends one record to `file` as a whole line: the new content goes to a temporary file
-/// beside it, is synced, then renamed over `file`, so a kill leaves the old or the new file.
+/// Appends one record to `file` as a whole line: under an exclusive lock on `<file>.lock`
+/// (two runs may share a results file), the new content goes to a temporary file of this
+/// process, is synced, then renamed over `file`, so a kill leaves the old or the new file.
 pub(crate) fn append(file: &Path, record: &CellRecord) -> Result<()> {
+    let context = || format!("writing {}", file.display());
+    let lock = std::fs::File::create(file.with_extension("jsonl.lock")).with_context(context)?;
+    lock.lock().with_context(context)?;
     let mut text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -108,7 +112,7 @@ pub(crate) fn append(file: &Path, record: &CellRecord) -> Result<()> {
     }
     text.push_str(&serde_json::to_string(record)?);
     text.push('\n');
-    let tmp = file.with_extension("jsonl.tmp");
+    let tmp = file.with_extension(format!("jsonl.tmp.{}", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(text.as_bytes())?;
@@ -120,7 +124,8 @@ pub(crate) fn append(file: &Path, record: &CellRecord) -> Result<()> {
         }
         Ok(())
     };
-    write().with_context(|| format!("writing {}", file.display()))
+    // The lock is released when `lock` drops, after the rename.
+    write().with_context(context)
 }
 
 /// The latest record of each (model, row), by finish time.

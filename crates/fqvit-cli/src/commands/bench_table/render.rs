@@ -20,14 +20,28 @@ pub(crate) fn columns(requested: &[ModelName], cells: &Cells) -> Vec<ModelName> 
         .collect()
 }
 
-fn cell_text(cells: &Cells, model: ModelName, row: Row) -> String {
+/// The image count most cells were evaluated on.
+fn usual_images(cells: &Cells) -> Option<u64> {
+    let mut counts = BTreeMap::<u64, usize>::new();
+    for r in cells.values().filter(|r| r.status == Status::Ok) {
+        *counts.entry(r.images.unwrap_or(0)).or_default() += 1;
+    }
+    counts.into_iter().max_by_key(|&(images, n)| (n, images)).map(|(images, _)| images)
+}
+
+fn cell_text(cells: &Cells, model: ModelName, row: Row, usual: Option<u64>) -> String {
     let Some(r) = cells.get(&(model.as_str().to_owned(), row)) else {
         return "not run".into();
     };
+    // A cell on another image count (an earlier `--limit` run, say) is marked, not hidden.
+    let mark = match r.images {
+        Some(n) if Some(n) != usual => format!(" [{n} images]"),
+        _ => String::new(),
+    };
     match (r.status, r.top1) {
         (Status::Ok, Some(top1)) => match paper_top1(row, model) {
-            Some(paper) => format!("{top1:.2} ({paper:.2}, {:+.2})", top1 - paper),
-            None => format!("{top1:.2} (–)"),
+            Some(paper) => format!("{top1:.2} ({paper:.2}, {:+.2}){mark}", top1 - paper),
+            None => format!("{top1:.2} (–){mark}"),
         },
         _ => "**failed**".into(),
     }
@@ -36,6 +50,7 @@ fn cell_text(cells: &Cells, model: ModelName, row: Row) -> String {
 /// The accuracy table (markdown).
 pub(crate) fn accuracy(cols: &[ModelName], cells: &Cells) -> String {
     let mut s = String::new();
+    let usual = usual_images(cells);
     let heads: Vec<&str> = cols.iter().map(|&m| heading(m)).collect();
     let _ = writeln!(s, "| Method | W/A/Attn Bits | {} |", heads.join(" | "));
     let _ = writeln!(s, "|---|---|{}", "---|".repeat(cols.len()));
@@ -44,7 +59,7 @@ pub(crate) fn accuracy(cols: &[ModelName], cells: &Cells) -> String {
             PaperRow::Run(row) => (
                 row.method().to_owned(),
                 row.bits(),
-                cols.iter().map(|&m| cell_text(cells, m, row)).collect(),
+                cols.iter().map(|&m| cell_text(cells, m, row, usual)).collect(),
             ),
             PaperRow::Quoted(method, bits) => (
                 format!("{method} (paper only)"),
