@@ -108,8 +108,9 @@ pub struct Experiment {
     pub layer_norm_sqrt: StdSqrt,
     /// Activation site groups quantized with Power-of-Two Factors (per-channel `s · 2^k`, the
     /// PTF observer) instead of one layer-wise scale (`--ptf-sites`, TOML `ptf-sites`; none in
-    /// the original, whose PTF covers the LayerNorm inputs only). Integer-only at inference: a
-    /// PTF code shifted by its channel's power of two is an integer on one base scale.
+    /// the original, whose PTF covers the LayerNorm inputs only). Simulated here like every
+    /// site; realisable in integers, since a PTF code shifted by its channel's power of two is
+    /// an integer on one base scale.
     pub ptf_sites: SiteGroups,
     /// Site groups left in float in the quantized forward (`--float-sites`, TOML
     /// `float-sites = ["mlp-out"]`; none in the original): a research tool, not integer-only.
