@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
 
 /// Post-training quantization of vision transformers, fully quantized the FQ-ViT way.
 #[derive(Parser)]
@@ -52,6 +53,53 @@ pub(crate) enum TableStep {
     Render,
 }
 
+/// A row of the published table that we run.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum, Serialize, Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Row {
+    /// Full precision (32/32/32).
+    Fp32,
+    /// `--quant --quant-method minmax` (8/8/8, float LayerNorm, uint8 softmax).
+    Minmax,
+    /// `--quant --quant-method ema`.
+    Ema,
+    /// `--quant --quant-method percentile`.
+    Percentile,
+    /// `--quant --quant-method omse`.
+    Omse,
+    /// Ours 8/8/8: minmax `--ptf --lis --attn-bits 8` (8/8/8 with LIS, README).
+    #[value(name = "ours-8-8-8")]
+    #[serde(rename = "ours-8-8-8")]
+    Ours888,
+    /// Ours 8/8/4: minmax `--ptf --lis`.
+    #[value(name = "ours-8-8-4")]
+    #[serde(rename = "ours-8-8-4")]
+    Ours884,
+}
+
+/// Cells `k` with `k mod count = index` of the full cell list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Shard {
+    pub(crate) index: usize,
+    pub(crate) count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}`: expected I/N with 0 <= I < N, e.g. 0/4");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) =
+            (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
 /// `fqvit-cli bench-table` (`cargo xtask bench-table`).
 #[derive(Args, Debug)]
 pub(crate) struct BenchTableArgs {
@@ -75,7 +123,7 @@ pub(crate) struct BenchTableArgs {
         value_delimiter = ',',
         default_value = "fp32,minmax,ema,percentile,omse,ours-8-8-8,ours-8-8-4"
     )]
-    pub(crate) rows: Vec<crate::commands::bench_table::rows::Row>,
+    pub(crate) rows: Vec<Row>,
     /// Where every cell runs.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub(crate) device: DeviceArg,
@@ -93,7 +141,7 @@ pub(crate) struct BenchTableArgs {
     pub(crate) weights_dir: Option<PathBuf>,
     /// Run only cells k with k mod N = I (default: SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT).
     #[arg(long, value_name = "I/N")]
-    pub(crate) shard: Option<crate::commands::bench_table::Shard>,
+    pub(crate) shard: Option<Shard>,
     /// Rerun finished cells too.
     #[arg(long)]
     pub(crate) force: bool,

@@ -18,30 +18,10 @@ use fqvit_models::weights::{HubCache, Network, WeightsSource, resolve, sha256_fi
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
+pub(crate) use crate::cli::Shard;
 use crate::cli::{BenchTableArgs, DeviceArg, OrderArg, TableStep};
 use records::{CellRecord, Status};
 use rows::Row;
-
-/// Cells `k` with `k mod count = index` of the full cell list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Shard {
-    pub(crate) index: usize,
-    pub(crate) count: usize,
-}
-
-impl std::str::FromStr for Shard {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("`{s}`: expected I/N with 0 <= I < N, e.g. 0/4");
-        let (i, n) = s.split_once('/').ok_or_else(bad)?;
-        let (index, count) =
-            (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
-        if count == 0 || index >= count {
-            return Err(bad());
-        }
-        Ok(Shard { index, count })
-    }
-}
 
 impl Shard {
     /// `--shard`, else Slurm's array variables, else the whole table.

@@ -1,34 +1,8 @@
 //! The published table's rows and the paper's figures: one table each.
 
-use clap::ValueEnum;
 use fqvit_models::ModelName;
-use serde::{Deserialize, Serialize};
 
-/// A row of the published table that we run.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum, Serialize, Deserialize,
-)]
-#[serde(rename_all = "kebab-case")]
-pub(crate) enum Row {
-    /// Full precision (32/32/32).
-    Fp32,
-    /// `--quant --quant-method minmax` (8/8/8, float LayerNorm, uint8 softmax).
-    Minmax,
-    /// `--quant --quant-method ema`.
-    Ema,
-    /// `--quant --quant-method percentile`.
-    Percentile,
-    /// `--quant --quant-method omse`.
-    Omse,
-    /// Ours 8/8/8: minmax `--ptf --lis --attn-bits 8` (8/8/8 with LIS, README).
-    #[value(name = "ours-8-8-8")]
-    #[serde(rename = "ours-8-8-8")]
-    Ours888,
-    /// Ours 8/8/4: minmax `--ptf --lis`.
-    #[value(name = "ours-8-8-4")]
-    #[serde(rename = "ours-8-8-4")]
-    Ours884,
-}
+pub(crate) use crate::cli::Row;
 
 impl Row {
     /// Every row, in the published order.
