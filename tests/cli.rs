@@ -41,6 +41,12 @@ fn fails_with<S: AsRef<str>>(args: &[S], needle: &str) {
     assert!(stderr.contains(needle), "stderr for {args:?} lacks {needle:?}:\n{stderr}");
 }
 
+/// A JSON file written by the CLI.
+fn read_json(path: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 #[test]
 fn float_eval_reproduces_the_original_figures() {
     let dir = tempfile::tempdir().unwrap();
@@ -57,8 +63,7 @@ fn float_eval_reproduces_the_original_figures() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("top-1:") && stdout.contains("images:  1300"), "{stdout}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = read_json(&json);
     let (top1, top5) = (v["top1"].as_f64().unwrap(), v["top5"].as_f64().unwrap());
     // The original Python pipeline on the same 1300 files: 82.62 / 96.00.
     assert!((top1 - 82.62).abs() <= 0.25, "top-1 {top1}");
@@ -178,8 +183,7 @@ fn a_corrupt_image_stops_the_run_unless_skip_bad() {
         json.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = read_json(&json);
     assert_eq!(v["images"], 2);
     assert_eq!(v["skipped"].as_array().unwrap().len(), 1);
     assert!(String::from_utf8_lossy(&out.stdout).contains("skipped: 1 undecodable images"));
@@ -218,8 +222,7 @@ fn a_quantized_run_calibrates_and_reports() {
         json.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = read_json(&json);
     assert_eq!(v["images"], 20);
     assert_eq!(v["experiment"]["ptf"], true);
     assert_eq!(v["experiment"]["calibration"]["iterations"], 2);
@@ -276,10 +279,7 @@ fn quantize_then_eval_qparams_round_trips() {
             replay.to_str().unwrap(),
         ]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let read = |p: &std::path::Path| {
-            serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(p).unwrap()).unwrap()
-        };
-        let (a, b) = (read(&direct), read(&replay));
+        let (a, b) = (read_json(&direct), read_json(&replay));
         assert_eq!(a["predictions"], b["predictions"], "{name}: per-image predictions");
         assert_eq!(
             (a["top1"].clone(), a["top5"].clone()),
@@ -318,8 +318,7 @@ fn quantize_then_eval_qparams_round_trips() {
         json.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = read_json(&json);
     assert_eq!(v["experiment"]["float-sites"], serde_json::json!(["mlp-out"]));
 }
 
@@ -543,11 +542,8 @@ fn bench_table_resumes_after_a_kill_and_each_cell_equals_a_plain_eval() {
         eval.extend(["--json", plain.to_str().unwrap()]);
         let o = cli(&eval);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let read = |p: &std::path::Path| -> serde_json::Value {
-            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-        };
-        let cell = read(std::path::Path::new(r["result_json"].as_str().unwrap()));
-        assert_eq!(cell["predictions"], read(&plain)["predictions"], "row {row}");
+        let cell = read_json(std::path::Path::new(r["result_json"].as_str().unwrap()));
+        assert_eq!(cell["predictions"], read_json(&plain)["predictions"], "row {row}");
         assert_eq!(cell["top1"], r["top1"]);
     }
     let render =

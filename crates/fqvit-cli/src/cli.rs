@@ -110,19 +110,10 @@ pub(crate) struct BenchTableArgs {
     #[arg(long)]
     pub(crate) data: Option<PathBuf>,
     /// Models, comma-separated (the published table's eight by default; vit_tiny on request).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "deit_tiny,deit_small,deit_base,vit_base,vit_large,swin_tiny,swin_small,swin_base"
-    )]
+    #[arg(long, value_delimiter = ',')]
     pub(crate) models: Vec<String>,
-    /// Rows, comma-separated.
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "fp32,minmax,ema,percentile,omse,ours-8-8-8,ours-8-8-4"
-    )]
+    /// Rows, comma-separated [default: all seven].
+    #[arg(long, value_enum, value_delimiter = ',')]
     pub(crate) rows: Vec<Row>,
     /// Where every cell runs.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]

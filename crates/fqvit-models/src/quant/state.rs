@@ -83,8 +83,12 @@ impl Quantized {
                 }
                 let w =
                     model.weight(id).ok_or_else(|| bad("is not a weight of this model".into()))?;
-                let q = Quantizer::new(params, Axis::First, w.device());
-                let w = if float { w.shallow_clone() } else { tch::no_grad(|| q.fake_quant(w)) };
+                let w = if float {
+                    w.shallow_clone()
+                } else {
+                    let q = Quantizer::new(params, Axis::First, w.device());
+                    tch::no_grad(|| q.fake_quant(w))
+                };
                 states.push(SiteState::Weight(w));
                 continue;
             }

@@ -85,8 +85,9 @@ pub(crate) fn cells(models: &[ModelName], rows: &[Row], shard: Option<Shard>) ->
 }
 
 pub(crate) fn run(args: &BenchTableArgs) -> Result<()> {
-    let models = parse_models(&args.models)?;
-    let rows = dedup(&args.rows);
+    let models =
+        if args.models.is_empty() { rows::PUBLISHED.to_vec() } else { parse_models(&args.models)? };
+    let rows = if args.rows.is_empty() { Row::ALL.to_vec() } else { dedup(&args.rows) };
     match args.step {
         Some(TableStep::Fetch) => {
             let manifest = args.out.join("weights.json");
@@ -238,13 +239,10 @@ fn run_cells(args: &BenchTableArgs, models: &[ModelName], rows: &[Row]) -> Resul
             .expect("valid template"),
     );
     let (mut failed, mut ran_seconds, mut ran) = (Vec::new(), 0.0, 0usize);
-    let mut pending = todo
-        .iter()
-        .filter(|c| args.force || !done.contains_key(&key(args, &ctx, c, &weights)))
-        .count();
-    for (i, cell) in todo.iter().enumerate() {
+    let keys: Vec<String> = todo.iter().map(|c| key(args, &ctx, c, &weights)).collect();
+    let mut pending = keys.iter().filter(|k| args.force || !done.contains_key(*k)).count();
+    for ((i, cell), key) in todo.iter().enumerate().zip(keys) {
         let (path, sha) = &weights[cell.model.as_str()];
-        let key = key(args, &ctx, cell, &weights);
         let what = format!("{} {}", cell.model, cell.row.id());
         if let Some(commit) = done.get(&key).filter(|_| !args.force) {
             // The code is not an input (a documentation commit must not rerun a table), but a

@@ -135,16 +135,9 @@ pub(crate) fn latest(
     let mut map = std::collections::BTreeMap::new();
     for r in records {
         let k = (r.model.clone(), r.row);
-        match map.get(&k) {
-            Some(old) if old_wins(old, &r) => {}
-            _ => {
-                map.insert(k, r);
-            }
+        if map.get(&k).is_none_or(|old: &CellRecord| old.finished_unix <= r.finished_unix) {
+            map.insert(k, r);
         }
     }
     map
-}
-
-fn old_wins(old: &CellRecord, new: &CellRecord) -> bool {
-    old.finished_unix > new.finished_unix
 }
