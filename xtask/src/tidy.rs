@@ -15,6 +15,9 @@ const FORBIDDEN: &[(&str, &str, &str)] = &[
     ("fqvit-observers", "fqvit-models", "observers see tensors, not models"),
     ("fqvit-tensor", "fqvit-models", "tensor arithmetic knows no model"),
     ("fqvit-tensor", "fqvit-observers", "tensor arithmetic knows no calibration"),
+    ("fqvit-engine", "tch", "the integer engine runs without libtorch"),
+    ("fqvit-engine", "fqvit-models", "the engine runs programs, it does not rebuild models"),
+    ("fqvit-program", "tch", "programs are plain data"),
 ];
 
 /// The only files allowed to contain unsafe code, each with a `SAFETY` note per block:

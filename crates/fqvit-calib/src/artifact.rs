@@ -23,6 +23,10 @@ use crate::experiment::Experiment;
 pub const FORMAT_VERSION: u32 = 2;
 /// The safetensors metadata key holding [`Provenance`] as JSON.
 pub const METADATA_KEY: &str = "fqvit";
+/// The metadata key holding the model's integer program (`fqvit_program::Program`) as JSON,
+/// for the integer engine; absent for a family without one (Swin). Readers of this crate
+/// ignore it.
+pub const PROGRAM_KEY: &str = "fqvit-program";
 
 /// Where the calibration images came from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -173,7 +177,11 @@ pub fn write(
         })
         .collect();
     let json = serde_json::to_string(prov).expect("provenance serialises");
-    let meta = HashMap::from([(METADATA_KEY.to_owned(), json)]);
+    let mut meta = HashMap::from([(METADATA_KEY.to_owned(), json)]);
+    if let Some(program) = model.program() {
+        let json = serde_json::to_string(&program).expect("programs serialise");
+        meta.insert(PROGRAM_KEY.to_owned(), json);
+    }
     safetensors::serialize_to_file(views, Some(meta), path)
         .map_err(|e| Error::Artifact { path: path.to_owned(), reason: format!("writing: {e}") })
 }

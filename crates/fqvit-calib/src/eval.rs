@@ -100,22 +100,35 @@ pub fn evaluate(
     opts: &EvalOptions,
     progress: &ProgressBar,
 ) -> Result<EvalReport> {
-    let start = Instant::now();
     let pp = model.preprocess();
+    evaluate_with(&pp, folder, opts, progress, |images| {
+        Ok(tch::no_grad(|| model.forward(images, mode)))
+    })
+}
+
+/// [`evaluate`] with any forward: `forward` maps a batch of normalized images `(B, 3, H, W)`
+/// (prepared with `pp`, on `opts.device`) to logits `(B, classes)` (the integer engine's, for
+/// one).
+pub fn evaluate_with(
+    pp: &fqvit_models::Preprocess,
+    folder: &ImageFolder,
+    opts: &EvalOptions,
+    progress: &ProgressBar,
+    mut forward: impl FnMut(&tch::Tensor) -> Result<tch::Tensor>,
+) -> Result<EvalReport> {
+    let start = Instant::now();
     let mut predictions = Vec::with_capacity(folder.samples().len());
     let (mut tied, mut skipped) = (0, Vec::new());
     progress.set_length(folder.samples().len() as u64);
     for_each_batch(
         folder,
-        &pp,
+        pp,
         opts.batch_size,
         opts.device,
         opts.bad_images,
         &mut skipped,
         |batch| {
-            let logits = tch::no_grad(|| model.forward(&batch.images, mode))
-                .to_device(Device::Cpu)
-                .to_kind(Kind::Float);
+            let logits = forward(&batch.images)?.to_device(Device::Cpu).to_kind(Kind::Float);
             let n_classes = logits.size()[1] as usize;
             let values = Vec::<f32>::try_from(logits.contiguous().view(-1))?;
             let ranked = top5_rows(&logits, &values, opts.ties)?;

@@ -167,6 +167,18 @@ pub(crate) struct BenchArgs {
     /// Write the figures as JSON here too.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
+    /// Also time the integer engine (`int_images_per_s`), in this process, on the same model.
+    #[arg(long, value_enum, default_value_t = EngineArg::Sim)]
+    pub(crate) engine: EngineArg,
+}
+
+/// What runs the quantized model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum EngineArg {
+    /// The simulation: libtorch float tensors on fake-quantized values, as the original.
+    Sim,
+    /// `fqvit-engine`: integer arithmetic only, on the CPU, from a qparams artifact.
+    Int,
 }
 
 /// `fqvit-cli convert`.
@@ -327,6 +339,10 @@ pub(crate) struct EvalArgs {
     /// Evaluate with the parameters and int8 weights of a `quantize` artifact (no calibration).
     #[arg(long)]
     pub(crate) qparams: Option<PathBuf>,
+    /// What runs the quantized model: the float simulation, or the integer engine (from
+    /// `--qparams`, or from an artifact written after calibrating; needs PTF and LIS).
+    #[arg(long, value_enum, default_value_t = EngineArg::Sim)]
+    pub(crate) engine: EngineArg,
 }
 
 #[derive(Args, Debug)]

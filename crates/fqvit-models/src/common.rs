@@ -1,5 +1,6 @@
 //! Pieces ViT and Swin share: the MLP and the helper that names activation sites.
 
+use fqvit_program::{Builder, Value};
 use tch::Tensor;
 use tch::nn::Path;
 
@@ -34,6 +35,12 @@ impl Mlp {
         let fc2 = linear(sites, "fc2", hidden, dim);
         let out = act(sites, &o, "out", "qact2", TensorClass::Activation, dim);
         Mlp { fc1, hidden: hidden_act, fc2, out }
+    }
+
+    /// The integer form of [`Mlp::forward`]: GELU is part of fc1's op.
+    pub(crate) fn program(&self, b: &mut Builder, sites: &SiteTable, input: Value) -> Value {
+        let h = self.fc1.program(b, sites, input, true, self.hidden.site());
+        self.fc2.program(b, sites, h, false, self.out.site())
     }
 
     pub(crate) fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {

@@ -9,6 +9,7 @@ use crate::common::{Mlp, act};
 use crate::mode::Mode;
 use crate::quant::{Act, Classifier, Conv2d, Layer, LayerNorm, Linear, Quantizable, Softmax};
 use crate::site::{SiteId, SiteTable, TensorClass};
+use fqvit_program::{Builder, Normalize, Op, Program, Value};
 
 /// Architecture hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -139,6 +140,19 @@ impl Attention {
         }
     }
 
+    /// The integer form of [`Attention::forward`] on `input` (the LayerNorm's out-site codes).
+    fn program(&self, b: &mut Builder, sites: &SiteTable, input: Value) -> Value {
+        let name = |id: SiteId| sites.get(id).name.clone();
+        let qkv = self.qkv.program(b, sites, input, false, self.qkv_out.site());
+        let ctx = b.push(Op::Attention {
+            input: qkv,
+            heads: self.num_heads as usize,
+            scores_site: name(self.scores.site()),
+            out_site: name(self.context.site()),
+        });
+        self.proj.program(b, sites, ctx, false, self.proj_out.site())
+    }
+
     fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
         let (b, n, c) = xs.size3().expect("attention input is (B, N, C)");
         let qkv = self.qkv_out.forward(&self.qkv.forward(xs, mode), mode);
@@ -203,6 +217,17 @@ impl Block {
         let mlp = Mlp::new(&(p / "mlp"), sites, &o, d, d * cfg.mlp_ratio);
         let residual2 = act(sites, &o, "residual2", "qact4", TensorClass::LayerNormInput, d);
         Block { norm1, norm1_out, attn, residual1, norm2, norm2_out, mlp, residual2 }
+    }
+
+    /// The integer form of [`Block::forward`].
+    fn program(&self, b: &mut Builder, sites: &SiteTable, xs: Value) -> Value {
+        let name = |id: SiteId| sites.get(id).name.clone();
+        let h = self.norm1.program(b, sites, xs);
+        let a = self.attn.program(b, sites, h);
+        let x = b.push(Op::Add { a: xs, b: a, out_site: name(self.residual1.site()) });
+        let h = self.norm2.program(b, sites, x);
+        let m = self.mlp.program(b, sites, h);
+        b.push(Op::Add { a: x, b: m, out_site: name(self.residual2.site()) })
     }
 
     fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
@@ -347,6 +372,45 @@ impl Quantizable for Vit {
 
     fn device(&self) -> Device {
         self.device
+    }
+
+    /// Mirrors [`Classifier::forward`] op for op, except that the final LayerNorm runs on the
+    /// class token only (it is per token, so selecting first gives the same codes).
+    fn program(&self) -> Option<Program> {
+        let sites = &self.sites;
+        let name = |id: SiteId| sites.get(id).name.clone();
+        let pp = self.cfg.preprocess;
+        let mut b = Builder::default();
+        let image = b.push(Op::Image {
+            size: self.cfg.img_size as usize,
+            normalize: Normalize { mean: pp.mean, std: pp.std },
+        });
+        let x = match &self.input {
+            Some(input) => b.push(Op::QuantizeImage { input: image, site: name(input.site()) }),
+            None => image,
+        };
+        let x = b.push(Op::PatchEmbed {
+            input: x,
+            layer: name(self.patch_proj.site()),
+            patch: self.cfg.patch_size as usize,
+            out_site: name(self.patch_out.site()),
+        });
+        let mut x = b.push(Op::Embed {
+            input: x,
+            cls: "cls_token".into(),
+            pos: "pos_embed".into(),
+            embed_site: name(self.embed.site()),
+            pos_site: name(self.pos.site()),
+            out_site: name(self.embed_sum.site()),
+        });
+        for block in &self.blocks {
+            x = block.program(&mut b, sites, x);
+        }
+        let x = b.push(Op::SelectToken { input: x, index: 0 });
+        let x = self.norm.program(&mut b, sites, x);
+        let x = self.head.program(&mut b, sites, x, false, self.logits.site());
+        b.push(Op::Output { input: x });
+        Some(b.finish())
     }
 
     fn layers(&self) -> Vec<Layer<'_>> {

@@ -4,15 +4,16 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use fqvit_calib::data::{BadImages, ImageFolder};
-use fqvit_calib::eval::{EvalOptions, EvalReport, Ties, evaluate};
+use fqvit_calib::eval::{EvalOptions, EvalReport, Ties, evaluate, evaluate_with};
 use fqvit_calib::{Experiment, calibrate, calibration_set};
+use fqvit_engine::{Engine, Images};
 use fqvit_models::weights::{HubCache, Network, WeightsSource, load_strict, resolve};
 use fqvit_models::{Classifier, Mode, ModelName, Quantized};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::Device;
 
-use crate::cli::{DeviceArg, EvalArgs, ModelArgs, TiesArg};
+use crate::cli::{DeviceArg, EngineArg, EvalArgs, ModelArgs, TiesArg};
 
 /// A model with where its weights came from.
 pub(crate) struct Loaded {
@@ -95,24 +96,95 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     if let Some(n) = args.limit {
         val.truncate(n);
     }
-    let (quantized, calib) = if exp.quant {
+    if args.engine == EngineArg::Int && !exp.quant {
+        anyhow::bail!(
+            "--engine int runs a quantized model: add --quant --ptf --lis (or --qparams FILE)"
+        );
+    }
+    let (quantized, calib, engine) = if exp.quant {
         let folder = calibration_set(&args.model.data, &exp)?;
         let bar = progress(folder.samples().len(), "calibrating");
         let (table, stats) = calibrate(&*loaded.model, &folder, &exp, loaded.device, &bar)?;
         bar.finish_and_clear();
         eprintln!("calibrated on {} images in {:.1} s", stats.images, stats.seconds);
-        (Some(Quantized::new(&*loaded.model, table, exp.quant_options())?), Some(stats))
+        let engine = match args.engine {
+            EngineArg::Sim => None,
+            EngineArg::Int => {
+                Some(engine_after_calibration(&args, &loaded, &exp, &table, stats.images)?)
+            }
+        };
+        (Some(Quantized::new(&*loaded.model, table, exp.quant_options())?), Some(stats), engine)
     } else {
-        (None, None)
+        (None, None, None)
+    };
+    let runner = match (&engine, &quantized) {
+        (Some(engine), _) => Runner::Engine(engine),
+        (None, Some(q)) => Runner::Model(Mode::quantized(q)),
+        (None, None) => Runner::Model(Mode::Float),
     };
     finish_eval(
         &args,
         &loaded,
         &exp,
-        quantized.as_ref(),
+        runner,
         calib.map(|c| serde_json::to_value(c).expect("serialisable")),
         val,
     )
+}
+
+/// The integer engine of a calibration just made: the artifact goes through a temporary file,
+/// exactly as `quantize` would write it.
+fn engine_after_calibration(
+    args: &EvalArgs,
+    loaded: &Loaded,
+    exp: &Experiment,
+    table: &fqvit_models::QParamTable,
+    images: usize,
+) -> Result<Engine> {
+    let weights = loaded.weights.as_deref().context("--engine int needs float weights")?;
+    let sha = fqvit_models::weights::sha256_file(weights)?;
+    let prov = crate::commands::quantize::provenance(
+        loaded.name,
+        &*loaded.model,
+        sha,
+        exp,
+        table,
+        &args.model.data,
+        images,
+    )?;
+    engine_via_artifact(&*loaded.model, &loaded.vs, table, &prov)
+}
+
+/// Writes the artifact to a temporary file, exactly as `quantize` would, and loads the engine
+/// from it.
+pub(crate) fn engine_via_artifact(
+    model: &dyn Classifier,
+    vs: &tch::nn::VarStore,
+    table: &fqvit_models::QParamTable,
+    prov: &fqvit_calib::artifact::Provenance,
+) -> Result<Engine> {
+    let dir = tempfile::tempdir().context("a temporary folder for the artifact")?;
+    let path = dir.path().join("qparams.safetensors");
+    fqvit_calib::artifact::write(&path, model, vs, table, prov)?;
+    Ok(Engine::load(&path)?)
+}
+
+/// What computes the logits.
+enum Runner<'a> {
+    /// The tch model in a mode.
+    Model(Mode<'a>),
+    /// The integer engine.
+    Engine(&'a Engine),
+}
+
+/// The engine's logits of a batch of normalized CPU images, as a tensor.
+fn engine_forward(engine: &Engine, images: &tch::Tensor) -> fqvit_calib::Result<tch::Tensor> {
+    let b = images.size()[0];
+    let x = Vec::<f32>::try_from(images.contiguous().view(-1))?;
+    let logits = engine
+        .run(Images::Normalized(&x))
+        .map_err(|e| fqvit_calib::Error::Settings(format!("integer engine: {e}")))?;
+    Ok(tch::Tensor::from_slice(&logits).view([b, engine.classes() as i64]))
 }
 
 /// `eval --qparams`: the model, its weights and its parameters all come from the artifact.
@@ -151,37 +223,53 @@ fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
         );
     }
     let quantized = Quantized::new(&*loaded.model, artifact.table, exp.quant_options())?;
+    let engine = match args.engine {
+        EngineArg::Sim => None,
+        EngineArg::Int if !q.float_sites.is_empty() => {
+            anyhow::bail!(
+                "--float-sites cannot be used with --engine int: the engine is integer only"
+            )
+        }
+        EngineArg::Int => Some(Engine::load(path)?),
+    };
+    let runner = match &engine {
+        Some(e) => Runner::Engine(e),
+        None => Runner::Model(Mode::quantized(&quantized)),
+    };
     let mut val = ImageFolder::open(&args.model.data, "val")?;
     if let Some(n) = args.limit {
         val.truncate(n);
     }
     let provenance = serde_json::to_value(&artifact.provenance.calibration)?;
-    finish_eval(args, &loaded, &exp, Some(&quantized), Some(provenance), val)
+    finish_eval(args, &loaded, &exp, runner, Some(provenance), val)
 }
 
 fn finish_eval(
     args: &EvalArgs,
     loaded: &Loaded,
     exp: &Experiment,
-    quantized: Option<&Quantized>,
+    runner: Runner<'_>,
     calib: Option<serde_json::Value>,
     val: ImageFolder,
 ) -> Result<()> {
-    let mut mode = match quantized {
-        Some(q) => Mode::quantized(q),
-        None => Mode::Float,
-    };
     let bar = progress(val.samples().len(), "evaluating");
     let opts = EvalOptions {
         batch_size: args.val_batchsize.max(1),
-        device: loaded.device,
+        // The engine runs on the CPU and reads the images there.
+        device: if matches!(runner, Runner::Engine(_)) { Device::Cpu } else { loaded.device },
         bad_images: if args.skip_bad { BadImages::Skip } else { BadImages::Fail },
         ties: match args.ties {
             TiesArg::Torch => Ties::Torch,
             TiesArg::LowerIndex => Ties::LowerIndex,
         },
     };
-    let report = evaluate(&*loaded.model, &mut mode, &val, &opts, &bar)?;
+    let engine = matches!(runner, Runner::Engine(_));
+    let report = match runner {
+        Runner::Model(mut mode) => evaluate(&*loaded.model, &mut mode, &val, &opts, &bar)?,
+        Runner::Engine(e) => {
+            evaluate_with(&loaded.model.preprocess(), &val, &opts, &bar, |x| engine_forward(e, x))?
+        }
+    };
     bar.finish_and_clear();
     print_report(loaded, exp, &report, calib.as_ref().and_then(|c| c["seconds"].as_f64()));
     if let Some(path) = &args.json {
@@ -201,7 +289,8 @@ fn finish_eval(
             "weights": loaded.weights,
             "qparams": args.qparams,
             "data": args.model.data,
-            "device": format!("{:?}", loaded.device),
+            "device": format!("{:?}", opts.device),
+            "engine": if engine { "int" } else { "sim" },
             "experiment": exp,
             "label": exp.label(),
             "calibration": calib,

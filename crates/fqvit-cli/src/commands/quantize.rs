@@ -7,11 +7,12 @@ use anyhow::{Context, Result};
 use fqvit_calib::artifact::{self, CalibrationData, FORMAT_VERSION, Provenance};
 use fqvit_calib::experiment::CalibOrder;
 use fqvit_calib::{calibrate, calibration_set};
-use fqvit_models::{QParamTable, Quantizable};
+use fqvit_models::{Classifier, ModelName, QParamTable, Quantizable};
 use serde::Serialize;
 
 use crate::cli::QuantizeArgs;
 use crate::commands::eval::{load_model, progress};
+use fqvit_calib::Experiment;
 
 pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
     let mut exp = crate::config::resolve_quantize(&args.quant)?;
@@ -34,26 +35,9 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
     let (table, stats) = calibrate(&*loaded.model, &folder, &exp, loaded.device, &bar)?;
     bar.finish_and_clear();
     let start = Instant::now();
-    let prov = Provenance {
-        format_version: FORMAT_VERSION,
-        fqvit_version: env!("CARGO_PKG_VERSION").to_owned(),
-        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        model: loaded.name.to_string(),
-        architecture: loaded.model.architecture(),
-        weights_sha256: fqvit_models::weights::sha256_file(weights)?,
-        experiment: exp,
-        calibration: CalibrationData {
-            data: args.model.data.display().to_string(),
-            images: stats.images,
-            order: match exp.calibration.order {
-                CalibOrder::Shuffled => "shuffled".into(),
-                CalibOrder::Sorted => "sorted".into(),
-            },
-            seed: exp.calibration.seed,
-        },
-        lis_bits: exp.quant_options().lis_bits,
-        sites: artifact::site_infos(&*loaded.model, &table, &exp),
-    };
+    let sha = fqvit_models::weights::sha256_file(weights)?;
+    let prov =
+        provenance(loaded.name, &*loaded.model, sha, &exp, &table, &args.model.data, stats.images)?;
     artifact::write(&args.output, &*loaded.model, &loaded.vs, &table, &prov)?;
     let summary = args.output.with_extension("toml");
     write_summary(&summary, &*loaded.model, &table, &prov)?;
@@ -73,6 +57,39 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The artifact's provenance of a calibration of `model` (float weights with SHA-256
+/// `weights_sha256`) on `images` images of `data`.
+pub(crate) fn provenance(
+    name: ModelName,
+    model: &dyn Classifier,
+    weights_sha256: String,
+    exp: &Experiment,
+    table: &QParamTable,
+    data: &Path,
+    images: usize,
+) -> Result<Provenance> {
+    Ok(Provenance {
+        format_version: FORMAT_VERSION,
+        fqvit_version: env!("CARGO_PKG_VERSION").to_owned(),
+        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        model: name.to_string(),
+        architecture: model.architecture(),
+        weights_sha256,
+        experiment: *exp,
+        calibration: CalibrationData {
+            data: data.display().to_string(),
+            images,
+            order: match exp.calibration.order {
+                CalibOrder::Shuffled => "shuffled".into(),
+                CalibOrder::Sorted => "sorted".into(),
+            },
+            seed: exp.calibration.seed,
+        },
+        lis_bits: exp.quant_options().lis_bits,
+        sites: artifact::site_infos(model, table, exp),
+    })
 }
 
 /// The per-site scalars for people diffing two calibrations.

@@ -1,6 +1,7 @@
 //! The quantization-aware layers (`quant::Act`, `quant::Linear`, ...). Each matches on [`Mode`]
 //! in one place; in quantized mode each runs as one probed module (see [`Probe`](super::Probe)).
 
+use fqvit_program::{Builder, Op, Value};
 use tch::{Kind, Tensor};
 
 use super::Wiring;
@@ -76,6 +77,23 @@ impl Linear {
     /// The weight site.
     pub fn site(&self) -> SiteId {
         self.site
+    }
+
+    /// Its integer op: `input` codes through this layer (and GELU) onto `out_site`'s grid.
+    pub(crate) fn program(
+        &self,
+        b: &mut Builder,
+        sites: &SiteTable,
+        input: Value,
+        gelu: bool,
+        out_site: SiteId,
+    ) -> Value {
+        b.push(Op::Linear {
+            input,
+            layer: sites.get(self.site).name.clone(),
+            gelu,
+            out_site: sites.get(out_site).name.clone(),
+        })
     }
 
     /// `xs · Wᵀ + b`, with the fake-quantized weight when quantized.
@@ -201,6 +219,12 @@ impl LayerNorm {
     /// merging: 4), so its per-channel scales repeat `expand` times (spec §6 `in_scale_expand`).
     pub(crate) fn with_in_expand(self, expand: i64) -> Self {
         LayerNorm { in_expand: expand, ..self }
+    }
+
+    /// Its integer op: `input` codes (on its in-site) normalized onto `out_site`'s grid.
+    pub(crate) fn program(&self, b: &mut Builder, sites: &SiteTable, input: Value) -> Value {
+        let out_site = sites.get(self.out_site).name.clone();
+        b.push(Op::LayerNorm { input, norm: self.prefix.clone(), out_site })
     }
 
     /// Normalizes the last dimension.

@@ -39,6 +39,12 @@ pub trait Quantizable {
     /// Its convolutions, linear layers, LayerNorms and softmaxes, in forward order.
     fn layers(&self) -> Vec<Layer<'_>>;
 
+    /// Its integer program (`fqvit-program`), written beside the forward it mirrors; `None` for
+    /// a family the integer engine does not run yet (Swin).
+    fn program(&self) -> Option<fqvit_program::Program> {
+        None
+    }
+
     /// The float weight of a weight site.
     fn weight(&self, site: SiteId) -> Option<&Tensor> {
         self.layers().into_iter().find_map(|layer| match layer {

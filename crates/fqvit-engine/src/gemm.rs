@@ -1,0 +1,217 @@
+//! The u8 × i8 → i32 GEMM: `out[m][n] = Σ_k a[m][k] · w[n][k]` (raw codes; zero points are
+//! corrected by the caller with the weight row sums).
+//!
+//! Two fast paths: `rten-gemm`'s int8 kernel where it is exact (AVX-512 VNNI, `vpdpbusd`, and
+//! its portable kernels: its `may_saturate()` is false), and elsewhere (AVX2's `vpmaddubsw`
+//! saturates 16-bit pair sums on full-range int8 weights) our own loops compiled for the detected
+//! instruction set through `pulp`, which widen to i32 before multiplying. Zero points are never
+//! passed to rten (its packing mis-assigns per-row zero points past the first panel, found while
+//! choosing it); the caller corrects them with row sums.
+//!
+//! Exactness: every product is at most 255 · 128 = 2^15 in magnitude, so a row of `K ≤ 2^16`
+//! sums within ±2^31 (checked in [`Weights::new`]); the fast path computes the same integer sums
+//! in another order, and integer addition is associative, so both give identical results.
+
+use pulp::{Arch, Simd, WithSimd};
+use rayon::prelude::*;
+use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmOptions, PackedBMatrix};
+use rten_tensor::{Matrix, NdTensorView};
+
+/// The longest reduction the i32 accumulators hold exactly: `2^16 · 255 · 128 < 2^31`.
+pub const MAX_K: usize = 1 << 16;
+
+/// int8 weights `(N, K)`, row-major, with their row sums.
+pub struct Weights {
+    /// Output channels.
+    pub n: usize,
+    /// Reduction length.
+    pub k: usize,
+    codes: Vec<i8>,
+    /// `Σ_k w[n][k]`, for the input zero-point correction.
+    pub row_sums: Vec<i32>,
+    /// rten's executor and its packing of `Wᵀ`, where its kernel is exact.
+    rten: Option<(GemmExecutor<u8, i8, i32>, PackedBMatrix<i8>)>,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights")
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .field("kernel", &self.kernel())
+            .finish()
+    }
+}
+
+impl Weights {
+    /// Wraps `(n, k)` codes.
+    ///
+    /// # Panics
+    /// If the length is not `n · k` or `k` exceeds [`MAX_K`].
+    pub fn new(codes: Vec<i8>, n: usize, k: usize) -> Self {
+        assert_eq!(codes.len(), n * k, "gemm: {} weight codes for ({n}, {k})", codes.len());
+        assert!(k <= MAX_K, "gemm: reduction of {k} exceeds {MAX_K}");
+        let row_sums =
+            codes.chunks_exact(k.max(1)).map(|r| r.iter().map(|&w| i32::from(w)).sum()).collect();
+        let exec = GemmExecutor::<u8, i8, i32>::new();
+        let rten = (!exec.may_saturate() && n > 0 && k > 0).then(|| {
+            let packed =
+                exec.prepack_b(NdTensorView::from_data([n, k], codes.as_slice()).transposed());
+            (exec, packed)
+        });
+        Weights { n, k, codes, row_sums, rten }
+    }
+
+    /// The kernel [`gemm`] uses for these weights.
+    pub fn kernel(&self) -> String {
+        match &self.rten {
+            Some((exec, _)) => format!("rten-gemm {}", exec.kernel_name()),
+            None => "fqvit widening loops".into(),
+        }
+    }
+
+    /// The codes of output channel `n`.
+    pub fn row(&self, n: usize) -> &[i8] {
+        &self.codes[n * self.k..][..self.k]
+    }
+
+    /// Bytes held (rten's packed copy included).
+    pub fn bytes(&self) -> usize {
+        let packed = if self.rten.is_some() { self.codes.len() } else { 0 };
+        self.codes.len() + packed + 4 * self.row_sums.len()
+    }
+}
+
+/// The scalar reference: one dot product per output, in index order.
+pub fn gemm_reference(a: &[u8], w: &Weights, out: &mut [i32]) {
+    let m = check(a, w, out);
+    for i in 0..m {
+        let row = &a[i * w.k..][..w.k];
+        for n in 0..w.n {
+            out[i * w.n + n] =
+                row.iter().zip(w.row(n)).map(|(&x, &y)| i32::from(x) * i32::from(y)).sum();
+        }
+    }
+}
+
+fn check(a: &[u8], w: &Weights, out: &[i32]) -> usize {
+    assert_eq!(a.len() % w.k.max(1), 0, "gemm: {} input codes are not rows of {}", a.len(), w.k);
+    let m = a.len() / w.k.max(1);
+    assert_eq!(out.len(), m * w.n, "gemm: room for {} outputs, need {}", out.len(), m * w.n);
+    m
+}
+
+/// Rows of `a` per parallel task.
+const ROWS_PER_TASK: usize = 8;
+/// Output channels per inner block: the four weight rows stay in L1 while a task's rows pass.
+const COLS: usize = 4;
+
+/// The fast path: rows in parallel, each task computing 1 × 4 blocks of dot products in loops
+/// compiled for the detected instruction set (AVX-512 VNNI/AVX2 widening multiply-adds).
+pub fn gemm(a: &[u8], w: &Weights, out: &mut [i32]) {
+    let m = check(a, w, out);
+    if m == 0 || w.n == 0 {
+        return;
+    }
+    if let Some((exec, packed)) = &w.rten {
+        let a = Matrix::from_data([m, w.k], a);
+        exec.gemm(out, GemmInputA::Unpacked(a), GemmInputB::Packed(packed), GemmOptions::default())
+            .expect("shapes were checked");
+        return;
+    }
+    gemm_loops(a, w, out);
+}
+
+/// The widening loops alone (the fast path where rten's kernel may saturate).
+pub fn gemm_loops(a: &[u8], w: &Weights, out: &mut [i32]) {
+    let m = check(a, w, out);
+    if m == 0 || w.n == 0 {
+        return;
+    }
+    let arch = Arch::new();
+    a.par_chunks(ROWS_PER_TASK * w.k)
+        .zip(out.par_chunks_mut(ROWS_PER_TASK * w.n))
+        .for_each(|(a, out)| arch.dispatch(Block { a, w, out }));
+}
+
+struct Block<'a> {
+    a: &'a [u8],
+    w: &'a Weights,
+    out: &'a mut [i32],
+}
+
+impl WithSimd for Block<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _simd: S) {
+        let Block { a, w, out } = self;
+        let k = w.k;
+        let rows = a.len() / k;
+        let mut n = 0;
+        while n + COLS <= w.n {
+            let (w0, w1, w2, w3) = (w.row(n), w.row(n + 1), w.row(n + 2), w.row(n + 3));
+            for i in 0..rows {
+                let x = &a[i * k..][..k];
+                let (mut s0, mut s1, mut s2, mut s3) = (0i32, 0i32, 0i32, 0i32);
+                for j in 0..k {
+                    let xj = i32::from(x[j]);
+                    s0 += xj * i32::from(w0[j]);
+                    s1 += xj * i32::from(w1[j]);
+                    s2 += xj * i32::from(w2[j]);
+                    s3 += xj * i32::from(w3[j]);
+                }
+                let o = &mut out[i * w.n + n..][..COLS];
+                o.copy_from_slice(&[s0, s1, s2, s3]);
+            }
+            n += COLS;
+        }
+        for n in n..w.n {
+            let wn = w.row(n);
+            for i in 0..rows {
+                let x = &a[i * k..][..k];
+                out[i * w.n + n] =
+                    x.iter().zip(wn).map(|(&x, &y)| i32::from(x) * i32::from(y)).sum();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn fast_equals_reference(
+            m in 0usize..20, n in 0usize..11, k in 1usize..300, seed in any::<u64>(),
+        ) {
+            let mut s = seed;
+            let mut next = || { s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (s >> 33) as u8 };
+            let a: Vec<u8> = (0..m * k).map(|_| next()).collect();
+            let w = Weights::new((0..n * k).map(|_| next() as i8).collect(), n, k);
+            let (mut x, mut y) = (vec![0; m * n], vec![1; m * n]);
+            gemm_reference(&a, &w, &mut x);
+            gemm(&a, &w, &mut y);
+            prop_assert_eq!(&x, &y);
+            y.fill(1);
+            gemm_loops(&a, &w, &mut y);
+            prop_assert_eq!(&x, &y);
+        }
+    }
+
+    #[test]
+    fn extremes_do_not_overflow() {
+        // 255 · -128 over the longest row: the most negative sum the bound allows.
+        let k = 4096;
+        let w = Weights::new(vec![-128; 4 * k], 4, k);
+        let a = vec![255u8; 2 * k];
+        let mut out = vec![0; 8];
+        gemm(&a, &w, &mut out);
+        assert!(out.iter().all(|&v| v == -255 * 128 * k as i32));
+        gemm_loops(&a, &w, &mut out);
+        assert!(out.iter().all(|&v| v == -255 * 128 * k as i32));
+        assert_eq!(w.row_sums, vec![-128 * k as i32; 4]);
+    }
+}

@@ -1,0 +1,184 @@
+//! # fqvit-engine: integer-only inference of a calibrated FQ-ViT model
+//!
+//! [`Engine::load`] reads the qparams artifact that `fqvit-cli quantize` writes (no libtorch),
+//! takes the integer program the model emitted into it (`fqvit-program`), and prepares every
+//! op's integer constants once: int8 weights with their row sums, int32 biases, dyadic
+//! requantization multipliers, the PTF LayerNorm and Log-Int-Softmax parameters of `fqvit-ops`,
+//! GELU thresholds. [`Engine::run`] then computes logits from 8-bit pixels with integer
+//! arithmetic only; the last op dequantizes the logit codes.
+//!
+//! Where the integers depart from the float simulation, and by how much, is listed in the
+//! crate's README.
+
+mod artifact;
+mod error;
+mod gelu;
+pub mod gemm;
+mod grid;
+mod ops;
+pub mod requant;
+
+use std::path::Path;
+
+pub use error::{Error, Result};
+pub use ops::Timings;
+
+use artifact::{Artifact, FORMAT_VERSIONS, METADATA_KEY, PROGRAM_KEY};
+use fqvit_program::{Op, Program};
+
+/// Images handed to [`Engine::run`], `(B, 3, size, size)` row-major.
+#[derive(Clone, Copy, Debug)]
+pub enum Images<'a> {
+    /// 8-bit pixels after resizing and cropping (what `ToTensor` would divide by 255).
+    Pixels(&'a [u8]),
+    /// Normalized float images, as the float model takes them; each value must be exactly
+    /// `(p/255 − mean)/std` of an 8-bit pixel `p` in float32, which the engine checks.
+    Normalized(&'a [f32]),
+}
+
+/// A loaded, compiled integer program.
+#[derive(Debug)]
+pub struct Engine {
+    model: String,
+    ops: Vec<ops::Compiled>,
+    /// For each op, the values it reads.
+    inputs: Vec<Vec<usize>>,
+    /// For each value, the last op that reads it (values are dropped after it).
+    last_use: Vec<usize>,
+    size: usize,
+    normalize: fqvit_program::Normalize,
+    classes: usize,
+}
+
+impl Engine {
+    /// Reads `path` and compiles its program. Refuses, naming the key, tensor or site, an
+    /// artifact without a program, of another format version, calibrated without PTF
+    /// LayerNorm or Log-Int-Softmax or with float sites, or with tensors that do not fit.
+    /// Nothing is kept when anything fails.
+    pub fn load(path: &Path) -> Result<Self> {
+        let art = Artifact::read(path)?;
+        let meta = art.metadata.get(METADATA_KEY).ok_or_else(|| {
+            art.bad(format!("has no `{METADATA_KEY}` metadata (not a qparams artifact)"))
+        })?;
+        let meta: serde_json::Value = serde_json::from_str(meta)
+            .map_err(|e| art.bad(format!("metadata `{METADATA_KEY}`: {e}")))?;
+        let version = meta["format_version"].as_u64().unwrap_or(0);
+        if !FORMAT_VERSIONS.contains(&version) {
+            return Err(art.bad(format!(
+                "format version {version}; the engine reads versions {}..={}",
+                FORMAT_VERSIONS.start(),
+                FORMAT_VERSIONS.end()
+            )));
+        }
+        let exp = &meta["experiment"];
+        if exp["ptf"] != serde_json::Value::Bool(true) {
+            return Err(art.bad(
+                "was calibrated without --ptf: the engine needs the integer LayerNorm".into(),
+            ));
+        }
+        let lis_bits = meta["lis_bits"].as_u64().ok_or_else(|| {
+            art.bad("was calibrated without --lis: the engine needs Log-Int-Softmax".into())
+        })?;
+        if exp["float-sites"].as_array().is_some_and(|a| !a.is_empty()) {
+            return Err(art.bad(format!(
+                "leaves sites in float (float-sites {}): not an integer model",
+                exp["float-sites"]
+            )));
+        }
+        let program = art.metadata.get(PROGRAM_KEY).ok_or_else(|| {
+            art.bad(format!(
+                "has no integer program (metadata `{PROGRAM_KEY}`): the model family has none yet, \
+                 or an older fqvit wrote it; run `fqvit-cli quantize` again"
+            ))
+        })?;
+        let program: Program = serde_json::from_str(program)
+            .map_err(|e| art.bad(format!("metadata `{PROGRAM_KEY}`: {e}")))?;
+        program.validate().map_err(|e| art.bad(format!("program: {e}")))?;
+        let Some(Op::Image { size, normalize }) = program.ops.first().cloned() else {
+            unreachable!("validate checks op 0")
+        };
+        let compiled = ops::compile(&art, &program, lis_bits as u32)?;
+        let mut last_use: Vec<usize> = (0..program.ops.len()).collect();
+        for (i, op) in program.ops.iter().enumerate() {
+            for v in op.inputs() {
+                last_use[v] = i;
+            }
+        }
+        let inputs = program.ops.iter().map(Op::inputs).collect();
+        let classes = compiled.classes;
+        let model = meta["model"].as_str().unwrap_or("?").to_owned();
+        tracing::debug!(model, ops = program.ops.len(), "integer program compiled");
+        Ok(Engine { model, ops: compiled.ops, inputs, last_use, size, normalize, classes })
+    }
+
+    /// The model name recorded in the artifact.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// The input side.
+    pub fn image_size(&self) -> usize {
+        self.size
+    }
+
+    /// Classes.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// Bytes of constants held (int8 weights, int32 biases, multipliers, tables).
+    pub fn resident_bytes(&self) -> usize {
+        self.ops.iter().map(ops::Compiled::bytes).sum()
+    }
+
+    /// Logits `(B, classes)` of a batch.
+    pub fn run(&self, images: Images<'_>) -> Result<Vec<f32>> {
+        self.run_timed(images, &mut Timings::default())
+    }
+
+    /// [`Engine::run`], adding each op kind's time to `timings`.
+    pub fn run_timed(&self, images: Images<'_>, timings: &mut Timings) -> Result<Vec<f32>> {
+        let pixels = self.pixels(images)?;
+        ops::execute(&self.ops, &self.inputs, &self.last_use, pixels, self.size, timings)
+    }
+
+    fn pixels(&self, images: Images<'_>) -> Result<Vec<u8>> {
+        let per = 3 * self.size * self.size;
+        let len = match images {
+            Images::Pixels(p) => p.len(),
+            Images::Normalized(x) => x.len(),
+        };
+        if len == 0 || len % per != 0 {
+            return Err(Error::Input(format!(
+                "{len} values are not whole images of 3 × {0} × {0}",
+                self.size
+            )));
+        }
+        match images {
+            Images::Pixels(p) => Ok(p.to_vec()),
+            Images::Normalized(x) => {
+                let n = self.normalize;
+                let plane = self.size * self.size;
+                // The pipeline's own float32 steps, per channel, for every pixel value.
+                let table: Vec<[f32; 256]> = (0..3)
+                    .map(|c| std::array::from_fn(|p| (p as f32 / 255.0 - n.mean[c]) / n.std[c]))
+                    .collect();
+                x.iter()
+                    .enumerate()
+                    .map(|(i, &v)| {
+                        let c = (i / plane) % 3;
+                        let p =
+                            ((v * n.std[c] + n.mean[c]) * 255.0).round().clamp(0.0, 255.0) as usize;
+                        if table[c][p].to_bits() == v.to_bits() {
+                            Ok(p as u8)
+                        } else {
+                            Err(Error::Input(format!(
+                                "value {v} at index {i} is not a normalized 8-bit pixel"
+                            )))
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}

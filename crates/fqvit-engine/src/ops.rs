@@ -1,0 +1,811 @@
+//! Compiling program ops into integer constants, and executing them.
+//!
+//! Activations are u8 codes `(B, rows, cols)` on their site's grid (the image: rows = 3
+//! channels, cols = pixels). Integer bounds per op are stated where the op is prepared.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use fqvit_ops::layer_norm::{InScale, LayerNormParams, ptf_layer_norm};
+use fqvit_ops::softmax::{MAX_ROW, MIN_SCALE, log_int_softmax};
+use fqvit_ops::{BitType, PtfFactor, dequantize, quantize};
+use fqvit_program::{Op, Program};
+use rayon::prelude::*;
+
+use crate::artifact::Artifact;
+use crate::error::{Error, Result};
+use crate::gelu::{FRACTION_BITS, GeluTable};
+use crate::gemm::{Weights, gemm};
+use crate::grid::Grid;
+use crate::requant::{Dyadic, round_shift_i64};
+
+/// Time spent per kind of work, summed over calls.
+#[derive(Clone, Debug, Default)]
+pub struct Timings {
+    /// Seconds by kind: `gemm`, `requant`, `layer-norm`, `attention-matmul`, `softmax`, `add`,
+    /// `other`.
+    pub by_kind: BTreeMap<&'static str, Duration>,
+}
+
+impl Timings {
+    fn add(&mut self, kind: &'static str, since: Instant) {
+        *self.by_kind.entry(kind).or_default() += since.elapsed();
+    }
+}
+
+/// The input side of a dense layer: real input = `scale · (code − zp_num / den)`, with the
+/// accumulator kept as `den · Σ code·w − zp_num · Σ w` so that a half-integer zero point (ViT's
+/// 0.5/0.5 normalization: zero point 127.5) stays integer.
+#[derive(Clone, Copy, Debug)]
+struct InGrid {
+    scale: f64,
+    zp_num: i64,
+    den: i64,
+}
+
+/// What a dense layer does with its accumulator.
+#[derive(Debug)]
+enum Epilogue {
+    /// Requantize onto the out-site: `clamp(round(acc · m_o) + z_o)`.
+    Requant { m: Vec<Dyadic>, zero_point: Vec<i32> },
+    /// Requantize to GELU's fixed-point grid, then its thresholds.
+    Gelu { m: Vec<Dyadic>, table: GeluTable },
+}
+
+/// A convolution or linear layer in integers.
+#[derive(Debug)]
+pub(crate) struct Dense {
+    w: Weights,
+    input: InGrid,
+    /// `round(b / (s_in · s_w))`, the bias on the accumulator's grid.
+    bias: Vec<i64>,
+    epilogue: Epilogue,
+}
+
+/// A residual add: `clamp(round(((a − z_a)·m_a + (b − z_b)·m_b) / 2^ADD_SHIFT) + z_o)`.
+#[derive(Debug)]
+pub(crate) struct AddConsts {
+    za: Vec<i32>,
+    zb: Vec<i32>,
+    ma: Vec<i64>,
+    mb: Vec<i64>,
+    zo: Vec<i32>,
+}
+
+/// Fraction bits of the residual multipliers: ratios below 2^20 keep `255 · m < 2^58`.
+const ADD_SHIFT: u32 = 30;
+
+/// One compiled op.
+#[derive(Debug)]
+pub(crate) enum Compiled {
+    Image,
+    QuantizeImage {
+        table: [[u8; 256]; 3],
+    },
+    PatchEmbed {
+        dense: Dense,
+        patch: usize,
+        side: usize,
+    },
+    Embed {
+        m: Vec<Dyadic>,
+        z_in: i32,
+        ze: Vec<i32>,
+        cls: Vec<u8>,
+        pos: Vec<u8>,
+        add: AddConsts,
+    },
+    LayerNorm {
+        gamma: Vec<f32>,
+        beta: Vec<f32>,
+        scale: LnScale,
+        z_in: i32,
+        out_scale: f32,
+        z_out: i32,
+    },
+    Linear {
+        dense: Dense,
+    },
+    Attention(Box<Attention>),
+    Add(AddConsts),
+    SelectToken {
+        index: usize,
+    },
+    Output {
+        scale: Vec<f32>,
+        zero_point: Vec<i32>,
+    },
+}
+
+#[derive(Debug)]
+pub(crate) enum LnScale {
+    Layer(f32),
+    Ptf { base: f32, factors: Vec<PtfFactor> },
+}
+
+#[derive(Debug)]
+pub(crate) struct Attention {
+    heads: usize,
+    z: i32,
+    m_scores: Dyadic,
+    z_a: i32,
+    s_a: f32,
+    bits: u32,
+    /// Fixed-point bits of the probabilities `2^-k` in `attn · v`.
+    k_max: u32,
+    m_ctx: Vec<Dyadic>,
+    z_c: Vec<i32>,
+}
+
+impl Compiled {
+    pub(crate) fn bytes(&self) -> usize {
+        let dense = |d: &Dense| d.w.bytes() + 8 * d.bias.len() + 16 * d.w.n;
+        match self {
+            Compiled::PatchEmbed { dense: d, .. } | Compiled::Linear { dense: d } => dense(d),
+            Compiled::Embed { cls, pos, .. } => cls.len() + pos.len(),
+            Compiled::LayerNorm { gamma, .. } => 8 * gamma.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// The compiled ops and the classes of the output.
+#[derive(Debug)]
+pub(crate) struct Built {
+    pub(crate) ops: Vec<Compiled>,
+    pub(crate) classes: usize,
+}
+
+fn kind(op: &Op) -> &'static str {
+    match op {
+        Op::Image { .. } => "image",
+        Op::QuantizeImage { .. } => "quantize-image",
+        Op::PatchEmbed { .. } => "patch-embed",
+        Op::Embed { .. } => "embed",
+        Op::LayerNorm { .. } => "layer-norm",
+        Op::Linear { .. } => "linear",
+        Op::Attention { .. } => "attention",
+        Op::Add { .. } => "add",
+        Op::SelectToken { .. } => "select-token",
+        Op::Output { .. } => "output",
+    }
+}
+
+/// Compiles every op; `shapes[v]` is `(rows, cols)` of value `v` per image.
+pub(crate) fn compile(art: &Artifact, program: &Program, lis_bits: u32) -> Result<Built> {
+    let mut shapes: Vec<(usize, usize)> = Vec::with_capacity(program.ops.len());
+    let mut grids: Vec<Option<Grid>> = Vec::with_capacity(program.ops.len());
+    let mut out = Vec::with_capacity(program.ops.len());
+    let mut classes = 0;
+    for (i, op) in program.ops.iter().enumerate() {
+        let err = |reason: String| Error::Op { op: i, kind: kind(op), reason };
+        let grid_of = |v: usize| grids[v].clone();
+        let layer_wise = |g: &Grid, what: &str| {
+            if g.layer_wise() {
+                Ok(())
+            } else {
+                Err(err(format!(
+                    "{what} site {} is channel-wise; the engine needs one scale",
+                    g.name
+                )))
+            }
+        };
+        let (compiled, shape, grid) = match op {
+            Op::Image { size, .. } => (Compiled::Image, (3, size * size), None),
+            Op::QuantizeImage { input, site } => {
+                let g = Grid::read(art, site)?;
+                if !g.fits(3) {
+                    return Err(err(format!("site {site} does not fit 3 channels")));
+                }
+                let Some(Op::Image { normalize: n, .. }) = program.ops.get(*input) else {
+                    return Err(err("its input is not the image".into()));
+                };
+                let table = std::array::from_fn(|c| {
+                    std::array::from_fn(|p| {
+                        let x = (p as f32 / 255.0 - n.mean[c]) / n.std[c];
+                        quantize(x, g.scale(c), g.zero_point(c), BitType::UINT8) as u8
+                    })
+                });
+                (Compiled::QuantizeImage { table }, shapes[*input], Some(g))
+            }
+            Op::PatchEmbed { input, layer, patch, out_site } => {
+                let (rows, cols) = shapes[*input];
+                let side = (cols as f64).sqrt() as usize;
+                if rows != 3 || side * side != cols || *patch == 0 || side % patch != 0 {
+                    return Err(err(format!(
+                        "input ({rows}, {cols}) is not a 3-channel image of whole {patch}-pixel patches"
+                    )));
+                }
+                let in_grid = match grid_of(*input) {
+                    Some(g) => {
+                        layer_wise(&g, "input")?;
+                        InGrid {
+                            scale: f64::from(g.scale[0]),
+                            zp_num: i64::from(g.zero_point[0]),
+                            den: 1,
+                        }
+                    }
+                    None => {
+                        let Some(Op::Image { normalize: n, .. }) = program.ops.first() else {
+                            unreachable!()
+                        };
+                        image_grid(n).ok_or_else(|| {
+                            err(format!(
+                                "the image is not quantized and its normalization (mean {:?}, std {:?}) is not one \
+                                 affine map with a half-integer zero point",
+                                n.mean, n.std
+                            ))
+                        })?
+                    }
+                };
+                let d = art.shape(&format!("{layer}.weight_int8"))?.first().copied().unwrap_or(0);
+                let dense = dense(art, layer, &[d, 3, *patch, *patch], in_grid, out_site, false)
+                    .map_err(|e| wrap(e, &err))?;
+                let g = Grid::read(art, out_site)?;
+                (
+                    (Compiled::PatchEmbed { dense, patch: *patch, side }),
+                    ((side / patch).pow(2), d),
+                    Some(g),
+                )
+            }
+            Op::Embed { input, cls, pos, embed_site, pos_site, out_site } => {
+                let (rows, d) = shapes[*input];
+                let gin = grid_of(*input).ok_or_else(|| err("its input has no grid".into()))?;
+                layer_wise(&gin, "input")?;
+                let ge = Grid::read(art, embed_site)?;
+                let gp = Grid::read(art, pos_site)?;
+                let go = Grid::read(art, out_site)?;
+                for g in [&ge, &gp, &go] {
+                    if !g.fits(d) {
+                        return Err(err(format!("site {} does not fit {d} channels", g.name)));
+                    }
+                }
+                let cls = art.f32(cls, Some(&[1, 1, d]))?;
+                let posv = art.f32(pos, Some(&[1, rows + 1, d]))?;
+                let m = (0..d)
+                    .map(|c| dyadic(f64::from(gin.scale[0]) / f64::from(ge.scale(c)), &err))
+                    .collect::<Result<_>>()?;
+                let q = |x: f32, g: &Grid, c: usize| {
+                    quantize(x, g.scale(c), g.zero_point(c), BitType::UINT8) as u8
+                };
+                let cls: Vec<u8> = cls.iter().enumerate().map(|(c, &x)| q(x, &ge, c)).collect();
+                let pos: Vec<u8> =
+                    posv.iter().enumerate().map(|(i, &x)| q(x, &gp, i % d)).collect();
+                let add = add_consts(&ge, &gp, &go, d, &err)?;
+                let ze = (0..d).map(|c| ge.zero_point(c)).collect();
+                (
+                    Compiled::Embed { m, z_in: gin.zero_point[0], ze, cls, pos, add },
+                    (rows + 1, d),
+                    Some(go),
+                )
+            }
+            Op::LayerNorm { input, norm, out_site } => {
+                let (rows, c) = shapes[*input];
+                let gin = grid_of(*input).ok_or_else(|| err("its input has no grid".into()))?;
+                let gamma = art.f32(&format!("{norm}.weight"), Some(&[c]))?;
+                let beta = art.f32(&format!("{norm}.bias"), Some(&[c]))?;
+                let go = Grid::read(art, out_site)?;
+                layer_wise(&go, "output")?;
+                if gin.zero_point.len() != 1 {
+                    return Err(err(format!(
+                        "input site {} has one zero point per channel",
+                        gin.name
+                    )));
+                }
+                let scale = ln_scale(&gin, c).map_err(&err)?;
+                let ln = Compiled::LayerNorm {
+                    gamma,
+                    beta,
+                    scale,
+                    z_in: gin.zero_point[0],
+                    out_scale: go.scale[0],
+                    z_out: go.zero_point[0],
+                };
+                (ln, (rows, c), Some(go))
+            }
+            Op::Linear { input, layer, gelu, out_site } => {
+                let (rows, k) = shapes[*input];
+                let gin = grid_of(*input).ok_or_else(|| err("its input has no grid".into()))?;
+                layer_wise(&gin, "input")?;
+                let n = art.shape(&format!("{layer}.weight_int8"))?.first().copied().unwrap_or(0);
+                let in_grid = InGrid {
+                    scale: f64::from(gin.scale[0]),
+                    zp_num: i64::from(gin.zero_point[0]),
+                    den: 1,
+                };
+                let dense = dense(art, layer, &[n, k], in_grid, out_site, *gelu)
+                    .map_err(|e| wrap(e, &err))?;
+                (Compiled::Linear { dense }, (rows, n), Some(Grid::read(art, out_site)?))
+            }
+            Op::Attention { input, heads, scores_site, out_site } => {
+                let (rows, c3) = shapes[*input];
+                let g = grid_of(*input).ok_or_else(|| err("its input has no grid".into()))?;
+                layer_wise(&g, "qkv")?;
+                let d = c3 / 3;
+                if c3 % 3 != 0 || *heads == 0 || d % heads != 0 {
+                    return Err(err(format!(
+                        "{c3} qkv channels do not split into 3 × {heads} heads"
+                    )));
+                }
+                if rows > MAX_ROW {
+                    return Err(err(format!("{rows} tokens exceed Log-Int-Softmax's {MAX_ROW}")));
+                }
+                let ga = Grid::read(art, scores_site)?;
+                layer_wise(&ga, "scores")?;
+                if ga.scale[0] < MIN_SCALE {
+                    return Err(err(format!("scores scale {} is below {MIN_SCALE}", ga.scale[0])));
+                }
+                let gc = Grid::read(art, out_site)?;
+                if !gc.fits(d) {
+                    return Err(err(format!("site {out_site} does not fit {d} channels")));
+                }
+                // The simulation multiplies a float32 tensor by head_dim^-½ as a float32 scalar.
+                let head_scale = f64::from(((d / heads) as f64).powf(-0.5) as f32);
+                let s = f64::from(g.scale[0]);
+                let k_max = ((1u32 << lis_bits.min(5)) - 1).min(30);
+                let m_ctx = (0..d)
+                    .map(|c| dyadic(s * 2f64.powi(-(k_max as i32)) / f64::from(gc.scale(c)), &err))
+                    .collect::<Result<_>>()?;
+                let att = Attention {
+                    heads: *heads,
+                    z: g.zero_point[0],
+                    m_scores: dyadic(s * s * head_scale / f64::from(ga.scale[0]), &err)?,
+                    z_a: ga.zero_point[0],
+                    s_a: ga.scale[0],
+                    bits: lis_bits,
+                    k_max,
+                    m_ctx,
+                    z_c: (0..d).map(|c| gc.zero_point(c)).collect(),
+                };
+                (Compiled::Attention(Box::new(att)), (rows, d), Some(gc))
+            }
+            Op::Add { a, b, out_site } => {
+                if shapes[*a] != shapes[*b] {
+                    return Err(err(format!(
+                        "summands of shapes {:?} and {:?}",
+                        shapes[*a], shapes[*b]
+                    )));
+                }
+                let c = shapes[*a].1;
+                let (ga, gb) = (grid_of(*a), grid_of(*b));
+                let (Some(ga), Some(gb)) = (ga, gb) else {
+                    return Err(err("a summand has no grid".into()));
+                };
+                let go = Grid::read(art, out_site)?;
+                for g in [&ga, &gb, &go] {
+                    if !g.fits(c) {
+                        return Err(err(format!("site {} does not fit {c} channels", g.name)));
+                    }
+                }
+                (Compiled::Add(add_consts(&ga, &gb, &go, c, &err)?), shapes[*a], Some(go))
+            }
+            Op::SelectToken { input, index } => {
+                let (rows, c) = shapes[*input];
+                if *index >= rows {
+                    return Err(err(format!("token {index} of {rows}")));
+                }
+                (Compiled::SelectToken { index: *index }, (1, c), grid_of(*input))
+            }
+            Op::Output { input } => {
+                let (rows, c) = shapes[*input];
+                let g = grid_of(*input).ok_or_else(|| err("its input has no grid".into()))?;
+                if rows != 1 || !g.fits(c) {
+                    return Err(err(format!(
+                        "input ({rows}, {c}) is not one row of logits on its site"
+                    )));
+                }
+                classes = c;
+                let scale = (0..c).map(|i| g.scale(i)).collect();
+                let zero_point = (0..c).map(|i| g.zero_point(i)).collect();
+                (Compiled::Output { scale, zero_point }, (1, c), None)
+            }
+        };
+        out.push(compiled);
+        shapes.push(shape);
+        grids.push(grid);
+    }
+    Ok(Built { ops: out, classes })
+}
+
+fn wrap(e: Error, err: &impl Fn(String) -> Error) -> Error {
+    match e {
+        Error::Op { reason, .. } => err(reason),
+        other => other,
+    }
+}
+
+fn dyadic(r: f64, err: &impl Fn(String) -> Error) -> Result<Dyadic> {
+    Dyadic::new(r).ok_or_else(|| err(format!("scale ratio {r:e} has no 31-bit dyadic form")))
+}
+
+/// ViT's unquantized image: `(p/255 − m)/s = (p − 255m) / (255s)`, one map for all channels,
+/// with `2·255·m` an integer.
+fn image_grid(n: &fqvit_program::Normalize) -> Option<InGrid> {
+    let same = n.mean.iter().all(|&m| m == n.mean[0]) && n.std.iter().all(|&s| s == n.std[0]);
+    let zp2 = 2.0 * 255.0 * f64::from(n.mean[0]);
+    (same && n.std[0] > 0.0 && (zp2 - zp2.round()).abs() < 1e-3).then(|| InGrid {
+        scale: 1.0 / (255.0 * f64::from(n.std[0])),
+        zp_num: zp2.round() as i64,
+        den: 2,
+    })
+}
+
+fn ln_scale(g: &Grid, c: usize) -> Result<LnScale, String> {
+    match &g.ptf {
+        None if g.scale.len() == 1 => Ok(LnScale::Layer(g.scale[0])),
+        None => Err(format!("input site {} is channel-wise without PTF factors", g.name)),
+        Some(alpha) => {
+            if alpha.len() != c {
+                return Err(format!(
+                    "input site {} has {} PTF factors for {c} channels",
+                    g.name,
+                    alpha.len()
+                ));
+            }
+            let factors = alpha
+                .iter()
+                .map(|&a| PtfFactor::try_from(a).map_err(|e| format!("input site {}: {e}", g.name)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let base = g.scale[0] / f32::from(1u8 << alpha[0]);
+            if let Some(j) = (0..c).find(|&j| g.scale[j] != base * f32::from(1u8 << alpha[j])) {
+                return Err(format!("input site {}: scale {j} is not base · 2^α", g.name));
+            }
+            Ok(LnScale::Ptf { base, factors })
+        }
+    }
+}
+
+fn add_consts(
+    ga: &Grid,
+    gb: &Grid,
+    go: &Grid,
+    c: usize,
+    err: &impl Fn(String) -> Error,
+) -> Result<AddConsts> {
+    let m = |g: &Grid, j: usize| {
+        let r = f64::from(g.scale(j)) / f64::from(go.scale(j));
+        if r >= 2f64.powi(20) {
+            return Err(err(format!("site {} is {r:e} times coarser than {}", g.name, go.name)));
+        }
+        Ok((r * 2f64.powi(ADD_SHIFT as i32)).round_ties_even() as i64)
+    };
+    Ok(AddConsts {
+        za: (0..c).map(|j| ga.zero_point(j)).collect(),
+        zb: (0..c).map(|j| gb.zero_point(j)).collect(),
+        ma: (0..c).map(|j| m(ga, j)).collect::<Result<_>>()?,
+        mb: (0..c).map(|j| m(gb, j)).collect::<Result<_>>()?,
+        zo: (0..c).map(|j| go.zero_point(j)).collect(),
+    })
+}
+
+/// Bias bound: `|bias| < 2^40` keeps `acc + bias` (|acc| < 2^32 with the doubled ViT input)
+/// far inside i64 and the dyadic product inside i128.
+const MAX_BIAS: f64 = (1u64 << 40) as f64;
+
+fn dense(
+    art: &Artifact,
+    layer: &str,
+    shape: &[usize],
+    input: InGrid,
+    out_site: &str,
+    gelu: bool,
+) -> Result<Dense> {
+    let err = |reason: String| Error::Op { op: 0, kind: "dense", reason };
+    let codes = art.i8(&format!("{layer}.weight_int8"), Some(shape))?;
+    let n = shape[0];
+    let k: usize = shape[1..].iter().product();
+    if k > crate::gemm::MAX_K / 2 {
+        return Err(err(format!("{layer}: reduction of {k} is too long for i32 accumulators")));
+    }
+    let ws = art.f32(&format!("{layer}.scale"), Some(&[n]))?;
+    let b = art.f32(&format!("{layer}.bias"), Some(&[n]))?;
+    let go = Grid::read(art, out_site)?;
+    if !go.fits(n) {
+        return Err(err(format!("site {out_site} does not fit {n} channels")));
+    }
+    let acc_scale: Vec<f64> =
+        ws.iter().map(|&s| input.scale / input.den as f64 * f64::from(s)).collect();
+    let bias = b
+        .iter()
+        .zip(&acc_scale)
+        .map(|(&b, &s)| {
+            let q = (f64::from(b) / s).round_ties_even();
+            if q.abs() < MAX_BIAS {
+                Ok(q as i64)
+            } else {
+                Err(err(format!("{layer}.bias: {b} is {q:e} accumulator steps")))
+            }
+        })
+        .collect::<Result<_>>()?;
+    let epilogue = if gelu {
+        if !go.layer_wise() {
+            return Err(err(format!(
+                "GELU's site {out_site} is channel-wise; the engine needs one scale"
+            )));
+        }
+        let delta = f64::from(go.scale[0]) / f64::from(1u32 << FRACTION_BITS);
+        let m = acc_scale.iter().map(|&s| dyadic(s / delta, &err)).collect::<Result<_>>()?;
+        Epilogue::Gelu { m, table: GeluTable::new(go.scale[0], go.zero_point[0]) }
+    } else {
+        let m = acc_scale
+            .iter()
+            .enumerate()
+            .map(|(j, &s)| dyadic(s / f64::from(go.scale(j)), &err))
+            .collect::<Result<_>>()?;
+        Epilogue::Requant { m, zero_point: (0..n).map(|j| go.zero_point(j)).collect() }
+    };
+    Ok(Dense { w: Weights::new(codes, n, k), input, bias, epilogue })
+}
+
+/// A value at run time.
+enum Val {
+    Codes(Vec<u8>),
+    Logits(Vec<f32>),
+}
+
+fn codes(v: &Option<Val>) -> &[u8] {
+    match v {
+        Some(Val::Codes(c)) => c,
+        _ => unreachable!("the program was checked: inputs are earlier code values"),
+    }
+}
+
+#[inline]
+fn clamp_u8(v: i64) -> u8 {
+    v.clamp(0, 255) as u8
+}
+
+impl Dense {
+    /// `rows × K` codes to `rows × N` codes.
+    fn run(&self, a: &[u8], timings: &mut Timings) -> Vec<u8> {
+        let (n, rows) = (self.w.n, a.len() / self.w.k);
+        let t = Instant::now();
+        let mut acc = vec![0i32; rows * n];
+        gemm(a, &self.w, &mut acc);
+        timings.add("gemm", t);
+        let t = Instant::now();
+        let mut out = vec![0u8; rows * n];
+        let InGrid { zp_num, den, .. } = self.input;
+        out.par_chunks_mut(n).zip(acc.par_chunks(n)).for_each(|(o, acc)| {
+            for j in 0..n {
+                let v =
+                    den * i64::from(acc[j]) - zp_num * i64::from(self.w.row_sums[j]) + self.bias[j];
+                o[j] = match &self.epilogue {
+                    Epilogue::Requant { m, zero_point } => {
+                        clamp_u8(m[j].apply(v) + i64::from(zero_point[j]))
+                    }
+                    Epilogue::Gelu { m, table } => table.code(m[j].apply(v)),
+                };
+            }
+        });
+        timings.add("requant", t);
+        out
+    }
+}
+
+fn add(c: &AddConsts, a: &[u8], b: &[u8], out: &mut [u8]) {
+    let ch = c.zo.len();
+    out.par_chunks_mut(ch).zip(a.par_chunks(ch).zip(b.par_chunks(ch))).for_each(|(o, (a, b))| {
+        for j in 0..ch {
+            let v = (i64::from(a[j]) - i64::from(c.za[j])) * c.ma[j]
+                + (i64::from(b[j]) - i64::from(c.zb[j])) * c.mb[j];
+            o[j] = clamp_u8(round_shift_i64(v, ADD_SHIFT) + i64::from(c.zo[j]));
+        }
+    });
+}
+
+impl Attention {
+    /// `(N, 3D)` qkv codes of one image to `(N, D)` context codes.
+    fn run(&self, qkv: &[u8], n: usize, timings: &mut Timings) -> Vec<u8> {
+        let d = qkv.len() / n / 3;
+        let hd = d / self.heads;
+        let per_head: Vec<(Vec<u8>, Duration, Duration)> = (0..self.heads)
+            .into_par_iter()
+            .map(|h| {
+                let t = Instant::now();
+                let take = |part: usize| -> Vec<i32> {
+                    let mut v = Vec::with_capacity(n * hd);
+                    for i in 0..n {
+                        let row = &qkv[i * 3 * d + part * d + h * hd..][..hd];
+                        v.extend(row.iter().map(|&x| i32::from(x) - self.z));
+                    }
+                    v
+                };
+                let (q, k, v) = (take(0), take(1), take(2));
+                // |q·k| ≤ 255² · hd < 2^31 for hd < 2^15.
+                let mut x = vec![0i32; n * n];
+                for i in 0..n {
+                    let qi = &q[i * hd..][..hd];
+                    for j in 0..n {
+                        let kj = &k[j * hd..][..hd];
+                        let s: i32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
+                        x[i * n + j] =
+                            clamp_u8(self.m_scores.apply(i64::from(s)) + i64::from(self.z_a))
+                                as i32
+                                - self.z_a;
+                    }
+                }
+                let mm = t.elapsed();
+                let t = Instant::now();
+                let mut k_codes = vec![0u16; n * n];
+                log_int_softmax(&x, n, self.s_a, self.bits, &mut k_codes);
+                let sm = t.elapsed();
+                let t = Instant::now();
+                // Σ_j (v − z)·2^(k_max − k): |.| ≤ 255 · 2^30 · N < 2^50.
+                let mut out = vec![0u8; n * hd];
+                let mut acc = vec![0i64; hd];
+                for i in 0..n {
+                    acc.iter_mut().for_each(|a| *a = 0);
+                    for j in 0..n {
+                        let kc = u32::from(k_codes[i * n + j]);
+                        if kc > self.k_max {
+                            continue;
+                        }
+                        let shift = self.k_max - kc;
+                        let vj = &v[j * hd..][..hd];
+                        for (a, &vv) in acc.iter_mut().zip(vj) {
+                            *a += i64::from(vv) << shift;
+                        }
+                    }
+                    for e in 0..hd {
+                        let c = h * hd + e;
+                        out[i * hd + e] =
+                            clamp_u8(self.m_ctx[c].apply(acc[e]) + i64::from(self.z_c[c]));
+                    }
+                }
+                (out, mm + t.elapsed(), sm)
+            })
+            .collect();
+        let mut out = vec![0u8; n * d];
+        for (h, (codes, mm, sm)) in per_head.into_iter().enumerate() {
+            for i in 0..n {
+                out[i * d + h * hd..][..hd].copy_from_slice(&codes[i * hd..][..hd]);
+            }
+            *timings.by_kind.entry("attention-matmul").or_default() += mm;
+            *timings.by_kind.entry("softmax").or_default() += sm;
+        }
+        out
+    }
+}
+
+/// Runs the compiled ops on `pixels` `(B, 3, size, size)`.
+pub(crate) fn execute(
+    ops: &[Compiled],
+    inputs: &[Vec<usize>],
+    last_use: &[usize],
+    pixels: Vec<u8>,
+    size: usize,
+    timings: &mut Timings,
+) -> Result<Vec<f32>> {
+    let batch = pixels.len() / (3 * size * size);
+    let mut vals: Vec<Option<Val>> = Vec::with_capacity(ops.len());
+    let mut pixels = Some(pixels);
+    let mut rows_of: Vec<usize> = Vec::with_capacity(ops.len());
+    for (i, op) in ops.iter().enumerate() {
+        let t = Instant::now();
+        let (val, rows) = match op {
+            Compiled::Image => (Val::Codes(pixels.take().expect("one image op")), 3),
+            Compiled::QuantizeImage { table } => {
+                let x = codes(&vals[inputs[i][0]]);
+                let plane = size * size;
+                let q = x
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &p)| table[(j / plane) % 3][usize::from(p)])
+                    .collect();
+                timings.add("other", t);
+                (Val::Codes(q), 3)
+            }
+            Compiled::PatchEmbed { dense, patch, side } => {
+                let x = codes(&vals[inputs[i][0]]);
+                let (p, g) = (*patch, side / patch);
+                let k = 3 * p * p;
+                let mut cols = vec![0u8; batch * g * g * k];
+                cols.par_chunks_mut(k).enumerate().for_each(|(r, col)| {
+                    let (b, t) = (r / (g * g), r % (g * g));
+                    let (py, px) = (t / g, t % g);
+                    for c in 0..3 {
+                        for y in 0..p {
+                            let src = &x[((b * 3 + c) * side + py * p + y) * side + px * p..][..p];
+                            col[(c * p + y) * p..][..p].copy_from_slice(src);
+                        }
+                    }
+                });
+                timings.add("other", t);
+                (Val::Codes(dense.run(&cols, timings)), g * g)
+            }
+            Compiled::Embed { m, z_in, ze, cls, pos, add: consts } => {
+                let x = codes(&vals[inputs[i][0]]);
+                let d = cls.len();
+                let rows = rows_of[inputs[i][0]] + 1;
+                let mut e = vec![0u8; batch * rows * d];
+                e.par_chunks_mut(rows * d).zip(x.par_chunks((rows - 1) * d)).for_each(|(e, x)| {
+                    e[..d].copy_from_slice(cls);
+                    for (j, (o, &c)) in e[d..].iter_mut().zip(x).enumerate() {
+                        let ch = j % d;
+                        *o = clamp_u8(
+                            m[ch].apply(i64::from(c) - i64::from(*z_in)) + i64::from(ze[ch]),
+                        );
+                    }
+                });
+                let pos_b: Vec<u8> = pos.iter().copied().cycle().take(e.len()).collect();
+                let mut out = vec![0u8; e.len()];
+                add(consts, &e, &pos_b, &mut out);
+                timings.add("add", t);
+                (Val::Codes(out), rows)
+            }
+            Compiled::LayerNorm { gamma, beta, scale, z_in, out_scale, z_out } => {
+                let v = inputs[i][0];
+                let x = codes(&vals[v]);
+                let in_scale = match scale {
+                    LnScale::Layer(s) => InScale::Layer(*s),
+                    LnScale::Ptf { base, factors } => InScale::Ptf { base: *base, factors },
+                };
+                let params = LayerNormParams {
+                    in_scale,
+                    zero_point: *z_in,
+                    gamma,
+                    beta,
+                    out_scale: *out_scale,
+                };
+                let mut y = vec![0i32; x.len()];
+                ptf_layer_norm(x, &params, &mut y);
+                let out =
+                    y.par_iter().map(|&y| clamp_u8(i64::from(y) + i64::from(*z_out))).collect();
+                timings.add("layer-norm", t);
+                (Val::Codes(out), rows_of[v])
+            }
+            Compiled::Linear { dense } => {
+                let v = inputs[i][0];
+                (Val::Codes(dense.run(codes(&vals[v]), timings)), rows_of[v])
+            }
+            Compiled::Attention(att) => {
+                let v = inputs[i][0];
+                let (x, n) = (codes(&vals[v]), rows_of[v]);
+                let per = x.len() / batch;
+                let mut out = Vec::with_capacity(x.len() / 3);
+                for b in 0..batch {
+                    out.extend(att.run(&x[b * per..][..per], n, timings));
+                }
+                (Val::Codes(out), n)
+            }
+            Compiled::Add(consts) => {
+                let (a, b) = (inputs[i][0], inputs[i][1]);
+                let mut out = vec![0u8; codes(&vals[a]).len()];
+                add(consts, codes(&vals[a]), codes(&vals[b]), &mut out);
+                timings.add("add", t);
+                (Val::Codes(out), rows_of[a])
+            }
+            Compiled::SelectToken { index } => {
+                let v = inputs[i][0];
+                let x = codes(&vals[v]);
+                let per = x.len() / batch;
+                let c = per / rows_of[v];
+                let out = (0..batch).flat_map(|b| x[b * per + index * c..][..c].to_vec()).collect();
+                timings.add("other", t);
+                (Val::Codes(out), 1)
+            }
+            Compiled::Output { scale, zero_point } => {
+                let x = codes(&vals[inputs[i][0]]);
+                let c = scale.len();
+                let logits = x
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &q)| dequantize(i32::from(q), scale[j % c], zero_point[j % c]))
+                    .collect();
+                (Val::Logits(logits), 1)
+            }
+        };
+        vals.push(Some(val));
+        rows_of.push(rows);
+        for v in 0..i {
+            if last_use[v] == i {
+                vals[v] = None;
+            }
+        }
+    }
+    match vals.pop().flatten() {
+        Some(Val::Logits(l)) => Ok(l),
+        _ => unreachable!("the program ends with its output"),
+    }
+}

@@ -1,0 +1,104 @@
+//! Requantization by dyadic multipliers: a real ratio `r` becomes `m · 2^-shift` with a 31-bit
+//! mantissa `m ∈ [2^30, 2^31)`, and `round(v · r)` becomes an integer product and a shift that
+//! rounds half to even, as the simulation's `torch.round` does.
+//!
+//! Bounds: `|v| < 2^62` and `m < 2^31`, so the product fits i128 exactly; the result fits i64
+//! whenever `|v · r| < 2^62`, which every caller's bound on its accumulator guarantees.
+
+/// `m · 2^-shift`, the integer form of a positive real ratio.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dyadic {
+    /// The mantissa, in `[2^30, 2^31)`.
+    pub m: i64,
+    /// The right shift, in `1..=126`.
+    pub shift: u32,
+}
+
+impl Dyadic {
+    /// The closest dyadic number with a 31-bit mantissa to `r`, or `None` when `r` is not
+    /// positive and finite or lies outside `[2^-95, 2^29]`.
+    pub fn new(r: f64) -> Option<Self> {
+        if !(r.is_finite() && r > 0.0) {
+            return None;
+        }
+        let e = r.log2().floor() as i32;
+        let mut shift = 30 - e;
+        let mut m = (r * 2f64.powi(shift)).round_ties_even();
+        // log2 may round across a power of two; renormalise into [2^30, 2^31).
+        while m >= 2f64.powi(31) {
+            shift -= 1;
+            m = (r * 2f64.powi(shift)).round_ties_even();
+        }
+        while m < 2f64.powi(30) {
+            shift += 1;
+            m = (r * 2f64.powi(shift)).round_ties_even();
+        }
+        if !(1..=126).contains(&shift) {
+            return None;
+        }
+        Some(Dyadic { m: m as i64, shift: shift as u32 })
+    }
+
+    /// `round_half_even(v · m / 2^shift)`.
+    #[inline(always)]
+    pub fn apply(self, v: i64) -> i64 {
+        round_shift(i128::from(v) * i128::from(self.m), self.shift) as i64
+    }
+}
+
+/// `round_half_even(v / 2^shift)` for `shift ≥ 1`, exactly.
+#[inline(always)]
+pub fn round_shift(v: i128, shift: u32) -> i128 {
+    let q = v >> shift;
+    let rem = v - (q << shift);
+    let half = 1i128 << (shift - 1);
+    q + i128::from(rem > half || (rem == half && q & 1 == 1))
+}
+
+/// `round_half_even(v / 2^shift)` on i64, `1 ≤ shift ≤ 62`.
+#[inline(always)]
+pub fn round_shift_i64(v: i64, shift: u32) -> i64 {
+    let q = v >> shift;
+    let rem = v - (q << shift);
+    let half = 1i64 << (shift - 1);
+    q + i64::from(rem > half || (rem == half && q & 1 == 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn rounds_half_to_even_like_torch_round() {
+        for (v, s, want) in
+            [(3i128, 1, 2), (1, 1, 0), (-1, 1, 0), (-3, 1, -2), (5, 1, 2), (6, 2, 2)]
+        {
+            assert_eq!(round_shift(v, s), want, "{v} >> {s}");
+            assert_eq!(round_shift_i64(v as i64, s), want as i64, "{v} >> {s}");
+        }
+    }
+
+    #[test]
+    fn refuses_ratios_it_cannot_hold() {
+        assert_eq!(Dyadic::new(0.0), None);
+        assert_eq!(Dyadic::new(-1.0), None);
+        assert_eq!(Dyadic::new(f64::NAN), None);
+        assert_eq!(Dyadic::new(2f64.powi(40)), None);
+        let one = Dyadic::new(1.0).unwrap();
+        assert_eq!((one.m, one.shift), (1 << 30, 30));
+    }
+
+    proptest! {
+        /// The product rounds like the real product, except within the mantissa's relative
+        /// error 2^-31 of a tie (checked by a looser/tighter pair of bounds).
+        #[test]
+        fn apply_is_round_of_the_real_product(v in -(1i64 << 40)..(1i64 << 40), r in 1e-9f64..1e6) {
+            let d = Dyadic::new(r).unwrap();
+            let exact = v as f64 * r;
+            let got = d.apply(v) as f64;
+            let err = (exact.abs() * 2f64.powi(-30)).max(1e-9);
+            prop_assert!((got - exact).abs() <= 0.5 + err, "{v}·{r}: {got} vs {exact}");
+        }
+    }
+}
