@@ -26,7 +26,7 @@ impl Grid {
                 zero_point.len()
             )));
         }
-        if let Some(s) = scale.iter().find(|s| !(**s > 0.0)) {
+        if let Some(s) = scale.iter().find(|s| s.is_nan() || **s <= 0.0) {
             return Err(art.bad(format!("site {site} has scale {s}, not positive")));
         }
         if let Some(z) = zero_point.iter().find(|z| !(0..=255).contains(*z)) {

@@ -148,7 +148,7 @@ impl Engine {
             Images::Pixels(p) => p.len(),
             Images::Normalized(x) => x.len(),
         };
-        if len == 0 || len % per != 0 {
+        if len == 0 || !len.is_multiple_of(per) {
             return Err(Error::Input(format!(
                 "{len} values are not whole images of 3 × {0} × {0}",
                 self.size

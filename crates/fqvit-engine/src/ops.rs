@@ -80,7 +80,7 @@ const ADD_SHIFT: u32 = 30;
 pub(crate) enum Compiled {
     Image,
     QuantizeImage {
-        table: [[u8; 256]; 3],
+        table: Box<[[u8; 256]; 3]>,
     },
     PatchEmbed {
         dense: Dense,
@@ -200,18 +200,18 @@ pub(crate) fn compile(art: &Artifact, program: &Program, lis_bits: u32) -> Resul
                 let Some(Op::Image { normalize: n, .. }) = program.ops.get(*input) else {
                     return Err(err("its input is not the image".into()));
                 };
-                let table = std::array::from_fn(|c| {
+                let table = Box::new(std::array::from_fn(|c| {
                     std::array::from_fn(|p| {
                         let x = (p as f32 / 255.0 - n.mean[c]) / n.std[c];
                         quantize(x, g.scale(c), g.zero_point(c), BitType::UINT8) as u8
                     })
-                });
+                }));
                 (Compiled::QuantizeImage { table }, shapes[*input], Some(g))
             }
             Op::PatchEmbed { input, layer, patch, out_site } => {
                 let (rows, cols) = shapes[*input];
                 let side = (cols as f64).sqrt() as usize;
-                if rows != 3 || side * side != cols || *patch == 0 || side % patch != 0 {
+                if rows != 3 || side * side != cols || *patch == 0 || !side.is_multiple_of(*patch) {
                     return Err(err(format!(
                         "input ({rows}, {cols}) is not a 3-channel image of whole {patch}-pixel patches"
                     )));
@@ -322,7 +322,7 @@ pub(crate) fn compile(art: &Artifact, program: &Program, lis_bits: u32) -> Resul
                 let g = grid_of(*input).ok_or_else(|| err("its input has no grid".into()))?;
                 layer_wise(&g, "qkv")?;
                 let d = c3 / 3;
-                if c3 % 3 != 0 || *heads == 0 || d % heads != 0 {
+                if !c3.is_multiple_of(3) || *heads == 0 || !d.is_multiple_of(*heads) {
                     return Err(err(format!(
                         "{c3} qkv channels do not split into 3 × {heads} heads"
                     )));
