@@ -26,7 +26,7 @@ pub const METADATA_KEY: &str = "fqvit";
 /// The metadata key holding the model's integer program (`fqvit_program::Program`) as JSON,
 /// for the integer engine; absent for a family without one (Swin). Readers of this crate
 /// ignore it.
-pub const PROGRAM_KEY: &str = "fqvit-program";
+pub const PROGRAM_KEY: &str = fqvit_program::ARTIFACT_KEY;
 
 /// Where the calibration images came from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

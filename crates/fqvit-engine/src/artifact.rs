@@ -10,8 +10,7 @@ use crate::error::{Error, Result};
 
 /// The metadata key of the provenance (`fqvit_calib::artifact::METADATA_KEY`).
 pub(crate) const METADATA_KEY: &str = "fqvit";
-/// The metadata key of the integer program (`fqvit_calib::artifact::PROGRAM_KEY`).
-pub(crate) const PROGRAM_KEY: &str = "fqvit-program";
+pub(crate) use fqvit_program::ARTIFACT_KEY as PROGRAM_KEY;
 /// The artifact format versions this engine reads (`docs/qparams-format.md`).
 pub(crate) const FORMAT_VERSIONS: std::ops::RangeInclusive<u64> = 2..=2;
 

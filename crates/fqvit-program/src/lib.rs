@@ -11,6 +11,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The qparams artifact's metadata key that holds the program as JSON.
+pub const ARTIFACT_KEY: &str = "fqvit-program";
+
 /// The version of the op vocabulary; an engine refuses programs it does not know.
 pub const PROGRAM_VERSION: u32 = 1;
 
