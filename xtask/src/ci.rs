@@ -1,5 +1,8 @@
 //! `cargo xtask ci`: the whole gate, cheapest checks first. `.ci/run` is just this.
 
+use std::process::Stdio;
+use std::time::Instant;
+
 use anyhow::Result;
 
 use crate::{cargo, run, setup, tidy};
@@ -12,13 +15,52 @@ pub(crate) fn ci() -> Result<()> {
         "../shared (ImageNet sample, golden vectors, weights) is missing beside the repository at {}",
         shared.display()
     );
-    tidy::tidy()?;
-    setup::setup()?;
-    run(cargo().args(["fmt", "--all", "--check"]))?;
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
-    run(cargo().args(["test", "--workspace", "--all-targets"]))?;
-    run(cargo().args(["test", "--workspace", "--doc"]))?;
-    run(cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
-    eprintln!("xtask ci: all checks passed");
+    let start = Instant::now();
+    let mut steps: Vec<(&str, f64)> = Vec::new();
+    let mut step = |name: &'static str, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+        let t = Instant::now();
+        f()?;
+        steps.push((name, t.elapsed().as_secs_f64()));
+        Ok(())
+    };
+    step("tidy", &mut tidy::tidy)?;
+    step("setup", &mut || setup::setup().map(drop))?;
+    step("fmt", &mut || run(cargo().args(["fmt", "--all", "--check"])))?;
+    step("clippy", &mut || {
+        run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+    })?;
+    // nextest (on this project's machines) runs the test binaries side by side, which the long
+    // CLI and parity tests need to share the two cores; `.config/nextest.toml` prints the
+    // conformance reports. Plain `cargo test` where it is missing.
+    if has_nextest() {
+        step("test build", &mut || {
+            run(cargo().args(["nextest", "run", "--workspace", "--all-targets", "--no-run"]))
+        })?;
+        step("tests", &mut || {
+            run(cargo().args(["nextest", "run", "--workspace", "--all-targets", "--no-fail-fast"]))
+        })?;
+    } else {
+        step("test build", &mut || {
+            run(cargo().args(["test", "--workspace", "--all-targets", "--no-run"]))
+        })?;
+        step("tests", &mut || run(cargo().args(["test", "--workspace", "--all-targets"])))?;
+    }
+    step("doc tests", &mut || run(cargo().args(["test", "--workspace", "--doc"])))?;
+    step("doc", &mut || {
+        run(cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))
+    })?;
+    for (name, secs) in &steps {
+        eprintln!("xtask ci: {name:<10} {secs:>7.0} s");
+    }
+    eprintln!("xtask ci: all checks passed in {:.0} s", start.elapsed().as_secs_f64());
     Ok(())
+}
+
+fn has_nextest() -> bool {
+    cargo()
+        .args(["nextest", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
