@@ -54,6 +54,9 @@ pub enum Error {
         /// What the observer said.
         reason: String,
     },
+    /// The integer engine refused an artifact or its input.
+    #[error("integer engine: {0}")]
+    Engine(fqvit_engine::Error),
     /// The calibration settings are inconsistent.
     #[error("invalid calibration settings: {0}")]
     Settings(String),

@@ -7,7 +7,7 @@
 use fqvit_models::{QuantOptions, Site, SiteGroups, TensorClass};
 use fqvit_observers::{ObserverConfig, ObserverKind};
 use fqvit_ops::{BitType, Bits, Granularity};
-pub use fqvit_tensor::StdSqrt;
+pub use fqvit_tensor::{LisInput, StdSqrt};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -106,6 +106,10 @@ pub struct Experiment {
     /// The integer LayerNorm's square root (`--layer-norm-sqrt`): libtorch's, as the original
     /// (its codes can depend on the CPU), or correctly rounded (the same on every machine).
     pub layer_norm_sqrt: StdSqrt,
+    /// What Log-Int-Softmax reads in the quantized forward (`--lis-input`): the float32 `X/S`,
+    /// as the original, or its rounding, the integer codes the integer engine reads (a
+    /// forward-only setting: calibration is the same either way).
+    pub lis_input: LisInput,
     /// Activation site groups quantized with Power-of-Two Factors (per-channel `s · 2^k`, the
     /// PTF observer) instead of one layer-wise scale (`--ptf-sites`, TOML `ptf-sites`; none in
     /// the original, whose PTF covers the LayerNorm inputs only). Simulated here like every
@@ -133,6 +137,7 @@ impl Default for Experiment {
             attn_bits: 4,
             lis_in_last_calibration_batch: true,
             layer_norm_sqrt: StdSqrt::Libtorch,
+            lis_input: LisInput::Float,
             ptf_sites: SiteGroups::NONE,
             float_sites: SiteGroups::NONE,
             calibration: Calibration::default(),
@@ -233,6 +238,7 @@ impl Experiment {
             int_layer_norm: self.ptf,
             lis_bits: self.lis.then_some(u32::from(self.attn_bits)),
             std_sqrt: self.layer_norm_sqrt,
+            lis_input: self.lis_input,
             float_sites: self.float_sites,
         }
     }

@@ -18,6 +18,7 @@
 //! assert_eq!(sorted, [0, 1, 2, 3, 4]);
 //! ```
 
+pub mod agreement;
 pub mod artifact;
 pub mod calibrate;
 pub mod data;

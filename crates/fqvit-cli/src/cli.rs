@@ -226,6 +226,16 @@ pub(crate) enum MethodArg {
     Omse,
 }
 
+/// `--lis-input`: the library's own type, spelled as in TOML.
+fn lis_input() -> impl clap::builder::TypedValueParser<Value = fqvit_calib::experiment::LisInput> {
+    use clap::builder::TypedValueParser;
+    use fqvit_calib::experiment::LisInput;
+    clap::builder::PossibleValuesParser::new(["float", "rounded"]).map(|s| match s.as_str() {
+        "rounded" => LisInput::Rounded,
+        _ => LisInput::Float,
+    })
+}
+
 /// The integer LayerNorm's square root.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum SqrtArg {
@@ -291,6 +301,10 @@ pub(crate) struct QuantArgs {
     /// The integer LayerNorm's square root [default: libtorch].
     #[arg(long, value_enum)]
     pub(crate) layer_norm_sqrt: Option<SqrtArg>,
+    /// What Log-Int-Softmax reads in the quantized forward [default: float, the original's];
+    /// `rounded` is the integer engine's input. Also with --qparams.
+    #[arg(long, value_parser = lis_input())]
+    pub(crate) lis_input: Option<fqvit_calib::experiment::LisInput>,
     /// Leave these site groups in float in the quantized forward (a research tool: which
     /// quantization costs the accuracy): weights, residual, norm-out, qkv-out, attn-scores,
     /// attn-probs, context, proj-out, mlp-hidden, mlp-out, logits. Also with --qparams.
@@ -343,6 +357,10 @@ pub(crate) struct EvalArgs {
     /// `--qparams`, or from an artifact written after calibrating; needs PTF and LIS).
     #[arg(long, value_enum, default_value_t = EngineArg::Sim)]
     pub(crate) engine: EngineArg,
+    /// With `--engine int`: compare the engine's codes with the simulation's at every site on
+    /// the first N val images, free-running and with each op fed the simulation's codes.
+    #[arg(long, value_name = "N")]
+    pub(crate) site_agreement: Option<usize>,
 }
 
 #[derive(Args, Debug)]

@@ -47,6 +47,9 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
             SqrtArg::Exact => StdSqrt::Exact,
         };
     }
+    if let Some(input) = args.lis_input {
+        exp.lis_input = input;
+    }
     if !args.float_sites.is_empty() {
         exp.float_sites = args.float_sites.iter().copied().collect();
     }
@@ -67,6 +70,7 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
         ("--quant-method", args.quant_method.is_some()),
         ("--attn-bits", args.attn_bits.is_some()),
         ("--layer-norm-sqrt", args.layer_norm_sqrt.is_some()),
+        ("--lis-input", args.lis_input.is_some()),
         ("--float-sites", !args.float_sites.is_empty()),
         ("--ptf-sites", !args.ptf_sites.is_empty()),
     ]

@@ -36,6 +36,15 @@ pub enum Images<'a> {
     Normalized(&'a [f32]),
 }
 
+/// Sees each op's output codes as the program runs and may replace them: with the simulation's
+/// codes, every op is checked on the simulation's inputs (as `fqvit-models`' `Probe` does with
+/// the original's tensors).
+pub trait Observer {
+    /// Codes `(B, rows, cols)` that op `op` put on `site`. `Some` replaces them for the ops
+    /// after it (same length).
+    fn codes(&mut self, op: usize, site: &str, codes: &[u8]) -> Option<Vec<u8>>;
+}
+
 /// A loaded, compiled integer program.
 #[derive(Debug)]
 pub struct Engine {
@@ -45,6 +54,8 @@ pub struct Engine {
     inputs: Vec<Vec<usize>>,
     /// For each value, the last op that reads it (values are dropped after it).
     last_use: Vec<usize>,
+    /// For each op, the site its output codes lie on.
+    sites: Vec<Option<String>>,
     size: usize,
     normalize: fqvit_program::Normalize,
     classes: usize,
@@ -105,10 +116,11 @@ impl Engine {
             }
         }
         let inputs = program.ops.iter().map(Op::inputs).collect();
+        let sites = program.ops.iter().map(|op| op.out_site().map(str::to_owned)).collect();
         let classes = compiled.classes;
         let model = meta["model"].as_str().unwrap_or("?").to_owned();
         tracing::debug!(model, ops = program.ops.len(), "integer program compiled");
-        Ok(Engine { model, ops: compiled.ops, inputs, last_use, size, normalize, classes })
+        Ok(Engine { model, ops: compiled.ops, inputs, last_use, sites, size, normalize, classes })
     }
 
     /// The model name recorded in the artifact.
@@ -138,8 +150,27 @@ impl Engine {
 
     /// [`Engine::run`], adding each op kind's time to `timings`.
     pub fn run_timed(&self, images: Images<'_>, timings: &mut Timings) -> Result<Vec<f32>> {
+        self.execute(images, timings, None)
+    }
+
+    /// [`Engine::run`], showing every op's output codes to `observer`.
+    pub fn run_observed(
+        &self,
+        images: Images<'_>,
+        observer: &mut dyn Observer,
+    ) -> Result<Vec<f32>> {
+        self.execute(images, &mut Timings::default(), Some(observer))
+    }
+
+    fn execute(
+        &self,
+        images: Images<'_>,
+        timings: &mut Timings,
+        observer: Option<&mut dyn Observer>,
+    ) -> Result<Vec<f32>> {
         let pixels = self.pixels(images)?;
-        ops::execute(&self.ops, &self.inputs, &self.last_use, pixels, self.size, timings)
+        let run = ops::Run { inputs: &self.inputs, last_use: &self.last_use, sites: &self.sites };
+        ops::execute(&self.ops, &run, pixels, self.size, timings, observer)
     }
 
     fn pixels(&self, images: Images<'_>) -> Result<Vec<u8>> {

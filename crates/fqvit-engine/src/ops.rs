@@ -43,23 +43,69 @@ struct InGrid {
     den: i64,
 }
 
-/// What a dense layer does with its accumulator.
+/// What a dense layer does with its requantized accumulator `t`.
 #[derive(Debug)]
 enum Epilogue {
-    /// Requantize onto the out-site: `clamp(round(acc · m_o) + z_o)`.
-    Requant { m: Vec<Dyadic>, zero_point: Vec<i32> },
-    /// Requantize to GELU's fixed-point grid, then its thresholds.
-    Gelu { m: Vec<Dyadic>, table: GeluTable },
+    /// `t` is on the out-site's grid: `clamp(t + z_o)`.
+    Requant { zero_point: Vec<i32> },
+    /// `t` is on GELU's fixed-point grid: its thresholds give the code.
+    Gelu { table: GeluTable },
 }
 
-/// A convolution or linear layer in integers.
+/// A convolution or linear layer in integers: per output column `j`,
+/// `t = round_half_even((den·acc·m_j + c_j) / 2^shift_j)`, with `m_j · 2^-shift_j` the dyadic
+/// form of `s_in·s_w/s_t` and `c_j = (b_j/(s_in·s_w) − zp_num·Σw_j)·m_j` rounded: the bias and
+/// the input zero point's correction in one constant, the bias kept to `2^-shift` of a
+/// step of `t`.
+///
+/// Bounds, checked at load: `K·den ≤ 2^14`, so `|den·acc| ≤ 255·128·2^14 < 2^29`;
+/// `m < 2^31`, so `|den·acc·m| < 2^60`; `|c| < 2^61`; the sum stays below `2^62`, inside i64,
+/// and `shift ≤ 62`.
 #[derive(Debug)]
 pub(crate) struct Dense {
     w: Weights,
     input: InGrid,
-    /// `round(b / (s_in · s_w))`, the bias on the accumulator's grid.
-    bias: Vec<i64>,
+    m: Vec<i64>,
+    c: Vec<i64>,
+    shift: Vec<u32>,
     epilogue: Epilogue,
+}
+
+/// The dense epilogue over whole rows, compiled for the detected instruction set.
+struct Epilogues<'a> {
+    dense: &'a Dense,
+    acc: &'a [i32],
+    out: &'a mut [u8],
+}
+
+impl pulp::WithSimd for Epilogues<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let Epilogues { dense: d, acc, out } = self;
+        let n = d.w.n;
+        let den = d.input.den;
+        // Zipped slices of one length: no bounds checks, so the loop vectorises.
+        let consts = || d.m.iter().zip(&d.c).zip(&d.shift);
+        let t = |a: i32, ((&m, &c), &s): ((&i64, &i64), &u32)| {
+            round_shift_i64(den * i64::from(a) * m + c, s)
+        };
+        for (o, acc) in out.chunks_exact_mut(n).zip(acc.chunks_exact(n)) {
+            match &d.epilogue {
+                Epilogue::Requant { zero_point } => {
+                    for ((o, &a), (k, &z)) in o.iter_mut().zip(acc).zip(consts().zip(zero_point)) {
+                        *o = clamp_u8(t(a, k) + i64::from(z));
+                    }
+                }
+                Epilogue::Gelu { table } => {
+                    for ((o, &a), k) in o.iter_mut().zip(acc).zip(consts()) {
+                        *o = table.code(t(a, k));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A residual add: `clamp(round(((a − z_a)·m_a + (b − z_b)·m_b) / 2^ADD_SHIFT) + z_o)`.
@@ -139,7 +185,7 @@ pub(crate) struct Attention {
 
 impl Compiled {
     pub(crate) fn bytes(&self) -> usize {
-        let dense = |d: &Dense| d.w.bytes() + 8 * d.bias.len() + 16 * d.w.n;
+        let dense = |d: &Dense| d.w.bytes() + 20 * d.w.n;
         match self {
             Compiled::PatchEmbed { dense: d, .. } | Compiled::Linear { dense: d } => dense(d),
             Compiled::Embed { cls, pos, .. } => cls.len() + pos.len(),
@@ -478,9 +524,8 @@ fn add_consts(
     })
 }
 
-/// Bias bound: `|bias| < 2^40` keeps `acc + bias` (|acc| < 2^32 with the doubled ViT input)
-/// far inside i64 and the dyadic product inside i128.
-const MAX_BIAS: f64 = (1u64 << 40) as f64;
+/// The longest reduction, times the input's denominator: `255·128·2^14 < 2^29`.
+const MAX_K_DEN: usize = 1 << 14;
 
 fn dense(
     art: &Artifact,
@@ -494,8 +539,8 @@ fn dense(
     let codes = art.i8(&format!("{layer}.weight_int8"), Some(shape))?;
     let n = shape[0];
     let k: usize = shape[1..].iter().product();
-    if k > crate::gemm::MAX_K / 2 {
-        return Err(err(format!("{layer}: reduction of {k} is too long for i32 accumulators")));
+    if k * input.den as usize > MAX_K_DEN {
+        return Err(err(format!("{layer}: reduction of {k} is too long for the accumulators")));
     }
     let ws = art.f32(&format!("{layer}.scale"), Some(&[n]))?;
     let b = art.f32(&format!("{layer}.bias"), Some(&[n]))?;
@@ -503,38 +548,44 @@ fn dense(
     if !go.fits(n) {
         return Err(err(format!("site {out_site} does not fit {n} channels")));
     }
-    let acc_scale: Vec<f64> =
-        ws.iter().map(|&s| input.scale / input.den as f64 * f64::from(s)).collect();
-    let bias = b
-        .iter()
-        .zip(&acc_scale)
-        .map(|(&b, &s)| {
-            let q = (f64::from(b) / s).round_ties_even();
-            if q.abs() < MAX_BIAS {
-                Ok(q as i64)
-            } else {
-                Err(err(format!("{layer}.bias: {b} is {q:e} accumulator steps")))
-            }
-        })
-        .collect::<Result<_>>()?;
-    let epilogue = if gelu {
+    let (epilogue, t_scale): (Epilogue, Vec<f64>) = if gelu {
         if !go.layer_wise() {
             return Err(err(format!(
                 "GELU's site {out_site} is channel-wise; the engine needs one scale"
             )));
         }
         let delta = f64::from(go.scale[0]) / f64::from(1u32 << FRACTION_BITS);
-        let m = acc_scale.iter().map(|&s| dyadic(s / delta, &err)).collect::<Result<_>>()?;
-        Epilogue::Gelu { m, table: GeluTable::new(go.scale[0], go.zero_point[0]) }
+        (Epilogue::Gelu { table: GeluTable::new(go.scale[0], go.zero_point[0]) }, vec![delta; n])
     } else {
-        let m = acc_scale
-            .iter()
-            .enumerate()
-            .map(|(j, &s)| dyadic(s / f64::from(go.scale(j)), &err))
-            .collect::<Result<_>>()?;
-        Epilogue::Requant { m, zero_point: (0..n).map(|j| go.zero_point(j)).collect() }
+        let zero_point = (0..n).map(|j| go.zero_point(j)).collect();
+        (Epilogue::Requant { zero_point }, (0..n).map(|j| f64::from(go.scale(j))).collect())
     };
-    Ok(Dense { w: Weights::new(codes, n, k), input, bias, epilogue })
+    let w = Weights::new(codes, n, k);
+    let (mut m, mut c, mut shift) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::new());
+    for j in 0..n {
+        let acc_scale = input.scale / input.den as f64 * f64::from(ws[j]);
+        let d = dyadic(acc_scale / t_scale[j], &err)?;
+        // The bias in accumulator steps, then scaled by m exactly in i128 from its value with
+        // 16 fraction bits (f64 holds b/s to 2^-52 relative).
+        let steps = f64::from(b[j]) / acc_scale;
+        let zp_term = i128::from(input.zp_num) * i128::from(w.row_sums[j]);
+        let bias16 = (steps * 65536.0).round_ties_even();
+        if !(bias16.abs() < 2f64.powi(100)) {
+            return Err(err(format!("{layer}.bias[{j}]: {} is {steps:e} accumulator steps", b[j])));
+        }
+        let cj = crate::requant::round_shift(bias16 as i128 * i128::from(d.m), 16)
+            - zp_term * i128::from(d.m);
+        if cj.abs() >= 1i128 << 61 || d.shift > 62 {
+            return Err(err(format!(
+                "{layer}.bias[{j}]: {} ({steps:e} accumulator steps) or its requantization (2^-{}) is out of the i64 range",
+                b[j], d.shift
+            )));
+        }
+        m.push(d.m);
+        c.push(cj as i64);
+        shift.push(d.shift);
+    }
+    Ok(Dense { w, input, m, c, shift, epilogue })
 }
 
 /// A value at run time.
@@ -565,19 +616,11 @@ impl Dense {
         timings.add("gemm", t);
         let t = Instant::now();
         let mut out = vec![0u8; rows * n];
-        let InGrid { zp_num, den, .. } = self.input;
-        out.par_chunks_mut(n).zip(acc.par_chunks(n)).for_each(|(o, acc)| {
-            for j in 0..n {
-                let v =
-                    den * i64::from(acc[j]) - zp_num * i64::from(self.w.row_sums[j]) + self.bias[j];
-                o[j] = match &self.epilogue {
-                    Epilogue::Requant { m, zero_point } => {
-                        clamp_u8(m[j].apply(v) + i64::from(zero_point[j]))
-                    }
-                    Epilogue::Gelu { m, table } => table.code(m[j].apply(v)),
-                };
-            }
-        });
+        let rows_per_job = (4096 / n).max(1);
+        let arch = pulp::Arch::new();
+        out.par_chunks_mut(n * rows_per_job)
+            .zip(acc.par_chunks(n * rows_per_job))
+            .for_each(|(out, acc)| arch.dispatch(Epilogues { dense: self, acc, out }));
         timings.add("requant", t);
         out
     }
@@ -599,29 +642,31 @@ impl Attention {
     fn run(&self, qkv: &[u8], n: usize, timings: &mut Timings) -> Vec<u8> {
         let d = qkv.len() / n / 3;
         let hd = d / self.heads;
+        let z = i64::from(self.z);
         let per_head: Vec<(Vec<u8>, Duration, Duration)> = (0..self.heads)
             .into_par_iter()
             .map(|h| {
                 let t = Instant::now();
-                let take = |part: usize| -> Vec<i32> {
-                    let mut v = Vec::with_capacity(n * hd);
-                    for i in 0..n {
-                        let row = &qkv[i * 3 * d + part * d + h * hd..][..hd];
-                        v.extend(row.iter().map(|&x| i32::from(x) - self.z));
-                    }
-                    v
-                };
-                let (q, k, v) = (take(0), take(1), take(2));
-                // |q·k| ≤ 255² · hd < 2^31 for hd < 2^15.
+                let part = |p: usize, i: usize| &qkv[i * 3 * d + p * d + h * hd..][..hd];
+                let q: Vec<u8> = (0..n).flat_map(|i| part(0, i)).copied().collect();
+                // k − 128 as int8 "weights", so that the u8 × i8 GEMM takes q·kᵀ:
+                // Σ(q − z)(k − z) = Σ q·(k − 128) + (128 − z)·Σq − z·Σk + hd·z²,
+                // each term below 2^31 in magnitude for hd < 2^15.
+                let k: Vec<i8> =
+                    (0..n).flat_map(|i| part(1, i)).map(|&x| (i32::from(x) - 128) as i8).collect();
+                let sum =
+                    |p: usize, i: usize| part(p, i).iter().map(|&x| i64::from(x)).sum::<i64>();
+                let (sq, sk): (Vec<i64>, Vec<i64>) = (0..n).map(|i| (sum(0, i), sum(1, i))).unzip();
+                let mut raw = vec![0i32; n * n];
+                gemm(&q, &Weights::new(k, n, hd), &mut raw);
+                let constant = hd as i64 * z * z;
                 let mut x = vec![0i32; n * n];
                 for i in 0..n {
-                    let qi = &q[i * hd..][..hd];
+                    let row = (128 - z) * sq[i] + constant;
                     for j in 0..n {
-                        let kj = &k[j * hd..][..hd];
-                        let s: i32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
+                        let s = i64::from(raw[i * n + j]) + row - z * sk[j];
                         x[i * n + j] =
-                            clamp_u8(self.m_scores.apply(i64::from(s)) + i64::from(self.z_a))
-                                as i32
+                            i32::from(clamp_u8(self.m_scores.apply(s) + i64::from(self.z_a)))
                                 - self.z_a;
                     }
                 }
@@ -631,28 +676,15 @@ impl Attention {
                 log_int_softmax(&x, n, self.s_a, self.bits, &mut k_codes);
                 let sm = t.elapsed();
                 let t = Instant::now();
-                // Σ_j (v − z)·2^(k_max − k): |.| ≤ 255 · 2^30 · N < 2^50.
-                let mut out = vec![0u8; n * hd];
-                let mut acc = vec![0i64; hd];
-                for i in 0..n {
-                    acc.iter_mut().for_each(|a| *a = 0);
-                    for j in 0..n {
-                        let kc = u32::from(k_codes[i * n + j]);
-                        if kc > self.k_max {
-                            continue;
-                        }
-                        let shift = self.k_max - kc;
-                        let vj = &v[j * hd..][..hd];
-                        for (a, &vv) in acc.iter_mut().zip(vj) {
-                            *a += i64::from(vv) << shift;
-                        }
-                    }
-                    for e in 0..hd {
-                        let c = h * hd + e;
-                        out[i * hd + e] =
-                            clamp_u8(self.m_ctx[c].apply(acc[e]) + i64::from(self.z_c[c]));
-                    }
-                }
+                let v: Vec<i32> =
+                    (0..n).flat_map(|i| part(2, i)).map(|&x| i32::from(x) - self.z).collect();
+                // Σ_j (v − z)·2^(K − k) ≤ 255 · 2^K · N: i32 holds it for K = 15 and N < 257
+                // (4-bit LIS on ViT's 197 tokens), i64 otherwise (|.| < 2^50).
+                let out = if (255i64 << self.k_max) * (n as i64) < i64::from(i32::MAX) {
+                    self.context::<i32>(&k_codes, &v, n, h, hd)
+                } else {
+                    self.context::<i64>(&k_codes, &v, n, h, hd)
+                };
                 (out, mm + t.elapsed(), sm)
             })
             .collect();
@@ -666,17 +698,58 @@ impl Attention {
         }
         out
     }
+
+    /// One head's `attn · v`, `Σ_j (v − z) << (K − k_ij)` in accumulators of type `A` (the caller
+    /// checks the bound), requantized onto the context site.
+    fn context<A>(&self, k_codes: &[u16], v: &[i32], n: usize, h: usize, hd: usize) -> Vec<u8>
+    where
+        A: Copy
+            + Default
+            + From<i32>
+            + Into<i64>
+            + std::ops::AddAssign
+            + std::ops::Shl<u32, Output = A>,
+    {
+        let mut out = vec![0u8; n * hd];
+        let mut acc = vec![A::default(); hd];
+        for i in 0..n {
+            acc.fill(A::default());
+            for j in 0..n {
+                let kc = u32::from(k_codes[i * n + j]);
+                if kc > self.k_max {
+                    continue;
+                }
+                let shift = self.k_max - kc;
+                for (a, &vv) in acc.iter_mut().zip(&v[j * hd..][..hd]) {
+                    *a += A::from(vv) << shift;
+                }
+            }
+            for (e, &a) in acc.iter().enumerate() {
+                let c = h * hd + e;
+                out[i * hd + e] = clamp_u8(self.m_ctx[c].apply(a.into()) + i64::from(self.z_c[c]));
+            }
+        }
+        out
+    }
+}
+
+/// The program's wiring: what each op reads, the last op to read each value, each op's site.
+pub(crate) struct Run<'a> {
+    pub(crate) inputs: &'a [Vec<usize>],
+    pub(crate) last_use: &'a [usize],
+    pub(crate) sites: &'a [Option<String>],
 }
 
 /// Runs the compiled ops on `pixels` `(B, 3, size, size)`.
 pub(crate) fn execute(
     ops: &[Compiled],
-    inputs: &[Vec<usize>],
-    last_use: &[usize],
+    run: &Run<'_>,
     pixels: Vec<u8>,
     size: usize,
     timings: &mut Timings,
+    mut observer: Option<&mut dyn crate::Observer>,
 ) -> Result<Vec<f32>> {
+    let Run { inputs, last_use, sites } = *run;
     let batch = pixels.len() / (3 * size * size);
     let mut vals: Vec<Option<Val>> = Vec::with_capacity(ops.len());
     let mut pixels = Some(pixels);
@@ -795,6 +868,20 @@ pub(crate) fn execute(
                     .collect();
                 (Val::Logits(logits), 1)
             }
+        };
+        let val = match (val, &sites[i], observer.as_deref_mut()) {
+            (Val::Codes(c), Some(site), Some(obs)) => match obs.codes(i, site, &c) {
+                Some(r) if r.len() == c.len() => Val::Codes(r),
+                Some(r) => {
+                    return Err(Error::Input(format!(
+                        "the observer replaced {} codes of op {i} ({site}) with {}",
+                        c.len(),
+                        r.len()
+                    )));
+                }
+                None => Val::Codes(c),
+            },
+            (val, ..) => val,
         };
         vals.push(Some(val));
         rows_of.push(rows);

@@ -46,22 +46,19 @@ impl Dyadic {
     }
 }
 
-/// `round_half_even(v / 2^shift)` for `shift ≥ 1`, exactly.
+/// `round_half_even(v / 2^shift)` for `1 ≤ shift ≤ 126` and `|v| < 2^125`, exactly, without
+/// branches: with `v = k·2^shift + r` (`0 ≤ r < 2^shift`, arithmetic shifts floor),
+/// `r + 2^(shift−1) − 1 + (k & 1)` carries into `k` exactly when `r` is above half, or at half
+/// with `k` odd.
 #[inline(always)]
 pub fn round_shift(v: i128, shift: u32) -> i128 {
-    let q = v >> shift;
-    let rem = v - (q << shift);
-    let half = 1i128 << (shift - 1);
-    q + i128::from(rem > half || (rem == half && q & 1 == 1))
+    (v + ((1i128 << (shift - 1)) - 1) + ((v >> shift) & 1)) >> shift
 }
 
-/// `round_half_even(v / 2^shift)` on i64, `1 ≤ shift ≤ 62`.
+/// [`round_shift`] on i64, `1 ≤ shift ≤ 62`, `|v| < 2^62`.
 #[inline(always)]
 pub fn round_shift_i64(v: i64, shift: u32) -> i64 {
-    let q = v >> shift;
-    let rem = v - (q << shift);
-    let half = 1i64 << (shift - 1);
-    q + i64::from(rem > half || (rem == half && q & 1 == 1))
+    (v + ((1i64 << (shift - 1)) - 1) + ((v >> shift) & 1)) >> shift
 }
 
 #[cfg(test)]
@@ -89,7 +86,31 @@ mod tests {
         assert_eq!((one.m, one.shift), (1 << 30, 30));
     }
 
+    /// The branch-free rounding equals the definition: floor, then up above half or at half
+    /// with an odd floor.
+    fn by_definition(v: i128, shift: u32) -> i128 {
+        let q = v >> shift;
+        let rem = v - (q << shift);
+        let half = 1i128 << (shift - 1);
+        q + i128::from(rem > half || (rem == half && q & 1 == 1))
+    }
+
     proptest! {
+        #[test]
+        fn round_shift_is_round_half_even(v in -(1i128 << 100)..(1i128 << 100), shift in 1u32..=100) {
+            prop_assert_eq!(round_shift(v, shift), by_definition(v, shift));
+        }
+
+        #[test]
+        fn round_shift_rounds_ties_to_even(k in -(1i64 << 40)..(1i64 << 40), shift in 1u32..=20) {
+            for r in [-1i64, 0, 1] {
+                let v = (k << shift) + (1i64 << (shift - 1)) + r;
+                let want = by_definition(i128::from(v), shift) as i64;
+                prop_assert_eq!(round_shift_i64(v, shift), want);
+                prop_assert_eq!(round_shift(i128::from(v), shift) as i64, want);
+            }
+        }
+
         /// The product rounds like the real product, except within the mantissa's relative
         /// error 2^-31 of a tie (checked by a looser/tighter pair of bounds).
         #[test]

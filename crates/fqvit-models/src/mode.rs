@@ -15,6 +15,10 @@ pub struct QuantOptions {
     pub lis_bits: Option<u32>,
     /// The integer LayerNorm's square root: libtorch's (the original's) or correctly rounded.
     pub std_sqrt: fqvit_tensor::StdSqrt,
+    /// What Log-Int-Softmax reads in the quantized forward: `X/S` in float32 (the original's)
+    /// or rounded to the integer codes (what the integer engine reads). Calibration's last
+    /// batch, on float logits, always takes the original's.
+    pub lis_input: fqvit_tensor::LisInput,
     /// Sites left in float (none in the original): an activation site is the identity, a
     /// weight keeps its float values, and a LayerNorm or Log-Int-Softmax whose own site is
     /// float runs in float. Attention scores left in float still enter Log-Int-Softmax, which

@@ -14,6 +14,32 @@ use rayon::prelude::*;
 use crate::softmax::LisConstants;
 use crate::softmax::reference::N;
 
+/// What Log-Int-Softmax computes on: the original divides the fake-quantized logits by their
+/// scale in float32 and does not round (spec §12.5), so `X/S` can lie an ulp off the integer
+/// `q − z` and the floors of its integer exponential flip wherever `x` is an exact multiple of
+/// `I0`; an integer implementation reads `q − z` itself.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum LisInput {
+    /// `X/S` in float32, as the original.
+    #[default]
+    Float,
+    /// `X/S` rounded half to even: the integer codes an integer engine reads.
+    Rounded,
+}
+
+impl LisInput {
+    #[inline(always)]
+    fn grid(self, x: f32, s: f32) -> f32 {
+        match self {
+            LisInput::Float => x / s,
+            LisInput::Rounded => (x / s).round_ties_even(),
+        }
+    }
+}
+
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 15;
 
@@ -162,19 +188,19 @@ impl pulp::WithSimd for Dequantize<'_> {
 
 /// The integer exponential of Log-Int-Softmax per row: `e_j = max(⌊z·2^(30−q)⌋, 0)` of
 /// `x_j = X_j/S − max_k X_k/S`, in the original's float32 steps
-/// (`fqvit_ops::softmax::reference::int_exp_f32`).
+/// (`fqvit_ops::softmax::reference::int_exp_f32`), with `X/S` as `input` says.
 ///
 /// # Panics
 /// If the lengths differ or are not whole rows, or `S` is not positive and finite.
 #[track_caller]
-pub fn lis_exp_rows(logits: &[f32], row_len: usize, scale: f32, e: &mut [f32]) {
+pub fn lis_exp_rows(logits: &[f32], row_len: usize, scale: f32, input: LisInput, e: &mut [f32]) {
     assert_eq!(logits.len(), e.len(), "lis_exp_rows: input and output lengths differ");
     assert!(row_len > 0 && logits.len().is_multiple_of(row_len), "lis_exp_rows: rows of {row_len}");
     let k = LisConstants::new(scale);
     let chunk = CHUNK.div_ceil(row_len) * row_len;
     let arch = pulp::Arch::new();
     logits.par_chunks(chunk).zip(e.par_chunks_mut(chunk)).for_each(|(rows, e)| {
-        arch.dispatch(ExpRows { rows, row_len, scale, k: &k, e });
+        arch.dispatch(ExpRows { rows, row_len, scale, input, k: &k, e });
     });
 }
 
@@ -182,6 +208,7 @@ struct ExpRows<'a> {
     rows: &'a [f32],
     row_len: usize,
     scale: f32,
+    input: LisInput,
     k: &'a LisConstants,
     e: &'a mut [f32],
 }
@@ -198,9 +225,10 @@ impl pulp::WithSimd for ExpRows<'_> {
             self.rows.chunks_exact(self.row_len).zip(self.e.chunks_exact_mut(self.row_len))
         {
             // x = X/S first, as the original (the division is repeated: it is exact IEEE).
-            let max = row.iter().map(|&x| x / s).fold(f32::NEG_INFINITY, f32::max);
+            let grid = |x: f32| self.input.grid(x, s);
+            let max = row.iter().map(|&x| grid(x)).fold(f32::NEG_INFINITY, f32::max);
             for (ej, &x) in e.iter_mut().zip(row) {
-                let x = (x / s - max).max(clip);
+                let x = (grid(x) - max).max(clip);
                 let q = (x / i0).floor();
                 let r = x - q * i0;
                 let z = (r + ib) * r + ic;
@@ -296,13 +324,21 @@ mod tests {
                     })
                     .collect();
                 let mut e = vec![0f32; logits.len()];
-                lis_exp_rows(&logits, row_len, scale, &mut e);
+                lis_exp_rows(&logits, row_len, scale, LisInput::Float, &mut e);
+                let mut rounded = vec![0f32; logits.len()];
+                lis_exp_rows(&logits, row_len, scale, LisInput::Rounded, &mut rounded);
                 let k = LisConstants::new(scale);
                 let mut sums = Vec::new();
                 for (row, er) in logits.chunks(row_len).zip(e.chunks(row_len)) {
                     let max = row.iter().map(|&x| x / scale).fold(f32::NEG_INFINITY, f32::max);
                     for (&x, &ej) in row.iter().zip(er) {
                         assert_eq!(ej.to_bits(), int_exp_f32(x / scale - max, &k).to_bits());
+                    }
+                    let round = |x: f32| (x / scale).round_ties_even();
+                    let max = row.iter().map(|&x| round(x)).fold(f32::NEG_INFINITY, f32::max);
+                    let er = &rounded[sums.len() * row_len..][..row_len];
+                    for (&x, &ej) in row.iter().zip(er) {
+                        assert_eq!(ej.to_bits(), int_exp_f32(round(x) - max, &k).to_bits());
                     }
                     sums.push(er.iter().sum::<f32>());
                 }

@@ -14,6 +14,7 @@ mod layer_norm;
 mod lis;
 mod quantizer;
 
+pub use fqvit_ops::float::LisInput;
 pub use layer_norm::{IntLayerNorm, LayerNormInput, MAX_CHANNELS, StdSqrt};
 pub use lis::LogIntSoftmax;
 pub use quantizer::{Axis, Quantizer};

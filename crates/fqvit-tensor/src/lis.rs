@@ -1,5 +1,6 @@
 //! Log-Int-Softmax on float logits (spec §7), the original's `QIntSoftmax` with `log_i_softmax`.
 
+use fqvit_ops::float::LisInput;
 use fqvit_ops::softmax::LisConstants;
 use fqvit_ops::softmax::reference::N;
 use tch::{Device, Kind, Tensor};
@@ -17,6 +18,7 @@ pub struct LogIntSoftmax {
     i0: Tensor,
     constants: LisConstants,
     bits: u32,
+    input: LisInput,
 }
 
 impl LogIntSoftmax {
@@ -35,7 +37,13 @@ impl LogIntSoftmax {
             i0: Tensor::from_slice(&[constants.i0 as f32]).to_device(device),
             constants,
             bits,
+            input: LisInput::Float,
         }
+    }
+
+    /// The same LIS reading `X/S` as `input` says (the original: float, unrounded).
+    pub fn with_input(self, input: LisInput) -> Self {
+        LogIntSoftmax { input, ..self }
     }
 
     /// The scale it was made with.
@@ -56,7 +64,7 @@ impl LogIntSoftmax {
         let row_len = row_len as usize;
         let scale = self.constants_scale;
         let mut e = crate::cpu::Owned::zeros(&size);
-        fqvit_ops::float::lis_exp_rows(x, row_len, scale, e.as_mut_slice());
+        fqvit_ops::float::lis_exp_rows(x, row_len, scale, self.input, e.as_mut_slice());
         let sums = e.tensor().sum_dim_intlist([-1i64].as_slice(), false, Kind::Float);
         let sums = crate::cpu::slice(&sums).expect("a new float32 CPU tensor is contiguous");
         fqvit_ops::float::lis_powers(e.as_mut_slice(), sums, row_len, self.bits);
@@ -70,6 +78,9 @@ impl LogIntSoftmax {
         let n = f64::from(N);
         // int_exp: x = X/S − max, clipped at n·I0; q = ⌊x/I0⌋, r = x − I0·q.
         let mut x = xs.to_kind(Kind::Float) / &self.scale;
+        if self.input == LisInput::Rounded {
+            let _ = x.round_();
+        }
         let _ = x.g_sub_(&x.amax([-1i64].as_slice(), true));
         let _ = x.clamp_min_(n * i0);
         let mut q = (&x / &self.i0).floor_();

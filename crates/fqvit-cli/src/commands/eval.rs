@@ -118,9 +118,10 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
         (None, None, None)
     };
     let runner = match (&engine, &quantized) {
-        (Some(engine), _) => Runner::Engine(engine),
+        (Some(engine), Some(sim)) => Runner::Engine { engine, sim },
         (None, Some(q)) => Runner::Model(Mode::quantized(q)),
         (None, None) => Runner::Model(Mode::Float),
+        (Some(_), None) => unreachable!("the engine runs a quantized model"),
     };
     finish_eval(
         &args,
@@ -173,8 +174,75 @@ pub(crate) fn engine_via_artifact(
 enum Runner<'a> {
     /// The tch model in a mode.
     Model(Mode<'a>),
-    /// The integer engine.
-    Engine(&'a Engine),
+    /// The integer engine, and the simulation it is compared with (`--site-agreement`).
+    Engine { engine: &'a Engine, sim: &'a Quantized },
+}
+
+/// `--site-agreement N`: per-site and per-class agreement of the engine with the simulation on
+/// the first `n` images of `val`, free-running and forced; the classes are printed.
+fn site_agreement(
+    loaded: &Loaded,
+    engine: &Engine,
+    sim: &Quantized,
+    val: &ImageFolder,
+    n: usize,
+    opts: &EvalOptions,
+) -> Result<serde_json::Value> {
+    use fqvit_calib::agreement::{Agreement, accumulate, by_class};
+    let mut first = val.clone();
+    first.truncate(n);
+    let (mut free, mut forced): (Vec<Agreement>, Vec<Agreement>) = (Vec::new(), Vec::new());
+    let bar = progress(first.samples().len(), "site agreement");
+    let mut skipped = Vec::new();
+    let pp = loaded.model.preprocess();
+    fqvit_calib::data::for_each_batch(
+        &first,
+        &pp,
+        opts.batch_size,
+        Device::Cpu,
+        opts.bad_images,
+        &mut skipped,
+        |batch| {
+            let model = &*loaded.model;
+            let x = &batch.images;
+            accumulate(
+                &mut free,
+                &fqvit_calib::agreement::site_agreement(model, sim, engine, x, false)?,
+            );
+            accumulate(
+                &mut forced,
+                &fqvit_calib::agreement::site_agreement(model, sim, engine, x, true)?,
+            );
+            bar.inc(batch.samples.len() as u64);
+            Ok(())
+        },
+    )?;
+    bar.finish_and_clear();
+    let (free_c, forced_c) = (by_class(&free), by_class(&forced));
+    println!("site agreement on {} images (equal codes; max |Δcode|):", first.samples().len());
+    println!(
+        "{:<34} {:>5} {:>12} {:>16} {:>16}",
+        "site class", "sites", "codes", "free-running", "each op alone"
+    );
+    for (a, f) in free_c.iter().zip(&forced_c) {
+        println!(
+            "{:<34} {:>5} {:>12} {:>9.4} % {:>3} {:>9.4} % {:>3}",
+            a.site,
+            a.sites,
+            a.codes,
+            100.0 * a.fraction(),
+            a.max_delta,
+            100.0 * f.fraction(),
+            f.max_delta
+        );
+    }
+    Ok(json!({
+        "images": first.samples().len(),
+        "free_running": free,
+        "forced": forced,
+        "free_running_by_class": free_c,
+        "forced_by_class": forced_c,
+    }))
 }
 
 /// The engine's logits of a batch of normalized CPU images, as a tensor.
@@ -217,6 +285,9 @@ fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
     if !q.float_sites.is_empty() {
         exp.float_sites = q.float_sites.iter().copied().collect();
     }
+    if let Some(input) = q.lis_input {
+        exp.lis_input = input;
+    }
     if exp.float_sites.has(fqvit_models::SiteGroup::Weights) {
         anyhow::bail!(
             "--float-sites weights needs float weights, and a --qparams artifact carries int8 ones: calibrate instead (drop --qparams)"
@@ -233,7 +304,7 @@ fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
         EngineArg::Int => Some(Engine::load(path)?),
     };
     let runner = match &engine {
-        Some(e) => Runner::Engine(e),
+        Some(engine) => Runner::Engine { engine, sim: &quantized },
         None => Runner::Model(Mode::quantized(&quantized)),
     };
     let mut val = ImageFolder::open(&args.model.data, "val")?;
@@ -256,18 +327,28 @@ fn finish_eval(
     let opts = EvalOptions {
         batch_size: args.val_batchsize.max(1),
         // The engine runs on the CPU and reads the images there.
-        device: if matches!(runner, Runner::Engine(_)) { Device::Cpu } else { loaded.device },
+        device: if matches!(runner, Runner::Engine { .. }) { Device::Cpu } else { loaded.device },
         bad_images: if args.skip_bad { BadImages::Skip } else { BadImages::Fail },
         ties: match args.ties {
             TiesArg::Torch => Ties::Torch,
             TiesArg::LowerIndex => Ties::LowerIndex,
         },
     };
-    let engine = matches!(runner, Runner::Engine(_));
+    let engine = matches!(runner, Runner::Engine { .. });
+    if args.site_agreement.is_some() && !engine {
+        anyhow::bail!("--site-agreement compares the integer engine: add --engine int");
+    }
+    let mut agreement = None;
     let report = match runner {
         Runner::Model(mut mode) => evaluate(&*loaded.model, &mut mode, &val, &opts, &bar)?,
-        Runner::Engine(e) => {
-            evaluate_with(&loaded.model.preprocess(), &val, &opts, &bar, |x| engine_forward(e, x))?
+        Runner::Engine { engine: e, sim } => {
+            let report = evaluate_with(&loaded.model.preprocess(), &val, &opts, &bar, |x| {
+                engine_forward(e, x)
+            })?;
+            if let Some(n) = args.site_agreement {
+                agreement = Some(site_agreement(loaded, e, sim, &val, n, &opts)?);
+            }
+            report
         }
     };
     bar.finish_and_clear();
@@ -296,6 +377,7 @@ fn finish_eval(
             "calibration": calib,
             "eval_seconds": report.seconds,
             "predictions": report.predictions,
+            "site_agreement": agreement,
         });
         let text = serde_json::to_string_pretty(&value)?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;

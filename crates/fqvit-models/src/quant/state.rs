@@ -151,8 +151,10 @@ impl Quantized {
                     if let Some(bits) = options.lis_bits {
                         let wiring = s.wiring();
                         let p_in = table.require(wiring.in_site, &sites)?;
-                        softmaxes[s.out_site().index()] =
-                            Some(LogIntSoftmax::new(p_in.scale[0], bits, device));
+                        softmaxes[s.out_site().index()] = Some(
+                            LogIntSoftmax::new(p_in.scale[0], bits, device)
+                                .with_input(options.lis_input),
+                        );
                     }
                 }
                 _ => {}

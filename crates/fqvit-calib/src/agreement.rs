@@ -1,0 +1,167 @@
+//! The integer engine against the simulation, site by site: the codes each engine op puts on
+//! its site, compared with the codes the simulation's fake quantizer puts there, on the same
+//! images. Free-running, each side computes from its own earlier codes, so differences add up
+//! along the network; forced, each engine op reads the simulation's codes, so every op is
+//! judged alone.
+
+use std::collections::{BTreeMap, HashMap};
+
+use fqvit_engine::{Engine, Images, Observer};
+use fqvit_models::{Classifier, Mode, Probe, Quantized, TensorClass};
+use fqvit_tensor::{Axis, Quantizer};
+use tch::{Kind, Tensor};
+
+use crate::{Error, Result};
+
+/// One site's codes: how many, how many equal, the largest difference.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Agreement {
+    /// The site (dotted name), or for a class the name with block indices as `*`.
+    pub site: String,
+    /// Sites summed (1 for a site).
+    pub sites: usize,
+    /// Codes compared.
+    pub codes: usize,
+    /// Codes equal.
+    pub equal: usize,
+    /// max |engine − simulation|.
+    pub max_delta: u8,
+}
+
+impl Agreement {
+    /// The fraction of equal codes.
+    pub fn fraction(&self) -> f64 {
+        self.equal as f64 / self.codes.max(1) as f64
+    }
+
+    fn add(&mut self, other: &Agreement) {
+        self.sites += other.sites;
+        self.codes += other.codes;
+        self.equal += other.equal;
+        self.max_delta = self.max_delta.max(other.max_delta);
+    }
+}
+
+/// Adds a batch's per-site agreement to the sums so far (both in program order).
+pub fn accumulate(sums: &mut Vec<Agreement>, batch: &[Agreement]) {
+    if sums.is_empty() {
+        sums.extend_from_slice(batch);
+        return;
+    }
+    for (s, b) in sums.iter_mut().zip(batch) {
+        debug_assert_eq!(s.site, b.site, "the same program each batch");
+        let sites = s.sites;
+        s.add(b);
+        s.sites = sites;
+    }
+}
+
+/// Collects the simulation's codes at every activation site, by the original's module name.
+struct SimCodes<'a> {
+    quantizers: HashMap<String, (String, Quantizer)>,
+    codes: &'a mut HashMap<String, Vec<u8>>,
+}
+
+impl Probe for SimCodes<'_> {
+    fn input(&mut self, _: &str, _: usize, _: &Tensor) -> Option<Tensor> {
+        None
+    }
+
+    fn output(&mut self, module: &str, ys: &Tensor) -> Option<Tensor> {
+        if let Some((site, q)) = self.quantizers.get(module) {
+            let c = q.codes(ys).to_kind(Kind::Uint8).contiguous().view(-1);
+            self.codes.insert(site.clone(), Vec::<u8>::try_from(&c).expect("u8 codes"));
+        }
+        None
+    }
+}
+
+/// Compares the simulation's codes with the engine's.
+struct Compare<'a> {
+    sim: &'a HashMap<String, Vec<u8>>,
+    forced: bool,
+    out: Vec<Agreement>,
+    /// Engine sites the simulation has no codes of that length for.
+    missing: Vec<String>,
+}
+
+impl Observer for Compare<'_> {
+    fn codes(&mut self, _: usize, site: &str, codes: &[u8]) -> Option<Vec<u8>> {
+        let Some(sim) = self.sim.get(site).filter(|s| s.len() == codes.len()) else {
+            self.missing.push(site.to_owned());
+            return None;
+        };
+        let (mut equal, mut max_delta) = (0, 0);
+        for (a, b) in sim.iter().zip(codes) {
+            let d = a.abs_diff(*b);
+            equal += usize::from(d == 0);
+            max_delta = max_delta.max(d);
+        }
+        self.out.push(Agreement {
+            site: site.to_owned(),
+            sites: 1,
+            codes: codes.len(),
+            equal,
+            max_delta,
+        });
+        self.forced.then(|| sim.clone())
+    }
+}
+
+/// Per-site agreement of `engine` with the simulation `quantized` of `model` on normalized CPU
+/// `images` `(B, 3, H, W)`, in program order; `forced` feeds each engine op the simulation's
+/// codes. Sites the simulation quantizes inside an engine op (attention scores, the embedding's
+/// summands) are not compared.
+pub fn site_agreement(
+    model: &dyn Classifier,
+    quantized: &Quantized,
+    engine: &Engine,
+    images: &Tensor,
+    forced: bool,
+) -> Result<Vec<Agreement>> {
+    let quantizers = model
+        .sites()
+        .iter()
+        .filter(|(_, s)| s.class != TensorClass::Weight)
+        .filter_map(|(id, s)| {
+            let p = quantized.table().get(id)?;
+            let q = Quantizer::new(p, Axis::Last, images.device());
+            Some((s.original.clone(), (s.name.clone(), q)))
+        })
+        .collect();
+    let mut sim = HashMap::new();
+    let mut probe = SimCodes { quantizers, codes: &mut sim };
+    let _ = tch::no_grad(|| {
+        model.forward(images, &mut Mode::Quantized { state: quantized, probe: Some(&mut probe) })
+    });
+    let x = Vec::<f32>::try_from(images.to_kind(Kind::Float).contiguous().view(-1))?;
+    let mut compare = Compare { sim: &sim, forced, out: Vec::new(), missing: Vec::new() };
+    engine.run_observed(Images::Normalized(&x), &mut compare).map_err(Error::Engine)?;
+    if !compare.missing.is_empty() {
+        return Err(Error::Settings(format!(
+            "the simulation has no codes of the engine's shape at sites {:?}: the program and the forward disagree",
+            compare.missing
+        )));
+    }
+    Ok(compare.out)
+}
+
+/// Sites summed by class: the name with every block index written `*` (`blocks.*.mlp.qact1`).
+pub fn by_class(sites: &[Agreement]) -> Vec<Agreement> {
+    let mut order = Vec::new();
+    let mut classes: BTreeMap<String, Agreement> = BTreeMap::new();
+    for a in sites {
+        let class = a
+            .site
+            .split('.')
+            .map(|part| if part.bytes().all(|b| b.is_ascii_digit()) { "*" } else { part })
+            .collect::<Vec<_>>()
+            .join(".");
+        let e = classes.entry(class.clone()).or_insert_with(|| {
+            order.push(class.clone());
+            Agreement { site: class, sites: 0, codes: 0, equal: 0, max_delta: 0 }
+        });
+        e.add(a);
+    }
+    order.into_iter().map(|c| classes.remove(&c).expect("each class once")).collect()
+}
