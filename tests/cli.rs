@@ -109,6 +109,15 @@ fn contradictory_or_unknown_flags_are_refused_with_a_clear_message() {
         "invalid value 'round' for '--layer-norm-sqrt",
     );
     fails_with(&with(&["--quant", "--attn-bits", "3"]), "invalid value '3' for '--attn-bits");
+    fails_with(&with(&["--lis-input", "rounded"]), "--lis-input needs --quant");
+    fails_with(
+        &with(&["--quant", "--lis-input", "floor"]),
+        "invalid value 'floor' for '--lis-input",
+    );
+    fails_with(
+        &with(&["--quant", "--ptf", "--lis", "--site-agreement", "4"]),
+        "--site-agreement compares the integer engine with the simulation: add --engine int",
+    );
     fails_with(&with(&["--frobnicate"]), "unexpected argument '--frobnicate'");
     fails_with(
         &["eval", "vit_huge", &s, "--weights-dir", &w],
@@ -320,6 +329,41 @@ fn quantize_then_eval_qparams_round_trips() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v = read_json(&json);
     assert_eq!(v["experiment"]["float-sites"], serde_json::json!(["mlp-out"]));
+
+    // The integer engine on the same artifact, compared with the simulation site by site.
+    let ptf_lis = dir.path().join("ptf_lis.safetensors");
+    let o = cli(&[
+        "eval",
+        "vit_tiny",
+        &sample(),
+        "--qparams",
+        ptf_lis.to_str().unwrap(),
+        "--engine",
+        "int",
+        "--lis-input",
+        "rounded",
+        "--limit",
+        "2",
+        "--site-agreement",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("site agreement on 2 images"), "{stdout}");
+    let v = read_json(&json);
+    assert_eq!(v["engine"], "int");
+    assert_eq!(v["experiment"]["lis-input"], "rounded");
+    let agreement = &v["site_agreement"];
+    // Patches, embedding, 12 × 9 block sites, the final LayerNorm, the logits.
+    assert_eq!(agreement["forced"].as_array().unwrap().len(), 112);
+    assert_eq!(agreement["free_running"].as_array().unwrap().len(), 112);
+    for class in agreement["forced_by_class"].as_array().unwrap() {
+        let equal = class["equal"].as_f64().unwrap() / class["codes"].as_f64().unwrap();
+        // Each op alone flips about 10^-5 of the codes (crates/fqvit-engine/README.md).
+        assert!(equal >= 0.999, "{class}");
+    }
 }
 
 /// `convert` on a ViT AugReg `.npz` built from the shared ViT-Tiny (Google's names and

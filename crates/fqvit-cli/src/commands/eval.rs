@@ -78,6 +78,11 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     if let Some(path) = &args.json {
         crate::output::check_writable(path, "--json")?;
     }
+    if args.site_agreement.is_some() && args.engine != EngineArg::Int {
+        anyhow::bail!(
+            "--site-agreement compares the integer engine with the simulation: add --engine int"
+        );
+    }
     if let Some(path) = &args.qparams {
         return eval_artifact(&args, path);
     }
@@ -335,9 +340,6 @@ fn finish_eval(
         },
     };
     let engine = matches!(runner, Runner::Engine { .. });
-    if args.site_agreement.is_some() && !engine {
-        anyhow::bail!("--site-agreement compares the integer engine: add --engine int");
-    }
     let mut agreement = None;
     let report = match runner {
         Runner::Model(mut mode) => evaluate(&*loaded.model, &mut mode, &val, &opts, &bar)?,
