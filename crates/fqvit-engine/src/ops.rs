@@ -570,7 +570,7 @@ fn dense(
         let steps = f64::from(b[j]) / acc_scale;
         let zp_term = i128::from(input.zp_num) * i128::from(w.row_sums[j]);
         let bias16 = (steps * 65536.0).round_ties_even();
-        if !(bias16.abs() < 2f64.powi(100)) {
+        if bias16.is_nan() || bias16.abs() >= 2f64.powi(100) {
             return Err(err(format!("{layer}.bias[{j}]: {} is {steps:e} accumulator steps", b[j])));
         }
         let cj = crate::requant::round_shift(bias16 as i128 * i128::from(d.m), 16)
