@@ -44,6 +44,14 @@ impl Dyadic {
     pub fn apply(self, v: i64) -> i64 {
         round_shift(i128::from(v) * i128::from(self.m), self.shift) as i64
     }
+
+    /// [`apply`](Self::apply) in i64 alone, for `|v| < 2^31` (then `|v·m| < 2^62`) and
+    /// `shift ≤ 62`; the caller guarantees both.
+    #[inline(always)]
+    pub fn apply_small(self, v: i64) -> i64 {
+        debug_assert!(v.abs() < 1 << 31 && self.shift <= 62);
+        round_shift_i64(v * self.m, self.shift)
+    }
 }
 
 /// `round_half_even(v / 2^shift)` for `1 ≤ shift ≤ 126` and `|v| < 2^125`, exactly, without
@@ -96,6 +104,13 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn apply_small_equals_apply(v in -(1i64 << 31) + 1..(1i64 << 31), r in 1e-9f64..1e3) {
+            let d = Dyadic::new(r).unwrap();
+            prop_assume!(d.shift <= 62);
+            prop_assert_eq!(d.apply_small(v), d.apply(v));
+        }
+
         #[test]
         fn round_shift_is_round_half_even(v in -(1i128 << 100)..(1i128 << 100), shift in 1u32..=100) {
             prop_assert_eq!(round_shift(v, shift), by_definition(v, shift));
