@@ -579,16 +579,21 @@ fn bench_table_resumes_after_a_kill_and_each_cell_equals_a_plain_eval() {
         let cell_args: Vec<&str> =
             r["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
         assert_eq!(&cell_args[..flags.len()], flags, "row {row} runs the published flags");
-        // The same flags through a plain eval give the same per-image predictions.
+        let cell = read_json(std::path::Path::new(r["result_json"].as_str().unwrap()));
+        assert_eq!(cell["top1"], r["top1"]);
+        // The same flags through a plain eval give the same per-image predictions: checked for
+        // the float row and the paper's row (each eval costs CI time; every row's flags are
+        // checked above).
+        if !["fp32", "ours-8-8-4"].contains(&row) {
+            continue;
+        }
         let plain = out.path().join(format!("plain-{row}.json"));
         let mut eval = vec!["eval", "vit_tiny", &s, "--weights-dir", &w];
         eval.extend(&cell_args);
         eval.extend(["--json", plain.to_str().unwrap()]);
         let o = cli(&eval);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let cell = read_json(std::path::Path::new(r["result_json"].as_str().unwrap()));
         assert_eq!(cell["predictions"], read_json(&plain)["predictions"], "row {row}");
-        assert_eq!(cell["top1"], r["top1"]);
     }
     let render =
         bench_table(&["render", "--models", "vit_tiny", "--out", &out_dir], &[]).output().unwrap();
