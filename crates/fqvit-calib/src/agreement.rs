@@ -165,3 +165,25 @@ pub fn by_class(sites: &[Agreement]) -> Vec<Agreement> {
     }
     order.into_iter().map(|c| classes.remove(&c).expect("each class once")).collect()
 }
+
+/// The two comparisons by site class as a text table: codes, then the fraction equal and the
+/// largest difference free-running and with each op fed the simulation's codes.
+pub fn render(free: &[Agreement], forced: &[Agreement]) -> String {
+    let mut out = format!(
+        "{:<34} {:>5} {:>12} {:>16} {:>16}\n",
+        "site class", "sites", "codes", "free-running", "each op alone"
+    );
+    for (a, f) in by_class(free).iter().zip(&by_class(forced)) {
+        out += &format!(
+            "{:<34} {:>5} {:>12} {:>9.4} % {:>3} {:>9.4} % {:>3}\n",
+            a.site,
+            a.sites,
+            a.codes,
+            100.0 * a.fraction(),
+            a.max_delta,
+            100.0 * f.fraction(),
+            f.max_delta
+        );
+    }
+    out
+}

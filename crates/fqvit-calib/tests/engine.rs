@@ -189,7 +189,7 @@ fn bad_artifacts_and_inputs_are_refused_by_name() {
 /// factor of two. Free-running, the differences add up along the network (printed).
 #[test]
 fn each_engine_op_follows_the_simulation_on_the_simulations_codes() {
-    use fqvit_calib::agreement::{by_class, site_agreement};
+    use fqvit_calib::agreement::{render, site_agreement};
     let dir = tempfile::tempdir().unwrap();
     for (input_quant, heads) in [(true, 2), (false, 4)] {
         let c = calibrated_heads(dir.path(), input_quant, heads, integer_twin());
@@ -202,18 +202,7 @@ fn each_engine_op_follows_the_simulation_on_the_simulations_codes() {
         // final LayerNorm and the logits.
         assert_eq!(forced.len(), usize::from(input_quant) + 2 + 2 * 9 + 2);
         assert_eq!(free.len(), forced.len());
-        eprintln!("input_quant {input_quant}, {heads} heads: site class, forced, free-running");
-        for (f, r) in by_class(&forced).iter().zip(by_class(&free)) {
-            eprintln!(
-                "  {:<24} {:>6} codes  {:>8.4} % ≤{}  {:>8.4} % ≤{}",
-                f.site,
-                f.codes,
-                100.0 * f.fraction(),
-                f.max_delta,
-                100.0 * r.fraction(),
-                r.max_delta
-            );
-        }
+        eprintln!("input_quant {input_quant}, {heads} heads:\n{}", render(&free, &forced));
         // About 10^-5 of the codes flip on ViT-Tiny (the float32 GEMMs' roundoff); 10^-3 leaves
         // room for other CPUs' summation orders.
         for a in &forced {

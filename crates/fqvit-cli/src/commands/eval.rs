@@ -193,7 +193,7 @@ fn site_agreement(
     n: usize,
     opts: &EvalOptions,
 ) -> Result<serde_json::Value> {
-    use fqvit_calib::agreement::{Agreement, accumulate, by_class};
+    use fqvit_calib::agreement::{Agreement, accumulate, by_class, render};
     let mut first = val.clone();
     first.truncate(n);
     let (mut free, mut forced): (Vec<Agreement>, Vec<Agreement>) = (Vec::new(), Vec::new());
@@ -223,30 +223,14 @@ fn site_agreement(
         },
     )?;
     bar.finish_and_clear();
-    let (free_c, forced_c) = (by_class(&free), by_class(&forced));
     println!("site agreement on {} images (equal codes; max |Δcode|):", first.samples().len());
-    println!(
-        "{:<34} {:>5} {:>12} {:>16} {:>16}",
-        "site class", "sites", "codes", "free-running", "each op alone"
-    );
-    for (a, f) in free_c.iter().zip(&forced_c) {
-        println!(
-            "{:<34} {:>5} {:>12} {:>9.4} % {:>3} {:>9.4} % {:>3}",
-            a.site,
-            a.sites,
-            a.codes,
-            100.0 * a.fraction(),
-            a.max_delta,
-            100.0 * f.fraction(),
-            f.max_delta
-        );
-    }
+    print!("{}", render(&free, &forced));
     Ok(json!({
         "images": first.samples().len(),
         "free_running": free,
         "forced": forced,
-        "free_running_by_class": free_c,
-        "forced_by_class": forced_c,
+        "free_running_by_class": by_class(&free),
+        "forced_by_class": by_class(&forced),
     }))
 }
 
