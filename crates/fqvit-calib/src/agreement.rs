@@ -34,43 +34,57 @@ impl Agreement {
         self.equal as f64 / self.codes.max(1) as f64
     }
 
-    fn add(&mut self, other: &Agreement) {
-        self.sites += other.sites;
+    /// Adds another count of the same site or class (`sites` is the caller's).
+    fn merge(&mut self, other: &Agreement) {
         self.codes += other.codes;
         self.equal += other.equal;
         self.max_delta = self.max_delta.max(other.max_delta);
     }
 }
 
-/// Adds a batch's per-site agreement to the sums so far (both in program order).
-pub fn accumulate(sums: &mut Vec<Agreement>, batch: &[Agreement]) {
-    if sums.is_empty() {
-        sums.extend_from_slice(batch);
-        return;
-    }
-    for (s, b) in sums.iter_mut().zip(batch) {
-        debug_assert_eq!(s.site, b.site, "the same program each batch");
-        let sites = s.sites;
-        s.add(b);
-        s.sites = sites;
+/// Both comparisons of one set of images, each per site in program order.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SiteAgreement {
+    /// Each side from its own earlier codes.
+    pub free_running: Vec<Agreement>,
+    /// Each engine op fed the simulation's codes.
+    pub forced: Vec<Agreement>,
+}
+
+impl SiteAgreement {
+    /// Adds another batch's counts (the same program, so the same sites in the same order).
+    pub fn accumulate(&mut self, batch: SiteAgreement) {
+        for (sums, batch) in
+            [(&mut self.free_running, batch.free_running), (&mut self.forced, batch.forced)]
+        {
+            if sums.is_empty() {
+                *sums = batch;
+                continue;
+            }
+            for (s, b) in sums.iter_mut().zip(&batch) {
+                debug_assert_eq!(s.site, b.site, "the same program each batch");
+                s.merge(b);
+            }
+        }
     }
 }
 
-/// Collects the simulation's codes at every activation site, by the original's module name.
-struct SimCodes<'a> {
-    quantizers: HashMap<String, (String, Quantizer)>,
-    codes: &'a mut HashMap<String, Vec<u8>>,
+/// Keeps the simulation's output at every activation site, by the original's module name;
+/// codes are taken afterwards, only for the sites the engine writes.
+struct SimOutputs<'a> {
+    /// Original module name → (site, its quantizer).
+    quantizers: &'a HashMap<String, (String, Quantizer)>,
+    outputs: HashMap<&'a str, (&'a Quantizer, Tensor)>,
 }
 
-impl Probe for SimCodes<'_> {
+impl Probe for SimOutputs<'_> {
     fn input(&mut self, _: &str, _: usize, _: &Tensor) -> Option<Tensor> {
         None
     }
 
     fn output(&mut self, module: &str, ys: &Tensor) -> Option<Tensor> {
         if let Some((site, q)) = self.quantizers.get(module) {
-            let c = q.codes(ys).to_kind(Kind::Uint8).contiguous().view(-1);
-            self.codes.insert(site.clone(), Vec::<u8>::try_from(&c).expect("u8 codes"));
+            self.outputs.insert(site, (q, ys.shallow_clone()));
         }
         None
     }
@@ -78,7 +92,7 @@ impl Probe for SimCodes<'_> {
 
 /// Compares the simulation's codes with the engine's.
 struct Compare<'a> {
-    sim: &'a HashMap<String, Vec<u8>>,
+    sim: &'a HashMap<&'a str, Vec<u8>>,
     forced: bool,
     out: Vec<Agreement>,
     /// Engine sites the simulation has no codes of that length for.
@@ -109,17 +123,16 @@ impl Observer for Compare<'_> {
 }
 
 /// Per-site agreement of `engine` with the simulation `quantized` of `model` on normalized CPU
-/// `images` `(B, 3, H, W)`, in program order; `forced` feeds each engine op the simulation's
-/// codes. Sites the simulation quantizes inside an engine op (attention scores, the embedding's
+/// `images` `(B, 3, H, W)`: one simulated forward, then the engine free-running and forced.
+/// Sites the simulation quantizes inside an engine op (attention scores, the embedding's
 /// summands) are not compared.
 pub fn site_agreement(
     model: &dyn Classifier,
     quantized: &Quantized,
     engine: &Engine,
     images: &Tensor,
-    forced: bool,
-) -> Result<Vec<Agreement>> {
-    let quantizers = model
+) -> Result<SiteAgreement> {
+    let quantizers: HashMap<String, (String, Quantizer)> = model
         .sites()
         .iter()
         .filter(|(_, s)| s.class != TensorClass::Weight)
@@ -129,21 +142,31 @@ pub fn site_agreement(
             Some((s.original.clone(), (s.name.clone(), q)))
         })
         .collect();
-    let mut sim = HashMap::new();
-    let mut probe = SimCodes { quantizers, codes: &mut sim };
+    let mut probe = SimOutputs { quantizers: &quantizers, outputs: HashMap::new() };
     let _ = tch::no_grad(|| {
         model.forward(images, &mut Mode::Quantized { state: quantized, probe: Some(&mut probe) })
     });
+    let sim: HashMap<&str, Vec<u8>> = engine
+        .sites()
+        .filter_map(|site| {
+            let (q, ys) = probe.outputs.get(site)?;
+            let c = q.codes(ys).to_kind(Kind::Uint8).contiguous().view(-1);
+            Some(Vec::<u8>::try_from(&c).map(|c| (site, c)))
+        })
+        .collect::<std::result::Result<_, _>>()?;
     let x = Vec::<f32>::try_from(images.to_kind(Kind::Float).contiguous().view(-1))?;
-    let mut compare = Compare { sim: &sim, forced, out: Vec::new(), missing: Vec::new() };
-    engine.run_observed(Images::Normalized(&x), &mut compare).map_err(Error::Engine)?;
-    if !compare.missing.is_empty() {
-        return Err(Error::Settings(format!(
-            "the simulation has no codes of the engine's shape at sites {:?}: the program and the forward disagree",
-            compare.missing
-        )));
-    }
-    Ok(compare.out)
+    let compare = |forced| -> Result<Vec<Agreement>> {
+        let mut compare = Compare { sim: &sim, forced, out: Vec::new(), missing: Vec::new() };
+        engine.run_observed(Images::Normalized(&x), &mut compare).map_err(Error::Engine)?;
+        if !compare.missing.is_empty() {
+            return Err(Error::Settings(format!(
+                "the simulation has no codes of the engine's shape at sites {:?}: the program and the forward disagree",
+                compare.missing
+            )));
+        }
+        Ok(compare.out)
+    };
+    Ok(SiteAgreement { free_running: compare(false)?, forced: compare(true)? })
 }
 
 /// Sites summed by class: the name with every block index written `*` (`blocks.*.mlp.qact1`).
@@ -161,7 +184,8 @@ pub fn by_class(sites: &[Agreement]) -> Vec<Agreement> {
             order.push(class.clone());
             Agreement { site: class, sites: 0, codes: 0, equal: 0, max_delta: 0 }
         });
-        e.add(a);
+        e.sites += a.sites;
+        e.merge(a);
     }
     order.into_iter().map(|c| classes.remove(&c).expect("each class once")).collect()
 }

@@ -133,6 +133,11 @@ impl Engine {
         self.size
     }
 
+    /// The sites the program writes codes on, in program order.
+    pub fn sites(&self) -> impl Iterator<Item = &str> {
+        self.sites.iter().flatten().map(String::as_str)
+    }
+
     /// Classes.
     pub fn classes(&self) -> usize {
         self.classes

@@ -193,10 +193,10 @@ fn site_agreement(
     n: usize,
     opts: &EvalOptions,
 ) -> Result<serde_json::Value> {
-    use fqvit_calib::agreement::{Agreement, accumulate, by_class, render};
+    use fqvit_calib::agreement::{SiteAgreement, by_class, render, site_agreement};
     let mut first = val.clone();
     first.truncate(n);
-    let (mut free, mut forced): (Vec<Agreement>, Vec<Agreement>) = (Vec::new(), Vec::new());
+    let mut sums = SiteAgreement::default();
     let bar = progress(first.samples().len(), "site agreement");
     let mut skipped = Vec::new();
     let pp = loaded.model.preprocess();
@@ -208,29 +208,21 @@ fn site_agreement(
         opts.bad_images,
         &mut skipped,
         |batch| {
-            let model = &*loaded.model;
-            let x = &batch.images;
-            accumulate(
-                &mut free,
-                &fqvit_calib::agreement::site_agreement(model, sim, engine, x, false)?,
-            );
-            accumulate(
-                &mut forced,
-                &fqvit_calib::agreement::site_agreement(model, sim, engine, x, true)?,
-            );
+            sums.accumulate(site_agreement(&*loaded.model, sim, engine, &batch.images)?);
             bar.inc(batch.samples.len() as u64);
             Ok(())
         },
     )?;
     bar.finish_and_clear();
     println!("site agreement on {} images (equal codes; max |Δcode|):", first.samples().len());
-    print!("{}", render(&free, &forced));
+    let SiteAgreement { free_running, forced } = &sums;
+    print!("{}", render(free_running, forced));
     Ok(json!({
         "images": first.samples().len(),
-        "free_running": free,
+        "free_running": free_running,
         "forced": forced,
-        "free_running_by_class": by_class(&free),
-        "forced_by_class": by_class(&forced),
+        "free_running_by_class": by_class(free_running),
+        "forced_by_class": by_class(forced),
     }))
 }
 
