@@ -1,9 +1,11 @@
 //! The qparams artifact: round trip, and each refusal (files built here).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use fqvit_calib::artifact::{self, CalibrationData, Expect, FORMAT_VERSION, Provenance};
+use fqvit_calib::artifact::{self, Expect, FORMAT_VERSION};
 use fqvit_calib::{Calibrator, Experiment};
 use fqvit_models::{Architecture, Mode, QParamTable, Quantizable, Quantized, vit};
 use tch::nn::VarStore;
@@ -42,23 +44,16 @@ fn calibrated(dir: &Path) -> (VarStore, vit::Vit, QParamTable, PathBuf, Experime
         });
     }
     let table = sink.freeze().unwrap();
-    let prov = Provenance {
-        format_version: FORMAT_VERSION,
-        fqvit_version: "test".into(),
-        created_unix: 0,
-        model: "tiny".into(),
-        architecture: Architecture::Vit(config()),
-        weights_sha256: "abc".into(),
-        experiment: exp,
-        calibration: CalibrationData {
-            data: "random".into(),
-            images: 8,
-            order: "sorted".into(),
-            seed: 0,
-        },
-        lis_bits: exp.quant_options().lis_bits,
-        sites: artifact::site_infos(&model, &table, &exp),
-    };
+    let prov = common::test_provenance(
+        &model,
+        "tiny",
+        Architecture::Vit(config()),
+        "abc",
+        &table,
+        exp,
+        8,
+        0,
+    );
     let path = dir.join("tiny.qparams.safetensors");
     artifact::write(&path, &model, &vs, &table, &prov).unwrap();
     (vs, model, table, path, exp)

@@ -1,9 +1,11 @@
 //! The integer engine (`fqvit-engine`) against the simulation, on random tiny DeiT and ViT
 //! models calibrated here (8/8/4, PTF, LIS) and written as artifacts, as `quantize` does.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
-use fqvit_calib::artifact::{self, CalibrationData, FORMAT_VERSION, Provenance};
+use fqvit_calib::artifact;
 use fqvit_calib::{Calibrator, Experiment};
 use fqvit_engine::{Engine, Error, Images};
 use fqvit_models::{Architecture, Mode, Quantizable, Quantized, vit};
@@ -74,23 +76,16 @@ fn calibrated_heads(dir: &Path, input_quant: bool, heads: i64, exp: Experiment) 
             tch::no_grad(|| model.forward(&x, &mut Mode::Calibrate { sink: &mut sink, options }));
     }
     let table = sink.freeze().unwrap();
-    let prov = Provenance {
-        format_version: FORMAT_VERSION,
-        fqvit_version: "test".into(),
-        created_unix: 0,
-        model: "tiny".into(),
-        architecture: Architecture::Vit(cfg),
-        weights_sha256: "random".into(),
-        experiment: exp,
-        calibration: CalibrationData {
-            data: "random".into(),
-            images: 16,
-            order: "sorted".into(),
-            seed: 0,
-        },
-        lis_bits: exp.quant_options().lis_bits,
-        sites: artifact::site_infos(&model, &table, &exp),
-    };
+    let prov = common::test_provenance(
+        &model,
+        "tiny",
+        Architecture::Vit(cfg),
+        "random",
+        &table,
+        exp,
+        16,
+        0,
+    );
     let path = dir.join(format!("tiny-{input_quant}-{heads}.safetensors"));
     artifact::write(&path, &model, &vs, &table, &prov).unwrap();
     let quantized = Quantized::new(&model, table, exp.quant_options()).unwrap();

@@ -2,10 +2,12 @@
 //! weights, no pretrained Swin is reachable here): calibration then `--ptf --lis` and plain
 //! evaluation run on the CPU, give finite logits, are deterministic, and stay close to float.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use fqvit_calib::artifact::{self, CalibrationData, Expect, FORMAT_VERSION, Provenance};
+use fqvit_calib::artifact::{self, Expect};
 use fqvit_calib::{Calibrator, Experiment};
 use fqvit_models::weights::load_strict;
 use fqvit_models::{Architecture, Mode, QParamTable, Quantizable, Quantized, swin};
@@ -108,23 +110,7 @@ fn swin_artifact_round_trips() {
     let exp = Experiment::default();
     let table = calibrate(&model, &exp, &batches(&input));
     let arch = Architecture::Swin(variant());
-    let prov = Provenance {
-        format_version: FORMAT_VERSION,
-        fqvit_version: "test".into(),
-        created_unix: 0,
-        model: "swin_variant".into(),
-        architecture: arch,
-        weights_sha256: "fixture".into(),
-        experiment: exp,
-        calibration: CalibrationData {
-            data: "random".into(),
-            images: 16,
-            order: "sorted".into(),
-            seed: 7,
-        },
-        lis_bits: exp.quant_options().lis_bits,
-        sites: artifact::site_infos(&model, &table, &exp),
-    };
+    let prov = common::test_provenance(&model, "swin_variant", arch, "fixture", &table, exp, 16, 7);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("swin.qparams.safetensors");
     artifact::write(&path, &model, &vs, &table, &prov).unwrap();

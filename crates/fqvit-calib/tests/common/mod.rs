@@ -70,3 +70,35 @@ pub fn golden_vit_tiny_table(model: &vit::Vit) -> fqvit_models::QParamTable {
     }
     table
 }
+
+/// The provenance of a test artifact of `model` calibrated on `images` random sorted images,
+/// as `fqvit-cli quantize` fills it.
+pub fn test_provenance(
+    model: &dyn fqvit_models::Quantizable,
+    name: &str,
+    architecture: fqvit_models::Architecture,
+    weights_sha256: &str,
+    table: &fqvit_models::QParamTable,
+    exp: fqvit_calib::Experiment,
+    images: usize,
+    seed: u64,
+) -> fqvit_calib::artifact::Provenance {
+    use fqvit_calib::artifact::{self, CalibrationData, FORMAT_VERSION, Provenance};
+    Provenance {
+        format_version: FORMAT_VERSION,
+        fqvit_version: "test".into(),
+        created_unix: 0,
+        model: name.into(),
+        architecture,
+        weights_sha256: weights_sha256.into(),
+        experiment: exp,
+        calibration: CalibrationData {
+            data: "random".into(),
+            images,
+            order: "sorted".into(),
+            seed,
+        },
+        lis_bits: exp.quant_options().lis_bits,
+        sites: artifact::site_infos(model, table, &exp),
+    }
+}
