@@ -4,6 +4,11 @@
 //! `(−∞, y_min]` and rises on `[y_min, ∞)`, `y_min ≈ −0.7518`). The thresholds are computed once
 //! from the exact erf GELU in f64, so inference compares integers only; the codes equal
 //! `clamp(round(gelu(t·δ)/s_h) + z_h)` for every `t`, by construction of the search below.
+//!
+//! The binary search over thresholds ([`GeluTable::code`], the reference) mispredicts a branch
+//! per step; inference looks codes up in [`Buckets`] instead: `t`'s range cut into power-of-two
+//! buckets no wider than the closest two thresholds, so that each holds at most one threshold
+//! and a code is one load and one compare. Both give the same code for every `t` (tested).
 
 /// Fixed-point sub-steps per hidden-code step.
 pub(crate) const FRACTION_BITS: u32 = 16;
@@ -66,6 +71,16 @@ impl GeluTable {
         GeluTable { t_min, rising, falling }
     }
 
+    /// Every `t` at which the code differs from the code at `t − 1`, ascending.
+    fn breakpoints(&self) -> Vec<i64> {
+        let mut b: Vec<i64> = self.falling.iter().map(|&(last, _)| last + 1).collect();
+        b.extend(self.rising.iter().map(|&(first, _)| first));
+        b.sort_unstable();
+        b.dedup();
+        b.retain(|&t| self.code(t) != self.code(t - 1));
+        b
+    }
+
     /// The code of fixed-point input `t` (real input `t · s_h / 2^16`).
     #[inline]
     pub(crate) fn code(&self, t: i64) -> u8 {
@@ -79,13 +94,121 @@ impl GeluTable {
     }
 }
 
+/// The most buckets a site may need (8 bytes each): a hidden scale `s_h` needs about
+/// `2·(255·s_h + 3)/s_h` buckets, so `2^18` covers `s_h > 2.3·10^-5`.
+const MAX_BUCKETS: usize = 1 << 18;
+
+/// [`GeluTable`]'s codes as buckets of `2^log2_width` consecutive `t`, from `base` on.
+#[derive(Clone, Debug)]
+pub(crate) struct Buckets {
+    base: i64,
+    last: i64,
+    log2_width: u32,
+    /// Per bucket, packed in one word so that a vector gather loads it: the threshold's offset
+    /// in the bucket (bits 0–31; the width when it holds none), the code below it (bits 32–39)
+    /// and the code from it on (bits 40–47).
+    entries: Vec<u64>,
+}
+
+impl Buckets {
+    /// The buckets of `table`, or `None` when its thresholds lie too close for [`MAX_BUCKETS`].
+    pub(crate) fn new(table: &GeluTable) -> Option<Self> {
+        let b = table.breakpoints();
+        let (Some(&first), Some(&last)) = (b.first(), b.last()) else {
+            let code = table.code(0);
+            return Some(Buckets {
+                base: 0,
+                last: 0,
+                log2_width: 0,
+                entries: vec![pack(1, code, code)],
+            });
+        };
+        let gap = b.windows(2).map(|w| w[1] - w[0]).min().unwrap_or(1 << 16).min(1 << 30);
+        let log2_width = gap.ilog2();
+        // Below the first threshold the code is that of `first − 1`, above the last that of
+        // `last`: `t` is clamped into `[base, last]` with `base = first − 1`.
+        let base = first - 1;
+        let count = usize::try_from((last - base) >> log2_width).ok()? + 1;
+        if count > MAX_BUCKETS {
+            return None;
+        }
+        let width = 1i64 << log2_width;
+        let mut next = b.iter().peekable();
+        let entries = (0..count as i64)
+            .map(|i| {
+                let start = base + i * width;
+                let lo = table.code(start);
+                // At most one threshold per bucket, as `width` is at most the closest gap.
+                match next.next_if(|&&t| t < start + width) {
+                    Some(&t) => pack((t - start) as u32, lo, table.code(t)),
+                    None => pack(width as u32, lo, lo),
+                }
+            })
+            .collect();
+        Some(Buckets { base, last, log2_width, entries })
+    }
+
+    /// The code of fixed-point input `t`, as [`GeluTable::code`].
+    #[inline(always)]
+    pub(crate) fn code(&self, t: i64) -> u8 {
+        let r = t.clamp(self.base, self.last) - self.base;
+        let e = self.entries[(r >> self.log2_width) as usize];
+        let offset = (r as u64) & ((1 << self.log2_width) - 1);
+        let code = if offset >= e & 0xffff_ffff { e >> 40 } else { e >> 32 };
+        code as u8
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.entries.len() * std::mem::size_of::<u64>()
+    }
+}
+
+fn pack(threshold: u32, lo: u8, hi: u8) -> u64 {
+    u64::from(threshold) | u64::from(lo) << 32 | u64::from(hi) << 40
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Hidden sites' scales and zero points: ViT-Tiny's range and extremes.
+    const SITES: [(f32, i32); 5] = [(0.031, 10), (0.012, 14), (0.2, 1), (0.05, 0), (0.0007, 200)];
+
+    #[test]
+    fn buckets_equal_the_search_at_every_threshold_and_between() {
+        for (s, z) in SITES {
+            let table = GeluTable::new(s, z);
+            let buckets = Buckets::new(&table).expect("fits");
+            let b = table.breakpoints();
+            assert!(b.len() > 10, "s {s}: {} thresholds", b.len());
+            for &t in &b {
+                for d in -3..=3 {
+                    assert_eq!(buckets.code(t + d), table.code(t + d), "s {s} z {z} t {}", t + d);
+                }
+            }
+            for w in b.windows(2) {
+                let mid = w[0] + (w[1] - w[0]) / 2;
+                assert_eq!(buckets.code(mid), table.code(mid), "s {s} z {z} t {mid}");
+            }
+            for t in [i64::MIN / 4, -(1 << 40), 0, 1 << 40, i64::MAX / 4] {
+                assert_eq!(buckets.code(t), table.code(t), "s {s} z {z} t {t}");
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn buckets_equal_the_search(t in -(1i64 << 36)..(1i64 << 36), site in 0usize..5) {
+            let (s, z) = SITES[site];
+            let table = GeluTable::new(s, z);
+            proptest::prop_assert_eq!(Buckets::new(&table).unwrap().code(t), table.code(t));
+        }
+    }
+
     #[test]
     fn codes_equal_the_real_gelu_everywhere() {
-        for (s, z) in [(0.031f32, 10), (0.012, 14), (0.2, 1), (0.05, 0)] {
+        for &(s, z) in &SITES[..4] {
             let table = GeluTable::new(s, z);
             let delta = f64::from(s) / 65536.0;
             let step = 37;

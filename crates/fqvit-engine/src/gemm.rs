@@ -20,7 +20,36 @@ use rten_tensor::{Matrix, NdTensorView};
 /// The longest reduction the i32 accumulators hold exactly: `2^16 · 255 · 128 < 2^31`.
 pub const MAX_K: usize = 1 << 16;
 
-/// int8 weights `(N, K)`, row-major, with their row sums.
+/// The detected int8 kernel, made once per engine: detection asks the CPU (`cpuid`), which a
+/// hypervisor makes slow, and attention builds weight matrices per head.
+pub struct Kernel {
+    /// rten's executor, where its kernel is exact.
+    rten: Option<GemmExecutor<u8, i8, i32>>,
+}
+
+impl Kernel {
+    /// rten's kernel where it is exact, else our widening loops.
+    pub fn detect() -> Self {
+        let exec = GemmExecutor::<u8, i8, i32>::new();
+        Kernel { rten: (!exec.may_saturate()).then_some(exec) }
+    }
+
+    /// The kernel's name.
+    pub fn name(&self) -> String {
+        match &self.rten {
+            Some(exec) => format!("rten-gemm {}", exec.kernel_name()),
+            None => "fqvit widening loops".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// int8 weights `(N, K)`, row-major, with their row sums, prepared for one [`Kernel`].
 pub struct Weights {
     /// Output channels.
     pub n: usize,
@@ -29,8 +58,8 @@ pub struct Weights {
     codes: Vec<i8>,
     /// `Σ_k w[n][k]`, for the input zero-point correction.
     pub row_sums: Vec<i32>,
-    /// rten's executor and its packing of `Wᵀ`, where its kernel is exact.
-    rten: Option<(GemmExecutor<u8, i8, i32>, PackedBMatrix<i8>)>,
+    /// rten's packing of `Wᵀ`, where the kernel is rten's.
+    packed: Option<PackedBMatrix<i8>>,
 }
 
 impl std::fmt::Debug for Weights {
@@ -38,36 +67,25 @@ impl std::fmt::Debug for Weights {
         f.debug_struct("Weights")
             .field("n", &self.n)
             .field("k", &self.k)
-            .field("kernel", &self.kernel())
+            .field("packed", &self.packed.is_some())
             .finish()
     }
 }
 
 impl Weights {
-    /// Wraps `(n, k)` codes.
+    /// Wraps `(n, k)` codes for `kernel`.
     ///
     /// # Panics
     /// If the length is not `n · k` or `k` exceeds [`MAX_K`].
-    pub fn new(codes: Vec<i8>, n: usize, k: usize) -> Self {
+    pub fn new(kernel: &Kernel, codes: Vec<i8>, n: usize, k: usize) -> Self {
         assert_eq!(codes.len(), n * k, "gemm: {} weight codes for ({n}, {k})", codes.len());
         assert!(k <= MAX_K, "gemm: reduction of {k} exceeds {MAX_K}");
         let row_sums =
             codes.chunks_exact(k.max(1)).map(|r| r.iter().map(|&w| i32::from(w)).sum()).collect();
-        let exec = GemmExecutor::<u8, i8, i32>::new();
-        let rten = (!exec.may_saturate() && n > 0 && k > 0).then(|| {
-            let packed =
-                exec.prepack_b(NdTensorView::from_data([n, k], codes.as_slice()).transposed());
-            (exec, packed)
+        let packed = kernel.rten.as_ref().filter(|_| n > 0 && k > 0).map(|exec| {
+            exec.prepack_b(NdTensorView::from_data([n, k], codes.as_slice()).transposed())
         });
-        Weights { n, k, codes, row_sums, rten }
-    }
-
-    /// The kernel [`gemm`] uses for these weights.
-    pub fn kernel(&self) -> String {
-        match &self.rten {
-            Some((exec, _)) => format!("rten-gemm {}", exec.kernel_name()),
-            None => "fqvit widening loops".into(),
-        }
+        Weights { n, k, codes, row_sums, packed }
     }
 
     /// The codes of output channel `n`.
@@ -77,7 +95,7 @@ impl Weights {
 
     /// Bytes held (rten's packed copy included).
     pub fn bytes(&self) -> usize {
-        let packed = if self.rten.is_some() { self.codes.len() } else { 0 };
+        let packed = if self.packed.is_some() { self.codes.len() } else { 0 };
         self.codes.len() + packed + 4 * self.row_sums.len()
     }
 }
@@ -106,14 +124,13 @@ const ROWS_PER_TASK: usize = 8;
 /// Output channels per inner block: the four weight rows stay in L1 while a task's rows pass.
 const COLS: usize = 4;
 
-/// The fast path: rows in parallel, each task computing 1 × 4 blocks of dot products in loops
-/// compiled for the detected instruction set (AVX-512 VNNI/AVX2 widening multiply-adds).
-pub fn gemm(a: &[u8], w: &Weights, out: &mut [i32]) {
+/// The fast path: `kernel`'s, for weights prepared with it (rten's, or [`gemm_loops`]).
+pub fn gemm(kernel: &Kernel, a: &[u8], w: &Weights, out: &mut [i32]) {
     let m = check(a, w, out);
     if m == 0 || w.n == 0 {
         return;
     }
-    if let Some((exec, packed)) = &w.rten {
+    if let (Some(exec), Some(packed)) = (&kernel.rten, &w.packed) {
         let a = Matrix::from_data([m, w.k], a);
         exec.gemm(out, GemmInputA::Unpacked(a), GemmInputB::Packed(packed), GemmOptions::default())
             .expect("shapes were checked");
@@ -122,7 +139,9 @@ pub fn gemm(a: &[u8], w: &Weights, out: &mut [i32]) {
     gemm_loops(a, w, out);
 }
 
-/// The widening loops alone (the fast path where rten's kernel may saturate).
+/// The widening loops alone (the fast path where rten's kernel may saturate): rows in parallel,
+/// each task computing 1 × 4 blocks of dot products in loops compiled for the detected
+/// instruction set (AVX-512 VNNI/AVX2 widening multiply-adds).
 pub fn gemm_loops(a: &[u8], w: &Weights, out: &mut [i32]) {
     let m = check(a, w, out);
     if m == 0 || w.n == 0 {
@@ -190,10 +209,11 @@ mod tests {
             let mut s = seed;
             let mut next = || { s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (s >> 33) as u8 };
             let a: Vec<u8> = (0..m * k).map(|_| next()).collect();
-            let w = Weights::new((0..n * k).map(|_| next() as i8).collect(), n, k);
+            let kernel = Kernel::detect();
+            let w = Weights::new(&kernel, (0..n * k).map(|_| next() as i8).collect(), n, k);
             let (mut x, mut y) = (vec![0; m * n], vec![1; m * n]);
             gemm_reference(&a, &w, &mut x);
-            gemm(&a, &w, &mut y);
+            gemm(&kernel, &a, &w, &mut y);
             prop_assert_eq!(&x, &y);
             y.fill(1);
             gemm_loops(&a, &w, &mut y);
@@ -205,10 +225,11 @@ mod tests {
     fn extremes_do_not_overflow() {
         // 255 · -128 over the longest row: the most negative sum the bound allows.
         let k = 4096;
-        let w = Weights::new(vec![-128; 4 * k], 4, k);
+        let kernel = Kernel::detect();
+        let w = Weights::new(&kernel, vec![-128; 4 * k], 4, k);
         let a = vec![255u8; 2 * k];
         let mut out = vec![0; 8];
-        gemm(&a, &w, &mut out);
+        gemm(&kernel, &a, &w, &mut out);
         assert!(out.iter().all(|&v| v == -255 * 128 * k as i32));
         gemm_loops(&a, &w, &mut out);
         assert!(out.iter().all(|&v| v == -255 * 128 * k as i32));

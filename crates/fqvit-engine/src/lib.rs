@@ -11,6 +11,7 @@
 //! crate's README.
 
 mod artifact;
+pub mod attention;
 mod error;
 mod gelu;
 pub mod gemm;
@@ -50,6 +51,8 @@ pub trait Observer {
 pub struct Engine {
     model: String,
     ops: Vec<ops::Compiled>,
+    /// The GEMM kernel the ops' weights were prepared for.
+    kernel: gemm::Kernel,
     /// For each op, the values it reads.
     inputs: Vec<Vec<usize>>,
     /// For each value, the last op that reads it (values are dropped after it).
@@ -108,7 +111,8 @@ impl Engine {
         let Some(Op::Image { size, normalize }) = program.ops.first().cloned() else {
             unreachable!("validate checks op 0")
         };
-        let compiled = ops::compile(&art, &program, lis_bits as u32)?;
+        let kernel = gemm::Kernel::detect();
+        let compiled = ops::compile(&art, &program, lis_bits as u32, &kernel)?;
         let mut last_use: Vec<usize> = (0..program.ops.len()).collect();
         for (i, op) in program.ops.iter().enumerate() {
             for v in op.inputs() {
@@ -120,7 +124,17 @@ impl Engine {
         let classes = compiled.classes;
         let model = meta["model"].as_str().unwrap_or("?").to_owned();
         tracing::debug!(model, ops = program.ops.len(), "integer program compiled");
-        Ok(Engine { model, ops: compiled.ops, inputs, last_use, sites, size, normalize, classes })
+        Ok(Engine {
+            model,
+            ops: compiled.ops,
+            kernel,
+            inputs,
+            last_use,
+            sites,
+            size,
+            normalize,
+            classes,
+        })
     }
 
     /// The model name recorded in the artifact.
@@ -174,7 +188,12 @@ impl Engine {
         observer: Option<&mut dyn Observer>,
     ) -> Result<Vec<f32>> {
         let pixels = self.pixels(images)?;
-        let run = ops::Run { inputs: &self.inputs, last_use: &self.last_use, sites: &self.sites };
+        let run = ops::Run {
+            kernel: &self.kernel,
+            inputs: &self.inputs,
+            last_use: &self.last_use,
+            sites: &self.sites,
+        };
         ops::execute(&self.ops, &run, pixels, self.size, timings, observer)
     }
 

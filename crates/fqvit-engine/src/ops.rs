@@ -13,17 +13,18 @@ use fqvit_program::{Op, Program};
 use rayon::prelude::*;
 
 use crate::artifact::Artifact;
+use crate::attention::attn_v;
 use crate::error::{Error, Result};
-use crate::gelu::{FRACTION_BITS, GeluTable};
-use crate::gemm::{Weights, gemm};
+use crate::gelu::{Buckets, FRACTION_BITS, GeluTable};
+use crate::gemm::{Kernel, Weights, gemm};
 use crate::grid::Grid;
 use crate::requant::{Dyadic, round_shift_i64};
 
 /// Time spent per kind of work, summed over calls.
 #[derive(Clone, Debug, Default)]
 pub struct Timings {
-    /// Seconds by kind: `gemm`, `requant`, `layer-norm`, `attention-matmul`, `softmax`, `add`,
-    /// `other`.
+    /// Seconds by kind: `gemm`, `requant`, `gelu` (fc1's epilogue), `layer-norm`,
+    /// `attention-matmul`, `softmax`, `add`, `other`.
     pub by_kind: BTreeMap<&'static str, Duration>,
 }
 
@@ -49,7 +50,7 @@ enum Epilogue {
     /// `t` is on the out-site's grid: `clamp(t + z_o)`.
     Requant { zero_point: Vec<i32> },
     /// `t` is on GELU's fixed-point grid: its thresholds give the code.
-    Gelu { table: GeluTable },
+    Gelu { table: Buckets },
 }
 
 /// A convolution or linear layer in integers: per output column `j`,
@@ -185,7 +186,13 @@ pub(crate) struct Attention {
 
 impl Compiled {
     pub(crate) fn bytes(&self) -> usize {
-        let dense = |d: &Dense| d.w.bytes() + 20 * d.w.n;
+        let dense = |d: &Dense| {
+            let table = match &d.epilogue {
+                Epilogue::Gelu { table } => table.bytes(),
+                Epilogue::Requant { .. } => 0,
+            };
+            d.w.bytes() + 24 * d.w.n + table
+        };
         match self {
             Compiled::PatchEmbed { dense: d, .. } | Compiled::Linear { dense: d } => dense(d),
             Compiled::Embed { cls, pos, .. } => cls.len() + pos.len(),
@@ -218,7 +225,12 @@ fn kind(op: &Op) -> &'static str {
 }
 
 /// Compiles every op; `shapes[v]` is `(rows, cols)` of value `v` per image.
-pub(crate) fn compile(art: &Artifact, program: &Program, lis_bits: u32) -> Result<Built> {
+pub(crate) fn compile(
+    art: &Artifact,
+    program: &Program,
+    lis_bits: u32,
+    kernel: &Kernel,
+) -> Result<Built> {
     let mut shapes: Vec<(usize, usize)> = Vec::with_capacity(program.ops.len());
     let mut grids: Vec<Option<Grid>> = Vec::with_capacity(program.ops.len());
     let mut out = Vec::with_capacity(program.ops.len());
@@ -285,8 +297,9 @@ pub(crate) fn compile(art: &Artifact, program: &Program, lis_bits: u32) -> Resul
                     }
                 };
                 let d = art.shape(&format!("{layer}.weight_int8"))?.first().copied().unwrap_or(0);
-                let dense = dense(art, layer, &[d, 3, *patch, *patch], in_grid, out_site, false)
-                    .map_err(|e| wrap(e, &err))?;
+                let dense =
+                    dense(kernel, art, layer, &[d, 3, *patch, *patch], in_grid, out_site, false)
+                        .map_err(|e| wrap(e, &err))?;
                 let g = Grid::read(art, out_site)?;
                 (
                     (Compiled::PatchEmbed { dense, patch: *patch, side }),
@@ -359,7 +372,7 @@ pub(crate) fn compile(art: &Artifact, program: &Program, lis_bits: u32) -> Resul
                     zp_num: i64::from(gin.zero_point[0]),
                     den: 1,
                 };
-                let dense = dense(art, layer, &[n, k], in_grid, out_site, *gelu)
+                let dense = dense(kernel, art, layer, &[n, k], in_grid, out_site, *gelu)
                     .map_err(|e| wrap(e, &err))?;
                 (Compiled::Linear { dense }, (rows, n), Some(Grid::read(art, out_site)?))
             }
@@ -541,6 +554,7 @@ fn add_consts(
 const MAX_K_DEN: usize = 1 << 14;
 
 fn dense(
+    kernel: &Kernel,
     art: &Artifact,
     layer: &str,
     shape: &[usize],
@@ -568,12 +582,19 @@ fn dense(
             )));
         }
         let delta = f64::from(go.scale[0]) / f64::from(1u32 << FRACTION_BITS);
-        (Epilogue::Gelu { table: GeluTable::new(go.scale[0], go.zero_point[0]) }, vec![delta; n])
+        let table =
+            Buckets::new(&GeluTable::new(go.scale[0], go.zero_point[0])).ok_or_else(|| {
+                err(format!(
+                    "GELU's site {out_site}: scale {} is too fine for its table",
+                    go.scale[0]
+                ))
+            })?;
+        (Epilogue::Gelu { table }, vec![delta; n])
     } else {
         let zero_point = (0..n).map(|j| go.zero_point(j)).collect();
         (Epilogue::Requant { zero_point }, (0..n).map(|j| f64::from(go.scale(j))).collect())
     };
-    let w = Weights::new(codes, n, k);
+    let w = Weights::new(kernel, codes, n, k);
     let (mut m, mut c, mut shift) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::new());
     for j in 0..n {
         let acc_scale = input.scale / input.den as f64 * f64::from(ws[j]);
@@ -623,11 +644,11 @@ fn clamp_u8(v: i64) -> u8 {
 
 impl Dense {
     /// `rows × K` codes to `rows × N` codes.
-    fn run(&self, a: &[u8], timings: &mut Timings) -> Vec<u8> {
+    fn run(&self, kernel: &Kernel, a: &[u8], timings: &mut Timings) -> Vec<u8> {
         let (n, rows) = (self.w.n, a.len() / self.w.k);
         let t = Instant::now();
         let mut acc = vec![0i32; rows * n];
-        gemm(a, &self.w, &mut acc);
+        gemm(kernel, a, &self.w, &mut acc);
         timings.add("gemm", t);
         let t = Instant::now();
         let mut out = vec![0u8; rows * n];
@@ -636,7 +657,10 @@ impl Dense {
         out.par_chunks_mut(n * rows_per_job)
             .zip(acc.par_chunks(n * rows_per_job))
             .for_each(|(out, acc)| arch.dispatch(Epilogues { dense: self, acc, out }));
-        timings.add("requant", t);
+        timings.add(
+            if matches!(self.epilogue, Epilogue::Gelu { .. }) { "gelu" } else { "requant" },
+            t,
+        );
         out
     }
 }
@@ -655,10 +679,9 @@ fn add(c: &AddConsts, a: &[u8], b: &[u8], out: &mut [u8]) {
 impl Attention {
     /// `(N, 3D)` qkv codes of one image to `(N, D)` context codes, with the time its heads
     /// spent in matmuls and in the softmax (summed over threads).
-    fn run(&self, qkv: &[u8], n: usize) -> (Vec<u8>, Duration, Duration) {
+    fn run(&self, kernel: &Kernel, qkv: &[u8], n: usize) -> (Vec<u8>, Duration, Duration) {
         let d = qkv.len() / n / 3;
         let hd = d / self.heads;
-        let z = i64::from(self.z);
         let arch = pulp::Arch::new();
         let per_head: Vec<(Vec<u8>, Duration, Duration)> = (0..self.heads)
             .into_par_iter()
@@ -675,35 +698,26 @@ impl Attention {
                     |p: usize, i: usize| part(p, i).iter().map(|&x| i64::from(x)).sum::<i64>();
                 let (sq, sk): (Vec<i64>, Vec<i64>) = (0..n).map(|i| (sum(0, i), sum(1, i))).unzip();
                 let mut raw = vec![0i32; n * n];
-                gemm(&q, &Weights::new(k, n, hd), &mut raw);
-                // |Σ(q − z)(k − z)| ≤ 255²·hd < 2^31: the i64 requantization holds it.
-                let constant = hd as i64 * z * z;
+                gemm(kernel, &q, &Weights::new(kernel, k, n, hd), &mut raw);
                 let mut x = vec![0i32; n * n];
-                let (m, z_a) = (self.m_scores, i64::from(self.z_a));
-                arch.dispatch(|| {
-                    for ((x, raw), &sq) in x.chunks_exact_mut(n).zip(raw.chunks_exact(n)).zip(&sq) {
-                        let row = (128 - z) * sq + constant;
-                        for ((x, &r), &sk) in x.iter_mut().zip(raw).zip(&sk) {
-                            let s = i64::from(r) + row - z * sk;
-                            *x = (clamp_u8(m.apply_small(s) + z_a) as i32) - self.z_a;
-                        }
-                    }
-                });
+                arch.dispatch(Scores { att: self, raw: &raw, sq: &sq, sk: &sk, hd, out: &mut x });
                 let mm = t.elapsed();
                 let t = Instant::now();
                 let mut k_codes = vec![0u16; n * n];
                 log_int_softmax(&x, n, self.s_a, self.bits, &mut k_codes);
                 let sm = t.elapsed();
                 let t = Instant::now();
-                let v: Vec<i32> =
-                    (0..n).flat_map(|i| part(2, i)).map(|&x| i32::from(x) - self.z).collect();
-                // Σ_j (v − z)·2^(K − k) ≤ 255 · 2^K · N: i32 holds it for K = 15 and N < 257
-                // (4-bit LIS on ViT's 197 tokens), i64 otherwise (|.| < 2^50).
-                let out = if (255i64 << self.k_max) * (n as i64) < i64::from(i32::MAX) {
-                    arch.dispatch(|| self.context::<i32>(&k_codes, &v, n, h, hd))
-                } else {
-                    arch.dispatch(|| self.context::<i64>(&k_codes, &v, n, h, hd))
-                };
+                let v: Vec<u8> = (0..n).flat_map(|i| part(2, i)).copied().collect();
+                let sums = attn_v(kernel, &k_codes, &v, self.z, hd, self.k_max);
+                let (m, z) = (&self.m_ctx[h * hd..][..hd], &self.z_c[h * hd..][..hd]);
+                let out = sums
+                    .chunks_exact(hd)
+                    .flat_map(|row| {
+                        row.iter()
+                            .zip(m.iter().zip(z))
+                            .map(|(&a, (m, &z))| clamp_u8(m.apply(a) + i64::from(z)))
+                    })
+                    .collect();
                 (out, mm + t.elapsed(), sm)
             })
             .collect();
@@ -718,44 +732,44 @@ impl Attention {
         }
         (out, mm_all, sm_all)
     }
+}
 
-    /// One head's `attn · v`, `Σ_j (v − z) << (K − k_ij)` in accumulators of type `A` (the caller
-    /// checks the bound), requantized onto the context site.
+/// One head's score requantization: `Σ(q − z)(k − z)` from the raw `Σ q·(k − 128)` and the row
+/// sums, onto the scores site, less its zero point. `|Σ(q − z)(k − z)| ≤ 255²·hd < 2^31`, so
+/// [`Dyadic::apply_small`] holds it.
+struct Scores<'a> {
+    att: &'a Attention,
+    raw: &'a [i32],
+    sq: &'a [i64],
+    sk: &'a [i64],
+    hd: usize,
+    out: &'a mut [i32],
+}
+
+impl pulp::WithSimd for Scores<'_> {
+    type Output = ();
+
     #[inline(always)]
-    fn context<A>(&self, k_codes: &[u16], v: &[i32], n: usize, h: usize, hd: usize) -> Vec<u8>
-    where
-        A: Copy
-            + Default
-            + From<i32>
-            + Into<i64>
-            + std::ops::AddAssign
-            + std::ops::Shl<u32, Output = A>,
-    {
-        let mut out = vec![0u8; n * hd];
-        let mut acc = vec![A::default(); hd];
-        for i in 0..n {
-            acc.fill(A::default());
-            for j in 0..n {
-                let kc = u32::from(k_codes[i * n + j]);
-                if kc > self.k_max {
-                    continue;
-                }
-                let shift = self.k_max - kc;
-                for (a, &vv) in acc.iter_mut().zip(&v[j * hd..][..hd]) {
-                    *a += A::from(vv) << shift;
-                }
-            }
-            for (e, &a) in acc.iter().enumerate() {
-                let c = h * hd + e;
-                out[i * hd + e] = clamp_u8(self.m_ctx[c].apply(a.into()) + i64::from(self.z_c[c]));
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let Scores { att, raw, sq, sk, hd, out } = self;
+        let n = sk.len();
+        let z = i64::from(att.z);
+        let constant = hd as i64 * z * z;
+        let (m, z_a) = (att.m_scores, i64::from(att.z_a));
+        for ((x, raw), &sq) in out.chunks_exact_mut(n).zip(raw.chunks_exact(n)).zip(sq) {
+            let row = (128 - z) * sq + constant;
+            for ((x, &r), &sk) in x.iter_mut().zip(raw).zip(sk) {
+                let s = i64::from(r) + row - z * sk;
+                *x = (clamp_u8(m.apply_small(s) + z_a) as i32) - att.z_a;
             }
         }
-        out
     }
 }
 
-/// The program's wiring: what each op reads, the last op to read each value, each op's site.
+/// The program's wiring (what each op reads, the last op to read each value, each op's site)
+/// and the GEMM kernel its weights were prepared for.
 pub(crate) struct Run<'a> {
+    pub(crate) kernel: &'a Kernel,
     pub(crate) inputs: &'a [Vec<usize>],
     pub(crate) last_use: &'a [usize],
     pub(crate) sites: &'a [Option<String>],
@@ -770,7 +784,7 @@ pub(crate) fn execute(
     timings: &mut Timings,
     mut observer: Option<&mut dyn crate::Observer>,
 ) -> Result<Vec<f32>> {
-    let Run { inputs, last_use, sites } = *run;
+    let Run { kernel, inputs, last_use, sites } = *run;
     let batch = pixels.len() / (3 * size * size);
     let mut vals: Vec<Option<Val>> = Vec::with_capacity(ops.len());
     let mut pixels = Some(pixels);
@@ -806,7 +820,7 @@ pub(crate) fn execute(
                     }
                 });
                 timings.add("other", t);
-                (Val::Codes(dense.run(&cols, timings)), g * g)
+                (Val::Codes(dense.run(kernel, &cols, timings)), g * g)
             }
             Compiled::Embed { m, z_in, ze, cls, pos, add: consts } => {
                 let x = codes(&vals[inputs[i][0]]);
@@ -851,7 +865,7 @@ pub(crate) fn execute(
             }
             Compiled::Linear { dense } => {
                 let v = inputs[i][0];
-                (Val::Codes(dense.run(codes(&vals[v]), timings)), rows_of[v])
+                (Val::Codes(dense.run(kernel, codes(&vals[v]), timings)), rows_of[v])
             }
             Compiled::Attention(att) => {
                 let v = inputs[i][0];
@@ -859,7 +873,7 @@ pub(crate) fn execute(
                 // Images and their heads in parallel (3 heads alone leave one of 2 cores idle
                 // half the time).
                 let per_image: Vec<(Vec<u8>, Duration, Duration)> =
-                    x.par_chunks(x.len() / batch).map(|x| att.run(x, n)).collect();
+                    x.par_chunks(x.len() / batch).map(|x| att.run(kernel, x, n)).collect();
                 // Wall time, split between matmuls and softmax as their thread times are.
                 let wall = t.elapsed().as_secs_f64();
                 let (mm, sm) = per_image.iter().fold((0.0, 0.0), |(a, b), (_, mm, sm)| {
