@@ -688,12 +688,17 @@ impl Attention {
             .map(|h| {
                 let t = Instant::now();
                 let part = |p: usize, i: usize| &qkv[i * 3 * d + p * d + h * hd..][..hd];
-                let q: Vec<u8> = (0..n).flat_map(|i| part(0, i)).copied().collect();
+                let gather = |p: usize| {
+                    let mut x = Vec::with_capacity(n * hd);
+                    (0..n).for_each(|i| x.extend_from_slice(part(p, i)));
+                    x
+                };
+                let q = gather(0);
                 // k − 128 as int8 "weights", so that the u8 × i8 GEMM takes q·kᵀ:
                 // Σ(q − z)(k − z) = Σ q·(k − 128) + (128 − z)·Σq − z·Σk + hd·z²,
                 // each term below 2^31 in magnitude for hd < 2^15.
                 let k: Vec<i8> =
-                    (0..n).flat_map(|i| part(1, i)).map(|&x| (i32::from(x) - 128) as i8).collect();
+                    gather(1).into_iter().map(|x| (i32::from(x) - 128) as i8).collect();
                 let sum =
                     |p: usize, i: usize| part(p, i).iter().map(|&x| i64::from(x)).sum::<i64>();
                 let (sq, sk): (Vec<i64>, Vec<i64>) = (0..n).map(|i| (sum(0, i), sum(1, i))).unzip();
@@ -707,17 +712,15 @@ impl Attention {
                 log_int_softmax(&x, n, self.s_a, self.bits, &mut k_codes);
                 let sm = t.elapsed();
                 let t = Instant::now();
-                let v: Vec<u8> = (0..n).flat_map(|i| part(2, i)).copied().collect();
+                let v = gather(2);
                 let sums = attn_v(kernel, &k_codes, &v, self.z, hd, self.k_max);
                 let (m, z) = (&self.m_ctx[h * hd..][..hd], &self.z_c[h * hd..][..hd]);
-                let out = sums
-                    .chunks_exact(hd)
-                    .flat_map(|row| {
-                        row.iter()
-                            .zip(m.iter().zip(z))
-                            .map(|(&a, (m, &z))| clamp_u8(m.apply(a) + i64::from(z)))
-                    })
-                    .collect();
+                let mut out = vec![0u8; n * hd];
+                for (o, row) in out.chunks_exact_mut(hd).zip(sums.chunks_exact(hd)) {
+                    for ((o, &a), (m, &z)) in o.iter_mut().zip(row).zip(m.iter().zip(z)) {
+                        *o = clamp_u8(m.apply(a) + i64::from(z));
+                    }
+                }
                 (out, mm + t.elapsed(), sm)
             })
             .collect();
