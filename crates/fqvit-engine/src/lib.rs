@@ -27,6 +27,19 @@ pub use ops::Timings;
 use artifact::{Artifact, FORMAT_VERSIONS, METADATA_KEY, PROGRAM_KEY};
 use fqvit_program::{Op, Program};
 
+/// [`Engine::bench`]'s figures.
+#[derive(Clone, Debug)]
+pub struct Bench {
+    /// Images per second over the timed runs.
+    pub images_per_s: f64,
+    /// Seconds per batch by kind of work ([`Timings::by_kind`]).
+    pub seconds_by_kind: std::collections::BTreeMap<&'static str, f64>,
+    /// The dense layers' int8 GEMM throughput: two ops per multiply-add.
+    pub gemm_ops_per_s: f64,
+    /// Constants held ([`Engine::resident_bytes`]).
+    pub resident_mib: f64,
+}
+
 /// Images handed to [`Engine::run`], `(B, 3, size, size)` row-major.
 #[derive(Clone, Copy, Debug)]
 pub enum Images<'a> {
@@ -170,6 +183,34 @@ impl Engine {
     /// [`Engine::run`], adding each op kind's time to `timings`.
     pub fn run_timed(&self, images: Images<'_>, timings: &mut Timings) -> Result<Vec<f32>> {
         self.execute(images, timings, None)
+    }
+
+    /// Times `iters` runs on a batch of fixed pseudo-random pixels, after one warm-up run.
+    pub fn bench(&self, batch: usize, iters: usize) -> Result<Bench> {
+        let side = self.size;
+        // A linear congruential fill: the same pixels every run; any 8-bit image will do.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let pixels: Vec<u8> = (0..batch * 3 * side * side)
+            .map(|_| {
+                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                (state >> 56) as u8
+            })
+            .collect();
+        self.run(Images::Pixels(&pixels))?;
+        let mut timings = Timings::default();
+        let start = std::time::Instant::now();
+        for _ in 0..iters {
+            self.run_timed(Images::Pixels(&pixels), &mut timings)?;
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let per_batch = |d: std::time::Duration| d.as_secs_f64() / iters.max(1) as f64;
+        let gemm_s = timings.by_kind.get("gemm").map_or(0.0, |&d| d.as_secs_f64());
+        Ok(Bench {
+            images_per_s: (iters * batch) as f64 / seconds,
+            seconds_by_kind: timings.by_kind.iter().map(|(k, &d)| (*k, per_batch(d))).collect(),
+            gemm_ops_per_s: 2.0 * timings.gemm_macs as f64 / gemm_s,
+            resident_mib: self.resident_bytes() as f64 / (1024.0 * 1024.0),
+        })
     }
 
     /// [`Engine::run`], showing every op's output codes to `observer`.

@@ -26,6 +26,8 @@ pub struct Timings {
     /// Seconds by kind: `gemm`, `requant`, `gelu` (fc1's epilogue), `layer-norm`,
     /// `attention-matmul`, `softmax`, `add`, `other`.
     pub by_kind: BTreeMap<&'static str, Duration>,
+    /// Multiply-adds done by the dense layers' GEMMs (the time of `gemm`).
+    pub gemm_macs: u64,
 }
 
 impl Timings {
@@ -650,6 +652,7 @@ impl Dense {
         let mut acc = vec![0i32; rows * n];
         gemm(kernel, a, &self.w, &mut acc);
         timings.add("gemm", t);
+        timings.gemm_macs += (rows * n * self.w.k) as u64;
         let t = Instant::now();
         let mut out = vec![0u8; rows * n];
         let rows_per_job = (4096 / n).max(1);

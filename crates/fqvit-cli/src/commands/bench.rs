@@ -10,7 +10,6 @@ use serde_json::json;
 use tch::{Kind, Tensor};
 
 use crate::cli::{BenchArgs, EngineArg};
-use fqvit_engine::{Engine, Images, Timings};
 
 pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     let name: ModelName = args.model.parse()?;
@@ -51,7 +50,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
                 2 * args.batch_size as usize,
             )?;
             let engine = crate::commands::eval::engine_via_artifact(&*model, &vs, &table, &prov)?;
-            Some(engine_images_per_second(&engine, args.batch_size as usize, args.iters)?)
+            Some(engine.bench(args.batch_size as usize, args.iters)?)
         }
     };
     let quantized = Quantized::new(&*model, table, exp.quant_options())?;
@@ -65,7 +64,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "float_images_per_s": float,
         "quantized_images_per_s": quant,
         "int_images_per_s": int.as_ref().map(|i| i.images_per_s),
-        "int_seconds_by_kind": int.as_ref().map(|i| &i.by_kind),
+        "int_seconds_by_kind": int.as_ref().map(|i| &i.seconds_by_kind),
+        "int_gemm_ops_per_s": int.as_ref().map(|i| i.gemm_ops_per_s),
         "int_resident_mib": int.as_ref().map(|i| i.resident_mib),
         "peak_rss_mib": peak_mib,
     });
@@ -94,41 +94,6 @@ fn images_per_second(
         forward(mode);
     }
     (iters as i64 * images.size()[0]) as f64 / start.elapsed().as_secs_f64()
-}
-
-/// The integer engine's throughput, where its time goes, and its constants' memory.
-struct IntBench {
-    images_per_s: f64,
-    by_kind: std::collections::BTreeMap<&'static str, f64>,
-    resident_mib: f64,
-}
-
-fn engine_images_per_second(engine: &Engine, batch: usize, iters: usize) -> Result<IntBench> {
-    let side = engine.image_size();
-    // Pixels from a fixed linear congruential sequence: any 8-bit image will do.
-    let mut s = 0x2545_f491_4f6c_dd1du64;
-    let pixels: Vec<u8> = (0..batch * 3 * side * side)
-        .map(|_| {
-            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            (s >> 56) as u8
-        })
-        .collect();
-    engine.run(Images::Pixels(&pixels))?;
-    let mut timings = Timings::default();
-    let start = Instant::now();
-    for _ in 0..iters {
-        engine.run_timed(Images::Pixels(&pixels), &mut timings)?;
-    }
-    let secs = start.elapsed().as_secs_f64();
-    Ok(IntBench {
-        images_per_s: (iters * batch) as f64 / secs,
-        by_kind: timings
-            .by_kind
-            .iter()
-            .map(|(k, d)| (*k, d.as_secs_f64() / iters as f64))
-            .collect(),
-        resident_mib: engine.resident_bytes() as f64 / (1024.0 * 1024.0),
-    })
 }
 
 /// The process's peak resident memory (`VmHWM`), in MiB; `None` off Linux.
