@@ -370,6 +370,42 @@ fn quantize_then_eval_qparams_round_trips() {
 /// layouts, spec §10) gives back exactly the timm tensors; a checkpoint for another shape is
 /// refused and leaves no file.
 #[test]
+fn bench_with_the_engine_reports_all_three_forwards_in_one_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = cli(&[
+        "bench",
+        "vit_tiny",
+        "--device",
+        "cpu",
+        "--engine",
+        "int",
+        "--batch-size",
+        "1",
+        "--iters",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = read_json(&json);
+    for key in ["float_images_per_s", "quantized_images_per_s", "int_images_per_s"] {
+        let x = v[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {v}"));
+        assert!(x.is_finite() && x > 0.0, "{key} = {x}");
+    }
+    // The engine's time by kind covers its work; the GEMM did some ops.
+    let kinds = v["int_seconds_by_kind"].as_object().expect("int_seconds_by_kind");
+    for kind in ["gemm", "attention-matmul", "softmax", "layer-norm", "gelu", "add"] {
+        assert!(kinds.contains_key(kind), "{kind} missing from {kinds:?}");
+    }
+    assert!(v["int_gemm_ops_per_s"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    // At least a byte per weight (int8), and GELU's tables (at most 2 MiB a block) besides.
+    let mib = v["int_resident_mib"].as_f64().expect("int_resident_mib");
+    let params = v["parameters"].as_f64().expect("parameters") / (1024.0 * 1024.0);
+    assert!(mib > params && mib < params * 1.1 + 12.0 * 2.0 + 1.0, "{mib} MiB");
+}
+
+#[test]
 fn convert_reads_an_augreg_npz_and_refuses_a_misfit() {
     use tch::Tensor;
     let weights =
