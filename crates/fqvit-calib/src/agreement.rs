@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use fqvit_engine::{Engine, Images, Observer};
 use fqvit_models::{Classifier, Mode, Probe, Quantized, TensorClass};
+use fqvit_program::{Op, Program, windows};
 use fqvit_tensor::{Axis, Quantizer};
 use tch::{Kind, Tensor};
 
@@ -154,6 +155,13 @@ pub fn site_agreement(
             Some(Vec::<u8>::try_from(&c).map(|c| (site, c)))
         })
         .collect::<std::result::Result<_, _>>()?;
+    let mut sim = sim;
+    let batch = images.size()[0] as usize;
+    for (site, tokens) in windowed_sites(engine.program()) {
+        if let Some(codes) = sim.get_mut(site) {
+            *codes = token_order(codes, &tokens, batch);
+        }
+    }
     let x = Vec::<f32>::try_from(images.to_kind(Kind::Float).contiguous().view(-1))?;
     let compare = |forced| -> Result<Vec<Agreement>> {
         let mut compare = Compare { sim: &sim, forced, out: Vec::new(), missing: Vec::new() };
@@ -167,6 +175,39 @@ pub fn site_agreement(
         Ok(compare.out)
     };
     Ok(SiteAgreement { free_running: compare(false)?, forced: compare(true)? })
+}
+
+/// The sites the simulation holds in Swin's window order `(B·nW, N, C)`, with the grid token
+/// of each windowed position: qkv, context and proj around each window attention, which the
+/// engine keeps in token order.
+fn windowed_sites(program: &Program) -> Vec<(&str, Vec<usize>)> {
+    let mut out = Vec::new();
+    for (i, op) in program.ops.iter().enumerate() {
+        if let Op::WindowAttention { input, resolution, window, shift, out_site, .. } = op {
+            let tokens = windows::tokens(*resolution, *window, *shift);
+            let proj = program.ops[i + 1..].iter().find(|o| o.inputs().contains(&i));
+            let qkv = program.ops[*input].out_site();
+            for site in
+                [qkv, Some(out_site.as_str()), proj.and_then(Op::out_site)].into_iter().flatten()
+            {
+                out.push((site, tokens.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// Window-ordered codes of `batch` images back in token order.
+fn token_order(codes: &[u8], tokens: &[usize], batch: usize) -> Vec<u8> {
+    let per = codes.len() / batch.max(1);
+    let c = per / tokens.len().max(1);
+    let mut out = vec![0u8; codes.len()];
+    for (o, x) in out.chunks_exact_mut(per).zip(codes.chunks_exact(per)) {
+        for (p, &t) in tokens.iter().enumerate() {
+            o[t * c..][..c].copy_from_slice(&x[p * c..][..c]);
+        }
+    }
+    out
 }
 
 /// Sites summed by class: the name with every block index written `*` (`blocks.*.mlp.qact1`).

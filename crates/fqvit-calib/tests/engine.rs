@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use fqvit_calib::artifact;
 use fqvit_calib::{Calibrator, Experiment};
 use fqvit_engine::{Engine, Error, Images};
-use fqvit_models::{Architecture, Mode, Quantizable, Quantized, vit};
+use fqvit_models::{Architecture, Mode, Preprocess, Quantizable, Quantized, swin, vit};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
@@ -19,7 +19,10 @@ fn config(input_quant: bool, num_heads: i64) -> vit::Config {
 
 /// Random 8-bit images and their normalization as the data pipeline computes it.
 fn images(cfg: &vit::Config, seed: u64, batch: usize) -> (Vec<u8>, Tensor) {
-    let side = cfg.img_size as usize;
+    images_of(cfg.img_size as usize, cfg.preprocess, seed, batch)
+}
+
+fn images_of(side: usize, pp: Preprocess, seed: u64, batch: usize) -> (Vec<u8>, Tensor) {
     let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let pixels: Vec<u8> = (0..batch * 3 * side * side)
         .map(|_| {
@@ -29,7 +32,6 @@ fn images(cfg: &vit::Config, seed: u64, batch: usize) -> (Vec<u8>, Tensor) {
             (s >> 40) as u8
         })
         .collect();
-    let pp = cfg.preprocess;
     let x: Vec<f32> = pixels
         .iter()
         .enumerate()
@@ -207,4 +209,98 @@ fn each_engine_op_follows_the_simulation_on_the_simulations_codes() {
             }
         }
     }
+}
+
+/// A small Swin (the timm fixture's variant: 4 stages, windows of 4 shifted by 2 in stages 0
+/// and 1, one window in stages 2 and 3) with random weights, calibrated and written as an
+/// artifact.
+fn calibrated_swin(dir: &Path) -> (swin::Swin, Quantized, PathBuf, swin::Config) {
+    tch::manual_seed(11);
+    let cfg = swin::Config {
+        embed_dim: 16,
+        depths: [2, 2, 2, 2],
+        num_heads: [1, 2, 2, 4],
+        window_size: 4,
+        img_size: 64,
+        num_classes: 10,
+        ..swin::Config::swin_tiny()
+    };
+    let vs = VarStore::new(Device::Cpu);
+    let model = swin::Swin::new(&vs.root(), &cfg);
+    // As for ViT: sharper attention than the initialisation's, and a bias table that matters.
+    for (name, mut var) in vs.variables() {
+        let gain = if name.ends_with("qkv.weight") {
+            8.0
+        } else if name.ends_with("relative_position_bias_table") {
+            50.0
+        } else {
+            continue;
+        };
+        tch::no_grad(|| {
+            let _ = var.g_mul_scalar_(gain);
+        });
+    }
+    let exp = integer_twin();
+    let mut sink = Calibrator::new(model.sites(), &exp).unwrap();
+    for (i, seed) in [1, 2].into_iter().enumerate() {
+        sink.set_last_batch(i == 1);
+        let (_, x) = images_of(64, cfg.preprocess, seed, 8);
+        let options = exp.quant_options();
+        let _ =
+            tch::no_grad(|| model.forward(&x, &mut Mode::Calibrate { sink: &mut sink, options }));
+    }
+    let table = sink.freeze().unwrap();
+    let prov = common::test_provenance(
+        &model,
+        "tiny-swin",
+        Architecture::Swin(cfg),
+        "random",
+        &table,
+        exp,
+        16,
+        0,
+    );
+    let path = dir.join("tiny-swin.safetensors");
+    artifact::write(&path, &model, &vs, &table, &prov).unwrap();
+    let quantized = Quantized::new(&model, table, exp.quant_options()).unwrap();
+    std::mem::forget(vs); // the model's tensors point into it
+    (model, quantized, path, cfg)
+}
+
+/// Swin's program (shifted windows with the bias and the mask, patch merging with tiled PTF
+/// scales, the mean over tokens) against the simulation: each op fed the simulation's codes,
+/// as for ViT, and the logits free-running.
+#[test]
+fn swin_runs_in_integers_and_each_op_follows_the_simulation() {
+    use fqvit_calib::agreement::{render, site_agreement};
+    let dir = tempfile::tempdir().unwrap();
+    let (model, quantized, path, cfg) = calibrated_swin(dir.path());
+    let engine = Engine::load(&path).unwrap();
+    let (pixels, x) = images_of(64, cfg.preprocess, 13, 8);
+    let both = site_agreement(&model, &quantized, &engine, &x).unwrap();
+    let (free, forced) = (both.free_running, both.forced);
+    // The image, the patches and their LayerNorm; per merge its LayerNorm and reduction; per
+    // block 9 sites as ViT's; the final LayerNorm, the mean and the logits.
+    assert_eq!(forced.len(), 3 + 3 * 2 + 8 * 9 + 3);
+    eprintln!("swin:\n{}", render(&free, &forced));
+    for a in &forced {
+        assert!(a.fraction() >= 0.999, "{a:?}");
+        if !a.site.ends_with("attn.context") {
+            assert!(a.max_delta <= 1, "{a:?}");
+        }
+    }
+    // Free-running, the first stage (an unshifted and a shifted block) agrees to within
+    // rounding (measured: ≥ 99.985 % of its codes, ≤ 1 apart); flipped codes then multiply
+    // through the later stages (measured: 64 % of the logit codes equal), as on ViT-Tiny.
+    for a in free.iter().filter(|a| a.site.starts_with("layers.0.")) {
+        assert!(a.fraction() >= 0.999 && a.max_delta <= 1, "{a:?}");
+    }
+    let sim = tch::no_grad(|| model.forward(&x, &mut Mode::quantized(&quantized)));
+    let sim = Vec::<f32>::try_from(sim.contiguous().view(-1)).unwrap();
+    let pool = |threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    let int = pool(1).install(|| engine.run(Images::Pixels(&pixels)).unwrap());
+    assert_eq!(int, pool(3).install(|| engine.run(Images::Pixels(&pixels)).unwrap()));
+    let step = quantized.table().get(model.sites().iter().last().unwrap().0).unwrap().scale[0];
+    let equal = sim.iter().zip(&int).filter(|(a, b)| ((*a - *b) / step).abs() < 0.5).count();
+    eprintln!("swin: {equal}/{} logit codes equal free-running", int.len());
 }

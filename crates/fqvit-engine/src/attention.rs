@@ -1,4 +1,5 @@
-//! `attn · V` with Log-Int-Softmax codes: `Σ_j 2^(K − k_ij) · (v_j − z)` for every query `i` and
+//! Attention in integers ([`Attention`], ViT's and Swin's windowed), and its `attn · V` with
+//! Log-Int-Softmax codes: `Σ_j 2^(K − k_ij) · (v_j − z)` for every query `i` and
 //! channel `e`, with `K` the probabilities' fixed-point bits (`2^-k` is `2^(K − k)` steps of
 //! `2^-K`) and codes `k > K` dropped.
 //!
@@ -13,7 +14,14 @@
 //! `N · 128 · 128 < 2^31` for `N < 2^17`; the total is at most `N · 2^K · 255 < 2^63` for
 //! `K ≤ 30` and `N < 2^24`. Both compute the same integers.
 
+use std::time::{Duration, Instant};
+
+use fqvit_ops::softmax::log_int_softmax;
+use rayon::prelude::*;
+
 use crate::gemm::{Kernel, Weights, gemm};
+use crate::ops::{ADD_SHIFT, clamp_u8};
+use crate::requant::{Dyadic, round_shift_i64};
 
 /// The reference: `out[i·hd + e] = Σ_j (v[j·hd + e] − z) << (k_max − k[i·n + j])`.
 pub fn attn_v_reference(k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u32) -> Vec<i64> {
@@ -89,6 +97,203 @@ pub fn attn_v(kernel: &Kernel, k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u3
         }
     }
     out
+}
+
+/// Multi-head attention compiled from an `attention` or `window-attention` op.
+#[derive(Debug)]
+pub(crate) struct Attention {
+    pub(crate) heads: usize,
+    /// qkv's zero point.
+    pub(crate) z: i32,
+    /// `s_qkv² · head_dim^-½ / s_scores`.
+    pub(crate) m_scores: Dyadic,
+    /// The scores' zero point.
+    pub(crate) z_a: i32,
+    /// The scale Log-Int-Softmax reads: the scores' (ViT) or the biased scores' (Swin).
+    pub(crate) s_lis: f32,
+    pub(crate) bits: u32,
+    /// Fixed-point bits of the probabilities `2^-k` in `attn · v`.
+    pub(crate) k_max: u32,
+    pub(crate) m_ctx: Vec<Dyadic>,
+    pub(crate) z_c: Vec<i32>,
+    /// Swin's windows.
+    pub(crate) windows: Option<Windows>,
+}
+
+/// Swin's windows: the grid token each windowed position holds, the bias and the mask.
+#[derive(Debug)]
+pub(crate) struct Windows {
+    /// [`fqvit_program::windows::tokens`].
+    pub(crate) tokens: Vec<usize>,
+    /// Tokens per window.
+    pub(crate) n: usize,
+    /// The quantized bias of each head and token pair, `(heads, n, n)`.
+    pub(crate) table: Vec<u8>,
+    /// Scores plus bias on the biased site: `((a − z_a)·m_a + (t − z_t)·m_t) >> ADD_SHIFT`,
+    /// as a residual add (`|·| ≤ 2 · 255 · 2^50 < 2^63`).
+    pub(crate) m_a: i64,
+    pub(crate) z_t: i32,
+    pub(crate) m_t: i64,
+    pub(crate) z_b: i32,
+    /// The masked token pairs of each window, `(windows, n, n)`; `None` unshifted.
+    pub(crate) mask: Option<Vec<bool>>,
+    /// The mask (−100) in the biased site's steps, rounded: the integer twin of the
+    /// simulation's `X/S`, which masked entries leave off the grid.
+    pub(crate) mask_steps: i32,
+}
+
+impl Windows {
+    /// Head `h`'s scores `x` (less their zero point) of window `w` plus the bias, on the biased
+    /// site less its zero point, then masked.
+    fn bias_and_mask(&self, h: usize, w: usize, x: &mut [i32]) {
+        let nn = self.n * self.n;
+        for (x, &t) in x.iter_mut().zip(&self.table[h * nn..][..nn]) {
+            let v = i64::from(*x) * self.m_a + (i64::from(t) - i64::from(self.z_t)) * self.m_t;
+            let code = clamp_u8(round_shift_i64(v, ADD_SHIFT) + i64::from(self.z_b));
+            *x = i32::from(code) - self.z_b;
+        }
+        if let Some(mask) = &self.mask {
+            for (x, &m) in x.iter_mut().zip(&mask[w * nn..][..nn]) {
+                if m {
+                    *x += self.mask_steps;
+                }
+            }
+        }
+    }
+}
+
+impl Attention {
+    /// `(N, 3D)` qkv codes of one image to `(N, D)` context codes, with the time spent in
+    /// matmuls and in the softmax (summed over threads).
+    pub(crate) fn run(
+        &self,
+        kernel: &Kernel,
+        qkv: &[u8],
+        n: usize,
+    ) -> (Vec<u8>, Duration, Duration) {
+        let Some(win) = &self.windows else { return self.heads_of(kernel, qkv, n, None) };
+        let (c3, wn) = (qkv.len() / n, win.n);
+        let d = c3 / 3;
+        let per_window: Vec<(Vec<u8>, Duration, Duration)> = (0..n / wn)
+            .into_par_iter()
+            .map(|w| {
+                let mut x = Vec::with_capacity(wn * c3);
+                for &t in &win.tokens[w * wn..][..wn] {
+                    x.extend_from_slice(&qkv[t * c3..][..c3]);
+                }
+                self.heads_of(kernel, &x, wn, Some(w))
+            })
+            .collect();
+        let mut out = vec![0u8; n * d];
+        let (mut mm, mut sm) = (Duration::ZERO, Duration::ZERO);
+        for (w, (ctx, a, b)) in per_window.into_iter().enumerate() {
+            for (i, &t) in win.tokens[w * wn..][..wn].iter().enumerate() {
+                out[t * d..][..d].copy_from_slice(&ctx[i * d..][..d]);
+            }
+            mm += a;
+            sm += b;
+        }
+        (out, mm, sm)
+    }
+
+    /// Every head of `n` tokens (an image, or window `window` of Swin's).
+    fn heads_of(
+        &self,
+        kernel: &Kernel,
+        qkv: &[u8],
+        n: usize,
+        window: Option<usize>,
+    ) -> (Vec<u8>, Duration, Duration) {
+        let d = qkv.len() / n / 3;
+        let hd = d / self.heads;
+        let arch = pulp::Arch::new();
+        let per_head: Vec<(Vec<u8>, Duration, Duration)> = (0..self.heads)
+            .into_par_iter()
+            .map(|h| {
+                let t = Instant::now();
+                let part = |p: usize, i: usize| &qkv[i * 3 * d + p * d + h * hd..][..hd];
+                let gather = |p: usize| {
+                    let mut x = Vec::with_capacity(n * hd);
+                    (0..n).for_each(|i| x.extend_from_slice(part(p, i)));
+                    x
+                };
+                let q = gather(0);
+                // k − 128 as int8 "weights", so that the u8 × i8 GEMM takes q·kᵀ:
+                // Σ(q − z)(k − z) = Σ q·(k − 128) + (128 − z)·Σq − z·Σk + hd·z²,
+                // each term below 2^31 in magnitude for hd < 2^15.
+                let k: Vec<i8> =
+                    gather(1).into_iter().map(|x| (i32::from(x) - 128) as i8).collect();
+                let sum =
+                    |p: usize, i: usize| part(p, i).iter().map(|&x| i64::from(x)).sum::<i64>();
+                let (sq, sk): (Vec<i64>, Vec<i64>) = (0..n).map(|i| (sum(0, i), sum(1, i))).unzip();
+                let mut raw = vec![0i32; n * n];
+                gemm(kernel, &q, &Weights::new(kernel, k, n, hd), &mut raw);
+                let mut x = vec![0i32; n * n];
+                arch.dispatch(Scores { att: self, raw: &raw, sq: &sq, sk: &sk, hd, out: &mut x });
+                if let (Some(win), Some(w)) = (&self.windows, window) {
+                    win.bias_and_mask(h, w, &mut x);
+                }
+                let mm = t.elapsed();
+                let t = Instant::now();
+                let mut k_codes = vec![0u16; n * n];
+                log_int_softmax(&x, n, self.s_lis, self.bits, &mut k_codes);
+                let sm = t.elapsed();
+                let t = Instant::now();
+                let v = gather(2);
+                let sums = attn_v(kernel, &k_codes, &v, self.z, hd, self.k_max);
+                let (m, z) = (&self.m_ctx[h * hd..][..hd], &self.z_c[h * hd..][..hd]);
+                let mut out = vec![0u8; n * hd];
+                for (o, row) in out.chunks_exact_mut(hd).zip(sums.chunks_exact(hd)) {
+                    for ((o, &a), (m, &z)) in o.iter_mut().zip(row).zip(m.iter().zip(z)) {
+                        *o = clamp_u8(m.apply(a) + i64::from(z));
+                    }
+                }
+                (out, mm + t.elapsed(), sm)
+            })
+            .collect();
+        let mut out = vec![0u8; n * d];
+        let (mut mm_all, mut sm_all) = (Duration::ZERO, Duration::ZERO);
+        for (h, (codes, mm, sm)) in per_head.into_iter().enumerate() {
+            for i in 0..n {
+                out[i * d + h * hd..][..hd].copy_from_slice(&codes[i * hd..][..hd]);
+            }
+            mm_all += mm;
+            sm_all += sm;
+        }
+        (out, mm_all, sm_all)
+    }
+}
+
+/// One head's score requantization: `Σ(q − z)(k − z)` from the raw `Σ q·(k − 128)` and the row
+/// sums, onto the scores site, less its zero point. `|Σ(q − z)(k − z)| ≤ 255²·hd < 2^31`, so
+/// [`Dyadic::apply_small`] holds it.
+struct Scores<'a> {
+    att: &'a Attention,
+    raw: &'a [i32],
+    sq: &'a [i64],
+    sk: &'a [i64],
+    hd: usize,
+    out: &'a mut [i32],
+}
+
+impl pulp::WithSimd for Scores<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let Scores { att, raw, sq, sk, hd, out } = self;
+        let n = sk.len();
+        let z = i64::from(att.z);
+        let constant = hd as i64 * z * z;
+        let (m, z_a) = (att.m_scores, i64::from(att.z_a));
+        for ((x, raw), &sq) in out.chunks_exact_mut(n).zip(raw.chunks_exact(n)).zip(sq) {
+            let row = (128 - z) * sq + constant;
+            for ((x, &r), &sk) in x.iter_mut().zip(raw).zip(sk) {
+                let s = i64::from(r) + row - z * sk;
+                *x = (clamp_u8(m.apply_small(s) + z_a) as i32) - att.z_a;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

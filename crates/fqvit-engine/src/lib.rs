@@ -75,6 +75,7 @@ pub struct Engine {
     size: usize,
     normalize: fqvit_program::Normalize,
     classes: usize,
+    program: Program,
 }
 
 impl Engine {
@@ -114,8 +115,8 @@ impl Engine {
         }
         let program = art.metadata.get(PROGRAM_KEY).ok_or_else(|| {
             art.bad(format!(
-                "has no integer program (metadata `{PROGRAM_KEY}`): the model family has none yet, \
-                 or an older fqvit wrote it; run `fqvit-cli quantize` again"
+                "has no integer program (metadata `{PROGRAM_KEY}`): an older fqvit wrote it; run \
+                 `fqvit-cli quantize` again"
             ))
         })?;
         let program: Program = serde_json::from_str(program)
@@ -147,6 +148,7 @@ impl Engine {
             size,
             normalize,
             classes,
+            program,
         })
     }
 
@@ -158,6 +160,11 @@ impl Engine {
     /// The input side.
     pub fn image_size(&self) -> usize {
         self.size
+    }
+
+    /// The program it runs.
+    pub fn program(&self) -> &Program {
+        &self.program
     }
 
     /// The sites the program writes codes on, in program order.

@@ -7,13 +7,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use fqvit_ops::layer_norm::{InScale, LayerNormParams, ptf_layer_norm};
-use fqvit_ops::softmax::{MAX_ROW, MIN_SCALE, log_int_softmax};
+use fqvit_ops::softmax::{MAX_ROW, MIN_SCALE};
 use fqvit_ops::{BitType, PtfFactor, dequantize, quantize};
 use fqvit_program::{Op, Program};
 use rayon::prelude::*;
 
 use crate::artifact::Artifact;
-use crate::attention::attn_v;
+use crate::attention::{Attention, Windows};
 use crate::error::{Error, Result};
 use crate::gelu::{Buckets, FRACTION_BITS, GeluTable};
 use crate::gemm::{Kernel, Weights, gemm};
@@ -122,7 +122,7 @@ pub(crate) struct AddConsts {
 }
 
 /// Fraction bits of the residual multipliers: ratios below 2^20 keep `255 · m < 2^58`.
-const ADD_SHIFT: u32 = 30;
+pub(crate) const ADD_SHIFT: u32 = 30;
 
 /// One compiled op.
 #[derive(Debug)]
@@ -156,6 +156,14 @@ pub(crate) enum Compiled {
         dense: Dense,
     },
     Attention(Box<Attention>),
+    PatchMerge {
+        resolution: usize,
+    },
+    MeanTokens {
+        m: Dyadic,
+        z_in: i32,
+        z_out: i32,
+    },
     Add(AddConsts),
     SelectToken {
         index: usize,
@@ -172,20 +180,6 @@ pub(crate) enum LnScale {
     Ptf { base: f32, factors: Vec<PtfFactor> },
 }
 
-#[derive(Debug)]
-pub(crate) struct Attention {
-    heads: usize,
-    z: i32,
-    m_scores: Dyadic,
-    z_a: i32,
-    s_a: f32,
-    bits: u32,
-    /// Fixed-point bits of the probabilities `2^-k` in `attn · v`.
-    k_max: u32,
-    m_ctx: Vec<Dyadic>,
-    z_c: Vec<i32>,
-}
-
 impl Compiled {
     pub(crate) fn bytes(&self) -> usize {
         let dense = |d: &Dense| {
@@ -199,6 +193,9 @@ impl Compiled {
             Compiled::PatchEmbed { dense: d, .. } | Compiled::Linear { dense: d } => dense(d),
             Compiled::Embed { cls, pos, .. } => cls.len() + pos.len(),
             Compiled::LayerNorm { gamma, .. } => 8 * gamma.len(),
+            Compiled::Attention(a) => a.windows.as_ref().map_or(0, |w| {
+                w.table.len() + w.mask.as_ref().map_or(0, Vec::len) + 8 * w.tokens.len()
+            }),
             _ => 0,
         }
     }
@@ -220,6 +217,9 @@ fn kind(op: &Op) -> &'static str {
         Op::LayerNorm { .. } => "layer-norm",
         Op::Linear { .. } => "linear",
         Op::Attention { .. } => "attention",
+        Op::WindowAttention { .. } => "window-attention",
+        Op::PatchMerge { .. } => "patch-merge",
+        Op::MeanTokens { .. } => "mean-tokens",
         Op::Add { .. } => "add",
         Op::SelectToken { .. } => "select-token",
         Op::Output { .. } => "output",
@@ -381,47 +381,110 @@ pub(crate) fn compile(
             Op::Attention { input, heads, scores_site, out_site } => {
                 let (rows, c3) = shapes[*input];
                 let g = grid_of(*input).ok_or_else(|| err("its input has no grid".into()))?;
-                layer_wise(&g, "qkv")?;
-                let d = c3 / 3;
-                if !c3.is_multiple_of(3) || *heads == 0 || !d.is_multiple_of(*heads) {
+                let ga = Grid::read(art, scores_site)?;
+                let site = AttentionSites { qkv: &g, scores: &ga, lis: &ga, out_site };
+                let att = attention(art, &site, rows, c3, *heads, lis_bits, &err)?;
+                (
+                    Compiled::Attention(Box::new(att)),
+                    (rows, c3 / 3),
+                    Some(Grid::read(art, out_site)?),
+                )
+            }
+            Op::WindowAttention {
+                input,
+                heads,
+                resolution,
+                window,
+                shift,
+                scores_site,
+                table,
+                table_site,
+                biased_site,
+                out_site,
+            } => {
+                let (rows, c3) = shapes[*input];
+                let (res, w, shift) = (*resolution, *window, *shift);
+                if rows != res * res || w == 0 || !res.is_multiple_of(w) || shift >= w {
                     return Err(err(format!(
-                        "{c3} qkv channels do not split into 3 × {heads} heads"
+                        "{rows} tokens are not a {res} × {res} grid of {w} × {w} windows shifted by {shift}"
                     )));
                 }
-                if rows > MAX_ROW {
-                    return Err(err(format!("{rows} tokens exceed Log-Int-Softmax's {MAX_ROW}")));
-                }
+                let g = grid_of(*input).ok_or_else(|| err("its input has no grid".into()))?;
                 let ga = Grid::read(art, scores_site)?;
-                layer_wise(&ga, "scores")?;
-                if ga.scale[0] < MIN_SCALE {
-                    return Err(err(format!("scores scale {} is below {MIN_SCALE}", ga.scale[0])));
+                let gb = Grid::read(art, biased_site)?;
+                let gt = Grid::read(art, table_site)?;
+                for (g, what) in [(&gb, "biased scores"), (&gt, "bias table")] {
+                    layer_wise(g, what)?;
                 }
-                let gc = Grid::read(art, out_site)?;
-                if !gc.fits(d) {
-                    return Err(err(format!("site {out_site} does not fit {d} channels")));
-                }
-                // The simulation multiplies a float32 tensor by head_dim^-½ as a float32 scalar.
-                let head_scale = f64::from(((d / heads) as f64).powf(-0.5) as f32);
-                let s = f64::from(g.scale[0]);
-                let k_max = ((1u32 << lis_bits.min(5)) - 1).min(30);
-                let m_ctx = (0..d)
-                    .map(|c| dyadic(s * 2f64.powi(-(k_max as i32)) / f64::from(gc.scale(c)), &err))
-                    .collect::<Result<_>>()?;
-                let att = Attention {
-                    heads: *heads,
-                    z: g.zero_point[0],
-                    m_scores: small(
-                        dyadic(s * s * head_scale / f64::from(ga.scale[0]), &err)?,
-                        &err,
-                    )?,
-                    z_a: ga.zero_point[0],
-                    s_a: ga.scale[0],
-                    bits: lis_bits,
-                    k_max,
-                    m_ctx,
-                    z_c: (0..d).map(|c| gc.zero_point(c)).collect(),
+                let site = AttentionSites { qkv: &g, scores: &ga, lis: &gb, out_site };
+                let n = w * w;
+                let mut att = attention(art, &site, n, c3, *heads, lis_bits, &err)?;
+                let t = art.f32(table, Some(&[(2 * w - 1).pow(2), *heads]))?;
+                let index = fqvit_program::windows::relative_position_index(w);
+                let q = |x: f32| quantize(x, gt.scale[0], gt.zero_point[0], BitType::UINT8) as u8;
+                let table = (0..*heads)
+                    .flat_map(|h| index.iter().map(move |&r| (r, h)))
+                    .map(|(r, h)| q(t[r * heads + h]))
+                    .collect();
+                let mask = (shift > 0).then(|| {
+                    let labels = fqvit_program::windows::regions(res, w, shift);
+                    labels
+                        .chunks(n)
+                        .flat_map(|l| {
+                            l.iter().flat_map(move |&li| l.iter().map(move |&lj| li != lj))
+                        })
+                        .collect()
+                });
+                let ratio = |g: &Grid| {
+                    let r = f64::from(g.scale[0]) / f64::from(gb.scale[0]);
+                    if r >= 2f64.powi(20) {
+                        return Err(err(format!(
+                            "site {} is {r:e} times coarser than {}",
+                            g.name, gb.name
+                        )));
+                    }
+                    Ok((r * 2f64.powi(ADD_SHIFT as i32)).round_ties_even() as i64)
                 };
-                (Compiled::Attention(Box::new(att)), (rows, d), Some(gc))
+                att.windows = Some(Windows {
+                    tokens: fqvit_program::windows::tokens(res, w, shift),
+                    n,
+                    table,
+                    m_a: ratio(&ga)?,
+                    z_t: gt.zero_point[0],
+                    m_t: ratio(&gt)?,
+                    z_b: gb.zero_point[0],
+                    mask,
+                    mask_steps: (-100.0 / f64::from(gb.scale[0])).round_ties_even() as i32,
+                });
+                (
+                    Compiled::Attention(Box::new(att)),
+                    (rows, c3 / 3),
+                    Some(Grid::read(art, out_site)?),
+                )
+            }
+            Op::PatchMerge { input, resolution } => {
+                let (rows, c) = shapes[*input];
+                let res = *resolution;
+                if rows != res * res || !res.is_multiple_of(2) {
+                    return Err(err(format!(
+                        "{rows} tokens are not a {res} × {res} grid of even side"
+                    )));
+                }
+                let g = grid_of(*input).ok_or_else(|| err("its input has no grid".into()))?;
+                (Compiled::PatchMerge { resolution: res }, (rows / 4, 4 * c), Some(g.tiled(4)))
+            }
+            Op::MeanTokens { input, out_site } => {
+                let (rows, _) = shapes[*input];
+                let g = grid_of(*input).ok_or_else(|| err("its input has no grid".into()))?;
+                let go = Grid::read(art, out_site)?;
+                layer_wise(&g, "input")?;
+                layer_wise(&go, "output")?;
+                // |Σ (q − z)| ≤ 255 · rows.
+                let m =
+                    dyadic(f64::from(g.scale[0]) / (rows as f64 * f64::from(go.scale[0])), &err)?;
+                let mean =
+                    Compiled::MeanTokens { m, z_in: g.zero_point[0], z_out: go.zero_point[0] };
+                (mean, (1, shapes[*input].1), Some(go))
             }
             Op::Add { a, b, out_site } => {
                 if shapes[*a] != shapes[*b] {
@@ -476,6 +539,74 @@ fn wrap(e: Error, err: &impl Fn(String) -> Error) -> Error {
         Error::Op { reason, .. } => err(reason),
         other => other,
     }
+}
+
+/// The sites of an attention op.
+struct AttentionSites<'a> {
+    qkv: &'a Grid,
+    scores: &'a Grid,
+    /// The site whose scale Log-Int-Softmax reads.
+    lis: &'a Grid,
+    out_site: &'a str,
+}
+
+/// Attention over `n` tokens (an image, or a window) of `c3` qkv channels.
+fn attention(
+    art: &Artifact,
+    site: &AttentionSites<'_>,
+    n: usize,
+    c3: usize,
+    heads: usize,
+    lis_bits: u32,
+    err: &impl Fn(String) -> Error,
+) -> Result<Attention> {
+    let layer_wise = |g: &Grid, what: &str| {
+        if g.layer_wise() {
+            Ok(())
+        } else {
+            Err(err(format!("{what} site {} is channel-wise; the engine needs one scale", g.name)))
+        }
+    };
+    let (g, ga) = (site.qkv, site.scores);
+    layer_wise(g, "qkv")?;
+    layer_wise(ga, "scores")?;
+    let d = c3 / 3;
+    if !c3.is_multiple_of(3) || heads == 0 || !d.is_multiple_of(heads) {
+        return Err(err(format!("{c3} qkv channels do not split into 3 × {heads} heads")));
+    }
+    if n > MAX_ROW {
+        return Err(err(format!("{n} tokens exceed Log-Int-Softmax's {MAX_ROW}")));
+    }
+    let s_lis = site.lis.scale[0];
+    if s_lis < MIN_SCALE {
+        return Err(err(format!(
+            "site {}: scale {s_lis} is below Log-Int-Softmax's {MIN_SCALE}",
+            site.lis.name
+        )));
+    }
+    let gc = Grid::read(art, site.out_site)?;
+    if !gc.fits(d) {
+        return Err(err(format!("site {} does not fit {d} channels", site.out_site)));
+    }
+    // The simulation multiplies a float32 tensor by head_dim^-½ as a float32 scalar.
+    let head_scale = f64::from(((d / heads) as f64).powf(-0.5) as f32);
+    let s = f64::from(g.scale[0]);
+    let k_max = ((1u32 << lis_bits.min(5)) - 1).min(30);
+    let m_ctx = (0..d)
+        .map(|c| dyadic(s * 2f64.powi(-(k_max as i32)) / f64::from(gc.scale(c)), err))
+        .collect::<Result<_>>()?;
+    Ok(Attention {
+        heads,
+        z: g.zero_point[0],
+        m_scores: small(dyadic(s * s * head_scale / f64::from(ga.scale[0]), err)?, err)?,
+        z_a: ga.zero_point[0],
+        s_lis,
+        bits: lis_bits,
+        k_max,
+        m_ctx,
+        z_c: (0..d).map(|c| gc.zero_point(c)).collect(),
+        windows: None,
+    })
 }
 
 /// A dyadic multiplier for [`Dyadic::apply_small`]: shifts above 62 would round every value
@@ -572,7 +703,9 @@ fn dense(
         return Err(err(format!("{layer}: reduction of {k} is too long for the accumulators")));
     }
     let ws = art.f32(&format!("{layer}.scale"), Some(&[n]))?;
-    let b = art.f32(&format!("{layer}.bias"), Some(&[n]))?;
+    // Swin's patch-merging reduction has no bias.
+    let bias = format!("{layer}.bias");
+    let b = if art.has(&bias) { art.f32(&bias, Some(&[n]))? } else { vec![0.0; n] };
     let go = Grid::read(art, out_site)?;
     if !go.fits(n) {
         return Err(err(format!("site {out_site} does not fit {n} channels")));
@@ -640,7 +773,7 @@ fn codes(v: &Option<Val>) -> &[u8] {
 }
 
 #[inline]
-fn clamp_u8(v: i64) -> u8 {
+pub(crate) fn clamp_u8(v: i64) -> u8 {
     v.clamp(0, 255) as u8
 }
 
@@ -677,99 +810,6 @@ fn add(c: &AddConsts, a: &[u8], b: &[u8], out: &mut [u8]) {
             o[j] = clamp_u8(round_shift_i64(v, ADD_SHIFT) + i64::from(c.zo[j]));
         }
     });
-}
-
-impl Attention {
-    /// `(N, 3D)` qkv codes of one image to `(N, D)` context codes, with the time its heads
-    /// spent in matmuls and in the softmax (summed over threads).
-    fn run(&self, kernel: &Kernel, qkv: &[u8], n: usize) -> (Vec<u8>, Duration, Duration) {
-        let d = qkv.len() / n / 3;
-        let hd = d / self.heads;
-        let arch = pulp::Arch::new();
-        let per_head: Vec<(Vec<u8>, Duration, Duration)> = (0..self.heads)
-            .into_par_iter()
-            .map(|h| {
-                let t = Instant::now();
-                let part = |p: usize, i: usize| &qkv[i * 3 * d + p * d + h * hd..][..hd];
-                let gather = |p: usize| {
-                    let mut x = Vec::with_capacity(n * hd);
-                    (0..n).for_each(|i| x.extend_from_slice(part(p, i)));
-                    x
-                };
-                let q = gather(0);
-                // k − 128 as int8 "weights", so that the u8 × i8 GEMM takes q·kᵀ:
-                // Σ(q − z)(k − z) = Σ q·(k − 128) + (128 − z)·Σq − z·Σk + hd·z²,
-                // each term below 2^31 in magnitude for hd < 2^15.
-                let k: Vec<i8> =
-                    gather(1).into_iter().map(|x| (i32::from(x) - 128) as i8).collect();
-                let sum =
-                    |p: usize, i: usize| part(p, i).iter().map(|&x| i64::from(x)).sum::<i64>();
-                let (sq, sk): (Vec<i64>, Vec<i64>) = (0..n).map(|i| (sum(0, i), sum(1, i))).unzip();
-                let mut raw = vec![0i32; n * n];
-                gemm(kernel, &q, &Weights::new(kernel, k, n, hd), &mut raw);
-                let mut x = vec![0i32; n * n];
-                arch.dispatch(Scores { att: self, raw: &raw, sq: &sq, sk: &sk, hd, out: &mut x });
-                let mm = t.elapsed();
-                let t = Instant::now();
-                let mut k_codes = vec![0u16; n * n];
-                log_int_softmax(&x, n, self.s_a, self.bits, &mut k_codes);
-                let sm = t.elapsed();
-                let t = Instant::now();
-                let v = gather(2);
-                let sums = attn_v(kernel, &k_codes, &v, self.z, hd, self.k_max);
-                let (m, z) = (&self.m_ctx[h * hd..][..hd], &self.z_c[h * hd..][..hd]);
-                let mut out = vec![0u8; n * hd];
-                for (o, row) in out.chunks_exact_mut(hd).zip(sums.chunks_exact(hd)) {
-                    for ((o, &a), (m, &z)) in o.iter_mut().zip(row).zip(m.iter().zip(z)) {
-                        *o = clamp_u8(m.apply(a) + i64::from(z));
-                    }
-                }
-                (out, mm + t.elapsed(), sm)
-            })
-            .collect();
-        let mut out = vec![0u8; n * d];
-        let (mut mm_all, mut sm_all) = (Duration::ZERO, Duration::ZERO);
-        for (h, (codes, mm, sm)) in per_head.into_iter().enumerate() {
-            for i in 0..n {
-                out[i * d + h * hd..][..hd].copy_from_slice(&codes[i * hd..][..hd]);
-            }
-            mm_all += mm;
-            sm_all += sm;
-        }
-        (out, mm_all, sm_all)
-    }
-}
-
-/// One head's score requantization: `Σ(q − z)(k − z)` from the raw `Σ q·(k − 128)` and the row
-/// sums, onto the scores site, less its zero point. `|Σ(q − z)(k − z)| ≤ 255²·hd < 2^31`, so
-/// [`Dyadic::apply_small`] holds it.
-struct Scores<'a> {
-    att: &'a Attention,
-    raw: &'a [i32],
-    sq: &'a [i64],
-    sk: &'a [i64],
-    hd: usize,
-    out: &'a mut [i32],
-}
-
-impl pulp::WithSimd for Scores<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) {
-        let Scores { att, raw, sq, sk, hd, out } = self;
-        let n = sk.len();
-        let z = i64::from(att.z);
-        let constant = hd as i64 * z * z;
-        let (m, z_a) = (att.m_scores, i64::from(att.z_a));
-        for ((x, raw), &sq) in out.chunks_exact_mut(n).zip(raw.chunks_exact(n)).zip(sq) {
-            let row = (128 - z) * sq + constant;
-            for ((x, &r), &sk) in x.iter_mut().zip(raw).zip(sk) {
-                let s = i64::from(r) + row - z * sk;
-                *x = (clamp_u8(m.apply_small(s) + z_a) as i32) - att.z_a;
-            }
-        }
-    }
 }
 
 /// The program's wiring (what each op reads, the last op to read each value, each op's site)
@@ -892,6 +932,42 @@ pub(crate) fn execute(
                     Duration::from_secs_f64(wall * (1.0 - share));
                 let out = per_image.into_iter().flat_map(|(codes, ..)| codes).collect();
                 (Val::Codes(out), n)
+            }
+            Compiled::PatchMerge { resolution: res } => {
+                let v = inputs[i][0];
+                let x = codes(&vals[v]);
+                let (half, c) = (res / 2, x.len() / batch / (res * res));
+                let mut out = vec![0u8; x.len()];
+                out.par_chunks_mut(4 * c).enumerate().for_each(|(r, o)| {
+                    let (b, t) = (r / (half * half), r % (half * half));
+                    let (y, x0) = (2 * (t / half), 2 * (t % half));
+                    for (k, (dy, dx)) in [(0, 0), (1, 0), (0, 1), (1, 1)].into_iter().enumerate() {
+                        let src = (b * res + y + dy) * res + x0 + dx;
+                        o[k * c..][..c].copy_from_slice(&x[src * c..][..c]);
+                    }
+                });
+                timings.add("other", t);
+                (Val::Codes(out), rows_of[v] / 4)
+            }
+            Compiled::MeanTokens { m, z_in, z_out } => {
+                let v = inputs[i][0];
+                let x = codes(&vals[v]);
+                let per = x.len() / batch;
+                let c = per / rows_of[v];
+                let mut out = vec![0u8; batch * c];
+                for (o, x) in out.chunks_exact_mut(c).zip(x.chunks_exact(per)) {
+                    let mut sums = vec![0i64; c];
+                    for token in x.chunks_exact(c) {
+                        for (s, &q) in sums.iter_mut().zip(token) {
+                            *s += i64::from(q) - i64::from(*z_in);
+                        }
+                    }
+                    for (o, &s) in o.iter_mut().zip(&sums) {
+                        *o = clamp_u8(m.apply(s) + i64::from(*z_out));
+                    }
+                }
+                timings.add("other", t);
+                (Val::Codes(out), 1)
             }
             Compiled::Add(consts) => {
                 let (a, b) = (inputs[i][0], inputs[i][1]);

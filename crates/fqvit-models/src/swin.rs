@@ -14,6 +14,7 @@ use crate::common::{Mlp, act, act_renamed};
 use crate::mode::Mode;
 use crate::quant::{Act, Classifier, Conv2d, Layer, LayerNorm, Linear, Quantizable, Softmax};
 use crate::site::{SiteId, SiteTable, TensorClass};
+use fqvit_program::{Builder, Normalize, Op, Program, Value, windows};
 
 /// Architecture hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -97,6 +98,9 @@ struct WindowAttention {
     proj_out: Act,
     /// `(N·N,)` indices into the table's rows, computed.
     index: Tensor,
+    /// The table's tensor name.
+    table_name: String,
+    window: i64,
     num_heads: i64,
     scale: f64,
 }
@@ -152,9 +156,38 @@ impl WindowAttention {
             proj,
             proj_out,
             index: relative_position_index(window, p.device()),
+            table_name: format!("{o}.relative_position_bias_table"),
+            window,
             num_heads,
             scale: ((dim / num_heads) as f64).powf(-0.5),
         }
+    }
+
+    /// The integer form of the block's roll, windowing, [`WindowAttention::forward`] and their
+    /// inverses, on the LayerNorm's out-site codes in token order.
+    fn program(
+        &self,
+        b: &mut Builder,
+        sites: &SiteTable,
+        input: Value,
+        resolution: i64,
+        shift: i64,
+    ) -> Value {
+        let name = |id: SiteId| sites.get(id).name.clone();
+        let qkv = self.qkv.program(b, sites, input, false, self.qkv_out.site());
+        let ctx = b.push(Op::WindowAttention {
+            input: qkv,
+            heads: self.num_heads as usize,
+            resolution: resolution as usize,
+            window: self.window as usize,
+            shift: shift as usize,
+            scores_site: name(self.scores.site()),
+            table: self.table_name.clone(),
+            table_site: name(self.table_out.site()),
+            biased_site: name(self.biased.site()),
+            out_site: name(self.context.site()),
+        });
+        self.proj.program(b, sites, ctx, false, self.proj_out.site())
     }
 
     /// Attention within windows `(B·nW, N, C)`; `mask` is `(nW, N, N)` for shifted windows.
@@ -185,48 +218,27 @@ impl WindowAttention {
     }
 }
 
-/// `idx(i, j) = (r_i − r_j + w − 1)·(2w − 1) + (c_i − c_j + w − 1)` for tokens `t = w·r + c`.
+/// The table row of each token pair ([`windows::relative_position_index`]).
 fn relative_position_index(window: i64, device: Device) -> Tensor {
-    let n = window * window;
-    let index: Vec<i64> = (0..n * n)
-        .map(|ij| {
-            let (i, j) = (ij / n, ij % n);
-            let (ri, ci, rj, cj) = (i / window, i % window, j / window, j % window);
-            (ri - rj + window - 1) * (2 * window - 1) + (ci - cj + window - 1)
-        })
-        .collect();
+    let index: Vec<i64> =
+        windows::relative_position_index(window as usize).into_iter().map(|i| i as i64).collect();
     Tensor::from_slice(&index).to_device(device)
 }
 
 /// The shifted-window mask `(nW, N, N)`: 0 within a region of the shifted grid, −100 across
-/// (spec §8.2; the same 9 regions and values as timm and the original).
+/// (spec §8.2; the same 9 regions ([`windows::regions`]) and values as timm and the original).
 fn shift_mask(res: i64, window: i64, shift: i64, device: Device) -> Tensor {
-    let region = |v: i64| {
-        if v < res - window {
-            0
-        } else if v < res - shift {
-            1
-        } else {
-            2
-        }
-    };
-    let (per_side, n) = (res / window, window * window);
-    let mut labels = Vec::with_capacity((per_side * per_side * n) as usize);
-    for wr in 0..per_side {
-        for wc in 0..per_side {
-            for t in 0..n {
-                let (r, c) = (wr * window + t / window, wc * window + t % window);
-                labels.push(3 * region(r) + region(c));
-            }
-        }
-    }
-    let mut mask = Vec::with_capacity(labels.len() * n as usize);
-    for w in labels.chunks(n as usize) {
+    let labels = windows::regions(res as usize, window as usize, shift as usize);
+    let n = (window * window) as usize;
+    let mut mask = Vec::with_capacity(labels.len() * n);
+    for w in labels.chunks(n) {
         for &li in w {
             mask.extend(w.iter().map(|&lj| if li == lj { 0f32 } else { -100.0 }));
         }
     }
-    Tensor::from_slice(&mask).view([per_side * per_side, n, n]).to_device(device)
+    Tensor::from_slice(&mask)
+        .view([labels.len() as i64 / (n as i64), n as i64, n as i64])
+        .to_device(device)
 }
 
 /// `(B, H, W, C)` → `(B·nW, w·w, C)`, windows batch-major then row-major.
@@ -321,6 +333,17 @@ impl Block {
         }
     }
 
+    /// The integer form of [`Block::forward`].
+    fn program(&self, b: &mut Builder, sites: &SiteTable, xs: Value) -> Value {
+        let name = |id: SiteId| sites.get(id).name.clone();
+        let h = self.norm1.program(b, sites, xs);
+        let a = self.attn.program(b, sites, h, self.resolution, self.shift);
+        let x = b.push(Op::Add { a: xs, b: a, out_site: name(self.residual1.site()) });
+        let h = self.norm2.program(b, sites, x);
+        let m = self.mlp.program(b, sites, h);
+        b.push(Op::Add { a: x, b: m, out_site: name(self.residual2.site()) })
+    }
+
     fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
         let (b, l, c) = xs.size3().expect("Swin block input is (B, L, C)");
         let (res, s) = (self.resolution, self.shift);
@@ -390,6 +413,13 @@ impl PatchMerging {
         let out =
             act_renamed(sites, &o, "out", &original, "qact2", TensorClass::LayerNormInput, 2 * dim);
         PatchMerging { norm, norm_out, reduction, out, resolution: cfg.resolution(stage - 1) }
+    }
+
+    /// The integer form of [`PatchMerging::forward`].
+    fn program(&self, b: &mut Builder, sites: &SiteTable, xs: Value) -> Value {
+        let x = b.push(Op::PatchMerge { input: xs, resolution: self.resolution as usize });
+        let x = self.norm.program(b, sites, x);
+        self.reduction.program(b, sites, x, false, self.out.site())
     }
 
     fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
@@ -563,6 +593,39 @@ impl Quantizable for Swin {
 
     fn device(&self) -> Device {
         self.device
+    }
+
+    /// Mirrors [`Classifier::forward`] op for op.
+    fn program(&self) -> Option<Program> {
+        let sites = &self.sites;
+        let name = |id: SiteId| sites.get(id).name.clone();
+        let pp = self.cfg.preprocess;
+        let mut b = Builder::default();
+        let image = b.push(Op::Image {
+            size: self.cfg.img_size as usize,
+            normalize: Normalize { mean: pp.mean, std: pp.std },
+        });
+        let x = b.push(Op::QuantizeImage { input: image, site: name(self.input.site()) });
+        let x = b.push(Op::PatchEmbed {
+            input: x,
+            layer: name(self.patch_proj.site()),
+            patch: self.cfg.patch_size as usize,
+            out_site: name(self.patch_proj_out.site()),
+        });
+        let mut x = self.patch_norm.program(&mut b, sites, x);
+        for stage in &self.stages {
+            if let Some(merge) = &stage.downsample {
+                x = merge.program(&mut b, sites, x);
+            }
+            for block in &stage.blocks {
+                x = block.program(&mut b, sites, x);
+            }
+        }
+        let x = self.norm.program(&mut b, sites, x);
+        let x = b.push(Op::MeanTokens { input: x, out_site: name(self.pooled.site()) });
+        let x = self.head.program(&mut b, sites, x, false, self.logits.site());
+        b.push(Op::Output { input: x });
+        Some(b.finish())
     }
 
     fn layers(&self) -> Vec<Layer<'_>> {

@@ -11,6 +11,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod windows;
+
 /// The qparams artifact's metadata key that holds the program as JSON.
 pub const ARTIFACT_KEY: &str = "fqvit-program";
 
@@ -118,6 +120,51 @@ pub enum Op {
         /// Site of the context.
         out_site: String,
     },
+    /// Swin's window attention on `qkv` codes `(B, H·W, 3C)` in token order (the linear layers
+    /// around it act per token, so they commute with the windowing): the grid cyclically
+    /// shifted by `shift` and cut into `window × window` windows ([`windows::tokens`]); per
+    /// window and head `(q·head_dim^-½)·kᵀ` on `scores_site`, plus the relative position bias
+    /// (`table`, quantized on `table_site`, gathered by [`windows::relative_position_index`]) on
+    /// `biased_site`, the shift mask ([`windows::regions`]) where `shift > 0`, Log-Int-Softmax
+    /// with `biased_site`'s scale, `· v`; the context back in token order on `out_site`.
+    WindowAttention {
+        /// qkv codes.
+        input: Value,
+        /// Heads.
+        heads: usize,
+        /// Side of the square token grid.
+        resolution: usize,
+        /// Window side.
+        window: usize,
+        /// Cyclic shift (0: none, no mask).
+        shift: usize,
+        /// Site of the scaled scores.
+        scores_site: String,
+        /// The relative position bias table tensor, `((2w − 1)², heads)`.
+        table: String,
+        /// Site of the quantized table.
+        table_site: String,
+        /// Site of the scores plus bias.
+        biased_site: String,
+        /// Site of the context.
+        out_site: String,
+    },
+    /// Swin's patch merging gather: `(B, H·W, C)` to `(B, H/2·W/2, 4C)`, each token the
+    /// channels of its 2×2 neighbours `[x(0,0), x(1,0), x(0,1), x(1,1)]` (row, column
+    /// offsets); the codes keep their site, its per-channel entries tiled four times.
+    PatchMerge {
+        /// Codes.
+        input: Value,
+        /// Side of the square token grid.
+        resolution: usize,
+    },
+    /// The mean over tokens `(B, N, C)` to `(B, 1, C)`, on `out_site`.
+    MeanTokens {
+        /// Codes.
+        input: Value,
+        /// The site of the mean.
+        out_site: String,
+    },
     /// Element-wise sum of two code tensors of one shape, on `out_site` (a residual add).
     Add {
         /// First summand.
@@ -152,13 +199,17 @@ impl Op {
             | Op::LayerNorm { input, .. }
             | Op::Linear { input, .. }
             | Op::Attention { input, .. }
+            | Op::WindowAttention { input, .. }
+            | Op::PatchMerge { input, .. }
+            | Op::MeanTokens { input, .. }
             | Op::SelectToken { input, .. }
             | Op::Output { input } => vec![*input],
             Op::Add { a, b, .. } => vec![*a, *b],
         }
     }
 
-    /// The site whose grid its output lies on (`None`: the image, a token selection, logits).
+    /// The site whose grid its output lies on (`None`: the image, a token selection or gather,
+    /// logits).
     pub fn out_site(&self) -> Option<&str> {
         match self {
             Op::QuantizeImage { site, .. } => Some(site),
@@ -167,8 +218,13 @@ impl Op {
             | Op::LayerNorm { out_site, .. }
             | Op::Linear { out_site, .. }
             | Op::Attention { out_site, .. }
+            | Op::WindowAttention { out_site, .. }
+            | Op::MeanTokens { out_site, .. }
             | Op::Add { out_site, .. } => Some(out_site),
-            Op::Image { .. } | Op::SelectToken { .. } | Op::Output { .. } => None,
+            Op::Image { .. }
+            | Op::SelectToken { .. }
+            | Op::PatchMerge { .. }
+            | Op::Output { .. } => None,
         }
     }
 }

@@ -40,7 +40,7 @@ pub trait Quantizable {
     fn layers(&self) -> Vec<Layer<'_>>;
 
     /// Its integer program (`fqvit-program`), written beside the forward it mirrors; `None` for
-    /// a family the integer engine does not run yet (Swin).
+    /// a model the integer engine cannot run.
     fn program(&self) -> Option<fqvit_program::Program> {
         None
     }
