@@ -118,6 +118,11 @@ fn contradictory_or_unknown_flags_are_refused_with_a_clear_message() {
         &with(&["--quant", "--ptf", "--lis", "--site-agreement", "4"]),
         "--site-agreement compares the integer engine with the simulation: add --engine int",
     );
+    fails_with(&with(&["--on", "dev"]), "--on dev evaluates the train images that --holdout N");
+    fails_with(
+        &with(&["--quant", "--holdout", "500"]),
+        "calibration needs 1000 images (10 batches of 100)",
+    );
     fails_with(&with(&["--frobnicate"]), "unexpected argument '--frobnicate'");
     fails_with(
         &["eval", "vit_huge", &s, "--weights-dir", &w],

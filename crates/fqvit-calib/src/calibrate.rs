@@ -128,15 +128,55 @@ impl CalibrationSink for Calibrator {
     }
 }
 
-/// The calibration images: `<DATA>/train` in the experiment's order, exactly
-/// `batch_size · iterations` of them.
+/// `<DATA>/train` split by [`crate::experiment::Calibration::holdout`]: the calibration pool
+/// (sorted) and the held-out development images (the last `holdout` of train shuffled with the
+/// seed, sorted). With one image per class, as in the shared sample, the two parts have
+/// disjoint classes.
+pub fn train_split(data: &std::path::Path, exp: &Experiment) -> Result<(ImageFolder, ImageFolder)> {
+    let train = ImageFolder::open(data, "train")?;
+    let cal = exp.calibration;
+    let n = train.samples().len();
+    if cal.holdout >= n && cal.holdout > 0 {
+        return Err(Error::Settings(format!(
+            "--holdout {}: {} has {n} images, and calibration needs some",
+            cal.holdout,
+            data.join("train").display()
+        )));
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    crate::data::shuffle(&mut order, cal.seed);
+    let mut held = vec![false; n];
+    for &i in &order[n - cal.holdout..] {
+        held[i] = true;
+    }
+    let (mut pool, mut dev) = (train.clone(), train);
+    let mut i = 0;
+    pool.retain(|_| {
+        i += 1;
+        !held[i - 1]
+    });
+    let mut i = 0;
+    dev.retain(|_| {
+        i += 1;
+        held[i - 1]
+    });
+    Ok((pool, dev))
+}
+
+/// The calibration images: `<DATA>/train` less the held-out part ([`train_split`]) in the
+/// experiment's order, exactly `batch_size · iterations` of them.
 pub fn calibration_set(data: &std::path::Path, exp: &Experiment) -> Result<ImageFolder> {
-    let mut folder = ImageFolder::open(data, "train")?;
+    let (mut folder, _) = train_split(data, exp)?;
     let cal = exp.calibration;
     let needed = cal.batch_size * cal.iterations;
     if folder.samples().len() < needed {
+        let held = if cal.holdout > 0 {
+            format!(" after holding out {}", cal.holdout)
+        } else {
+            String::new()
+        };
         return Err(Error::Settings(format!(
-            "calibration needs {needed} images ({} batches of {}), {} has {}",
+            "calibration needs {needed} images ({} batches of {}), {} has {}{held}",
             cal.iterations,
             cal.batch_size,
             data.join("train").display(),

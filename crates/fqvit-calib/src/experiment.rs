@@ -72,11 +72,21 @@ pub struct Calibration {
     pub order: CalibOrder,
     /// Shuffle seed (`--seed`, 0).
     pub seed: u64,
+    /// Images of `<DATA>/train` held out of calibration for development (`--holdout`, 0): the
+    /// last `holdout` of train shuffled with `seed`; `eval --on dev` evaluates them, so that
+    /// settings are chosen without looking at `val/`.
+    pub holdout: usize,
 }
 
 impl Default for Calibration {
     fn default() -> Self {
-        Calibration { batch_size: 100, iterations: 10, order: CalibOrder::Shuffled, seed: 0 }
+        Calibration {
+            batch_size: 100,
+            iterations: 10,
+            order: CalibOrder::Shuffled,
+            seed: 0,
+            holdout: 0,
+        }
     }
 }
 

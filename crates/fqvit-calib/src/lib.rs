@@ -28,6 +28,6 @@ pub mod eval;
 pub mod experiment;
 pub mod resize;
 
-pub use calibrate::{Calibrator, calibrate, calibration_set};
+pub use calibrate::{Calibrator, calibrate, calibration_set, train_split};
 pub use error::{Error, Result};
 pub use experiment::Experiment;

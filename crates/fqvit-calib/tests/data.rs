@@ -192,3 +192,36 @@ fn preprocessing_geometry_and_normalisation() {
     assert_eq!(Preprocess::DEIT.resize(), 256);
     assert_eq!(Preprocess::VIT.resize(), 248);
 }
+
+/// `--holdout`: the development images are a seeded, disjoint part of train/ (one image per
+/// class in the shared sample, so disjoint classes too), calibration never sees them, and a
+/// calibration larger than what is left is refused.
+#[test]
+fn the_holdout_is_disjoint_from_calibration_and_seeded() {
+    use fqvit_calib::experiment::Calibration;
+    use fqvit_calib::{Experiment, calibration_set, train_split};
+    let data = common::sample_dir();
+    let exp = |holdout, seed, iterations| Experiment {
+        calibration: Calibration { holdout, seed, iterations, ..Calibration::default() },
+        ..Experiment::default()
+    };
+    let names = |f: &ImageFolder| -> Vec<String> {
+        f.samples().iter().map(|s| s.rel_path.clone()).collect()
+    };
+    let (pool, dev) = train_split(&data, &exp(500, 0, 5)).unwrap();
+    assert_eq!((pool.samples().len(), dev.samples().len()), (500, 500));
+    let dev_paths: std::collections::HashSet<_> = names(&dev).into_iter().collect();
+    let calib = calibration_set(&data, &exp(500, 0, 5)).unwrap();
+    assert_eq!(calib.samples().len(), 500);
+    assert!(names(&calib).iter().all(|p| !dev_paths.contains(p)));
+    let labels: std::collections::HashSet<_> = dev.samples().iter().map(|s| s.label).collect();
+    assert!(pool.samples().iter().all(|s| !labels.contains(&s.label)));
+    // The same seed, the same split; another seed, another one; no holdout, all of train.
+    assert_eq!(names(&train_split(&data, &exp(500, 0, 5)).unwrap().1), names(&dev));
+    assert_ne!(names(&train_split(&data, &exp(500, 1, 5)).unwrap().1), names(&dev));
+    assert_eq!(train_split(&data, &exp(0, 0, 10)).unwrap().0.samples().len(), 1000);
+    let err = calibration_set(&data, &exp(500, 0, 10)).unwrap_err().to_string();
+    assert!(err.contains("needs 1000 images") && err.contains("after holding out 500"), "{err}");
+    let err = train_split(&data, &exp(1000, 0, 5)).unwrap_err().to_string();
+    assert!(err.contains("--holdout 1000"), "{err}");
+}

@@ -326,6 +326,20 @@ pub(crate) struct QuantArgs {
     /// Shuffle seed [default: 0].
     #[arg(long)]
     pub(crate) seed: Option<u64>,
+    /// Hold this many images of <DATA>/train out of calibration (the last of train shuffled
+    /// with --seed), for `eval --on dev` [default: 0].
+    #[arg(long)]
+    pub(crate) holdout: Option<usize>,
+}
+
+/// The images `eval` evaluates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum EvalOn {
+    /// <DATA>/val.
+    Val,
+    /// The development images: the part of <DATA>/train that --holdout keeps out of
+    /// calibration (choose settings here, report val once).
+    Dev,
 }
 
 #[derive(Args, Debug)]
@@ -340,6 +354,9 @@ pub(crate) struct EvalArgs {
     /// Evaluate only the first N validation images (sorted order).
     #[arg(long)]
     pub(crate) limit: Option<usize>,
+    /// Which images to evaluate.
+    #[arg(long, value_enum, default_value_t = EvalOn::Val)]
+    pub(crate) on: EvalOn,
     /// Skip undecodable images with a warning (counted in the results) instead of stopping.
     #[arg(long)]
     pub(crate) skip_bad: bool,

@@ -60,6 +60,7 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
     cal.batch_size = args.calib_batchsize.unwrap_or(cal.batch_size);
     cal.iterations = args.calib_iter.unwrap_or(cal.iterations);
     cal.seed = args.seed.unwrap_or(cal.seed);
+    cal.holdout = args.holdout.unwrap_or(cal.holdout);
     if let Some(order) = args.calib_order {
         cal.order = match order {
             OrderArg::Shuffled => CalibOrder::Shuffled,

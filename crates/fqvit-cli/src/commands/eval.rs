@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::Device;
 
-use crate::cli::{DeviceArg, EngineArg, EvalArgs, ModelArgs, TiesArg};
+use crate::cli::{DeviceArg, EngineArg, EvalArgs, EvalOn, ModelArgs, TiesArg};
 
 /// A model with where its weights came from.
 pub(crate) struct Loaded {
@@ -97,10 +97,7 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     }
     let exp = crate::config::resolve(&args.quant)?;
     let loaded = load_model(&args.model)?;
-    let mut val = ImageFolder::open(&args.model.data, "val")?;
-    if let Some(n) = args.limit {
-        val.truncate(n);
-    }
+    let val = eval_set(&args, &exp)?;
     if args.engine == EngineArg::Int && !exp.quant {
         anyhow::bail!(
             "--engine int runs a quantized model: add --quant --ptf --lis (or --qparams FILE)"
@@ -246,9 +243,10 @@ fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
         || q.quant_method.is_some()
         || q.attn_bits.is_some()
         || !q.ptf_sites.is_empty()
+        || q.holdout.is_some()
     {
         anyhow::bail!(
-            "--qparams carries its own quantization settings: drop --quant, --ptf, --lis, --quant-method, --attn-bits, --ptf-sites and --config"
+            "--qparams carries its own quantization settings: drop --quant, --ptf, --lis, --quant-method, --attn-bits, --ptf-sites, --holdout and --config"
         );
     }
     let explicit_weights = args.model.weights.is_some() || args.model.weights_dir.is_some();
@@ -288,12 +286,24 @@ fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
         Some(engine) => Runner::Engine { engine, sim: &quantized },
         None => Runner::Model(Mode::quantized(&quantized)),
     };
-    let mut val = ImageFolder::open(&args.model.data, "val")?;
-    if let Some(n) = args.limit {
-        val.truncate(n);
-    }
+    let val = eval_set(args, &exp)?;
     let provenance = serde_json::to_value(&artifact.provenance.calibration)?;
     finish_eval(args, &loaded, &exp, runner, Some(provenance), val)
+}
+
+/// The images to evaluate (`--on`, `--limit`).
+fn eval_set(args: &EvalArgs, exp: &Experiment) -> Result<ImageFolder> {
+    let mut set = match args.on {
+        EvalOn::Val => ImageFolder::open(&args.model.data, "val")?,
+        EvalOn::Dev if exp.calibration.holdout == 0 => anyhow::bail!(
+            "--on dev evaluates the train images that --holdout N keeps out of calibration: add --holdout (or `holdout` under [calibration] in the config)"
+        ),
+        EvalOn::Dev => fqvit_calib::train_split(&args.model.data, exp)?.1,
+    };
+    if let Some(n) = args.limit {
+        set.truncate(n);
+    }
+    Ok(set)
 }
 
 fn finish_eval(
@@ -348,6 +358,7 @@ fn finish_eval(
             "weights": loaded.weights,
             "qparams": args.qparams,
             "data": args.model.data,
+            "on": if args.on == EvalOn::Dev { "dev" } else { "val" },
             "device": format!("{:?}", opts.device),
             "engine": if engine { "int" } else { "sim" },
             "experiment": exp,
