@@ -94,9 +94,13 @@ impl GeluTable {
     }
 }
 
-/// The most buckets a site may need (8 bytes each): a hidden scale `s_h` needs about
+/// The most buckets a site may need (4 bytes each): a hidden scale `s_h` needs about
 /// `2·(255·s_h + 3)/s_h` buckets, so `2^18` covers `s_h > 2.3·10^-5`.
 const MAX_BUCKETS: usize = 1 << 18;
+
+/// The widest bucket, so that a threshold's offset in it fits 16 bits (thresholds lie about
+/// `2^16/gelu'` apart, at least `2^15.8`, so this cap costs no buckets in practice).
+const MAX_LOG2_WIDTH: u32 = 15;
 
 /// [`GeluTable`]'s codes as buckets of `2^log2_width` consecutive `t`, from `base` on.
 #[derive(Clone, Debug)]
@@ -104,10 +108,11 @@ pub(crate) struct Buckets {
     base: i64,
     last: i64,
     log2_width: u32,
-    /// Per bucket, packed in one word so that a vector gather loads it: the threshold's offset
-    /// in the bucket (bits 0–31; the width when it holds none), the code below it (bits 32–39)
-    /// and the code from it on (bits 40–47).
-    entries: Vec<u64>,
+    /// Per bucket, packed in one word so that one load (or a vector gather) reads it: the
+    /// threshold's offset in the bucket (bits 0–15; the width when it holds none), the code
+    /// below it (bits 16–23) and the code from it on (bits 24–31). Four bytes, so that a site's
+    /// table stays in L2 (the lookups are random).
+    entries: Vec<u32>,
 }
 
 impl Buckets {
@@ -124,7 +129,7 @@ impl Buckets {
             });
         };
         let gap = b.windows(2).map(|w| w[1] - w[0]).min().unwrap_or(1 << 16).min(1 << 30);
-        let log2_width = gap.ilog2();
+        let log2_width = gap.ilog2().min(MAX_LOG2_WIDTH);
         // Below the first threshold the code is that of `first − 1`, above the last that of
         // `last`: `t` is clamped into `[base, last]` with `base = first − 1`.
         let base = first - 1;
@@ -153,19 +158,20 @@ impl Buckets {
     pub(crate) fn code(&self, t: i64) -> u8 {
         let r = t.clamp(self.base, self.last) - self.base;
         let e = self.entries[(r >> self.log2_width) as usize];
-        let offset = (r as u64) & ((1 << self.log2_width) - 1);
-        let code = if offset >= e & 0xffff_ffff { e >> 40 } else { e >> 32 };
+        let offset = (r as u32) & ((1 << self.log2_width) - 1);
+        let code = if offset >= e & 0xffff { e >> 24 } else { e >> 16 };
         code as u8
     }
 
     /// Bytes held.
     pub(crate) fn bytes(&self) -> usize {
-        self.entries.len() * std::mem::size_of::<u64>()
+        self.entries.len() * std::mem::size_of::<u32>()
     }
 }
 
-fn pack(threshold: u32, lo: u8, hi: u8) -> u64 {
-    u64::from(threshold) | u64::from(lo) << 32 | u64::from(hi) << 40
+fn pack(threshold: u32, lo: u8, hi: u8) -> u32 {
+    debug_assert!(threshold <= 1 << MAX_LOG2_WIDTH);
+    threshold | u32::from(lo) << 16 | u32::from(hi) << 24
 }
 
 #[cfg(test)]
