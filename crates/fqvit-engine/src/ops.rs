@@ -435,23 +435,13 @@ pub(crate) fn compile(
                         })
                         .collect()
                 });
-                let ratio = |g: &Grid| {
-                    let r = f64::from(g.scale[0]) / f64::from(gb.scale[0]);
-                    if r >= 2f64.powi(20) {
-                        return Err(err(format!(
-                            "site {} is {r:e} times coarser than {}",
-                            g.name, gb.name
-                        )));
-                    }
-                    Ok((r * 2f64.powi(ADD_SHIFT as i32)).round_ties_even() as i64)
-                };
                 att.windows = Some(Windows {
                     tokens: fqvit_program::windows::tokens(res, w, shift),
                     n,
                     table,
-                    m_a: ratio(&ga)?,
+                    m_a: add_multiplier(&ga, &gb, 0, &err)?,
                     z_t: gt.zero_point[0],
-                    m_t: ratio(&gt)?,
+                    m_t: add_multiplier(&gt, &gb, 0, &err)?,
                     z_b: gb.zero_point[0],
                     mask,
                     mask_steps: (-100.0 / f64::from(gb.scale[0])).round_ties_even() as i32,
@@ -660,6 +650,16 @@ fn ln_scale(g: &Grid, c: usize) -> Result<LnScale, String> {
     }
 }
 
+/// A summand's multiplier onto the sum's grid at channel `j`: `s_in/s_out` with
+/// [`ADD_SHIFT`] fraction bits; ratios below 2^20 keep `255 · m < 2^58`.
+fn add_multiplier(from: &Grid, to: &Grid, j: usize, err: &impl Fn(String) -> Error) -> Result<i64> {
+    let r = f64::from(from.scale(j)) / f64::from(to.scale(j));
+    if r >= 2f64.powi(20) {
+        return Err(err(format!("site {} is {r:e} times coarser than {}", from.name, to.name)));
+    }
+    Ok((r * 2f64.powi(ADD_SHIFT as i32)).round_ties_even() as i64)
+}
+
 fn add_consts(
     ga: &Grid,
     gb: &Grid,
@@ -667,13 +667,7 @@ fn add_consts(
     c: usize,
     err: &impl Fn(String) -> Error,
 ) -> Result<AddConsts> {
-    let m = |g: &Grid, j: usize| {
-        let r = f64::from(g.scale(j)) / f64::from(go.scale(j));
-        if r >= 2f64.powi(20) {
-            return Err(err(format!("site {} is {r:e} times coarser than {}", g.name, go.name)));
-        }
-        Ok((r * 2f64.powi(ADD_SHIFT as i32)).round_ties_even() as i64)
-    };
+    let m = |g: &Grid, j: usize| add_multiplier(g, go, j, err);
     Ok(AddConsts {
         za: (0..c).map(|j| ga.zero_point(j)).collect(),
         zb: (0..c).map(|j| gb.zero_point(j)).collect(),
