@@ -55,6 +55,8 @@ pub struct Weights {
     pub n: usize,
     /// Reduction length.
     pub k: usize,
+    /// The codes, row-major; dropped once rten has packed them (unless kept by
+    /// [`Weights::with_codes`]), so that the weights are held once, at a byte each.
     codes: Vec<i8>,
     /// `Σ_k w[n][k]`, for the input zero-point correction.
     pub row_sums: Vec<i32>,
@@ -78,6 +80,19 @@ impl Weights {
     /// # Panics
     /// If the length is not `n · k` or `k` exceeds [`MAX_K`].
     pub fn new(kernel: &Kernel, codes: Vec<i8>, n: usize, k: usize) -> Self {
+        let mut w = Weights::with_codes(kernel, codes, n, k);
+        if w.packed.is_some() {
+            w.codes = Vec::new();
+        }
+        w
+    }
+
+    /// [`Weights::new`], keeping the codes beside rten's packing, for [`gemm_reference`] and
+    /// [`gemm_loops`] on the same weights.
+    ///
+    /// # Panics
+    /// As [`Weights::new`].
+    pub fn with_codes(kernel: &Kernel, codes: Vec<i8>, n: usize, k: usize) -> Self {
         assert_eq!(codes.len(), n * k, "gemm: {} weight codes for ({n}, {k})", codes.len());
         assert!(k <= MAX_K, "gemm: reduction of {k} exceeds {MAX_K}");
         let row_sums =
@@ -89,13 +104,20 @@ impl Weights {
     }
 
     /// The codes of output channel `n`.
+    ///
+    /// # Panics
+    /// If rten packed the codes and they were not kept ([`Weights::with_codes`]).
     pub fn row(&self, n: usize) -> &[i8] {
+        assert!(
+            self.codes.len() == self.n * self.k,
+            "gemm: these weights keep only rten's packing (build them with Weights::with_codes)"
+        );
         &self.codes[n * self.k..][..self.k]
     }
 
     /// Bytes held (rten's packed copy included).
     pub fn bytes(&self) -> usize {
-        let packed = if self.packed.is_some() { self.codes.len() } else { 0 };
+        let packed = if self.packed.is_some() { self.n * self.k } else { 0 };
         self.codes.len() + packed + 4 * self.row_sums.len()
     }
 }
@@ -210,7 +232,7 @@ mod tests {
             let mut next = || { s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (s >> 33) as u8 };
             let a: Vec<u8> = (0..m * k).map(|_| next()).collect();
             let kernel = Kernel::detect();
-            let w = Weights::new(&kernel, (0..n * k).map(|_| next() as i8).collect(), n, k);
+            let w = Weights::with_codes(&kernel, (0..n * k).map(|_| next() as i8).collect(), n, k);
             let (mut x, mut y) = (vec![0; m * n], vec![1; m * n]);
             gemm_reference(&a, &w, &mut x);
             gemm(&kernel, &a, &w, &mut y);
@@ -226,7 +248,7 @@ mod tests {
         // 255 · -128 over the longest row: the most negative sum the bound allows.
         let k = 4096;
         let kernel = Kernel::detect();
-        let w = Weights::new(&kernel, vec![-128; 4 * k], 4, k);
+        let w = Weights::with_codes(&kernel, vec![-128; 4 * k], 4, k);
         let a = vec![255u8; 2 * k];
         let mut out = vec![0; 8];
         gemm(&kernel, &a, &w, &mut out);
