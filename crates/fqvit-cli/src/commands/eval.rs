@@ -295,6 +295,9 @@ fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
 fn eval_set(args: &EvalArgs, exp: &Experiment) -> Result<ImageFolder> {
     let mut set = match args.on {
         EvalOn::Val => ImageFolder::open(&args.model.data, "val")?,
+        EvalOn::Dev if exp.calibration.holdout == 0 && args.qparams.is_some() => anyhow::bail!(
+            "--on dev evaluates the train images that --holdout N kept out of calibration, and this artifact was calibrated without one: quantize again with --holdout N"
+        ),
         EvalOn::Dev if exp.calibration.holdout == 0 => anyhow::bail!(
             "--on dev evaluates the train images that --holdout N keeps out of calibration: add --holdout (or `holdout` under [calibration] in the config)"
         ),
