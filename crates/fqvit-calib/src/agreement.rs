@@ -201,13 +201,7 @@ fn windowed_sites(program: &Program) -> Vec<(&str, Vec<usize>)> {
 fn token_order(codes: &[u8], tokens: &[usize], batch: usize) -> Vec<u8> {
     let per = codes.len() / batch.max(1);
     let c = per / tokens.len().max(1);
-    let mut out = vec![0u8; codes.len()];
-    for (o, x) in out.chunks_exact_mut(per).zip(codes.chunks_exact(per)) {
-        for (p, &t) in tokens.iter().enumerate() {
-            o[t * c..][..c].copy_from_slice(&x[p * c..][..c]);
-        }
-    }
-    out
+    codes.chunks_exact(per).flat_map(|x| windows::scatter(x, tokens, c)).collect()
 }
 
 /// Sites summed by class: the name with every block index written `*` (`blocks.*.mlp.qact1`).

@@ -1,4 +1,4 @@
-//! Attention in integers ([`Attention`], ViT's and Swin's windowed), and its `attn · V` with
+//! Attention in integers (ViT's, and Swin's in windows), and its `attn · V` with
 //! Log-Int-Softmax codes: `Σ_j 2^(K − k_ij) · (v_j − z)` for every query `i` and
 //! channel `e`, with `K` the probabilities' fixed-point bits (`2^-k` is `2^(K − k)` steps of
 //! `2^-K`) and codes `k > K` dropped.
@@ -9,7 +9,7 @@
 //! each plane is a u8 × i8 GEMM of the int8 kernel (a row of ones beside `v` gives the planes'
 //! row sums, whose `2^(8b)`-weighted total is `Σ_j 2^e_ij`). The upper planes (`e ≥ 8`,
 //! probabilities of at least `2^(8−K)`) are mostly empty with 4-bit codes, as probabilities sum
-//! to about 1; when fewer than one entry in 16 lies there, they are added as shifts instead.
+//! to about 1; when at most one entry in 16 lies there, they are added as shifts instead.
 //! Bounds: a plane's sum is at most
 //! `N · 128 · 128 < 2^31` for `N < 2^17`; the total is at most `N · 2^K · 255 < 2^63` for
 //! `K ≤ 30` and `N < 2^24`. Both compute the same integers.
@@ -20,8 +20,8 @@ use fqvit_ops::softmax::log_int_softmax;
 use rayon::prelude::*;
 
 use crate::gemm::{Kernel, Weights, gemm};
-use crate::ops::{ADD_SHIFT, clamp_u8};
-use crate::requant::{Dyadic, round_shift_i64};
+use crate::ops::{add_codes, clamp_u8};
+use crate::requant::Dyadic;
 
 /// The reference: `out[i·hd + e] = Σ_j (v[j·hd + e] − z) << (k_max − k[i·n + j])`.
 pub fn attn_v_reference(k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u32) -> Vec<i64> {
@@ -129,8 +129,7 @@ pub(crate) struct Windows {
     pub(crate) n: usize,
     /// The quantized bias of each head and token pair, `(heads, n, n)`.
     pub(crate) table: Vec<u8>,
-    /// Scores plus bias on the biased site: `((a − z_a)·m_a + (t − z_t)·m_t) >> ADD_SHIFT`,
-    /// as a residual add (`|·| ≤ 2 · 255 · 2^50 < 2^63`).
+    /// Scores plus bias on the biased site, as a residual add ([`add_codes`]).
     pub(crate) m_a: i64,
     pub(crate) z_t: i32,
     pub(crate) m_t: i64,
@@ -148,9 +147,8 @@ impl Windows {
     fn bias_and_mask(&self, h: usize, w: usize, x: &mut [i32]) {
         let nn = self.n * self.n;
         for (x, &t) in x.iter_mut().zip(&self.table[h * nn..][..nn]) {
-            let v = i64::from(*x) * self.m_a + (i64::from(t) - i64::from(self.z_t)) * self.m_t;
-            let code = clamp_u8(round_shift_i64(v, ADD_SHIFT) + i64::from(self.z_b));
-            *x = i32::from(code) - self.z_b;
+            let t = i64::from(t) - i64::from(self.z_t);
+            *x = i32::from(add_codes(i64::from(*x), self.m_a, t, self.m_t, self.z_b)) - self.z_b;
         }
         if let Some(mask) = &self.mask {
             for (x, &m) in x.iter_mut().zip(&mask[w * nn..][..nn]) {
@@ -184,16 +182,14 @@ impl Attention {
                 self.heads_of(kernel, &x, wn, Some(w))
             })
             .collect();
-        let mut out = vec![0u8; n * d];
         let (mut mm, mut sm) = (Duration::ZERO, Duration::ZERO);
-        for (w, (ctx, a, b)) in per_window.into_iter().enumerate() {
-            for (i, &t) in win.tokens[w * wn..][..wn].iter().enumerate() {
-                out[t * d..][..d].copy_from_slice(&ctx[i * d..][..d]);
-            }
+        let mut windowed = Vec::with_capacity(n * d);
+        for (ctx, a, b) in per_window {
+            windowed.extend_from_slice(&ctx);
             mm += a;
             sm += b;
         }
-        (out, mm, sm)
+        (fqvit_program::windows::scatter(&windowed, &win.tokens, d), mm, sm)
     }
 
     /// Every head of `n` tokens (an image, or window `window` of Swin's).

@@ -98,8 +98,9 @@ impl GeluTable {
 /// `2·(255·s_h + 3)/s_h` buckets, so `2^18` covers `s_h > 2.3·10^-5`.
 const MAX_BUCKETS: usize = 1 << 18;
 
-/// The widest bucket, so that a threshold's offset in it fits 16 bits (thresholds lie about
-/// `2^16/gelu'` apart, at least `2^15.8`, so this cap costs no buckets in practice).
+/// The widest bucket, so that a threshold's offset in it fits 16 bits. Thresholds on one branch
+/// lie about `2^16/gelu'` apart (at least `2^15.8`), so the cap rarely adds buckets; the two
+/// branches' thresholds next to GELU's minimum may lie closer, which narrows the buckets.
 const MAX_LOG2_WIDTH: u32 = 15;
 
 /// [`GeluTable`]'s codes as buckets of `2^log2_width` consecutive `t`, from `base` on.

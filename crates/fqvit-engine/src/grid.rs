@@ -56,15 +56,13 @@ impl Grid {
 
     /// The grid of `times` side-by-side copies of a tensor on this one, channels tiled.
     pub(crate) fn tiled(&self, times: usize) -> Grid {
-        let tile = |v: &[f32]| if v.len() == 1 { v.to_vec() } else { v.repeat(times) };
+        fn tile<T: Copy>(v: &[T], times: usize) -> Vec<T> {
+            if v.len() == 1 { v.to_vec() } else { v.repeat(times) }
+        }
         Grid {
             name: self.name.clone(),
-            scale: tile(&self.scale),
-            zero_point: if self.zero_point.len() == 1 {
-                self.zero_point.clone()
-            } else {
-                self.zero_point.repeat(times)
-            },
+            scale: tile(&self.scale, times),
+            zero_point: tile(&self.zero_point, times),
             ptf: self.ptf.as_ref().map(|p| p.repeat(times)),
         }
     }

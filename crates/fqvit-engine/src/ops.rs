@@ -240,16 +240,7 @@ pub(crate) fn compile(
     for (i, op) in program.ops.iter().enumerate() {
         let err = |reason: String| Error::Op { op: i, kind: kind(op), reason };
         let grid_of = |v: usize| grids[v].clone();
-        let layer_wise = |g: &Grid, what: &str| {
-            if g.layer_wise() {
-                Ok(())
-            } else {
-                Err(err(format!(
-                    "{what} site {} is channel-wise; the engine needs one scale",
-                    g.name
-                )))
-            }
-        };
+        let layer_wise = |g: &Grid, what: &str| check_layer_wise(g, what, &err);
         let (compiled, shape, grid) = match op {
             Op::Image { size, .. } => (Compiled::Image, (3, size * size), None),
             Op::QuantizeImage { input, site } => {
@@ -299,9 +290,15 @@ pub(crate) fn compile(
                     }
                 };
                 let d = art.shape(&format!("{layer}.weight_int8"))?.first().copied().unwrap_or(0);
-                let dense =
-                    dense(kernel, art, layer, &[d, 3, *patch, *patch], in_grid, out_site, false)
-                        .map_err(|e| wrap(e, &err))?;
+                let dense = dense(
+                    kernel,
+                    art,
+                    &LayerRef { name: layer, shape: &[d, 3, *patch, *patch], bias: true },
+                    in_grid,
+                    out_site,
+                    false,
+                )
+                .map_err(|e| wrap(e, &err))?;
                 let g = Grid::read(art, out_site)?;
                 (
                     (Compiled::PatchEmbed { dense, patch: *patch, side }),
@@ -364,7 +361,7 @@ pub(crate) fn compile(
                 };
                 (ln, (rows, c), Some(go))
             }
-            Op::Linear { input, layer, gelu, out_site } => {
+            Op::Linear { input, layer, bias, gelu, out_site } => {
                 let (rows, k) = shapes[*input];
                 let gin = grid_of(*input).ok_or_else(|| err("its input has no grid".into()))?;
                 layer_wise(&gin, "input")?;
@@ -374,7 +371,8 @@ pub(crate) fn compile(
                     zp_num: i64::from(gin.zero_point[0]),
                     den: 1,
                 };
-                let dense = dense(kernel, art, layer, &[n, k], in_grid, out_site, *gelu)
+                let spec = LayerRef { name: layer, shape: &[n, k], bias: *bias };
+                let dense = dense(kernel, art, &spec, in_grid, out_site, *gelu)
                     .map_err(|e| wrap(e, &err))?;
                 (Compiled::Linear { dense }, (rows, n), Some(Grid::read(art, out_site)?))
             }
@@ -383,12 +381,8 @@ pub(crate) fn compile(
                 let g = grid_of(*input).ok_or_else(|| err("its input has no grid".into()))?;
                 let ga = Grid::read(art, scores_site)?;
                 let site = AttentionSites { qkv: &g, scores: &ga, lis: &ga, out_site };
-                let att = attention(art, &site, rows, c3, *heads, lis_bits, &err)?;
-                (
-                    Compiled::Attention(Box::new(att)),
-                    (rows, c3 / 3),
-                    Some(Grid::read(art, out_site)?),
-                )
+                let (att, gc) = attention(art, &site, rows, c3, *heads, lis_bits, &err)?;
+                (Compiled::Attention(Box::new(att)), (rows, c3 / 3), Some(gc))
             }
             Op::WindowAttention {
                 input,
@@ -418,7 +412,7 @@ pub(crate) fn compile(
                 }
                 let site = AttentionSites { qkv: &g, scores: &ga, lis: &gb, out_site };
                 let n = w * w;
-                let mut att = attention(art, &site, n, c3, *heads, lis_bits, &err)?;
+                let (mut att, gc) = attention(art, &site, n, c3, *heads, lis_bits, &err)?;
                 let t = art.f32(table, Some(&[(2 * w - 1).pow(2), *heads]))?;
                 let index = fqvit_program::windows::relative_position_index(w);
                 let q = |x: f32| quantize(x, gt.scale[0], gt.zero_point[0], BitType::UINT8) as u8;
@@ -426,15 +420,7 @@ pub(crate) fn compile(
                     .flat_map(|h| index.iter().map(move |&r| (r, h)))
                     .map(|(r, h)| q(t[r * heads + h]))
                     .collect();
-                let mask = (shift > 0).then(|| {
-                    let labels = fqvit_program::windows::regions(res, w, shift);
-                    labels
-                        .chunks(n)
-                        .flat_map(|l| {
-                            l.iter().flat_map(move |&li| l.iter().map(move |&lj| li != lj))
-                        })
-                        .collect()
-                });
+                let mask = (shift > 0).then(|| fqvit_program::windows::masked(res, w, shift));
                 att.windows = Some(Windows {
                     tokens: fqvit_program::windows::tokens(res, w, shift),
                     n,
@@ -444,13 +430,10 @@ pub(crate) fn compile(
                     m_t: add_multiplier(&gt, &gb, 0, &err)?,
                     z_b: gb.zero_point[0],
                     mask,
-                    mask_steps: (-100.0 / f64::from(gb.scale[0])).round_ties_even() as i32,
+                    mask_steps: (f64::from(fqvit_program::windows::MASK) / f64::from(gb.scale[0]))
+                        .round_ties_even() as i32,
                 });
-                (
-                    Compiled::Attention(Box::new(att)),
-                    (rows, c3 / 3),
-                    Some(Grid::read(art, out_site)?),
-                )
+                (Compiled::Attention(Box::new(att)), (rows, c3 / 3), Some(gc))
             }
             Op::PatchMerge { input, resolution } => {
                 let (rows, c) = shapes[*input];
@@ -531,6 +514,15 @@ fn wrap(e: Error, err: &impl Fn(String) -> Error) -> Error {
     }
 }
 
+/// Refuses a channel-wise `what` site where an op needs one scale.
+fn check_layer_wise(g: &Grid, what: &str, err: &impl Fn(String) -> Error) -> Result<()> {
+    if g.layer_wise() {
+        Ok(())
+    } else {
+        Err(err(format!("{what} site {} is channel-wise; the engine needs one scale", g.name)))
+    }
+}
+
 /// The sites of an attention op.
 struct AttentionSites<'a> {
     qkv: &'a Grid,
@@ -549,14 +541,8 @@ fn attention(
     heads: usize,
     lis_bits: u32,
     err: &impl Fn(String) -> Error,
-) -> Result<Attention> {
-    let layer_wise = |g: &Grid, what: &str| {
-        if g.layer_wise() {
-            Ok(())
-        } else {
-            Err(err(format!("{what} site {} is channel-wise; the engine needs one scale", g.name)))
-        }
-    };
+) -> Result<(Attention, Grid)> {
+    let layer_wise = |g: &Grid, what: &str| check_layer_wise(g, what, err);
     let (g, ga) = (site.qkv, site.scores);
     layer_wise(g, "qkv")?;
     layer_wise(ga, "scores")?;
@@ -585,7 +571,7 @@ fn attention(
     let m_ctx = (0..d)
         .map(|c| dyadic(s * 2f64.powi(-(k_max as i32)) / f64::from(gc.scale(c)), err))
         .collect::<Result<_>>()?;
-    Ok(Attention {
+    let att = Attention {
         heads,
         z: g.zero_point[0],
         m_scores: small(dyadic(s * s * head_scale / f64::from(ga.scale[0]), err)?, err)?,
@@ -596,7 +582,8 @@ fn attention(
         m_ctx,
         z_c: (0..d).map(|c| gc.zero_point(c)).collect(),
         windows: None,
-    })
+    };
+    Ok((att, gc))
 }
 
 /// A dyadic multiplier for [`Dyadic::apply_small`]: shifts above 62 would round every value
@@ -680,15 +667,26 @@ fn add_consts(
 /// The longest reduction, times the input's denominator: `255·128·2^14 < 2^29`.
 const MAX_K_DEN: usize = 1 << 14;
 
+/// A dense layer's weights in the artifact.
+#[derive(Clone, Copy)]
+struct LayerRef<'a> {
+    /// The weight site (`<layer>.weight_int8`, `<layer>.scale`, `<layer>.bias`).
+    name: &'a str,
+    /// The weight's shape, output channels first.
+    shape: &'a [usize],
+    /// Whether it has a bias, which must then be there.
+    bias: bool,
+}
+
 fn dense(
     kernel: &Kernel,
     art: &Artifact,
-    layer: &str,
-    shape: &[usize],
+    layer: &LayerRef<'_>,
     input: InGrid,
     out_site: &str,
     gelu: bool,
 ) -> Result<Dense> {
+    let LayerRef { name: layer, shape, bias } = *layer;
     let err = |reason: String| Error::Op { op: 0, kind: "dense", reason };
     let codes = art.i8(&format!("{layer}.weight_int8"), Some(shape))?;
     let n = shape[0];
@@ -697,9 +695,7 @@ fn dense(
         return Err(err(format!("{layer}: reduction of {k} is too long for the accumulators")));
     }
     let ws = art.f32(&format!("{layer}.scale"), Some(&[n]))?;
-    // Swin's patch-merging reduction has no bias.
-    let bias = format!("{layer}.bias");
-    let b = if art.has(&bias) { art.f32(&bias, Some(&[n]))? } else { vec![0.0; n] };
+    let b = if bias { art.f32(&format!("{layer}.bias"), Some(&[n]))? } else { vec![0.0; n] };
     let go = Grid::read(art, out_site)?;
     if !go.fits(n) {
         return Err(err(format!("site {out_site} does not fit {n} channels")));
@@ -714,7 +710,7 @@ fn dense(
         let table =
             Buckets::new(&GeluTable::new(go.scale[0], go.zero_point[0])).ok_or_else(|| {
                 err(format!(
-                    "GELU's site {out_site}: scale {} is too fine for its table",
+                    "GELU's site {out_site}: scale {} puts its code thresholds too close for a bucket table",
                     go.scale[0]
                 ))
             })?;
@@ -799,11 +795,19 @@ fn add(c: &AddConsts, a: &[u8], b: &[u8], out: &mut [u8]) {
     let ch = c.zo.len();
     out.par_chunks_mut(ch).zip(a.par_chunks(ch).zip(b.par_chunks(ch))).for_each(|(o, (a, b))| {
         for j in 0..ch {
-            let v = (i64::from(a[j]) - i64::from(c.za[j])) * c.ma[j]
-                + (i64::from(b[j]) - i64::from(c.zb[j])) * c.mb[j];
-            o[j] = clamp_u8(round_shift_i64(v, ADD_SHIFT) + i64::from(c.zo[j]));
+            let (a, b) =
+                (i64::from(a[j]) - i64::from(c.za[j]), i64::from(b[j]) - i64::from(c.zb[j]));
+            o[j] = add_codes(a, c.ma[j], b, c.mb[j], c.zo[j]);
         }
     });
+}
+
+/// The sum of two summands less their zero points, `a` and `b`, with their multipliers onto
+/// the sum's grid ([`add_multiplier`]): `clamp(round((a·m_a + b·m_b) / 2^ADD_SHIFT) + z_o)`;
+/// `|a·m_a + b·m_b| ≤ 2 · 255 · 2^50 < 2^63`.
+#[inline(always)]
+pub(crate) fn add_codes(a: i64, m_a: i64, b: i64, m_b: i64, z_o: i32) -> u8 {
+    clamp_u8(round_shift_i64(a * m_a + b * m_b, ADD_SHIFT) + i64::from(z_o))
 }
 
 /// The program's wiring (what each op reads, the last op to read each value, each op's site)

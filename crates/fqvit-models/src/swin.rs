@@ -226,19 +226,12 @@ fn relative_position_index(window: i64, device: Device) -> Tensor {
 }
 
 /// The shifted-window mask `(nW, N, N)`: 0 within a region of the shifted grid, −100 across
-/// (spec §8.2; the same 9 regions ([`windows::regions`]) and values as timm and the original).
+/// (spec §8.2; [`windows::masked`], the same 9 regions and values as timm and the original).
 fn shift_mask(res: i64, window: i64, shift: i64, device: Device) -> Tensor {
-    let labels = windows::regions(res as usize, window as usize, shift as usize);
-    let n = (window * window) as usize;
-    let mut mask = Vec::with_capacity(labels.len() * n);
-    for w in labels.chunks(n) {
-        for &li in w {
-            mask.extend(w.iter().map(|&lj| if li == lj { 0f32 } else { -100.0 }));
-        }
-    }
-    Tensor::from_slice(&mask)
-        .view([labels.len() as i64 / (n as i64), n as i64, n as i64])
-        .to_device(device)
+    let masked = windows::masked(res as usize, window as usize, shift as usize);
+    let mask: Vec<f32> = masked.iter().map(|&m| if m { windows::MASK } else { 0.0 }).collect();
+    let n = window * window;
+    Tensor::from_slice(&mask).view([-1, n, n]).to_device(device)
 }
 
 /// `(B, H, W, C)` → `(B·nW, w·w, C)`, windows batch-major then row-major.

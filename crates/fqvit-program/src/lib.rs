@@ -103,6 +103,10 @@ pub enum Op {
         input: Value,
         /// The weight site.
         layer: String,
+        /// Whether the layer has a bias (Swin's patch-merging reduction has none); programs
+        /// written before this field existed had biases everywhere.
+        #[serde(default = "yes")]
+        bias: bool,
         /// GELU (exact, erf) before the out-site.
         gelu: bool,
         /// The site after it.
@@ -227,6 +231,10 @@ impl Op {
             | Op::Output { .. } => None,
         }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Builds a program op by op.

@@ -59,6 +59,28 @@ pub fn regions(res: usize, window: usize, shift: usize) -> Vec<u8> {
     labels
 }
 
+/// What the shift mask adds to the scores of a masked token pair (timm, the original).
+pub const MASK: f32 = -100.0;
+
+/// The masked token pairs of each window, `(windows, n, n)` row-major with `n = window²`: the
+/// pairs whose [`regions`] differ.
+pub fn masked(res: usize, window: usize, shift: usize) -> Vec<bool> {
+    let n = window * window;
+    regions(res, window, shift)
+        .chunks(n)
+        .flat_map(|l| l.iter().flat_map(move |&li| l.iter().map(move |&lj| li != lj)))
+        .collect()
+}
+
+/// Rows of `c` values in windowed order (one image, [`tokens`] order) back in grid order.
+pub fn scatter<T: Copy + Default>(windowed: &[T], tokens: &[usize], c: usize) -> Vec<T> {
+    let mut out = vec![T::default(); windowed.len()];
+    for (row, &t) in windowed.chunks_exact(c).zip(tokens) {
+        out[t * c..][..c].copy_from_slice(row);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +109,18 @@ mod tests {
         let last: std::collections::BTreeSet<u8> = r[63 * 49..].iter().copied().collect();
         assert_eq!(last.into_iter().collect::<Vec<_>>(), vec![4, 5, 7, 8]);
         assert!(r[..49].iter().all(|&l| l == 0));
+        let m = masked(56, 7, 3);
+        assert_eq!(m.len(), 64 * 49 * 49);
+        assert!(m[..49 * 49].iter().all(|&x| !x), "window 0 lies in one region");
+        assert!((0..49).all(|i| !m[63 * 49 * 49 + i * 49 + i]), "a token with itself");
+    }
+
+    #[test]
+    fn scatter_undoes_the_gather() {
+        let (res, window, shift, c) = (8, 4, 2, 3);
+        let t = tokens(res, window, shift);
+        let grid: Vec<usize> = (0..res * res * c).collect();
+        let windowed: Vec<usize> = t.iter().flat_map(|&i| grid[i * c..][..c].to_vec()).collect();
+        assert_eq!(scatter(&windowed, &t, c), grid);
     }
 }

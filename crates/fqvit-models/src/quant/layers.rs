@@ -91,6 +91,7 @@ impl Linear {
         b.push(Op::Linear {
             input,
             layer: sites.get(self.site).name.clone(),
+            bias: self.bias.is_some(),
             gelu,
             out_site: sites.get(out_site).name.clone(),
         })
