@@ -66,12 +66,8 @@ pub struct Engine {
     ops: Vec<ops::Compiled>,
     /// The GEMM kernel the ops' weights were prepared for.
     kernel: gemm::Kernel,
-    /// For each op, the values it reads.
-    inputs: Vec<Vec<usize>>,
     /// For each value, the last op that reads it (values are dropped after it).
     last_use: Vec<usize>,
-    /// For each op, the site its output codes lie on.
-    sites: Vec<Option<String>>,
     size: usize,
     normalize: fqvit_program::Normalize,
     classes: usize,
@@ -133,23 +129,10 @@ impl Engine {
                 last_use[v] = i;
             }
         }
-        let inputs = program.ops.iter().map(Op::inputs).collect();
-        let sites = program.ops.iter().map(|op| op.out_site().map(str::to_owned)).collect();
         let classes = compiled.classes;
         let model = meta["model"].as_str().unwrap_or("?").to_owned();
         tracing::debug!(model, ops = program.ops.len(), "integer program compiled");
-        Ok(Engine {
-            model,
-            ops: compiled.ops,
-            kernel,
-            inputs,
-            last_use,
-            sites,
-            size,
-            normalize,
-            classes,
-            program,
-        })
+        Ok(Engine { model, ops: compiled.ops, kernel, last_use, size, normalize, classes, program })
     }
 
     /// The model name recorded in the artifact.
@@ -169,7 +152,7 @@ impl Engine {
 
     /// The sites the program writes codes on, in program order.
     pub fn sites(&self) -> impl Iterator<Item = &str> {
-        self.sites.iter().flatten().map(String::as_str)
+        self.program.ops.iter().filter_map(Op::out_site)
     }
 
     /// Classes.
@@ -236,12 +219,8 @@ impl Engine {
         observer: Option<&mut dyn Observer>,
     ) -> Result<Vec<f32>> {
         let pixels = self.pixels(images)?;
-        let run = ops::Run {
-            kernel: &self.kernel,
-            inputs: &self.inputs,
-            last_use: &self.last_use,
-            sites: &self.sites,
-        };
+        let run =
+            ops::Run { kernel: &self.kernel, program: &self.program, last_use: &self.last_use };
         ops::execute(&self.ops, &run, pixels, self.size, timings, observer)
     }
 

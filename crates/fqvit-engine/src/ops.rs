@@ -810,13 +810,12 @@ pub(crate) fn add_codes(a: i64, m_a: i64, b: i64, m_b: i64, z_o: i32) -> u8 {
     clamp_u8(round_shift_i64(a * m_a + b * m_b, ADD_SHIFT) + i64::from(z_o))
 }
 
-/// The program's wiring (what each op reads, the last op to read each value, each op's site)
-/// and the GEMM kernel its weights were prepared for.
+/// The program (what each op reads, each op's site), the last op to read each value, and the
+/// GEMM kernel its weights were prepared for.
 pub(crate) struct Run<'a> {
     pub(crate) kernel: &'a Kernel,
-    pub(crate) inputs: &'a [Vec<usize>],
+    pub(crate) program: &'a Program,
     pub(crate) last_use: &'a [usize],
-    pub(crate) sites: &'a [Option<String>],
 }
 
 /// Runs the compiled ops on `pixels` `(B, 3, size, size)`.
@@ -828,17 +827,18 @@ pub(crate) fn execute(
     timings: &mut Timings,
     mut observer: Option<&mut dyn crate::Observer>,
 ) -> Result<Vec<f32>> {
-    let Run { kernel, inputs, last_use, sites } = *run;
+    let Run { kernel, program, last_use } = *run;
     let batch = pixels.len() / (3 * size * size);
     let mut vals: Vec<Option<Val>> = Vec::with_capacity(ops.len());
     let mut pixels = Some(pixels);
     let mut rows_of: Vec<usize> = Vec::with_capacity(ops.len());
     for (i, op) in ops.iter().enumerate() {
         let t = Instant::now();
+        let inputs = program.ops[i].inputs();
         let (val, rows) = match op {
             Compiled::Image => (Val::Codes(pixels.take().expect("one image op")), 3),
             Compiled::QuantizeImage { table } => {
-                let x = codes(&vals[inputs[i][0]]);
+                let x = codes(&vals[inputs[0]]);
                 let plane = size * size;
                 let q = x
                     .iter()
@@ -849,7 +849,7 @@ pub(crate) fn execute(
                 (Val::Codes(q), 3)
             }
             Compiled::PatchEmbed { dense, patch, side } => {
-                let x = codes(&vals[inputs[i][0]]);
+                let x = codes(&vals[inputs[0]]);
                 let (p, g) = (*patch, side / patch);
                 let k = 3 * p * p;
                 let mut cols = vec![0u8; batch * g * g * k];
@@ -867,9 +867,9 @@ pub(crate) fn execute(
                 (Val::Codes(dense.run(kernel, &cols, timings)), g * g)
             }
             Compiled::Embed { m, z_in, ze, cls, pos, add: consts } => {
-                let x = codes(&vals[inputs[i][0]]);
+                let x = codes(&vals[inputs[0]]);
                 let d = cls.len();
-                let rows = rows_of[inputs[i][0]] + 1;
+                let rows = rows_of[inputs[0]] + 1;
                 let mut e = vec![0u8; batch * rows * d];
                 e.par_chunks_mut(rows * d).zip(x.par_chunks((rows - 1) * d)).for_each(|(e, x)| {
                     e[..d].copy_from_slice(cls);
@@ -887,7 +887,7 @@ pub(crate) fn execute(
                 (Val::Codes(out), rows)
             }
             Compiled::LayerNorm { gamma, beta, scale, z_in, out_scale, z_out } => {
-                let v = inputs[i][0];
+                let v = inputs[0];
                 let x = codes(&vals[v]);
                 let in_scale = match scale {
                     LnScale::Layer(s) => InScale::Layer(*s),
@@ -908,11 +908,11 @@ pub(crate) fn execute(
                 (Val::Codes(out), rows_of[v])
             }
             Compiled::Linear { dense } => {
-                let v = inputs[i][0];
+                let v = inputs[0];
                 (Val::Codes(dense.run(kernel, codes(&vals[v]), timings)), rows_of[v])
             }
             Compiled::Attention(att) => {
-                let v = inputs[i][0];
+                let v = inputs[0];
                 let (x, n) = (codes(&vals[v]), rows_of[v]);
                 // Images and their heads in parallel (3 heads alone leave one of 2 cores idle
                 // half the time).
@@ -932,7 +932,7 @@ pub(crate) fn execute(
                 (Val::Codes(out), n)
             }
             Compiled::PatchMerge { resolution: res } => {
-                let v = inputs[i][0];
+                let v = inputs[0];
                 let x = codes(&vals[v]);
                 let (half, c) = (res / 2, x.len() / batch / (res * res));
                 let mut out = vec![0u8; x.len()];
@@ -948,7 +948,7 @@ pub(crate) fn execute(
                 (Val::Codes(out), rows_of[v] / 4)
             }
             Compiled::MeanTokens { m, z_in, z_out } => {
-                let v = inputs[i][0];
+                let v = inputs[0];
                 let x = codes(&vals[v]);
                 let per = x.len() / batch;
                 let c = per / rows_of[v];
@@ -968,14 +968,14 @@ pub(crate) fn execute(
                 (Val::Codes(out), 1)
             }
             Compiled::Add(consts) => {
-                let (a, b) = (inputs[i][0], inputs[i][1]);
+                let (a, b) = (inputs[0], inputs[1]);
                 let mut out = vec![0u8; codes(&vals[a]).len()];
                 add(consts, codes(&vals[a]), codes(&vals[b]), &mut out);
                 timings.add("add", t);
                 (Val::Codes(out), rows_of[a])
             }
             Compiled::SelectToken { index } => {
-                let v = inputs[i][0];
+                let v = inputs[0];
                 let x = codes(&vals[v]);
                 let per = x.len() / batch;
                 let c = per / rows_of[v];
@@ -984,7 +984,7 @@ pub(crate) fn execute(
                 (Val::Codes(out), 1)
             }
             Compiled::Output { scale, zero_point } => {
-                let x = codes(&vals[inputs[i][0]]);
+                let x = codes(&vals[inputs[0]]);
                 let c = scale.len();
                 let logits = x
                     .iter()
@@ -994,7 +994,7 @@ pub(crate) fn execute(
                 (Val::Logits(logits), 1)
             }
         };
-        let val = match (val, &sites[i], observer.as_deref_mut()) {
+        let val = match (val, program.ops[i].out_site(), observer.as_deref_mut()) {
             (Val::Codes(c), Some(site), Some(obs)) => match obs.codes(i, site, &c) {
                 Some(r) if r.len() == c.len() => Val::Codes(r),
                 Some(r) => {
