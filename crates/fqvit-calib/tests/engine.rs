@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use fqvit_calib::artifact;
 use fqvit_calib::{Calibrator, Experiment};
 use fqvit_engine::{Engine, Error, Images};
-use fqvit_models::{Architecture, Mode, Preprocess, Quantizable, Quantized, swin, vit};
+use fqvit_models::{Classifier, Mode, Preprocess, Quantizable, Quantized, swin, vit};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
@@ -69,30 +69,34 @@ fn calibrated_heads(dir: &Path, input_quant: bool, heads: i64, exp: Experiment) 
             });
         }
     }
+    let path = dir.join(format!("tiny-{input_quant}-{heads}.safetensors"));
+    let quantized = calibrate_and_write(&model, &vs, exp, cfg.img_size as usize, &path);
+    std::mem::forget(vs); // the model's tensors point into it
+    Calibrated { model, quantized, path, cfg }
+}
+
+/// Calibrates `model` (images of side `side`) on two random batches of 8, writes its artifact
+/// to `path` as `quantize` does, and returns the simulation.
+fn calibrate_and_write(
+    model: &dyn Classifier,
+    vs: &VarStore,
+    exp: Experiment,
+    side: usize,
+    path: &Path,
+) -> Quantized {
     let mut sink = Calibrator::new(model.sites(), &exp).unwrap();
     for (i, seed) in [1, 2].into_iter().enumerate() {
         sink.set_last_batch(i == 1);
-        let (_, x) = images(&cfg, seed, 8);
+        let (_, x) = images_of(side, model.preprocess(), seed, 8);
         let options = exp.quant_options();
         let _ =
             tch::no_grad(|| model.forward(&x, &mut Mode::Calibrate { sink: &mut sink, options }));
     }
     let table = sink.freeze().unwrap();
-    let prov = common::test_provenance(
-        &model,
-        "tiny",
-        Architecture::Vit(cfg),
-        "random",
-        &table,
-        exp,
-        16,
-        0,
-    );
-    let path = dir.join(format!("tiny-{input_quant}-{heads}.safetensors"));
-    artifact::write(&path, &model, &vs, &table, &prov).unwrap();
-    let quantized = Quantized::new(&model, table, exp.quant_options()).unwrap();
-    std::mem::forget(vs); // the model's tensors point into it
-    Calibrated { model, quantized, path, cfg }
+    let prov =
+        common::test_provenance(model, "tiny", model.architecture(), "random", &table, exp, 16, 0);
+    artifact::write(path, model, vs, &table, &prov).unwrap();
+    Quantized::new(model, table, exp.quant_options()).unwrap()
 }
 
 /// The simulation as the engine's float twin: the correctly rounded root in LayerNorm, and
@@ -211,9 +215,9 @@ fn each_engine_op_follows_the_simulation_on_the_simulations_codes() {
     }
 }
 
-/// A small Swin (the timm fixture's variant: 4 stages, windows of 4 shifted by 2 in stages 0
-/// and 1, one window in stages 2 and 3) with random weights, calibrated and written as an
-/// artifact.
+/// A small Swin (the timm fixture's variant's geometry, twice as wide: 4 stages, windows of 4
+/// shifted by 2 in stages 0 and 1, one window in stages 2 and 3) with random weights,
+/// calibrated and written as an artifact.
 fn calibrated_swin(dir: &Path) -> (swin::Swin, Quantized, PathBuf, swin::Config) {
     tch::manual_seed(11);
     let cfg = swin::Config {
@@ -240,29 +244,8 @@ fn calibrated_swin(dir: &Path) -> (swin::Swin, Quantized, PathBuf, swin::Config)
             let _ = var.g_mul_scalar_(gain);
         });
     }
-    let exp = integer_twin();
-    let mut sink = Calibrator::new(model.sites(), &exp).unwrap();
-    for (i, seed) in [1, 2].into_iter().enumerate() {
-        sink.set_last_batch(i == 1);
-        let (_, x) = images_of(64, cfg.preprocess, seed, 8);
-        let options = exp.quant_options();
-        let _ =
-            tch::no_grad(|| model.forward(&x, &mut Mode::Calibrate { sink: &mut sink, options }));
-    }
-    let table = sink.freeze().unwrap();
-    let prov = common::test_provenance(
-        &model,
-        "tiny-swin",
-        Architecture::Swin(cfg),
-        "random",
-        &table,
-        exp,
-        16,
-        0,
-    );
     let path = dir.join("tiny-swin.safetensors");
-    artifact::write(&path, &model, &vs, &table, &prov).unwrap();
-    let quantized = Quantized::new(&model, table, exp.quant_options()).unwrap();
+    let quantized = calibrate_and_write(&model, &vs, integer_twin(), 64, &path);
     std::mem::forget(vs); // the model's tensors point into it
     (model, quantized, path, cfg)
 }

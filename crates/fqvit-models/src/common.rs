@@ -1,9 +1,10 @@
 //! Pieces ViT and Swin share: the MLP and the helper that names activation sites.
 
-use fqvit_program::{Builder, Value};
+use fqvit_program::{Builder, Normalize, Op, Value};
 use tch::Tensor;
 use tch::nn::Path;
 
+use crate::Preprocess;
 use crate::mode::Mode;
 use crate::quant::{Act, Linear};
 use crate::site::{SiteTable, TensorClass};
@@ -75,4 +76,9 @@ pub(crate) fn act_renamed(
 ) -> Act {
     let join = |p: &str, s: &str| if p.is_empty() { s.to_owned() } else { format!("{p}.{s}") };
     Act::new(sites, join(prefix, name), join(original_prefix, original), class, channels as usize)
+}
+
+/// A program's first op: 8-bit images of side `size` and the normalization `pp` applies.
+pub(crate) fn image_op(b: &mut Builder, size: i64, pp: Preprocess) -> Value {
+    b.push(Op::Image { size: size as usize, normalize: Normalize { mean: pp.mean, std: pp.std } })
 }

@@ -14,7 +14,7 @@ use crate::common::{Mlp, act, act_renamed};
 use crate::mode::Mode;
 use crate::quant::{Act, Classifier, Conv2d, Layer, LayerNorm, Linear, Quantizable, Softmax};
 use crate::site::{SiteId, SiteTable, TensorClass};
-use fqvit_program::{Builder, Normalize, Op, Program, Value, windows};
+use fqvit_program::{Builder, Op, Program, Value, windows};
 
 /// Architecture hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -592,12 +592,8 @@ impl Quantizable for Swin {
     fn program(&self) -> Option<Program> {
         let sites = &self.sites;
         let name = |id: SiteId| sites.get(id).name.clone();
-        let pp = self.cfg.preprocess;
         let mut b = Builder::default();
-        let image = b.push(Op::Image {
-            size: self.cfg.img_size as usize,
-            normalize: Normalize { mean: pp.mean, std: pp.std },
-        });
+        let image = crate::common::image_op(&mut b, self.cfg.img_size, self.cfg.preprocess);
         let x = b.push(Op::QuantizeImage { input: image, site: name(self.input.site()) });
         let x = b.push(Op::PatchEmbed {
             input: x,

@@ -9,7 +9,7 @@ use crate::common::{Mlp, act};
 use crate::mode::Mode;
 use crate::quant::{Act, Classifier, Conv2d, Layer, LayerNorm, Linear, Quantizable, Softmax};
 use crate::site::{SiteId, SiteTable, TensorClass};
-use fqvit_program::{Builder, Normalize, Op, Program, Value};
+use fqvit_program::{Builder, Op, Program, Value};
 
 /// Architecture hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -379,12 +379,8 @@ impl Quantizable for Vit {
     fn program(&self) -> Option<Program> {
         let sites = &self.sites;
         let name = |id: SiteId| sites.get(id).name.clone();
-        let pp = self.cfg.preprocess;
         let mut b = Builder::default();
-        let image = b.push(Op::Image {
-            size: self.cfg.img_size as usize,
-            normalize: Normalize { mean: pp.mean, std: pp.std },
-        });
+        let image = crate::common::image_op(&mut b, self.cfg.img_size, self.cfg.preprocess);
         let x = match &self.input {
             Some(input) => b.push(Op::QuantizeImage { input: image, site: name(input.site()) }),
             None => image,
