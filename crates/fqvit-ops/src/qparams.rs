@@ -13,41 +13,79 @@ pub enum Granularity {
     ChannelWise,
 }
 
-/// A Power-of-Two Factor α in `0..=3`: a channel's scale is `base · 2^α` (spec §3.7).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+/// A Power-of-Two Factor α in `0..=7`: a channel's scale is `base · 2^α` (spec §3.7).
+///
+/// The original's observer picks α in `0..=3` ([`PtfFactor::ORIGINAL_MAX`]); a wider range is
+/// an experiment option, and the integer kernels are exact up to [`PtfFactor::MAX`].
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(try_from = "u8", into = "u8")]
 pub struct PtfFactor(u8);
 
 impl PtfFactor {
-    /// The largest factor: scales go up to `base · 8`.
-    pub const MAX: PtfFactor = PtfFactor(3);
+    /// The largest factor: scales go up to `base · 128`, codes shifted by it stay below 2^15.
+    pub const MAX: PtfFactor = PtfFactor(7);
+
+    /// The original's largest factor: scales up to `base · 8`.
+    pub const ORIGINAL_MAX: PtfFactor = PtfFactor(3);
 
     /// α as a number.
     pub const fn get(self) -> u8 {
         self.0
     }
 
-    /// `2^α` ∈ {1, 2, 4, 8}.
+    /// `2^α` ∈ {1, 2, …, 128}.
     pub const fn multiplier(self) -> i32 {
         1 << self.0
     }
 }
 
-/// The error of a factor outside `0..=3`.
+/// The error of a factor outside `0..=7`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PtfFactorOutOfRange(pub u8);
 
 impl fmt::Display for PtfFactorOutOfRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PTF factor {} is out of range 0..=3", self.0)
+        write!(f, "PTF factor {} is out of range 0..={}", self.0, PtfFactor::MAX.0)
     }
 }
 
 impl std::error::Error for PtfFactorOutOfRange {}
 
+impl From<PtfFactor> for u8 {
+    fn from(f: PtfFactor) -> u8 {
+        f.0
+    }
+}
+
+impl std::str::FromStr for PtfFactor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let alpha: u8 =
+            s.parse().map_err(|_| format!("{s:?} is not a PTF factor 0..={}", PtfFactor::MAX.0))?;
+        PtfFactor::try_from(alpha).map_err(|e| e.to_string())
+    }
+}
+
 impl TryFrom<u8> for PtfFactor {
     type Error = PtfFactorOutOfRange;
     fn try_from(alpha: u8) -> Result<Self, Self::Error> {
-        if alpha <= 3 { Ok(PtfFactor(alpha)) } else { Err(PtfFactorOutOfRange(alpha)) }
+        if alpha <= PtfFactor::MAX.0 {
+            Ok(PtfFactor(alpha))
+        } else {
+            Err(PtfFactorOutOfRange(alpha))
+        }
     }
 }
 

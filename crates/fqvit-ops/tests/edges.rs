@@ -31,6 +31,7 @@ fn check_ln(
     zero_point: i32,
     alphas: &[u8],
     base: f32,
+    out_scale: f32,
 ) {
     let factors: Vec<PtfFactor> = alphas.iter().map(|&a| PtfFactor::try_from(a).unwrap()).collect();
     let gamma: Vec<f32> = (0..n_channels).map(|c| 0.5 + (c % 7) as f32 * 0.25).collect();
@@ -40,7 +41,7 @@ fn check_ln(
         zero_point,
         gamma: &gamma,
         beta: &beta,
-        out_scale: 0.03,
+        out_scale,
     };
     let (mut fast, mut slow) = (vec![0; codes.len()], vec![0; codes.len()]);
     ptf_layer_norm(&codes, &params, &mut fast);
@@ -55,15 +56,28 @@ fn ln_edge_table() {
         for &t in &[1usize, 49, 197] {
             let alphas: Vec<u8> = (0..c).map(|_| rng.below(4) as u8).collect();
             let random: Vec<u8> = (0..c * t).map(|_| rng.below(256) as u8).collect();
-            check_ln(c, t, random, 128, &alphas, 0.01);
+            check_ln(c, t, random.clone(), 128, &alphas, 0.01, 0.03);
             // Extremes: codes at both bounds with the zero point at the other, factor 3 everywhere.
             let extreme: Vec<u8> = (0..c * t).map(|i| if i % 2 == 0 { 0 } else { 255 }).collect();
-            check_ln(c, t, extreme.clone(), 0, &vec![3; c], 1e-4);
-            check_ln(c, t, extreme, 255, &vec![3; c], 1e3);
+            check_ln(c, t, extreme.clone(), 0, &vec![3; c], 1e-4, 0.03);
+            check_ln(c, t, extreme.clone(), 255, &vec![3; c], 1e3, 0.03);
             // All equal (zero variance) and one outlier per token.
-            check_ln(c, t, vec![77; c * t], 12, &alphas, 0.02);
+            check_ln(c, t, vec![77; c * t], 12, &alphas, 0.02, 0.03);
             let outlier: Vec<u8> = (0..c * t).map(|i| if i % c == 0 { 255 } else { 100 }).collect();
-            check_ln(c, t, outlier, 100, &alphas, 0.02);
+            check_ln(c, t, outlier.clone(), 100, &alphas, 0.02, 0.03);
+            // The widest factors (shifts up to 7, |x| up to 32,640): mixed, at the extremes, and
+            // an outlier channel at factor 7, with output scales small enough that |M·x| / 2^N
+            // leaves the float32 path (codes beyond 2^21).
+            let wide: Vec<u8> = (0..c).map(|_| rng.below(8) as u8).collect();
+            let mut outlier_wide = vec![0u8; c];
+            outlier_wide[0] = 7;
+            let alternate: Vec<u8> = (0..c).map(|i| if i % 2 == 0 { 7 } else { 0 }).collect();
+            for out_scale in [0.03, 1e-3, 1e-5, 1e-7] {
+                check_ln(c, t, random.clone(), 128, &wide, 0.01, out_scale);
+                check_ln(c, t, extreme.clone(), 0, &alternate, 1e-4, out_scale);
+                check_ln(c, t, extreme.clone(), 255, &wide, 1e3, out_scale);
+                check_ln(c, t, outlier.clone(), 100, &outlier_wide, 0.02, out_scale);
+            }
         }
     }
 }

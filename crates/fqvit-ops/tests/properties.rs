@@ -117,7 +117,7 @@ fn ln_case() -> impl Strategy<Value = LnCase> {
     (1usize..=96, 1usize..=6).prop_flat_map(|(c, t)| {
         (
             prop::collection::vec(any::<u8>(), c * t),
-            prop::collection::vec(0u8..=3, c),
+            prop::collection::vec(prop_oneof![0u8..=3, 0u8..=7], c),
             any::<u8>(),
             0.005f32..0.2,
             prop::collection::vec(0.2f32..2.0, c),

@@ -36,15 +36,18 @@ pub struct LayerNormInput<'a> {
 /// The result equals `fqvit_ops::layer_norm::ptf_layer_norm` on the same codes (with
 /// [`StdSqrt::Exact`]; with [`StdSqrt::Libtorch`] wherever libtorch's square root is correctly
 /// rounded) because each step is either the same float32 operation or provably exact:
-/// - `x = round(X / s) · m` are integers with `|x| ≤ 2040` (exact in float32);
-/// - `Σx` in float32 is exact (`|Σx| ≤ 2040·C < 2^24` for `C ≤ 8192`); `μ = mean(x) · s_min`
-///   is the original's `mean` (on CPU, `Σx / C`, as `fqvit_ops`);
-/// - `Σx²` is summed in float64, exact below 2^53 (`C·2040² < 2^36`), then rounded once to
-///   float32, as `fqvit_ops` converts its i64 sum; the original sums in float32, which agrees
-///   whenever `Σx² < 2^24` and otherwise depends on its summation order;
-/// - `M·x + B` is formed in float64: `|M·x| ≤ 520,200` and `B` is an integer-valued float32, so
-///   the sum is exact below 2^53, the division by `2^N` is exact and rounding it half to even is
-///   `fqvit_ops`' `round_shift`; the original adds in float32, which agrees below 2^24.
+/// - `x = round(X / s) · m` are integers with `|x| < 2^15` (exact in float32; `|x| ≤ 2040`
+///   with the original's PTF factors up to 3);
+/// - `Σx` and `Σx²` are summed in float64, exact below 2^53 (`C · 2^30` for
+///   `C ≤ 2^16`), then rounded once to float32, as `fqvit_ops` converts its i64 sums;
+///   `μ = (Σx / C) · s_min` is the original's `mean` wherever `Σx` is exact in float32 (with the
+///   original's factors, `2040·C < 2^24`); its float32 `Σx²` agrees whenever `Σx² < 2^24` and
+///   otherwise depends on its summation order;
+/// - zero variance is all `x` of a token equal (max = min), exactly;
+/// - `M·x + B` is formed in float64: `|M·x| < 255 · 2^15 < 2^23` and `B` is an integer-valued
+///   float32, so the sum is exact below 2^53, the division by `2^N` is exact and rounding it
+///   half to even is `fqvit_ops`' `round_shift`; the original adds in float32, which agrees
+///   below 2^24.
 #[derive(Debug)]
 pub struct IntLayerNorm {
     host: Host,
@@ -88,8 +91,8 @@ impl Host {
     }
 }
 
-/// The most channels: `Σx` stays exact in float32 below this.
-pub const MAX_CHANNELS: i64 = 8192;
+/// The most channels, `fqvit_ops`' bound (its `C·Σx²` stays below 2^63).
+pub const MAX_CHANNELS: i64 = fqvit_ops::layer_norm::MAX_CHANNELS as i64;
 
 impl IntLayerNorm {
     /// Prepares the LayerNorm with γ and β (float32, `C`), the input quantizer and the output
@@ -191,12 +194,11 @@ impl IntLayerNorm {
         // x = round(X / s) · m: the codes minus the zero point, in units of s_min.
         let mut x = xs / &self.in_scale;
         let _ = x.round_().g_mul_(&self.mask);
-        let mean = x.mean_dim(last, false, Kind::Float) * &self.s_min;
-        let sum = x.sum_dim_intlist(last, false, Kind::Float);
+        let sum = x.sum_dim_intlist(last, false, Kind::Double).to_kind(Kind::Float);
+        let mean = &sum / self.channels as f64 * &self.s_min;
         let sum_sq_exact = x.square().sum_dim_intlist(last, false, Kind::Double);
-        // Zero variance, decided on the exact integers (C·Σx² and (Σx)² are below 2^53).
-        let flat =
-            (&sum_sq_exact * self.channels as f64).eq_tensor(&sum.to_kind(Kind::Double).square());
+        // Zero variance: every integer of the token equal.
+        let flat = x.amax(last, false).eq_tensor(&x.amin(last, false));
         let var = sum_sq_exact.to_kind(Kind::Float) * self.channels as f64 - sum.square();
         let std = &self.s_min_over_c * root(&var);
         // A = (s_min / σ) · γ / s_out ≈ sign · M / 2^N (get_MN).

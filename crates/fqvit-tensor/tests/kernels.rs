@@ -209,7 +209,8 @@ impl Gen {
 }
 
 /// The edge table of `fqvit_ops` (model widths, single tokens, codes at both bounds, every
-/// factor 3, all-equal tokens, layer-wise input, negative and zero γ), tensor against reference.
+/// factor 3, all-equal tokens, layer-wise input, negative and zero γ, factors up to 7), tensor
+/// against reference.
 #[test]
 fn layer_norm_equals_fqvit_ops_on_the_edge_table() {
     let mut rng = Gen(0x5eed);
@@ -239,6 +240,21 @@ fn layer_norm_equals_fqvit_ops_on_the_edge_table() {
             flat.check(&format!("all equal C={c} T={t}"));
             let layer = Case { alphas: None, base: 0.07, ..base.clone() };
             layer.check(&format!("layer-wise C={c} T={t}"));
+            // The widest factors (shifts up to 7, |x| up to 32,640), with outputs beyond 2^21.
+            for out_scale in [0.03, 1e-5] {
+                let wide = Case {
+                    alphas: Some((0..c).map(|_| rng.below(8) as u8).collect()),
+                    out_scale,
+                    ..base.clone()
+                };
+                wide.check(&format!("factors 0..=7 C={c} T={t} s_out={out_scale}"));
+                let wide_extreme = Case {
+                    alphas: Some((0..c).map(|i| if i % 2 == 0 { 7 } else { 0 }).collect()),
+                    out_scale,
+                    ..extreme.clone()
+                };
+                wide_extreme.check(&format!("extreme, factors 0 and 7, C={c} T={t}"));
+            }
         }
     }
 }
@@ -248,7 +264,7 @@ fn ln_case() -> impl Strategy<Value = Case> {
         (
             prop::collection::vec(any::<u8>(), c * t),
             0i32..=255,
-            prop::option::of(prop::collection::vec(0u8..=3, c)),
+            prop::option::of(prop::collection::vec(prop_oneof![0u8..=3, 0u8..=7], c)),
             prop::sample::select(vec![1e-4f32, 0.003, 0.01, 0.05, 0.5, 2.0]),
             prop::collection::vec(-4.0f32..4.0, c),
             prop::collection::vec(-2.0f32..2.0, c),

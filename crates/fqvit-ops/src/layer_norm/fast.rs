@@ -13,7 +13,8 @@ use super::reference::{get_mn, round_shift};
 /// Tokens per rayon task: a few microseconds of work, so the task overhead stays small.
 pub(super) const TOKENS_PER_TASK: usize = 16;
 
-/// Channels summed in i32 before widening: 256 · 2040² < 2^31.
+/// Channels summed in i32 before widening: `256 · 2^15 < 2^31` for Σx; each `x²` is below
+/// 2^30 and goes into Σx² in i64.
 const SUM_BLOCK: usize = 256;
 
 /// 2^21 and 2^52 as f32/f64 bounds of `|B|` for the two exact paths.
@@ -77,14 +78,14 @@ fn token_sums(token: &[u8], factors: &[i32], zero_point: i32, x: &mut [i32]) -> 
     for ((x, token), factors) in
         x.chunks_mut(SUM_BLOCK).zip(token.chunks(SUM_BLOCK)).zip(factors.chunks(SUM_BLOCK))
     {
-        let (mut block_sum, mut block_sum_sq) = (0i32, 0i32);
+        let (mut block_sum, mut block_sum_sq) = (0i32, 0i64);
         for ((xc, &q), &factor) in x.iter_mut().zip(token).zip(factors) {
             *xc = (i32::from(q) - zero_point) * factor;
             block_sum += *xc;
-            block_sum_sq += *xc * *xc;
+            block_sum_sq += i64::from(*xc * *xc);
         }
         sum += i64::from(block_sum);
-        sum_sq += i64::from(block_sum_sq);
+        sum_sq += block_sum_sq;
     }
     (sum, sum_sq)
 }
@@ -192,9 +193,12 @@ fn exponent(a: f32) -> (i32, bool) {
 ///
 /// Exact when not flagged: `A` and `B` are the reference's float32 values ([`div`]); `N`, `M`
 /// come from the bits of `|A|` as [`get_mn`] computes them; with `|B| < 2^21` and `N ≤ 22`,
-/// `B·2^-N = I + F` with `I` even and `F ∈ [0, 2)`, `w = M·x·2^-N + F` is exact
-/// (`|w·2^N| < 2^19 + 2^23`), and `I + round(w)` is [`round_shift`]`(M·x + B, N)` because `I`
-/// is even.
+/// `B·2^-N = I + F` with `I` even and `F ∈ [0, 2)`; `|M·x| ≤ 255 · 32,640 < 2^23` is exact, so
+/// `w = M·x·2^-N + F` is (`|w·2^N| < 2^23 + 2^23`), and `I + round(w)` is
+/// [`round_shift`]`(M·x + B, N)` because `I` is even. The result's bits are read off the
+/// mantissa, which needs `|y| < 2^22`: `|y| < |I| + |w| + 1/2 < 2^21 + 2 + |M·x|·2^-N + 5/2`,
+/// so a channel with `|M·x| ≥ (2^21 − 8)·2^N` is flagged (only large PTF shifts reach it:
+/// without them `|M·x| ≤ 255 · 2040 < 2^19`).
 #[inline(always)]
 fn channel_code_f32(x: i32, t: TokenConsts, gamma: f32, beta: f32) -> (i32, bool) {
     let a = div(t.k * gamma, t.out_scale, t.recip_out_scale);
@@ -207,14 +211,16 @@ fn channel_code_f32(x: i32, t: TokenConsts, gamma: f32, beta: f32) -> (i32, bool
     let b = div(beta - t.mean_over_std * gamma, t.out_scale, t.recip_out_scale) * two_n;
     let b = b.round_ties_even();
     let flag_b = b.abs() >= B_LIMIT_F32 || b.is_nan() || n > 22;
+    let mx = m * x as f32;
+    let flag_x = mx.abs() >= (B_LIMIT_F32 - 8.0) * two_n;
     let b_frac = b * two_minus_n;
     let even = 2.0 * (b_frac * 0.5).floor();
-    let w = m * x as f32 * two_minus_n + (b_frac - even);
+    let w = mx * two_minus_n + (b_frac - even);
     let y = even + w.round_ties_even();
     // |y| < 2^22: plus 1.5 · 2^23, its value is in the low mantissa bits (this vectorises, a
     // saturating `as i32` does not).
     let y = ((y + 12_582_912.0).to_bits() & 0x7f_ffff) as i32 - 0x40_0000;
-    (y, flag_a | flag_b)
+    (y, flag_a | flag_b | flag_x)
 }
 
 /// One output code in f64, for channels [`channel_code_f32`] flags; flagged again when

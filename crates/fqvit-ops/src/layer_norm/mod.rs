@@ -9,9 +9,11 @@
 //! 4. `B_c = round((β_c − γ_c·μ/σ) / s_out · 2^N_c)`;
 //! 5. `y_c = round((±M_c·x_c + B_c) / 2^N_c)`, half to even, not clamped.
 //!
-//! Integer bounds (checked at entry): `|q − z| ≤ 255` and `2^(α−α_min) ≤ 8` give `|x| ≤ 2040`
-//! (i32); Σx and Σx² are i64, and `C·Σx²` stays below 2^63 for `C ≤ 2^20`; `M·x ≤ 520,200` (i32);
-//! `B` is i64, saturating only at `|B| ≥ 2^63`; `y` saturates to the i32 range.
+//! Integer bounds (checked at entry): `|q − z| ≤ 255` and `2^(α−α_min) ≤ 128`
+//! ([`PtfFactor::MAX`]) give `|x| ≤ 32,640 < 2^15` (i32; 2040 with the original's factors up
+//! to 8); Σx and Σx² are i64, and `C·Σx² ≤ C² · 2^30` stays below 2^63 for `C ≤ 2^16`;
+//! `|M·x| ≤ 255 · 32,640 < 2^23` (i32); `B` is i64, saturating only at `|B| ≥ 2^63`; `y`
+//! saturates to the i32 range.
 //!
 //! A token whose codes are all equal (zero variance) gets `y_c = round(β_c / s_out)`, the limit
 //! of LayerNorm as the variance goes to zero; the original returns NaN there (its issue #31).
@@ -27,7 +29,7 @@ use fast::Tokens;
 use reference::pow2;
 
 /// The most channels a LayerNorm may have (keeps `C·Σx²` below 2^63).
-pub const MAX_CHANNELS: usize = 1 << 20;
+pub const MAX_CHANNELS: usize = 1 << 16;
 
 /// The input scale of an integer LayerNorm.
 #[derive(Clone, Copy, Debug)]

@@ -64,7 +64,7 @@ pub(crate) fn token_stats(
     s_min: f32,
     root: Option<f32>,
 ) -> Option<TokenStats> {
-    // Overflow: |x| ≤ 2040 and C ≤ 2^20 give C·Σx² ≤ 2^20 · 2^20 · 2040² < 2^63.
+    // Overflow: |x| < 2^15 and C ≤ 2^16 give C·Σx² < 2^16 · 2^16 · 2^30 < 2^63.
     let n = n_channels as i64;
     if n * sum_sq == sum * sum {
         return None;
