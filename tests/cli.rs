@@ -123,6 +123,19 @@ fn contradictory_or_unknown_flags_are_refused_with_a_clear_message() {
         &with(&["--quant", "--holdout", "500"]),
         "calibration needs 1000 images (10 batches of 100)",
     );
+    fails_with(
+        &with(&["--quant", "--ptf", "--ptf-max-factor", "8"]),
+        "PTF factor 8 is out of range 0..=7",
+    );
+    fails_with(
+        &with(&["--quant", "--ptf-max-factor", "5"]),
+        "ptf-max-factor = 5 needs ptf or ptf-sites",
+    );
+    fails_with(&with(&["--ptf-range", "symmetric"]), "--ptf-range needs --quant");
+    fails_with(
+        &with(&["--quant", "--ptf", "--ptf-range", "centered"]),
+        "invalid value 'centered' for '--ptf-range",
+    );
     fails_with(&with(&["--frobnicate"]), "unexpected argument '--frobnicate'");
     fails_with(
         &["eval", "vit_huge", &s, "--weights-dir", &w],
@@ -141,6 +154,8 @@ fn contradictory_or_unknown_flags_are_refused_with_a_clear_message() {
     );
     std::fs::write(&cfg, "quant = true\nptf-typo = true\n").unwrap();
     fails_with(&with(&["--config", cfg.to_str().unwrap()]), "unknown field `ptf-typo`");
+    std::fs::write(&cfg, "quant = true\nptf = true\nptf-max-factor = 12\n").unwrap();
+    fails_with(&with(&["--config", cfg.to_str().unwrap()]), "PTF factor 12 is out of range 0..=7");
 }
 
 #[test]

@@ -5,8 +5,9 @@
 //! [`Experiment::full_precision`] is the original command line without flags.
 
 use fqvit_models::{QuantOptions, Site, SiteGroups, TensorClass};
+pub use fqvit_observers::PtfRange;
 use fqvit_observers::{ObserverConfig, ObserverKind};
-use fqvit_ops::{BitType, Bits, Granularity};
+use fqvit_ops::{BitType, Bits, Granularity, PtfFactor};
 pub use fqvit_tensor::{LisInput, StdSqrt};
 use serde::{Deserialize, Serialize};
 
@@ -126,6 +127,15 @@ pub struct Experiment {
     /// site; realisable in integers, since a PTF code shifted by its channel's power of two is
     /// an integer on one base scale.
     pub ptf_sites: SiteGroups,
+    /// The largest PTF factor α (`--ptf-max-factor`, TOML `ptf-max-factor`; 3 in the original):
+    /// every PTF site's channels get scales `base · 2^α` with α in `0..=ptf-max-factor`, so a
+    /// larger value holds narrower channels beside wide ones (up to 7: shifted codes stay below
+    /// 2^15 in the integer LayerNorm and residual add).
+    pub ptf_max_factor: PtfFactor,
+    /// The range every PTF site takes its largest scale and shared zero point from
+    /// (`--ptf-range`, TOML `ptf-range`; `min-max` in the original, `symmetric` centres the zero
+    /// point). Calibration only: the integer forms take any zero point.
+    pub ptf_range: PtfRange,
     /// Site groups left in float in the quantized forward (`--float-sites`, TOML
     /// `float-sites = ["mlp-out"]`; none in the original): a research tool, not integer-only.
     pub float_sites: SiteGroups,
@@ -149,6 +159,8 @@ impl Default for Experiment {
             layer_norm_sqrt: StdSqrt::Libtorch,
             lis_input: LisInput::Float,
             ptf_sites: SiteGroups::NONE,
+            ptf_max_factor: PtfFactor::ORIGINAL_MAX,
+            ptf_range: PtfRange::MinMax,
             float_sites: SiteGroups::NONE,
             calibration: Calibration::default(),
         }
@@ -191,6 +203,20 @@ impl Experiment {
                 ));
             }
         }
+        if self.ptf_sites.is_empty() && !self.ptf {
+            if self.ptf_max_factor != PtfFactor::ORIGINAL_MAX {
+                return bad(format!(
+                    "ptf-max-factor = {} needs ptf or ptf-sites: there is no PTF site to apply it to",
+                    self.ptf_max_factor.get()
+                ));
+            }
+            if self.ptf_range != PtfRange::MinMax {
+                return bad(format!(
+                    "ptf-range = {} needs ptf or ptf-sites: there is no PTF site to apply it to",
+                    self.ptf_range.as_str()
+                ));
+            }
+        }
         if self.calibration.batch_size == 0 || self.calibration.iterations == 0 {
             return bad("calibration needs at least one batch of at least one image".into());
         }
@@ -223,13 +249,13 @@ impl Experiment {
                 granularity: Granularity::ChannelWise,
             },
             TensorClass::Activation if self.ptf_sites.contains(site) => ObserverConfig {
-                kind: ObserverKind::Ptf,
+                kind: ObserverKind::Ptf { max_factor: self.ptf_max_factor, range: self.ptf_range },
                 bit_type: act,
                 granularity: Granularity::ChannelWise,
             },
             TensorClass::Activation => method,
             TensorClass::LayerNormInput if self.ptf => ObserverConfig {
-                kind: ObserverKind::Ptf,
+                kind: ObserverKind::Ptf { max_factor: self.ptf_max_factor, range: self.ptf_range },
                 bit_type: act,
                 granularity: Granularity::ChannelWise,
             },
@@ -270,6 +296,12 @@ impl Experiment {
         if !self.ptf_sites.is_empty() {
             let groups: Vec<&str> = self.ptf_sites.iter().map(|g| g.as_str()).collect();
             s.push_str(&format!(" (ptf: {})", groups.join(", ")));
+        }
+        if self.ptf_max_factor != PtfFactor::ORIGINAL_MAX {
+            s.push_str(&format!(" (ptf factors 0..={})", self.ptf_max_factor.get()));
+        }
+        if self.ptf_range != PtfRange::MinMax {
+            s.push_str(&format!(" (ptf range {})", self.ptf_range.as_str()));
         }
         if !self.float_sites.is_empty() {
             let groups: Vec<&str> = self.float_sites.iter().map(|g| g.as_str()).collect();

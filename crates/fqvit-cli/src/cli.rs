@@ -236,6 +236,14 @@ fn lis_input() -> impl clap::builder::TypedValueParser<Value = fqvit_calib::expe
     })
 }
 
+fn ptf_range() -> impl clap::builder::TypedValueParser<Value = fqvit_calib::experiment::PtfRange> {
+    use clap::builder::TypedValueParser;
+    use fqvit_calib::experiment::PtfRange;
+    clap::builder::PossibleValuesParser::new(PtfRange::ALL.map(PtfRange::as_str)).map(|s| {
+        PtfRange::ALL.into_iter().find(|r| r.as_str() == s).expect("one of the possible values")
+    })
+}
+
 /// The integer LayerNorm's square root.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum SqrtArg {
@@ -314,6 +322,13 @@ pub(crate) struct QuantArgs {
     /// instead of one scale, e.g. mlp-out (fc2's output before the residual add).
     #[arg(long, value_delimiter = ',')]
     pub(crate) ptf_sites: Vec<fqvit_models::SiteGroup>,
+    /// The largest PTF factor α, 0..=7: channel scales base·2^α [default: 3, the original's].
+    #[arg(long)]
+    pub(crate) ptf_max_factor: Option<fqvit_ops::PtfFactor>,
+    /// The range PTF sites take their largest scale and zero point from [default: min-max, the
+    /// original's]; symmetric centres the zero point.
+    #[arg(long, value_parser = ptf_range())]
+    pub(crate) ptf_range: Option<fqvit_calib::experiment::PtfRange>,
     /// Calibration images per batch [default: 100].
     #[arg(long)]
     pub(crate) calib_batchsize: Option<usize>,

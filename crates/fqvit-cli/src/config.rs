@@ -56,6 +56,12 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
     if !args.ptf_sites.is_empty() {
         exp.ptf_sites = args.ptf_sites.iter().copied().collect();
     }
+    if let Some(k) = args.ptf_max_factor {
+        exp.ptf_max_factor = k;
+    }
+    if let Some(range) = args.ptf_range {
+        exp.ptf_range = range;
+    }
     let cal = &mut exp.calibration;
     cal.batch_size = args.calib_batchsize.unwrap_or(cal.batch_size);
     cal.iterations = args.calib_iter.unwrap_or(cal.iterations);
@@ -74,6 +80,8 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
         ("--lis-input", args.lis_input.is_some()),
         ("--float-sites", !args.float_sites.is_empty()),
         ("--ptf-sites", !args.ptf_sites.is_empty()),
+        ("--ptf-max-factor", args.ptf_max_factor.is_some()),
+        ("--ptf-range", args.ptf_range.is_some()),
     ]
     .into_iter()
     .filter_map(|(flag, given)| given.then_some(flag))
@@ -114,13 +122,17 @@ mod tests {
             if name.starts_with("fqvit_plus") {
                 assert_eq!(
                     exp.ptf_sites,
-                    [fqvit_models::SiteGroup::MlpOut].into_iter().collect(),
+                    [fqvit_models::SiteGroup::MlpHidden, fqvit_models::SiteGroup::MlpOut]
+                        .into_iter()
+                        .collect(),
                     "{name}"
                 );
                 assert!(
                     exp.ptf && exp.lis && exp.float_sites.is_empty(),
                     "{name}: fully quantized"
                 );
+                assert_eq!(exp.ptf_max_factor, fqvit_ops::PtfFactor::MAX, "{name}");
+                assert_eq!(exp.ptf_range, fqvit_calib::experiment::PtfRange::Symmetric, "{name}");
             }
             seen += 1;
         }

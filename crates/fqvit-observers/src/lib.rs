@@ -28,7 +28,7 @@ mod stats;
 pub use observer::{Ema, MinMax, Omse, Percentile, build};
 pub use ptf::Ptf;
 
-use fqvit_ops::{BitType, Granularity, QParams};
+use fqvit_ops::{BitType, Granularity, PtfFactor, QParams};
 use tch::Tensor;
 
 /// The observers of the original implementation.
@@ -42,8 +42,45 @@ pub enum ObserverKind {
     Percentile,
     /// Min/max shrunk towards 0 by the factor minimising MSE on the last batch (layer-wise only).
     Omse,
-    /// Per-channel power-of-two factors by MSE on the last batch (channel-wise, 3-D inputs).
-    Ptf,
+    /// Per-channel power-of-two factors `0..=max_factor` by MSE on the last batch (channel-wise,
+    /// 3-D inputs; the original has `max_factor` [`PtfFactor::ORIGINAL_MAX`] and
+    /// [`PtfRange::MinMax`]).
+    Ptf {
+        /// The largest factor α: the widest channel's scale is `2^α` times the narrowest's.
+        max_factor: PtfFactor,
+        /// The range the largest scale and the shared zero point come from.
+        range: PtfRange,
+    },
+}
+
+/// The global range from which a PTF observer takes its largest scale `s8` and its one zero
+/// point (TOML `ptf-range`, `--ptf-range`).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum PtfRange {
+    /// `[m, M]`, the observed extremes over all channels (the original): one large value of one
+    /// sign pushes the zero point to the end of the codes, and every other channel then has
+    /// few codes on the other side of zero.
+    #[default]
+    MinMax,
+    /// `[−a, a]` with `a = max(|m|, |M|)`: the zero point in the middle of the codes, so that each
+    /// channel's power of two fits its own extent on both sides of zero.
+    Symmetric,
+}
+
+impl PtfRange {
+    /// Every range.
+    pub const ALL: [PtfRange; 2] = [PtfRange::MinMax, PtfRange::Symmetric];
+
+    /// The name in configs and on the command line.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PtfRange::MinMax => "min-max",
+            PtfRange::Symmetric => "symmetric",
+        }
+    }
 }
 
 impl ObserverKind {
@@ -54,7 +91,7 @@ impl ObserverKind {
             ObserverKind::Ema => "ema",
             ObserverKind::Percentile => "percentile",
             ObserverKind::Omse => "omse",
-            ObserverKind::Ptf => "ptf",
+            ObserverKind::Ptf { .. } => "ptf",
         }
     }
 }

@@ -28,10 +28,12 @@ pub fn build(cfg: &ObserverConfig, is_weight: bool) -> Result<Box<dyn Observer +
             minmax: MinMax::new(cfg.bit_type, cfg.granularity, is_weight),
             last: None,
         }),
-        ObserverKind::Ptf if !channel_wise || is_weight => {
+        ObserverKind::Ptf { .. } if !channel_wise || is_weight => {
             return unsupported("is channel-wise on activations only");
         }
-        ObserverKind::Ptf => Box::new(Ptf::new(cfg.bit_type)),
+        ObserverKind::Ptf { max_factor, range } => {
+            Box::new(Ptf::new(cfg.bit_type, max_factor, range))
+        }
     })
 }
 
