@@ -187,13 +187,43 @@ fn bad_artifacts_and_inputs_are_refused_by_name() {
 /// them, up to rounding: the integer and float32 forms of one value differ by far less than a
 /// step, so a code may move by one where the value lies next to a rounding boundary. The one
 /// exception is attention, where a score code one step off moves a Log-Int-Softmax weight by a
-/// factor of two. Free-running, the differences add up along the network (printed).
+/// factor of two. Free-running, the differences add up along the network (printed). The same
+/// holds with the options beyond the original (`configs/fqvit_plus_8_8_4.toml`: PTF on GELU's
+/// and fc2's outputs, factors up to 7, the symmetric PTF range, the percentile observer).
 #[test]
 fn each_engine_op_follows_the_simulation_on_the_simulations_codes() {
     use fqvit_calib::agreement::{render, site_agreement};
     let dir = tempfile::tempdir().unwrap();
-    for (input_quant, heads) in [(true, 2), (false, 4)] {
-        let c = calibrated_heads(dir.path(), input_quant, heads, integer_twin());
+    let plus = Experiment {
+        quant_method: fqvit_calib::experiment::Method::Percentile,
+        ptf_sites: [fqvit_models::SiteGroup::MlpHidden, fqvit_models::SiteGroup::MlpOut]
+            .into_iter()
+            .collect(),
+        ptf_max_factor: fqvit_ops::PtfFactor::MAX,
+        ptf_range: fqvit_calib::experiment::PtfRange::Symmetric,
+        ..integer_twin()
+    };
+    for (input_quant, heads, exp) in
+        [(true, 2, integer_twin()), (false, 4, integer_twin()), (false, 4, plus)]
+    {
+        let c = calibrated_heads(dir.path(), input_quant, heads, exp);
+        if exp.ptf_max_factor > fqvit_ops::PtfFactor::ORIGINAL_MAX {
+            let widest = c
+                .model
+                .sites()
+                .iter()
+                .filter_map(|(id, _)| c.quantized.table().get(id)?.ptf.as_ref()?.iter().max())
+                .max();
+            assert!(widest > Some(&fqvit_ops::PtfFactor::ORIGINAL_MAX), "widest {widest:?}");
+            // GELU's PTF output takes several tables, and fc2 reads shifted codes.
+            for (id, site) in c.model.sites().iter().filter(|(_, s)| s.name.ends_with("mlp.hidden"))
+            {
+                let mut f = c.quantized.table().get(id).unwrap().ptf.clone().unwrap();
+                f.sort();
+                f.dedup();
+                assert!(f.len() >= 2, "{}: factors {f:?}", site.name);
+            }
+        }
         let engine = Engine::load(&c.path).unwrap();
         let (_, x) = images(&c.cfg, 11, 16);
         let both = site_agreement(&c.model, &c.quantized, &engine, &x).unwrap();
@@ -203,7 +233,7 @@ fn each_engine_op_follows_the_simulation_on_the_simulations_codes() {
         // final LayerNorm and the logits.
         assert_eq!(forced.len(), usize::from(input_quant) + 2 + 2 * 9 + 2);
         assert_eq!(free.len(), forced.len());
-        eprintln!("input_quant {input_quant}, {heads} heads:\n{}", render(&free, &forced));
+        eprintln!("{}, {heads} heads:\n{}", exp.label(), render(&free, &forced));
         // About 10^-5 of the codes flip on ViT-Tiny (the float32 GEMMs' roundoff); 10^-3 leaves
         // room for other CPUs' summation orders.
         for a in &forced {

@@ -39,11 +39,40 @@ impl Timings {
 /// The input side of a dense layer: real input = `scale · (code − zp_num / den)`, with the
 /// accumulator kept as `den · Σ code·w − zp_num · Σ w` so that a half-integer zero point (ViT's
 /// 0.5/0.5 normalization: zero point 127.5) stays integer.
-#[derive(Clone, Copy, Debug)]
+///
+/// A PTF input (GELU's output under `ptf-sites = ["mlp-hidden"]`) has per channel `k` the
+/// scale `scale · 2^shift_k`: its codes enter the GEMM shifted, `code · 2^shift_k`, as two byte
+/// planes ([`Dense::run`]).
+#[derive(Clone, Debug)]
 struct InGrid {
     scale: f64,
     zp_num: i64,
     den: i64,
+    shifts: Option<Vec<u8>>,
+}
+
+impl InGrid {
+    /// The grid of a code value: layer-wise, or PTF with one zero point (`k` channels).
+    fn of(g: &Grid, k: usize) -> Result<InGrid, String> {
+        let shifts = match ln_scale(g, k)? {
+            LnScale::Layer(_) => None,
+            LnScale::Ptf { factors, .. } => {
+                let min = factors.iter().map(|f| f.get()).min().unwrap_or(0);
+                Some(factors.iter().map(|f| f.get() - min).collect::<Vec<u8>>())
+            }
+        };
+        if g.zero_point.len() != 1 {
+            return Err(format!("input site {} has one zero point per channel", g.name));
+        }
+        let scale = match &shifts {
+            None => f64::from(g.scale[0]),
+            Some(shifts) => {
+                let j = shifts.iter().position(|&s| s == 0).expect("the smallest factor");
+                f64::from(g.scale[j])
+            }
+        };
+        Ok(InGrid { scale, zp_num: i64::from(g.zero_point[0]), den: 1, shifts })
+    }
 }
 
 /// What a dense layer does with its requantized accumulator `t`.
@@ -53,6 +82,21 @@ enum Epilogue {
     Requant { zero_point: Vec<i32> },
     /// `t` is on GELU's fixed-point grid: its thresholds give the code.
     Gelu { table: Buckets },
+    /// GELU onto a PTF site: column `j`'s `t` is on the grid of its own scale, whose
+    /// thresholds are `tables[which[j]]` (one table per distinct factor).
+    GeluPtf { tables: Vec<Buckets>, which: Vec<u8> },
+}
+
+impl Epilogue {
+    /// The code of column `j` from its requantized accumulator `t`.
+    #[inline(always)]
+    fn code(&self, j: usize, t: i64) -> u8 {
+        match self {
+            Epilogue::Requant { zero_point } => clamp_u8(t + i64::from(zero_point[j])),
+            Epilogue::Gelu { table } => table.code(t),
+            Epilogue::GeluPtf { tables, which } => tables[usize::from(which[j])].code(t),
+        }
+    }
 }
 
 /// A convolution or linear layer in integers: per output column `j`,
@@ -104,6 +148,11 @@ impl pulp::WithSimd for Epilogues<'_> {
                 Epilogue::Gelu { table } => {
                     for ((o, &a), k) in o.iter_mut().zip(acc).zip(consts()) {
                         *o = table.code(t(a, k));
+                    }
+                }
+                Epilogue::GeluPtf { tables, which } => {
+                    for ((o, &a), (k, &w)) in o.iter_mut().zip(acc).zip(consts().zip(which)) {
+                        *o = tables[usize::from(w)].code(t(a, k));
                     }
                 }
             }
@@ -185,6 +234,9 @@ impl Compiled {
         let dense = |d: &Dense| {
             let table = match &d.epilogue {
                 Epilogue::Gelu { table } => table.bytes(),
+                Epilogue::GeluPtf { tables, which } => {
+                    tables.iter().map(Buckets::bytes).sum::<usize>() + which.len()
+                }
                 Epilogue::Requant { .. } => 0,
             };
             d.w.bytes() + 24 * d.w.n + table
@@ -274,6 +326,7 @@ pub(crate) fn compile(
                             scale: f64::from(g.scale[0]),
                             zp_num: i64::from(g.zero_point[0]),
                             den: 1,
+                            shifts: None,
                         }
                     }
                     None => {
@@ -364,13 +417,8 @@ pub(crate) fn compile(
             Op::Linear { input, layer, bias, gelu, out_site } => {
                 let (rows, k) = shapes[*input];
                 let gin = grid_of(*input).ok_or_else(|| err("its input has no grid".into()))?;
-                layer_wise(&gin, "input")?;
                 let n = art.shape(&format!("{layer}.weight_int8"))?.first().copied().unwrap_or(0);
-                let in_grid = InGrid {
-                    scale: f64::from(gin.scale[0]),
-                    zp_num: i64::from(gin.zero_point[0]),
-                    den: 1,
-                };
+                let in_grid = InGrid::of(&gin, k).map_err(&err)?;
                 let spec = LayerRef { name: layer, shape: &[n, k], bias: *bias };
                 let dense = dense(kernel, art, &spec, in_grid, out_site, *gelu)
                     .map_err(|e| wrap(e, &err))?;
@@ -609,6 +657,7 @@ fn image_grid(n: &fqvit_program::Normalize) -> Option<InGrid> {
         scale: 1.0 / (255.0 * f64::from(n.std[0])),
         zp_num: zp2.round() as i64,
         den: 2,
+        shifts: None,
     })
 }
 
@@ -700,25 +749,48 @@ fn dense(
     if !go.fits(n) {
         return Err(err(format!("site {out_site} does not fit {n} channels")));
     }
+    let buckets = |scale: f32| {
+        Buckets::new(&GeluTable::new(scale, go.zero_point[0])).ok_or_else(|| {
+            err(format!(
+                "GELU's site {out_site}: scale {scale} puts its code thresholds too close for a bucket table"
+            ))
+        })
+    };
     let (epilogue, t_scale): (Epilogue, Vec<f64>) = if gelu {
-        if !go.layer_wise() {
-            return Err(err(format!(
-                "GELU's site {out_site} is channel-wise; the engine needs one scale"
-            )));
+        let delta = |j: usize| f64::from(go.scale(j)) / f64::from(1u32 << FRACTION_BITS);
+        if go.layer_wise() {
+            (Epilogue::Gelu { table: buckets(go.scale[0])? }, vec![delta(0); n])
+        } else {
+            // PTF: one table per distinct scale (factor), shared zero point.
+            if go.ptf.is_none() || go.zero_point.len() != 1 {
+                return Err(err(format!(
+                    "GELU's site {out_site} is channel-wise without PTF factors and one zero point"
+                )));
+            }
+            let mut scales: Vec<f32> = Vec::new();
+            let mut which = Vec::with_capacity(n);
+            for j in 0..n {
+                let s = go.scale(j);
+                let i = scales.iter().position(|&x| x == s).unwrap_or_else(|| {
+                    scales.push(s);
+                    scales.len() - 1
+                });
+                which.push(i as u8);
+            }
+            let tables = scales.iter().map(|&s| buckets(s)).collect::<Result<Vec<_>>>()?;
+            (Epilogue::GeluPtf { tables, which }, (0..n).map(delta).collect())
         }
-        let delta = f64::from(go.scale[0]) / f64::from(1u32 << FRACTION_BITS);
-        let table =
-            Buckets::new(&GeluTable::new(go.scale[0], go.zero_point[0])).ok_or_else(|| {
-                err(format!(
-                    "GELU's site {out_site}: scale {} puts its code thresholds too close for a bucket table",
-                    go.scale[0]
-                ))
-            })?;
-        (Epilogue::Gelu { table }, vec![delta; n])
     } else {
         let zero_point = (0..n).map(|j| go.zero_point(j)).collect();
         (Epilogue::Requant { zero_point }, (0..n).map(|j| f64::from(go.scale(j))).collect())
     };
+    // Σ_k w_jk · 2^shift_k, the input zero point's weight when the codes enter shifted.
+    let shifted_sums: Option<Vec<i64>> = input.shifts.as_ref().map(|shifts| {
+        codes
+            .chunks_exact(k.max(1))
+            .map(|row| row.iter().zip(shifts).map(|(&w, &s)| i64::from(w) << s).sum())
+            .collect()
+    });
     let w = Weights::new(kernel, codes, n, k);
     let (mut m, mut c, mut shift) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::new());
     for j in 0..n {
@@ -729,7 +801,8 @@ fn dense(
         // ViT-Tiny (a step is about 10^-3 of an output step there); now it moves outputs by
         // less than 10^-8 of a step.
         let steps = f64::from(b[j]) / acc_scale;
-        let zp_term = i128::from(input.zp_num) * i128::from(w.row_sums[j]);
+        let row_sum = shifted_sums.as_ref().map_or(i64::from(w.row_sums[j]), |s| s[j]);
+        let zp_term = i128::from(input.zp_num) * i128::from(row_sum);
         let bias16 = (steps * 65536.0).round_ties_even();
         if bias16.is_nan() || bias16.abs() >= 2f64.powi(100) {
             return Err(err(format!("{layer}.bias[{j}]: {} is {steps:e} accumulator steps", b[j])));
@@ -770,6 +843,9 @@ pub(crate) fn clamp_u8(v: i64) -> u8 {
 impl Dense {
     /// `rows × K` codes to `rows × N` codes.
     fn run(&self, kernel: &Kernel, a: &[u8], timings: &mut Timings) -> Vec<u8> {
+        if let Some(shifts) = &self.input.shifts {
+            return self.run_shifted(kernel, a, shifts, timings);
+        }
         let (n, rows) = (self.w.n, a.len() / self.w.k);
         let t = Instant::now();
         let mut acc = vec![0i32; rows * n];
@@ -784,7 +860,71 @@ impl Dense {
             .zip(acc.par_chunks(n * rows_per_job))
             .for_each(|(out, acc)| arch.dispatch(Epilogues { dense: self, acc, out }));
         timings.add(
-            if matches!(self.epilogue, Epilogue::Gelu { .. }) { "gelu" } else { "requant" },
+            if matches!(self.epilogue, Epilogue::Gelu { .. } | Epilogue::GeluPtf { .. }) {
+                "gelu"
+            } else {
+                "requant"
+            },
+            t,
+        );
+        out
+    }
+}
+
+impl Dense {
+    /// A PTF input: `v = code · 2^shift_k < 2^15` is split into byte planes `v = lo + 256·hi`,
+    /// each through the u8 × i8 GEMM with the same weights (`hi` only where some `v ≥ 256`),
+    /// and `acc = acc_lo + 256·acc_hi`. Then `|acc| ≤ 128 · 32,640 · K < 2^36` (K ≤ 2^14), so
+    /// the epilogue's `den·acc·m + c` is formed in i128.
+    fn run_shifted(
+        &self,
+        kernel: &Kernel,
+        a: &[u8],
+        shifts: &[u8],
+        timings: &mut Timings,
+    ) -> Vec<u8> {
+        let (n, k) = (self.w.n, self.w.k);
+        let rows = a.len() / k;
+        let t = Instant::now();
+        let (mut lo, mut hi) = (vec![0u8; a.len()], vec![0u8; a.len()]);
+        let mut any_hi = false;
+        for ((row, lo), hi) in
+            a.chunks_exact(k).zip(lo.chunks_exact_mut(k)).zip(hi.chunks_exact_mut(k))
+        {
+            for (((&q, &s), lo), hi) in row.iter().zip(shifts).zip(lo.iter_mut()).zip(hi.iter_mut())
+            {
+                let v = u16::from(q) << s;
+                *lo = v as u8;
+                *hi = (v >> 8) as u8;
+                any_hi |= v >= 256;
+            }
+        }
+        let mut acc_lo = vec![0i32; rows * n];
+        gemm(kernel, &lo, &self.w, &mut acc_lo);
+        let mut acc_hi = vec![0i32; if any_hi { rows * n } else { 0 }];
+        if any_hi {
+            gemm(kernel, &hi, &self.w, &mut acc_hi);
+        }
+        timings.add("gemm", t);
+        timings.gemm_macs += ((1 + usize::from(any_hi)) * rows * n * k) as u64;
+        let t = Instant::now();
+        let den = i128::from(self.input.den);
+        let mut out = vec![0u8; rows * n];
+        out.par_chunks_mut(n).enumerate().for_each(|(r, o)| {
+            for (j, o) in o.iter_mut().enumerate() {
+                let i = r * n + j;
+                let acc = i64::from(acc_lo[i]) + acc_hi.get(i).map_or(0, |&h| i64::from(h) << 8);
+                let v = den * i128::from(acc) * i128::from(self.m[j]) + i128::from(self.c[j]);
+                let t = crate::requant::round_shift(v, self.shift[j]) as i64;
+                *o = self.epilogue.code(j, t);
+            }
+        });
+        timings.add(
+            if matches!(self.epilogue, Epilogue::Gelu { .. } | Epilogue::GeluPtf { .. }) {
+                "gelu"
+            } else {
+                "requant"
+            },
             t,
         );
         out
