@@ -242,23 +242,20 @@ impl Experiment {
         };
         let method =
             ObserverConfig { kind: self.quant_method.observer(), bit_type: act, granularity };
+        let ptf = ObserverConfig {
+            kind: ObserverKind::Ptf { max_factor: self.ptf_max_factor, range: self.ptf_range },
+            bit_type: act,
+            granularity: Granularity::ChannelWise,
+        };
         Some(match class {
             TensorClass::Weight => ObserverConfig {
                 kind: ObserverKind::MinMax,
                 bit_type: BitType { bits: bits(self.weight_bits), signed: true },
                 granularity: Granularity::ChannelWise,
             },
-            TensorClass::Activation if self.ptf_sites.contains(site) => ObserverConfig {
-                kind: ObserverKind::Ptf { max_factor: self.ptf_max_factor, range: self.ptf_range },
-                bit_type: act,
-                granularity: Granularity::ChannelWise,
-            },
+            TensorClass::Activation if self.ptf_sites.contains(site) => ptf,
             TensorClass::Activation => method,
-            TensorClass::LayerNormInput if self.ptf => ObserverConfig {
-                kind: ObserverKind::Ptf { max_factor: self.ptf_max_factor, range: self.ptf_range },
-                bit_type: act,
-                granularity: Granularity::ChannelWise,
-            },
+            TensorClass::LayerNormInput if self.ptf => ptf,
             TensorClass::LayerNormInput => method,
             TensorClass::Softmax if self.lis => return None,
             // The softmax quantizer is layer-wise in every configuration of the original.

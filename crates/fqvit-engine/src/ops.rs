@@ -88,6 +88,14 @@ enum Epilogue {
 }
 
 impl Epilogue {
+    /// Where its time is counted in [`Timings`].
+    fn kind(&self) -> &'static str {
+        match self {
+            Epilogue::Gelu { .. } | Epilogue::GeluPtf { .. } => "gelu",
+            Epilogue::Requant { .. } => "requant",
+        }
+    }
+
     /// The code of column `j` from its requantized accumulator `t`.
     #[inline(always)]
     fn code(&self, j: usize, t: i64) -> u8 {
@@ -859,19 +867,10 @@ impl Dense {
         out.par_chunks_mut(n * rows_per_job)
             .zip(acc.par_chunks(n * rows_per_job))
             .for_each(|(out, acc)| arch.dispatch(Epilogues { dense: self, acc, out }));
-        timings.add(
-            if matches!(self.epilogue, Epilogue::Gelu { .. } | Epilogue::GeluPtf { .. }) {
-                "gelu"
-            } else {
-                "requant"
-            },
-            t,
-        );
+        timings.add(self.epilogue.kind(), t);
         out
     }
-}
 
-impl Dense {
     /// A PTF input: `v = code · 2^shift_k < 2^15` is split into byte planes `v = lo + 256·hi`,
     /// each through the u8 × i8 GEMM with the same weights (`hi` only where some `v ≥ 256`),
     /// and `acc = acc_lo + 256·acc_hi`. Then `|acc| ≤ 128 · 32,640 · K < 2^36` (K ≤ 2^14), so
@@ -915,18 +914,14 @@ impl Dense {
                 let i = r * n + j;
                 let acc = i64::from(acc_lo[i]) + acc_hi.get(i).map_or(0, |&h| i64::from(h) << 8);
                 let v = den * i128::from(acc) * i128::from(self.m[j]) + i128::from(self.c[j]);
-                let t = crate::requant::round_shift(v, self.shift[j]) as i64;
+                let t = crate::requant::round_shift(v, self.shift[j]);
+                // Beyond ±2^40 every code is saturated already: clamping keeps the code and
+                // leaves room for the zero point.
+                let t = t.clamp(-(1 << 40), 1 << 40) as i64;
                 *o = self.epilogue.code(j, t);
             }
         });
-        timings.add(
-            if matches!(self.epilogue, Epilogue::Gelu { .. } | Epilogue::GeluPtf { .. }) {
-                "gelu"
-            } else {
-                "requant"
-            },
-            t,
-        );
+        timings.add(self.epilogue.kind(), t);
         out
     }
 }
