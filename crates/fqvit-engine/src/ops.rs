@@ -909,9 +909,11 @@ impl Dense {
         let t = Instant::now();
         let den = i128::from(self.input.den);
         let mut out = vec![0u8; rows * n];
-        out.par_chunks_mut(n).enumerate().for_each(|(r, o)| {
-            for (j, o) in o.iter_mut().enumerate() {
-                let i = r * n + j;
+        // Rows in jobs of about 4096 outputs, as `run`'s epilogue.
+        let job = n * (4096 / n).max(1);
+        out.par_chunks_mut(job).enumerate().for_each(|(r, o)| {
+            for (i, o) in o.iter_mut().enumerate().map(|(i, o)| (r * job + i, o)) {
+                let j = i % n;
                 let acc = i64::from(acc_lo[i]) + acc_hi.get(i).map_or(0, |&h| i64::from(h) << 8);
                 let v = den * i128::from(acc) * i128::from(self.m[j]) + i128::from(self.c[j]);
                 let t = crate::requant::round_shift(v, self.shift[j]);
