@@ -4,17 +4,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-fn shared() -> PathBuf {
-    let dir = std::env::var_os("FQVIT_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
-    assert!(
-        dir.join("imagenet-sample/val").is_dir(),
-        "shared data missing at {} (set FQVIT_SHARED_DIR)",
-        dir.display()
-    );
-    dir
-}
+use fqvit_testkit::shared_dir as shared;
 
 fn cli(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fqvit-cli"))
@@ -117,6 +107,14 @@ fn contradictory_or_unknown_flags_are_refused_with_a_clear_message() {
     fails_with(
         &with(&["--quant", "--ptf", "--lis", "--site-agreement", "4"]),
         "--site-agreement compares the integer engine with the simulation: add --engine int",
+    );
+    fails_with(
+        &with(&["--quant", "--ptf", "--lis", "--gemm-kernel", "loops"]),
+        "--gemm-kernel chooses the integer engine's GEMM kernel: add --engine int",
+    );
+    fails_with(
+        &with(&["--quant", "--ptf", "--lis", "--engine", "int", "--gemm-kernel", "vnni"]),
+        "unknown GEMM kernel \"vnni\" (expected one of rten, avx2-pairs, loops)",
     );
     fails_with(&with(&["--on", "dev"]), "--on dev evaluates the train images that --holdout N");
     fails_with(
@@ -508,9 +506,11 @@ fn convert_reads_an_augreg_npz_and_refuses_a_misfit() {
 /// Writes a checkpoint of `model` with random weights in timm's layout (our variable names are
 /// timm's keys), as safetensors.
 fn random_checkpoint(model: fqvit_models::ModelName, path: &std::path::Path) {
-    tch::manual_seed(7);
-    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let _model = model.config().build(&vs.root());
+    let vs = fqvit_testkit::seeded(7, || {
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let _model = model.config().build(&vs.root());
+        vs
+    });
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     vs.save(path).unwrap();
 }
@@ -897,8 +897,11 @@ fn output_paths_are_checked_before_calibration_and_non_finite_weights_are_refuse
 
     // One NaN in one tensor: the load names it.
     let file = tmp.path().join("nan.safetensors");
-    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let _m = fqvit_models::ModelName::VitTiny.config().build(&vs.root());
+    let (vs, _m) = fqvit_testkit::seeded(0, || {
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let m = fqvit_models::ModelName::VitTiny.config().build(&vs.root());
+        (vs, m)
+    });
     tch::no_grad(|| {
         let vars = vs.variables();
         let t = &vars["blocks.3.mlp.fc1.weight"];

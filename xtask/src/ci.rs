@@ -45,6 +45,25 @@ pub(crate) fn ci() -> Result<()> {
         })?;
         step("tests", &mut || run(cargo().args(["test", "--workspace", "--all-targets"])))?;
     }
+    // The same float-sensitive tests with libtorch, MKL and oneDNN held to AVX2, so that a
+    // machine with AVX-512 sees what an AVX2-only one sees (libtorch's CPU GELU is oneDNN's JIT,
+    // which only ONEDNN_MAX_CPU_ISA moves; ATEN_CPU_CAPABILITY moves libtorch's own kernels).
+    step("tests AVX2", &mut || {
+        let mut cmd = cargo();
+        if has_nextest() {
+            // The workspace's build with a filter, not `-p`: the same features, so no rebuild.
+            let filter: Vec<String> =
+                AVX2_PACKAGES.iter().map(|p| format!("package({p})")).collect();
+            cmd.args(["nextest", "run", "--workspace", "--all-targets", "--no-fail-fast", "-E"])
+                .arg(filter.join(" | "));
+        } else {
+            cmd.args(["test", "--all-targets"]);
+            for package in AVX2_PACKAGES {
+                cmd.args(["-p", package]);
+            }
+        }
+        run(cmd.envs(AVX2_ENV.iter().copied()))
+    })?;
     step("doc tests", &mut || run(cargo().args(["test", "--workspace", "--doc"])))?;
     step("doc", &mut || {
         run(cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))
@@ -55,6 +74,17 @@ pub(crate) fn ci() -> Result<()> {
     eprintln!("xtask ci: all checks passed in {:.0} s", start.elapsed().as_secs_f64());
     Ok(())
 }
+
+/// The crates whose tests compare libtorch's float32 results (the simulation, the observers,
+/// the conformance and engine comparisons); the CLI's end-to-end runs are the same code again.
+const AVX2_PACKAGES: &[&str] = &["fqvit-tensor", "fqvit-observers", "fqvit-models", "fqvit-calib"];
+
+/// libtorch's kernels, MKL's and oneDNN's JIT held to AVX2.
+pub(crate) const AVX2_ENV: &[(&str, &str)] = &[
+    ("ATEN_CPU_CAPABILITY", "avx2"),
+    ("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
+    ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+];
 
 fn has_nextest() -> bool {
     cargo()

@@ -3,6 +3,7 @@
 //! It depends on no workspace crate and never on `tch`, so it builds before libtorch exists:
 //! `setup` is what installs libtorch in the first place.
 
+mod bench_engine;
 mod ci;
 mod demo;
 mod setup;
@@ -82,6 +83,27 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         iters: u32,
     },
+    /// The integer engine against libtorch fp32 and the simulation, native and held to AVX2,
+    /// as a markdown table (random weights; one process per row).
+    BenchEngine {
+        /// Models to run (CLI names).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "vit_tiny,deit_small,deit_base,swin_tiny"
+        )]
+        models: Vec<String>,
+        /// Batch sizes.
+        #[arg(long, value_delimiter = ',', default_value = "32,1")]
+        batches: Vec<u32>,
+        /// Settings: native (this CPU's kernels), avx2 (libtorch, MKL, oneDNN and the engine's
+        /// kernel held to AVX2), loops (AVX2, the engine's widening loops).
+        #[arg(long, value_delimiter = ',', default_value = "native,avx2")]
+        isas: Vec<String>,
+        /// Timed forwards per mode.
+        #[arg(long, default_value_t = 3)]
+        iters: u32,
+    },
     /// Regenerate fqvit-models' timm parity fixtures (installs timm from PyPI into a scratch folder).
     TimmFixtures,
     /// The main job on the shared sample: calibrate, quantize and evaluate ViT-Tiny (release build).
@@ -105,6 +127,9 @@ fn main() -> Result<()> {
             table::bench_models(&models, &device, batch_size, iters)
         }
         Cmd::BenchTable { args } => table::bench_table(&args),
+        Cmd::BenchEngine { models, batches, isas, iters } => {
+            bench_engine::bench_engine(&models, &batches, &isas, iters)
+        }
         Cmd::Table { model, data, weights_dir, methods, attn8, reuse } => {
             table::table(&table::Options { model, data, weights_dir, methods, attn8, reuse })
         }

@@ -24,6 +24,11 @@ const FORBIDDEN: &[(&str, &str, &str)] = &[
 /// glibc's mallopt, and CPU tensors seen as slices for the fused passes.
 const UNSAFE_SITES: &[&str] = &["crates/fqvit-cli/src/alloc.rs", "crates/fqvit-tensor/src/cpu.rs"];
 
+/// The only files that seed libtorch's global generator: the test lock that makes seeded draws
+/// independent of the test runner, and `bench`'s random weights.
+const SEED_SITES: &[&str] =
+    &["crates/fqvit-testkit/src/lib.rs", "crates/fqvit-cli/src/commands/bench.rs"];
+
 /// Dependencies only binaries may have.
 const BINARY_ONLY: &[&str] = &["anyhow", "clap", "tracing-subscriber", "toml"];
 
@@ -66,7 +71,9 @@ pub(crate) fn tidy() -> Result<()> {
             }
         }
     }
-    scan_sources(&crate::project_root().join("crates"), &mut problems)?;
+    for dir in ["crates", "tests"] {
+        scan_sources(&crate::project_root().join(dir), &mut problems)?;
+    }
     if !problems.is_empty() {
         bail!("tidy found {} problem(s):\n  {}", problems.len(), problems.join("\n  "));
     }
@@ -84,11 +91,20 @@ fn scan_sources(dir: &Path, problems: &mut Vec<String>) -> Result<()> {
             // The measured needs for unsafe (see those files); anything else is refused here,
             // since the workspace lint is `deny` so that these sites can exist.
             let unsafe_allowed = UNSAFE_SITES.iter().any(|site| path.ends_with(site));
+            let seed_allowed = SEED_SITES.iter().any(|site| path.ends_with(site));
             for (i, line) in text.lines().enumerate() {
                 // Any lint attribute on it (allow, expect, warn) would open the door.
                 if line.contains(concat!("unsafe", "_code")) && !unsafe_allowed {
                     problems.push(format!(
                         "{}:{}: unsafe code outside {UNSAFE_SITES:?}",
+                        path.display(),
+                        i + 1
+                    ));
+                }
+                if line.contains(concat!("manual", "_seed(")) && !seed_allowed {
+                    problems.push(format!(
+                        "{}:{}: libtorch's generator seeded outside {SEED_SITES:?}: draw through \
+                         fqvit_testkit::seeded, which holds it for one test at a time",
                         path.display(),
                         i + 1
                     ));

@@ -1,8 +1,6 @@
 //! Float evaluation throughput on the shared sample (`cargo bench -p fqvit-calib`): decoding and
 //! preprocessing alone, and the whole evaluation (data and ViT-Tiny forward), per image.
 
-use std::path::PathBuf;
-
 use divan::counter::ItemsCount;
 use divan::{Bencher, black_box};
 use fqvit_calib::data::{BadImages, ImageFolder, preprocess};
@@ -19,9 +17,7 @@ fn main() {
     divan::main();
 }
 
-fn shared() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
-}
+use fqvit_testkit::shared_dir as shared;
 
 fn val() -> ImageFolder {
     let mut folder = ImageFolder::open(&shared().join("imagenet-sample"), "val")

@@ -28,6 +28,7 @@ fn main() {
     exp.layer_norm_sqrt = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         [] | ["--layer-norm-sqrt", "libtorch"] => StdSqrt::Libtorch,
         ["--layer-norm-sqrt", "exact"] => StdSqrt::Exact,
+        ["--layer-norm-sqrt", "integer"] => StdSqrt::Integer,
         _ => panic!("usage: agreement [--layer-norm-sqrt libtorch|exact]"),
     };
     let (_vs, model) = common::vit_tiny();

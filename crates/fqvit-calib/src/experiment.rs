@@ -115,7 +115,8 @@ pub struct Experiment {
     /// does (spec §7.1). `false` keeps calibration entirely float.
     pub lis_in_last_calibration_batch: bool,
     /// The integer LayerNorm's square root (`--layer-norm-sqrt`): libtorch's, as the original
-    /// (its codes can depend on the CPU), or correctly rounded (the same on every machine).
+    /// (its codes can depend on the CPU), correctly rounded (the same on every machine), or
+    /// integer (every per-token step in integers, as the integer engine).
     pub layer_norm_sqrt: StdSqrt,
     /// What Log-Int-Softmax reads in the quantized forward (`--lis-input`): the float32 `X/S`,
     /// as the original, or its rounding, the integer codes the integer engine reads (a

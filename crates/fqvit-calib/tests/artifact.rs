@@ -23,15 +23,12 @@ fn config() -> vit::Config {
 }
 
 fn images(seed: i64) -> Tensor {
-    tch::manual_seed(seed);
-    Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu))
+    fqvit_testkit::seeded(seed, || Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu)))
 }
 
 /// A random tiny DeiT calibrated (8/8/4, PTF, LIS) on two random batches, written to `dir`.
 fn calibrated(dir: &Path) -> (VarStore, vit::Vit, QParamTable, PathBuf, Experiment) {
-    tch::manual_seed(0);
-    let vs = VarStore::new(Device::Cpu);
-    let model = vit::Vit::new(&vs.root(), &config());
+    let (vs, model) = model(0);
     let exp = Experiment::default();
     let mut sink = Calibrator::new(model.sites(), &exp).unwrap();
     for (i, seed) in [1, 2].into_iter().enumerate() {
@@ -63,11 +60,17 @@ fn expect(cfg: &Architecture) -> Expect<'_> {
     Expect { model: "tiny", architecture: cfg, weights_sha256: None }
 }
 
+/// The tiny DeiT with random weights drawn from `seed`.
+fn model(seed: i64) -> (VarStore, vit::Vit) {
+    fqvit_testkit::seeded(seed, || {
+        let vs = VarStore::new(Device::Cpu);
+        let model = vit::Vit::new(&vs.root(), &config());
+        (vs, model)
+    })
+}
+
 fn fresh() -> (VarStore, vit::Vit) {
-    tch::manual_seed(99);
-    let vs = VarStore::new(Device::Cpu);
-    let model = vit::Vit::new(&vs.root(), &config());
-    (vs, model)
+    model(99)
 }
 
 #[test]
@@ -186,9 +189,7 @@ fn every_mismatch_is_refused_with_its_reason() {
 
 #[test]
 fn nan_activations_stop_calibration_naming_the_site() {
-    tch::manual_seed(0);
-    let vs = VarStore::new(Device::Cpu);
-    let model = vit::Vit::new(&vs.root(), &config());
+    let (_vs, model) = model(0);
     let exp = Experiment::default();
     let mut sink = Calibrator::new(model.sites(), &exp).unwrap();
     sink.set_last_batch(true);

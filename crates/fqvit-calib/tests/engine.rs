@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use fqvit_calib::artifact;
 use fqvit_calib::{Calibrator, Experiment};
-use fqvit_engine::{Engine, Error, Images};
+use fqvit_engine::{Engine, Error, Images, KernelKind, Options};
 use fqvit_models::{Classifier, Mode, Preprocess, Quantizable, Quantized, swin, vit};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
@@ -56,10 +56,12 @@ fn calibrated(dir: &Path, input_quant: bool, exp: Experiment) -> Calibrated {
 }
 
 fn calibrated_heads(dir: &Path, input_quant: bool, heads: i64, exp: Experiment) -> Calibrated {
-    tch::manual_seed(7);
     let cfg = config(input_quant, heads);
-    let vs = VarStore::new(Device::Cpu);
-    let model = vit::Vit::new(&vs.root(), &cfg);
+    let (vs, model) = fqvit_testkit::seeded(7, || {
+        let vs = VarStore::new(Device::Cpu);
+        let model = vit::Vit::new(&vs.root(), &cfg);
+        (vs, model)
+    });
     // timm's initialisation (σ 0.02) gives attention scores too flat for Log-Int-Softmax's
     // smallest scale; trained models have larger qkv weights.
     for (name, mut var) in vs.variables() {
@@ -99,11 +101,11 @@ fn calibrate_and_write(
     Quantized::new(model, table, exp.quant_options()).unwrap()
 }
 
-/// The simulation as the engine's float twin: the correctly rounded root in LayerNorm, and
-/// Log-Int-Softmax on the integer codes, as the engine computes them.
+/// The simulation as the engine's float twin: the integer LayerNorm, and Log-Int-Softmax on the
+/// integer codes, as the engine computes them.
 fn integer_twin() -> Experiment {
     Experiment {
-        layer_norm_sqrt: fqvit_tensor::StdSqrt::Exact,
+        layer_norm_sqrt: fqvit_tensor::StdSqrt::Integer,
         lis_input: fqvit_tensor::LisInput::Rounded,
         ..Experiment::default()
     }
@@ -161,6 +163,35 @@ fn integer_results_do_not_depend_on_threads() {
     assert_eq!(alone, one[40..50]);
 }
 
+/// Every GEMM kernel this CPU runs gives the same logits, and one it cannot run is refused.
+#[test]
+fn integer_results_do_not_depend_on_the_gemm_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = calibrated_heads(dir.path(), false, 2, integer_twin());
+    let (pixels, _) = images(&c.cfg, 6, 5);
+    let reference = Engine::load(&c.path).unwrap().run(Images::Pixels(&pixels)).unwrap();
+    let mut ran = Vec::new();
+    for kind in KernelKind::ALL {
+        match Engine::load_with(&c.path, Options { gemm: Some(kind) }) {
+            Ok(engine) => {
+                let logits = engine.run(Images::Pixels(&pixels)).unwrap();
+                assert_eq!(logits, reference, "{}", engine.gemm_kernel());
+                ran.push(kind);
+            }
+            Err(err) => {
+                let err = err.to_string();
+                assert!(err.contains(kind.name()) && err.contains("does not run"), "{err}");
+            }
+        }
+    }
+    eprintln!("kernels run: {ran:?}");
+    assert!(ran.contains(&KernelKind::Loops), "{ran:?}");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        assert!(ran.contains(&KernelKind::Avx2Pairs), "{ran:?}");
+    }
+}
+
 #[test]
 fn bad_artifacts_and_inputs_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
@@ -168,6 +199,17 @@ fn bad_artifacts_and_inputs_are_refused_by_name() {
     let c = calibrated(dir.path(), true, no_lis);
     let err = Engine::load(&c.path).unwrap_err().to_string();
     assert!(err.contains("without --lis"), "{err}");
+
+    // 6-bit activations and 4-bit weights are not run with 8-bit codes: refused by site.
+    for exp in [
+        Experiment { activation_bits: 6, weight_bits: 6, ..integer_twin() },
+        Experiment { weight_bits: 4, ..integer_twin() },
+    ] {
+        let c = calibrated(dir.path(), true, exp);
+        let err = Engine::load(&c.path).unwrap_err().to_string();
+        let bits = if exp.activation_bits == 6 { "6-bit" } else { "4-bit" };
+        assert!(err.contains(bits) && err.contains("site "), "{err}");
+    }
 
     let c = calibrated(dir.path(), true, integer_twin());
     let bytes = std::fs::read(&c.path).unwrap();
@@ -249,7 +291,6 @@ fn each_engine_op_follows_the_simulation_on_the_simulations_codes() {
 /// shifted by 2 in stages 0 and 1, one window in stages 2 and 3) with random weights,
 /// calibrated and written as an artifact.
 fn calibrated_swin(dir: &Path) -> (swin::Swin, Quantized, PathBuf, swin::Config) {
-    tch::manual_seed(11);
     let cfg = swin::Config {
         embed_dim: 16,
         depths: [2, 2, 2, 2],
@@ -259,8 +300,11 @@ fn calibrated_swin(dir: &Path) -> (swin::Swin, Quantized, PathBuf, swin::Config)
         num_classes: 10,
         ..swin::Config::swin_tiny()
     };
-    let vs = VarStore::new(Device::Cpu);
-    let model = swin::Swin::new(&vs.root(), &cfg);
+    let (vs, model) = fqvit_testkit::seeded(11, || {
+        let vs = VarStore::new(Device::Cpu);
+        let model = swin::Swin::new(&vs.root(), &cfg);
+        (vs, model)
+    });
     // As for ViT: sharper attention than the initialisation's, and a bias table that matters.
     for (name, mut var) in vs.variables() {
         let gain = if name.ends_with("qkv.weight") {
@@ -302,11 +346,14 @@ fn swin_runs_in_integers_and_each_op_follows_the_simulation() {
             assert!(a.max_delta <= 1, "{a:?}");
         }
     }
-    // Free-running, the first stage (an unshifted and a shifted block) agrees to within
-    // rounding (measured: ≥ 99.985 % of its codes, ≤ 1 apart); flipped codes then multiply
-    // through the later stages (measured: 64 % of the logit codes equal), as on ViT-Tiny.
+    // Free-running, the first stage (an unshifted and a shifted block) agrees but for codes
+    // next to a rounding boundary of the simulation's float32 GEMMs, whose summation order
+    // depends on the CPU (measured on an AVX-512 Intel Xeon: ≥ 99.985 % of its codes, ≤ 1
+    // apart). How far a flipped code moves further on is not bounded (a score code one step
+    // off halves a Log-Int-Softmax weight), so only the share is asserted; flipped codes then
+    // multiply through the later stages (measured: 64 % of the logit codes equal).
     for a in free.iter().filter(|a| a.site.starts_with("layers.0.")) {
-        assert!(a.fraction() >= 0.999 && a.max_delta <= 1, "{a:?}");
+        assert!(a.fraction() >= 0.999, "{a:?}");
     }
     let sim = tch::no_grad(|| model.forward(&x, &mut Mode::quantized(&quantized)));
     let sim = Vec::<f32>::try_from(sim.contiguous().view(-1)).unwrap();

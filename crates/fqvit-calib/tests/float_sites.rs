@@ -40,8 +40,9 @@ fn float_site_groups_pass_through_and_the_rest_stays_quantized() {
             .collect();
     let options = QuantOptions { float_sites: groups, ..Experiment::default().quant_options() };
     let q = Quantized::new(&model, common::golden_vit_tiny_table(&model), options).unwrap();
-    tch::manual_seed(3);
-    let x = Tensor::randn([2, 3, 224, 224], (Kind::Float, tch::Device::Cpu));
+    let x = fqvit_testkit::seeded(3, || {
+        Tensor::randn([2, 3, 224, 224], (Kind::Float, tch::Device::Cpu))
+    });
     let mut record = Record::default();
     let _ = tch::no_grad(|| {
         model.forward(&x, &mut Mode::Quantized { state: &q, probe: Some(&mut record) })
@@ -122,10 +123,11 @@ fn ptf_site_groups_calibrate_with_power_of_two_factors() {
         ..Experiment::default()
     };
     let mut sink = Calibrator::new(model.sites(), &exp).unwrap();
-    tch::manual_seed(5);
-    for last in [false, true] {
+    let batches = fqvit_testkit::seeded(5, || {
+        [0, 1].map(|_| Tensor::randn([2, 3, 224, 224], (Kind::Float, tch::Device::Cpu)))
+    });
+    for (last, x) in [false, true].into_iter().zip(batches) {
         sink.set_last_batch(last);
-        let x = Tensor::randn([2, 3, 224, 224], (Kind::Float, tch::Device::Cpu));
         let options = exp.quant_options();
         let _ =
             tch::no_grad(|| model.forward(&x, &mut Mode::Calibrate { sink: &mut sink, options }));

@@ -38,21 +38,25 @@ fn model() -> (VarStore, swin::Swin, Tensor) {
     let weights = dir.path().join("w.safetensors");
     let named: Vec<(String, Tensor)> = tensors.into_iter().collect();
     Tensor::write_safetensors(&named, &weights).unwrap();
-    let vs = VarStore::new(Device::Cpu);
-    let model = swin::Swin::new(&vs.root(), &variant());
+    let (vs, model) = fqvit_testkit::seeded(0, || {
+        let vs = VarStore::new(Device::Cpu);
+        let model = swin::Swin::new(&vs.root(), &variant());
+        (vs, model)
+    });
     load_strict(&vs, &weights).unwrap();
     (vs, model, input)
 }
 
 /// Calibration batches: the fixture images plus noise, four batches of four.
 fn batches(input: &Tensor) -> Vec<Tensor> {
-    tch::manual_seed(7);
-    (0..4)
-        .map(|_| {
-            Tensor::cat(&[input, input], 0)
-                + Tensor::randn_like(&Tensor::cat(&[input, input], 0)) * 0.3
-        })
-        .collect()
+    fqvit_testkit::seeded(7, || {
+        (0..4)
+            .map(|_| {
+                Tensor::cat(&[input, input], 0)
+                    + Tensor::randn_like(&Tensor::cat(&[input, input], 0)) * 0.3
+            })
+            .collect()
+    })
 }
 
 fn calibrate(model: &swin::Swin, exp: &Experiment, batches: &[Tensor]) -> QParamTable {
@@ -117,9 +121,11 @@ fn swin_artifact_round_trips() {
     let q = Quantized::new(&model, table.clone(), exp.quant_options()).unwrap();
     let before = tch::no_grad(|| model.forward(&input, &mut Mode::quantized(&q)));
 
-    tch::manual_seed(123);
-    let vs2 = VarStore::new(Device::Cpu);
-    let model2 = swin::Swin::new(&vs2.root(), &variant());
+    let (vs2, model2) = fqvit_testkit::seeded(123, || {
+        let vs2 = VarStore::new(Device::Cpu);
+        let model2 = swin::Swin::new(&vs2.root(), &variant());
+        (vs2, model2)
+    });
     let expect = Expect { model: "swin_variant", architecture: &arch, weights_sha256: None };
     let loaded = artifact::read(&path, &model2, &vs2, expect).unwrap();
     assert_eq!(loaded.table, table);

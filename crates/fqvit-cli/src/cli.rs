@@ -170,6 +170,10 @@ pub(crate) struct BenchArgs {
     /// Also time the integer engine (`int_images_per_s`), in this process, on the same model.
     #[arg(long, value_enum, default_value_t = EngineArg::Sim)]
     pub(crate) engine: EngineArg,
+    /// With `--engine int`: the int8 GEMM kernel (`rten`, `avx2-pairs`, `loops`); by default
+    /// the fastest this CPU runs exactly. All give the same integers.
+    #[arg(long, value_name = "KERNEL")]
+    pub(crate) gemm_kernel: Option<fqvit_engine::KernelKind>,
 }
 
 /// What runs the quantized model.
@@ -236,21 +240,20 @@ fn lis_input() -> impl clap::builder::TypedValueParser<Value = fqvit_calib::expe
     })
 }
 
+fn std_sqrt() -> impl clap::builder::TypedValueParser<Value = fqvit_calib::experiment::StdSqrt> {
+    use clap::builder::TypedValueParser;
+    use fqvit_calib::experiment::StdSqrt;
+    clap::builder::PossibleValuesParser::new(StdSqrt::ALL.map(StdSqrt::as_str)).map(|s| {
+        StdSqrt::ALL.into_iter().find(|r| r.as_str() == s).expect("one of the possible values")
+    })
+}
+
 fn ptf_range() -> impl clap::builder::TypedValueParser<Value = fqvit_calib::experiment::PtfRange> {
     use clap::builder::TypedValueParser;
     use fqvit_calib::experiment::PtfRange;
     clap::builder::PossibleValuesParser::new(PtfRange::ALL.map(PtfRange::as_str)).map(|s| {
         PtfRange::ALL.into_iter().find(|r| r.as_str() == s).expect("one of the possible values")
     })
-}
-
-/// The integer LayerNorm's square root.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub(crate) enum SqrtArg {
-    /// libtorch's float32 sqrt, as the original (its rounding depends on the CPU).
-    Libtorch,
-    /// Correctly rounded: the same codes on every machine.
-    Exact,
 }
 
 /// Calibration image order.
@@ -306,9 +309,11 @@ pub(crate) struct QuantArgs {
     /// Log2 code bits of Log-Int-Softmax [default: 4].
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["4", "8"]))]
     pub(crate) attn_bits: Option<String>,
-    /// The integer LayerNorm's square root [default: libtorch].
-    #[arg(long, value_enum)]
-    pub(crate) layer_norm_sqrt: Option<SqrtArg>,
+    /// The integer LayerNorm's square root [default: libtorch]: libtorch's float32 sqrt (the
+    /// original's; its rounding depends on the CPU), exact (correctly rounded), or integer
+    /// (every per-token step in integers, as the integer engine).
+    #[arg(long, value_parser = std_sqrt())]
+    pub(crate) layer_norm_sqrt: Option<fqvit_calib::experiment::StdSqrt>,
     /// What Log-Int-Softmax reads in the quantized forward [default: float, the original's];
     /// `rounded` is the integer engine's input. Also with --qparams.
     #[arg(long, value_parser = lis_input())]
@@ -393,6 +398,10 @@ pub(crate) struct EvalArgs {
     /// the first N val images, free-running and with each op fed the simulation's codes.
     #[arg(long, value_name = "N")]
     pub(crate) site_agreement: Option<usize>,
+    /// With `--engine int`: the int8 GEMM kernel (`rten`, `avx2-pairs`, `loops`); by default
+    /// the fastest this CPU runs exactly. All give the same integers.
+    #[arg(long, value_name = "KERNEL")]
+    pub(crate) gemm_kernel: Option<fqvit_engine::KernelKind>,
 }
 
 #[derive(Args, Debug)]

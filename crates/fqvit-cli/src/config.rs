@@ -5,9 +5,9 @@
 
 use anyhow::{Context, Result};
 use fqvit_calib::Experiment;
-use fqvit_calib::experiment::{CalibOrder, Method, StdSqrt};
+use fqvit_calib::experiment::{CalibOrder, Method};
 
-use crate::cli::{MethodArg, OrderArg, QuantArgs, SqrtArg};
+use crate::cli::{MethodArg, OrderArg, QuantArgs};
 
 pub(crate) fn resolve(args: &QuantArgs) -> Result<Experiment> {
     resolve_with(args, false)
@@ -42,10 +42,7 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
         exp.attn_bits = bits.parse().context("--attn-bits")?;
     }
     if let Some(sqrt) = args.layer_norm_sqrt {
-        exp.layer_norm_sqrt = match sqrt {
-            SqrtArg::Libtorch => StdSqrt::Libtorch,
-            SqrtArg::Exact => StdSqrt::Exact,
-        };
+        exp.layer_norm_sqrt = sqrt;
     }
     if let Some(input) = args.lis_input {
         exp.lis_input = input;

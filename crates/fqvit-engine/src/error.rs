@@ -31,6 +31,9 @@ pub enum Error {
         /// What is wrong, naming the site or tensor.
         reason: String,
     },
+    /// The requested GEMM kernel does not run on this CPU.
+    #[error("GEMM kernel: {0}")]
+    Kernel(String),
     /// The images handed to [`Engine::run`](crate::Engine::run) do not fit.
     #[error("input: {0}")]
     Input(String),

@@ -22,6 +22,7 @@ pub mod requant;
 use std::path::Path;
 
 pub use error::{Error, Result};
+pub use gemm::KernelKind;
 pub use ops::Timings;
 
 use artifact::{Artifact, FORMAT_VERSIONS, METADATA_KEY, PROGRAM_KEY};
@@ -36,6 +37,8 @@ pub struct Bench {
     pub seconds_by_kind: std::collections::BTreeMap<&'static str, f64>,
     /// The dense layers' int8 GEMM throughput: two ops per multiply-add.
     pub gemm_ops_per_s: f64,
+    /// The GEMM kernel's name.
+    pub gemm_kernel: String,
     /// Constants held ([`Engine::resident_bytes`]).
     pub resident_mib: f64,
 }
@@ -59,6 +62,14 @@ pub trait Observer {
     fn codes(&mut self, op: usize, site: &str, codes: &[u8]) -> Option<Vec<u8>>;
 }
 
+/// How [`Engine::load_with`] compiles a program.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// The int8 GEMM kernel; `None` takes the fastest this CPU runs exactly. Every kernel gives
+    /// the same integers: naming one is for tests and benchmarks (e.g. AVX2 on a VNNI machine).
+    pub gemm: Option<KernelKind>,
+}
+
 /// A loaded, compiled integer program.
 #[derive(Debug)]
 pub struct Engine {
@@ -80,6 +91,22 @@ impl Engine {
     /// LayerNorm or Log-Int-Softmax or with float sites, or with tensors that do not fit.
     /// Nothing is kept when anything fails.
     pub fn load(path: &Path) -> Result<Self> {
+        Engine::load_with(path, Options::default())
+    }
+
+    /// [`Engine::load`] with `options`; a GEMM kernel this CPU cannot run is refused by name.
+    pub fn load_with(path: &Path, options: Options) -> Result<Self> {
+        let kernel = match options.gemm {
+            None => gemm::Kernel::detect(),
+            Some(kind) => gemm::Kernel::new(kind).ok_or_else(|| {
+                let runs: Vec<String> =
+                    gemm::Kernel::supported().iter().map(|k| k.kind().to_string()).collect();
+                Error::Kernel(format!(
+                    "this CPU does not run the {kind} GEMM kernel exactly (it runs {})",
+                    runs.join(", ")
+                ))
+            })?,
+        };
         let art = Artifact::read(path)?;
         let meta = art.metadata.get(METADATA_KEY).ok_or_else(|| {
             art.bad(format!("has no `{METADATA_KEY}` metadata (not a qparams artifact)"))
@@ -103,6 +130,22 @@ impl Engine {
         let lis_bits = meta["lis_bits"].as_u64().ok_or_else(|| {
             art.bad("was calibrated without --lis: the engine needs Log-Int-Softmax".into())
         })?;
+        // The ops compute 8-bit codes (u8 activations, i8 weights); an artifact at other widths
+        // is refused here rather than run with its codes clamped to 8 bits.
+        let sites = meta["sites"]
+            .as_array()
+            .ok_or_else(|| art.bad(format!("metadata `{METADATA_KEY}` lists no sites")))?;
+        for site in sites {
+            let (name, class) = (site["name"].as_str().unwrap_or("?"), &site["class"]);
+            let bits = site["bits"].as_u64();
+            if class != "softmax" && bits != Some(8) {
+                return Err(art.bad(format!(
+                    "site {name} has {} codes: the engine computes 8-bit activations and weights \
+                     only",
+                    bits.map_or("no bit width for its".into(), |b| format!("{b}-bit"))
+                )));
+            }
+        }
         if exp["float-sites"].as_array().is_some_and(|a| !a.is_empty()) {
             return Err(art.bad(format!(
                 "leaves sites in float (float-sites {}): not an integer model",
@@ -121,7 +164,6 @@ impl Engine {
         let Some(Op::Image { size, normalize }) = program.ops.first().cloned() else {
             unreachable!("validate checks op 0")
         };
-        let kernel = gemm::Kernel::detect();
         let compiled = ops::compile(&art, &program, lis_bits as u32, &kernel)?;
         let mut last_use: Vec<usize> = (0..program.ops.len()).collect();
         for (i, op) in program.ops.iter().enumerate() {
@@ -133,6 +175,11 @@ impl Engine {
         let model = meta["model"].as_str().unwrap_or("?").to_owned();
         tracing::debug!(model, ops = program.ops.len(), "integer program compiled");
         Ok(Engine { model, ops: compiled.ops, kernel, last_use, size, normalize, classes, program })
+    }
+
+    /// The GEMM kernel's name.
+    pub fn gemm_kernel(&self) -> String {
+        self.kernel.name()
     }
 
     /// The model name recorded in the artifact.
@@ -199,6 +246,7 @@ impl Engine {
             images_per_s: (iters * batch) as f64 / seconds,
             seconds_by_kind: timings.by_kind.iter().map(|(k, &d)| (*k, per_batch(d))).collect(),
             gemm_ops_per_s: 2.0 * timings.gemm_macs as f64 / gemm_s,
+            gemm_kernel: self.kernel.name(),
             resident_mib: self.resident_bytes() as f64 / (1024.0 * 1024.0),
         })
     }

@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use fqvit_ops::layer_norm::{InScale, LayerNormParams, ptf_layer_norm};
+use fqvit_ops::layer_norm::integer::IntegerLayerNorm;
+use fqvit_ops::layer_norm::{InScale, LayerNormParams};
 use fqvit_ops::softmax::{MAX_ROW, MIN_SCALE};
 use fqvit_ops::{BitType, PtfFactor, dequantize, quantize};
 use fqvit_program::{Op, Program};
@@ -202,11 +203,8 @@ pub(crate) enum Compiled {
         add: AddConsts,
     },
     LayerNorm {
-        gamma: Vec<f32>,
-        beta: Vec<f32>,
-        scale: LnScale,
-        z_in: i32,
-        out_scale: f32,
+        /// Every per-token step in integers (σ by an integer square root).
+        ln: IntegerLayerNorm,
         z_out: i32,
     },
     Linear {
@@ -252,7 +250,7 @@ impl Compiled {
         match self {
             Compiled::PatchEmbed { dense: d, .. } | Compiled::Linear { dense: d } => dense(d),
             Compiled::Embed { cls, pos, .. } => cls.len() + pos.len(),
-            Compiled::LayerNorm { gamma, .. } => 8 * gamma.len(),
+            Compiled::LayerNorm { ln, .. } => ln.bytes(),
             Compiled::Attention(a) => a.windows.as_ref().map_or(0, |w| {
                 w.table.len() + w.mask.as_ref().map_or(0, Vec::len) + 8 * w.tokens.len()
             }),
@@ -412,14 +410,19 @@ pub(crate) fn compile(
                     )));
                 }
                 let scale = ln_scale(&gin, c).map_err(&err)?;
-                let ln = Compiled::LayerNorm {
-                    gamma,
-                    beta,
-                    scale,
-                    z_in: gin.zero_point[0],
-                    out_scale: go.scale[0],
-                    z_out: go.zero_point[0],
+                let in_scale = match &scale {
+                    LnScale::Layer(s) => InScale::Layer(*s),
+                    LnScale::Ptf { base, factors } => InScale::Ptf { base: *base, factors },
                 };
+                let params = LayerNormParams {
+                    in_scale,
+                    zero_point: gin.zero_point[0],
+                    gamma: &gamma,
+                    beta: &beta,
+                    out_scale: go.scale[0],
+                };
+                let ln = IntegerLayerNorm::new(&params).map_err(|e| err(e.to_string()))?;
+                let ln = Compiled::LayerNorm { ln, z_out: go.zero_point[0] };
                 (ln, (rows, c), Some(go))
             }
             Op::Linear { input, layer, bias, gelu, out_site } => {
@@ -1023,22 +1026,11 @@ pub(crate) fn execute(
                 timings.add("add", t);
                 (Val::Codes(out), rows)
             }
-            Compiled::LayerNorm { gamma, beta, scale, z_in, out_scale, z_out } => {
+            Compiled::LayerNorm { ln, z_out } => {
                 let v = inputs[0];
                 let x = codes(&vals[v]);
-                let in_scale = match scale {
-                    LnScale::Layer(s) => InScale::Layer(*s),
-                    LnScale::Ptf { base, factors } => InScale::Ptf { base: *base, factors },
-                };
-                let params = LayerNormParams {
-                    in_scale,
-                    zero_point: *z_in,
-                    gamma,
-                    beta,
-                    out_scale: *out_scale,
-                };
                 let mut y = vec![0i32; x.len()];
-                ptf_layer_norm(x, &params, &mut y);
+                ln.run(x, &mut y);
                 let out =
                     y.par_iter().map(|&y| clamp_u8(i64::from(y) + i64::from(*z_out))).collect();
                 timings.add("layer-norm", t);

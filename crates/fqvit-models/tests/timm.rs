@@ -151,11 +151,7 @@ fn full_size_models_have_timm_parameter_names_and_shapes() {
     }
 }
 
-fn shared_dir() -> PathBuf {
-    std::env::var_os("FQVIT_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
-}
+use fqvit_testkit::shared_dir;
 
 #[test]
 fn real_vit_tiny_gives_timm_logits_on_shared_images() {

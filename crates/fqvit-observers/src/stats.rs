@@ -87,8 +87,9 @@ mod tests {
     /// libtorch's vectorised and parallel kernels are in play.
     #[test]
     fn in_place_score_equals_the_plain_one() {
-        tch::manual_seed(3);
-        let xs = Tensor::randn([100, 197, 192], (Kind::Float, Device::Cpu)) * 3.0;
+        let xs = fqvit_testkit::seeded(3, || {
+            Tensor::randn([100, 197, 192], (Kind::Float, Device::Cpu)) * 3.0
+        });
         for bit_type in [BitType::UINT8, BitType::INT8] {
             for (scale, zero) in [(0.05f32, 128f32), (0.013, 97.0), (0.2, 0.0)] {
                 let zero = if bit_type.signed { 0.0 } else { zero };

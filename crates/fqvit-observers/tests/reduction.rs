@@ -30,17 +30,18 @@ fn original(batches: &[Tensor], ema: bool) -> (f32, f32) {
 }
 
 fn batches(shape: &[i64], seed: i64) -> Vec<Tensor> {
-    tch::manual_seed(seed);
-    (0..5)
-        .map(|b| {
-            let x = Tensor::randn(shape, (Kind::Float, tch::Device::Cpu));
-            // Outliers in a few channels, and a last batch with a narrower range.
-            if b == 2 {
-                let _ = x.narrow(-1, 0, 2).fill_(40.0);
-            }
-            if b == 4 { x * 0.25 } else { x * (1.0 + b as f64) }
-        })
-        .collect()
+    fqvit_testkit::seeded(seed, || {
+        (0..5)
+            .map(|b| {
+                let x = Tensor::randn(shape, (Kind::Float, tch::Device::Cpu));
+                // Outliers in a few channels, and a last batch with a narrower range.
+                if b == 2 {
+                    let _ = x.narrow(-1, 0, 2).fill_(40.0);
+                }
+                if b == 4 { x * 0.25 } else { x * (1.0 + b as f64) }
+            })
+            .collect()
+    })
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! The integer LayerNorm on PTF codes (spec §6), the original's `QIntLayerNorm` in mode `'int'`.
 
+use fqvit_ops::layer_norm::integer::IntegerLayerNorm;
 use fqvit_ops::layer_norm::{InScale, LayerNormParams, Roots, ptf_layer_norm_with, variance_terms};
 use fqvit_ops::{PtfFactor, QParams};
 use tch::{Device, Kind, Tensor};
@@ -17,6 +18,25 @@ pub enum StdSqrt {
     Libtorch,
     /// Correctly rounded, as `f32::sqrt` in `fqvit_ops`: the same codes on every machine.
     Exact,
+    /// σ by an integer square root and every per-token factor in integers
+    /// (`fqvit_ops::layer_norm::integer`), as the integer engine computes it: the same codes on
+    /// every machine, and no float arithmetic per token. Runs on the CPU (a tensor elsewhere
+    /// is copied there and back).
+    Integer,
+}
+
+impl StdSqrt {
+    /// Every choice.
+    pub const ALL: [StdSqrt; 3] = [StdSqrt::Libtorch, StdSqrt::Exact, StdSqrt::Integer];
+
+    /// Its name in flags and configs (`--layer-norm-sqrt`, TOML `layer-norm-sqrt`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StdSqrt::Libtorch => "libtorch",
+            StdSqrt::Exact => "exact",
+            StdSqrt::Integer => "integer",
+        }
+    }
 }
 
 /// The input side of an integer LayerNorm: the quantizer before it.
@@ -61,6 +81,8 @@ pub struct IntLayerNorm {
     zero_variance: Tensor,
     channels: i64,
     sqrt: StdSqrt,
+    /// The integer constants, under [`StdSqrt::Integer`].
+    integer: Option<IntegerLayerNorm>,
 }
 
 /// The constants on the host, for the fused CPU path (`fqvit_ops::layer_norm`).
@@ -99,8 +121,9 @@ impl IntLayerNorm {
     /// scale (layer-wise), on γ's device.
     ///
     /// # Panics
-    /// If γ and β differ in length, `C` exceeds [`MAX_CHANNELS`], or the input has neither one
-    /// scale nor `C / expand` of them.
+    /// If γ and β differ in length, `C` exceeds [`MAX_CHANNELS`], the input has neither one
+    /// scale nor `C / expand` of them, or (under [`StdSqrt::Integer`]) γ, β and the output
+    /// scale give integer constants out of range (`fqvit_ops`' `PrepareError`).
     #[track_caller]
     pub fn new(
         gamma: &Tensor,
@@ -153,6 +176,8 @@ impl IntLayerNorm {
             beta: to_host(&beta),
             out_scale: out_scale.double_value(&[0]) as f32,
         };
+        let integer = (sqrt == StdSqrt::Integer)
+            .then(|| IntegerLayerNorm::new(&host.params()).unwrap_or_else(|e| panic!("{e}")));
         IntLayerNorm {
             host,
             in_scale,
@@ -165,14 +190,18 @@ impl IntLayerNorm {
             zero_variance,
             channels,
             sqrt,
+            integer,
         }
     }
 
     /// The output codes `y` (not clamped) of the fake-quantized input `X` `(…, C)`, as float32,
     /// in libtorch operations (any device).
     pub fn codes(&self, xs: &Tensor) -> Tensor {
+        if let Some(integer) = &self.integer {
+            return self.integer_codes(integer, xs);
+        }
         self.codes_with_root(xs, &|var: &Tensor| match self.sqrt {
-            StdSqrt::Libtorch => var.sqrt(),
+            StdSqrt::Libtorch | StdSqrt::Integer => var.sqrt(),
             // A faithful float64 root rounds to the correctly rounded float32 one: the root of a
             // float32 is never within 2^-50 (relative) of a float32 rounding midpoint.
             StdSqrt::Exact => var.to_kind(Kind::Double).sqrt().to_kind(Kind::Float),
@@ -231,6 +260,32 @@ impl IntLayerNorm {
         self.forward_cpu(xs).unwrap_or_else(|| self.codes(xs) * &self.out_scale)
     }
 
+    /// The codes of [`StdSqrt::Integer`], computed on the CPU and returned on `xs`'s device.
+    ///
+    /// # Panics
+    /// If the input's codes `round(X / s) + z` are not uint8 (not the quantizer's output).
+    fn integer_codes(&self, integer: &IntegerLayerNorm, xs: &Tensor) -> Tensor {
+        let size = xs.size();
+        assert_eq!(
+            size.last().copied(),
+            Some(self.channels),
+            "integer LayerNorm: input has {size:?} channels, expected {}",
+            self.channels
+        );
+        let cpu = xs.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+        let x = crate::cpu::slice(&cpu).expect("a contiguous float32 CPU tensor");
+        let h = &self.host;
+        let mut codes = vec![0u8; x.len()];
+        assert!(
+            fqvit_ops::float::codes_u8(x, &h.scales, h.zero_point, &mut codes),
+            "integer LayerNorm: the input is not on its quantizer's uint8 grid"
+        );
+        let mut y = vec![0i32; x.len()];
+        integer.run(&codes, &mut y);
+        let y: Vec<f32> = y.iter().map(|&v| v as f32).collect();
+        Tensor::from_slice(&y).view(size.as_slice()).to_device(xs.device())
+    }
+
     fn forward_cpu(&self, xs: &Tensor) -> Option<Tensor> {
         let x = crate::cpu::slice(xs)?;
         let size = xs.size();
@@ -247,6 +302,7 @@ impl IntLayerNorm {
         let mut y = vec![0i32; x.len()];
         match self.sqrt {
             StdSqrt::Exact => ptf_layer_norm_with(&codes, &params, Roots::Exact, &mut y),
+            StdSqrt::Integer => self.integer.as_ref().expect("prepared in new").run(&codes, &mut y),
             StdSqrt::Libtorch => {
                 let mut var = crate::cpu::Owned::zeros(&size[..size.len() - 1]);
                 variance_terms(&codes, &params, var.as_mut_slice());

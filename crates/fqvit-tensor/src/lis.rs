@@ -116,13 +116,16 @@ mod tests {
     /// logits off the grid, Swin's −100 mask, rows of 49 and 197, 4 and 8 bits.
     #[test]
     fn fused_passes_equal_the_tensor_operations() {
-        tch::manual_seed(11);
         let cpu = (Kind::Float, Device::Cpu);
         for &(scale, row) in &[(0.0571f32, 197i64), (0.1, 49), (0.013, 197), (0.4, 49)] {
-            let codes = Tensor::randint(256, [2, 3, row, row], (Kind::Int64, Device::Cpu));
+            let (codes, off_grid, mask) = fqvit_testkit::seeded(11 + row, || {
+                let codes = Tensor::randint(256, [2, 3, row, row], (Kind::Int64, Device::Cpu));
+                let off_grid = Tensor::randn([2, 3, row, row], cpu) * 3.0;
+                let mask = Tensor::rand([1, 1, row, row], cpu).lt(0.3);
+                (codes, off_grid, mask)
+            });
             let on_grid = (codes.to_kind(Kind::Float) - 131.0) * f64::from(scale);
-            let off_grid = Tensor::randn([2, 3, row, row], cpu) * 3.0;
-            let mask = Tensor::rand([1, 1, row, row], cpu).lt(0.3).to_kind(Kind::Float) * -100.0;
+            let mask = mask.to_kind(Kind::Float) * -100.0;
             let masked = &on_grid + mask;
             for bits in [4, 8] {
                 let lis = LogIntSoftmax::new(scale, bits, Device::Cpu);

@@ -129,12 +129,12 @@ mod tests {
     /// and per-channel parameters on either axis.
     #[test]
     fn fake_quant_equals_the_original_chain() {
-        tch::manual_seed(7);
         let cpu = (Kind::Float, Device::Cpu);
         let (s, z) = (0.03125f32, 113i32);
         // Ties: x/s + z = k + 0.5 exactly for these x (s is a power of two).
         let ties = (Tensor::arange_start(-300, 300, cpu) + 0.5 - f64::from(z)) * f64::from(s);
-        let xs = Tensor::cat(&[Tensor::randn([4000], cpu) * 6.0, ties], 0);
+        let xs =
+            Tensor::cat(&[fqvit_testkit::seeded(7, || Tensor::randn([4000], cpu)) * 6.0, ties], 0);
         let layer = QParams::layer_wise(BitType::UINT8, s, z);
         let q = Quantizer::new(&layer, Axis::Last, Device::Cpu);
         let theirs = chain(&xs, &Tensor::from(s), &Tensor::from(z as f32), 0.0, 255.0);

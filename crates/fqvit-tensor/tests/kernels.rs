@@ -166,7 +166,7 @@ fn layer_norm_matches_the_golden_cases_and_fqvit_ops() {
             zero_point: vec![zero_point],
             ptf: Some(alphas.iter().map(|&a| PtfFactor::try_from(a).unwrap()).collect()),
         };
-        for sqrt in [StdSqrt::Libtorch, StdSqrt::Exact] {
+        for sqrt in StdSqrt::ALL {
             let ln = IntLayerNorm::new(
                 g("weight"),
                 g("bias"),
@@ -179,6 +179,11 @@ fn layer_norm_matches_the_golden_cases_and_fqvit_ops() {
                 StdSqrt::Exact => assert_eq!(differ, 0, "case{case}: outputs differ"),
                 StdSqrt::Libtorch => {
                     println!("case{case}: libtorch's sqrt here: {differ} outputs differ")
+                }
+                // Its own arithmetic: a code may move where a value lies next to a rounding
+                // boundary (fqvit_ops' tests bound it).
+                StdSqrt::Integer => {
+                    println!("case{case}: integer LayerNorm: {differ} outputs differ")
                 }
             }
         }

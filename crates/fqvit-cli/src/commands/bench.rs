@@ -13,6 +13,7 @@ use crate::cli::{BenchArgs, EngineArg};
 
 pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     let name: ModelName = args.model.parse()?;
+    crate::commands::eval::check_gemm_kernel(args.engine, args.gemm_kernel)?;
     if let Some(path) = &args.json {
         crate::output::check_writable(path, "--json")?;
     }
@@ -49,7 +50,9 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
                 std::path::Path::new("random images"),
                 2 * args.batch_size as usize,
             )?;
-            let engine = crate::commands::eval::engine_via_artifact(&*model, &vs, &table, &prov)?;
+            let options = fqvit_engine::Options { gemm: args.gemm_kernel };
+            let engine =
+                crate::commands::eval::engine_via_artifact(&*model, &vs, &table, &prov, options)?;
             Some(engine.bench(args.batch_size as usize, args.iters)?)
         }
     };
@@ -66,6 +69,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "int_images_per_s": int.as_ref().map(|i| i.images_per_s),
         "int_seconds_by_kind": int.as_ref().map(|i| &i.seconds_by_kind),
         "int_gemm_ops_per_s": int.as_ref().map(|i| i.gemm_ops_per_s),
+        "int_gemm_kernel": int.as_ref().map(|i| i.gemm_kernel.clone()),
         "int_resident_mib": int.as_ref().map(|i| i.resident_mib),
         "peak_rss_mib": peak_mib,
     });

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use fqvit_calib::data::{BadImages, ImageFolder};
 use fqvit_calib::eval::{EvalOptions, EvalReport, Ties, evaluate, evaluate_with};
 use fqvit_calib::{Experiment, calibrate, calibration_set};
-use fqvit_engine::{Engine, Images};
+use fqvit_engine::{Engine, Images, Options as EngineOptions};
 use fqvit_models::weights::{HubCache, Network, WeightsSource, load_strict, resolve};
 use fqvit_models::{Classifier, Mode, ModelName, Quantized};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -78,6 +78,7 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     if let Some(path) = &args.json {
         crate::output::check_writable(path, "--json")?;
     }
+    check_gemm_kernel(args.engine, args.gemm_kernel)?;
     if args.site_agreement.is_some() && args.engine != EngineArg::Int {
         anyhow::bail!(
             "--site-agreement compares the integer engine with the simulation: add --engine int"
@@ -155,7 +156,24 @@ fn engine_after_calibration(
         &args.model.data,
         images,
     )?;
-    engine_via_artifact(&*loaded.model, &loaded.vs, table, &prov)
+    engine_via_artifact(
+        &*loaded.model,
+        &loaded.vs,
+        table,
+        &prov,
+        EngineOptions { gemm: args.gemm_kernel },
+    )
+}
+
+/// `--gemm-kernel` chooses the integer engine's kernel, so it needs `--engine int`.
+pub(crate) fn check_gemm_kernel(
+    engine: EngineArg,
+    gemm: Option<fqvit_engine::KernelKind>,
+) -> Result<()> {
+    if gemm.is_some() && engine != EngineArg::Int {
+        anyhow::bail!("--gemm-kernel chooses the integer engine's GEMM kernel: add --engine int");
+    }
+    Ok(())
 }
 
 /// Writes the artifact to a temporary file, exactly as `quantize` would, and loads the engine
@@ -165,11 +183,12 @@ pub(crate) fn engine_via_artifact(
     vs: &tch::nn::VarStore,
     table: &fqvit_models::QParamTable,
     prov: &fqvit_calib::artifact::Provenance,
+    options: EngineOptions,
 ) -> Result<Engine> {
     let dir = tempfile::tempdir().context("a temporary folder for the artifact")?;
     let path = dir.path().join("qparams.safetensors");
     fqvit_calib::artifact::write(&path, model, vs, table, prov)?;
-    Ok(Engine::load(&path)?)
+    Ok(Engine::load_with(&path, options)?)
 }
 
 /// What computes the logits.
@@ -282,7 +301,7 @@ fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
                 "--float-sites cannot be used with --engine int: the engine is integer only"
             )
         }
-        EngineArg::Int => Some(Engine::load(path)?),
+        EngineArg::Int => Some(Engine::load_with(path, EngineOptions { gemm: args.gemm_kernel })?),
     };
     let runner = match &engine {
         Some(engine) => Runner::Engine { engine, sim: &quantized },

@@ -19,6 +19,7 @@
 //! of LayerNorm as the variance goes to zero; the original returns NaN there (its issue #31).
 
 mod fast;
+pub mod integer;
 pub mod reference;
 
 use rayon::prelude::*;

@@ -3,21 +3,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
-/// `../shared` beside the repository (or `$FQVIT_SHARED_DIR`). Panics when it is missing:
-/// tests that need it never pass by skipping.
-pub fn shared_dir() -> PathBuf {
-    let dir = std::env::var_os("FQVIT_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
-    assert!(
-        dir.join("golden").is_dir(),
-        "shared data missing at {} (set FQVIT_SHARED_DIR)",
-        dir.display()
-    );
-    dir
-}
+pub use fqvit_testkit::shared_dir;
 
 /// A tensor read from a golden safetensors file, as f32 or i32 values with its shape.
 pub struct Golden {

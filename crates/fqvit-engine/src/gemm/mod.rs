@@ -1,0 +1,406 @@
+//! The u8 × i8 → i32 GEMM: `out[m][n] = Σ_k a[m][k] · w[n][k]` (raw codes; zero points are
+//! corrected by the caller with the weight row sums).
+//!
+//! The kernels ([`KernelKind`]): `rten-gemm`'s int8 kernel where it is exact (AVX-512 VNNI,
+//! `vpdpbusd`, and its portable kernels: its `may_saturate()` is false); on x86 CPUs with AVX2
+//! and no VNNI, where rten's `vpmaddubsw` kernel saturates 16-bit pair sums on full-range int8
+//! weights, our 16-bit pair kernel (`gemm/pairs.rs`); and everywhere our widening loops compiled for
+//! the detected instruction set through `pulp`. Zero points are never passed to rten (its
+//! packing mis-assigns per-row zero points past the first panel, found while choosing it); the
+//! caller corrects them with row sums.
+//!
+//! Exactness: every product is at most 255 · 128 = 2^15 in magnitude, so a row of `K ≤ 2^16`
+//! sums within ±2^31 (checked in [`Weights::new`]); the fast path computes the same integer sums
+//! in another order, and integer addition is associative, so both give identical results.
+
+mod pairs;
+
+use pulp::{Arch, Simd, WithSimd};
+use rayon::prelude::*;
+use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmOptions, PackedBMatrix};
+use rten_tensor::{Matrix, NdTensorView};
+
+/// The longest reduction the i32 accumulators hold exactly: `2^16 · 255 · 128 < 2^31`.
+pub const MAX_K: usize = 1 << 16;
+
+/// Which int8 GEMM kernel an engine uses; every one gives the same integers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelKind {
+    /// `rten-gemm`'s kernel, where it is exact on this CPU (AVX-512 VNNI, or its portable one).
+    Rten,
+    /// 16-bit pairs through AVX2's `vpmaddwd` (`gemm/pairs.rs`): x86 CPUs with AVX2.
+    Avx2Pairs,
+    /// Widening loops compiled for the detected instruction set: any CPU.
+    Loops,
+}
+
+impl KernelKind {
+    /// Every kind, fastest first where several run.
+    pub const ALL: [KernelKind; 3] = [KernelKind::Rten, KernelKind::Avx2Pairs, KernelKind::Loops];
+
+    /// The name `--gemm-kernel` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelKind::Rten => "rten",
+            KernelKind::Avx2Pairs => "avx2-pairs",
+            KernelKind::Loops => "loops",
+        }
+    }
+}
+
+impl std::fmt::Display for KernelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for KernelKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        KernelKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
+            let names: Vec<_> = KernelKind::ALL.iter().map(|k| k.name()).collect();
+            format!("unknown GEMM kernel {s:?} (expected one of {})", names.join(", "))
+        })
+    }
+}
+
+/// The int8 kernel, made once per engine: detection asks the CPU (`cpuid`), which a hypervisor
+/// makes slow, and attention builds weight matrices per head.
+pub struct Kernel {
+    imp: Imp,
+}
+
+enum Imp {
+    Rten(GemmExecutor<u8, i8, i32>),
+    Avx2Pairs(pulp::x86::V3),
+    Loops,
+}
+
+impl Kernel {
+    /// The fastest exact kernel this CPU runs: rten's where it multiplies bytes exactly with
+    /// SIMD (VNNI), else the AVX2 pairs, else rten's portable kernel or the loops.
+    pub fn detect() -> Self {
+        let exec = GemmExecutor::<u8, i8, i32>::new();
+        let rten_simd = !exec.may_saturate() && exec.kernel_name() != "generic-u8i8i32";
+        if rten_simd {
+            return Kernel { imp: Imp::Rten(exec) };
+        }
+        if let Some(v3) = pairs::available() {
+            return Kernel { imp: Imp::Avx2Pairs(v3) };
+        }
+        let imp = if exec.may_saturate() { Imp::Loops } else { Imp::Rten(exec) };
+        Kernel { imp }
+    }
+
+    /// The kernel `kind`, if this CPU runs it exactly.
+    pub fn new(kind: KernelKind) -> Option<Self> {
+        let imp = match kind {
+            KernelKind::Rten => {
+                let exec = GemmExecutor::<u8, i8, i32>::new();
+                Imp::Rten((!exec.may_saturate()).then_some(exec)?)
+            }
+            KernelKind::Avx2Pairs => Imp::Avx2Pairs(pairs::available()?),
+            KernelKind::Loops => Imp::Loops,
+        };
+        Some(Kernel { imp })
+    }
+
+    /// Every kernel this CPU runs exactly (for tests and benchmarks).
+    pub fn supported() -> Vec<Self> {
+        KernelKind::ALL.into_iter().filter_map(Kernel::new).collect()
+    }
+
+    /// Which kernel this is.
+    pub fn kind(&self) -> KernelKind {
+        match self.imp {
+            Imp::Rten(_) => KernelKind::Rten,
+            Imp::Avx2Pairs(_) => KernelKind::Avx2Pairs,
+            Imp::Loops => KernelKind::Loops,
+        }
+    }
+
+    /// The kernel's name, with rten's own kernel name.
+    pub fn name(&self) -> String {
+        match &self.imp {
+            Imp::Rten(exec) => format!("rten-gemm {}", exec.kernel_name()),
+            Imp::Avx2Pairs(_) => "fqvit AVX2 16-bit pairs".into(),
+            Imp::Loops => "fqvit widening loops".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// int8 weights `(N, K)`, row-major, with their row sums, prepared for one [`Kernel`].
+pub struct Weights {
+    /// Output channels.
+    pub n: usize,
+    /// Reduction length.
+    pub k: usize,
+    /// The codes, row-major; dropped once rten has packed them (unless kept by
+    /// [`Weights::with_codes`]), so that the weights are held once, at a byte each.
+    codes: Vec<i8>,
+    /// `Σ_k w[n][k]`, for the input zero-point correction.
+    pub row_sums: Vec<i32>,
+    /// The kernel's packing, where it has one.
+    packed: Packing,
+}
+
+enum Packing {
+    None,
+    Rten(PackedBMatrix<i8>),
+    Pairs(pairs::Packed),
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights")
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .field("packed", &!matches!(self.packed, Packing::None))
+            .finish()
+    }
+}
+
+impl Weights {
+    /// Wraps `(n, k)` codes for `kernel`.
+    ///
+    /// # Panics
+    /// If the length is not `n · k` or `k` exceeds [`MAX_K`].
+    pub fn new(kernel: &Kernel, codes: Vec<i8>, n: usize, k: usize) -> Self {
+        let mut w = Weights::with_codes(kernel, codes, n, k);
+        if !matches!(w.packed, Packing::None) {
+            w.codes = Vec::new();
+        }
+        w
+    }
+
+    /// [`Weights::new`], keeping the codes beside rten's packing, for [`gemm_reference`] and
+    /// [`gemm_loops`] on the same weights.
+    ///
+    /// # Panics
+    /// As [`Weights::new`].
+    pub fn with_codes(kernel: &Kernel, codes: Vec<i8>, n: usize, k: usize) -> Self {
+        assert_eq!(codes.len(), n * k, "gemm: {} weight codes for ({n}, {k})", codes.len());
+        assert!(k <= MAX_K, "gemm: reduction of {k} exceeds {MAX_K}");
+        let row_sums =
+            codes.chunks_exact(k.max(1)).map(|r| r.iter().map(|&w| i32::from(w)).sum()).collect();
+        let packed = match &kernel.imp {
+            _ if n == 0 || k == 0 => Packing::None,
+            Imp::Rten(exec) => Packing::Rten(
+                exec.prepack_b(NdTensorView::from_data([n, k], codes.as_slice()).transposed()),
+            ),
+            Imp::Avx2Pairs(_) => Packing::Pairs(pairs::Packed::new(&codes, n, k)),
+            Imp::Loops => Packing::None,
+        };
+        Weights { n, k, codes, row_sums, packed }
+    }
+
+    /// The codes of output channel `n`.
+    ///
+    /// # Panics
+    /// If a kernel packed the codes and they were not kept ([`Weights::with_codes`]).
+    pub fn row(&self, n: usize) -> &[i8] {
+        assert!(
+            self.codes.len() == self.n * self.k,
+            "gemm: these weights keep only the kernel's packing (build them with Weights::with_codes)"
+        );
+        &self.codes[n * self.k..][..self.k]
+    }
+
+    /// Bytes held (the kernel's packed copy included).
+    pub fn bytes(&self) -> usize {
+        let packed = match &self.packed {
+            Packing::None => 0,
+            Packing::Rten(_) => self.n * self.k,
+            Packing::Pairs(p) => p.bytes(),
+        };
+        self.codes.len() + packed + 4 * self.row_sums.len()
+    }
+}
+
+/// The scalar reference: one dot product per output, in index order.
+pub fn gemm_reference(a: &[u8], w: &Weights, out: &mut [i32]) {
+    let m = check(a, w, out);
+    for i in 0..m {
+        let row = &a[i * w.k..][..w.k];
+        for n in 0..w.n {
+            out[i * w.n + n] =
+                row.iter().zip(w.row(n)).map(|(&x, &y)| i32::from(x) * i32::from(y)).sum();
+        }
+    }
+}
+
+fn check(a: &[u8], w: &Weights, out: &[i32]) -> usize {
+    assert_eq!(a.len() % w.k.max(1), 0, "gemm: {} input codes are not rows of {}", a.len(), w.k);
+    let m = a.len() / w.k.max(1);
+    assert_eq!(out.len(), m * w.n, "gemm: room for {} outputs, need {}", out.len(), m * w.n);
+    m
+}
+
+/// Rows of `a` per parallel task.
+const ROWS_PER_TASK: usize = 8;
+/// Output channels per inner block: the four weight rows stay in L1 while a task's rows pass.
+const COLS: usize = 4;
+
+/// The fast path: `kernel`'s, for weights prepared with it.
+///
+/// # Panics
+/// If the lengths do not fit the weights, or the weights were prepared for another kernel.
+pub fn gemm(kernel: &Kernel, a: &[u8], w: &Weights, out: &mut [i32]) {
+    let m = check(a, w, out);
+    if m == 0 || w.n == 0 {
+        return;
+    }
+    if w.k == 0 {
+        out.fill(0);
+        return;
+    }
+    match (&kernel.imp, &w.packed) {
+        (Imp::Rten(exec), Packing::Rten(packed)) => {
+            let a = Matrix::from_data([m, w.k], a);
+            exec.gemm(
+                out,
+                GemmInputA::Unpacked(a),
+                GemmInputB::Packed(packed),
+                GemmOptions::default(),
+            )
+            .expect("shapes were checked");
+        }
+        (Imp::Avx2Pairs(v3), Packing::Pairs(packed)) => pairs::gemm(*v3, a, packed, w.n, w.k, out),
+        (Imp::Loops, Packing::None) => gemm_loops(a, w, out),
+        _ => panic!("gemm: weights prepared for another kernel than {}", kernel.name()),
+    }
+}
+
+/// The widening loops alone (the fast path where rten's kernel may saturate): rows in parallel,
+/// each task computing 1 × 4 blocks of dot products in loops compiled for the detected
+/// instruction set (AVX-512 VNNI/AVX2 widening multiply-adds).
+pub fn gemm_loops(a: &[u8], w: &Weights, out: &mut [i32]) {
+    let m = check(a, w, out);
+    if m == 0 || w.n == 0 {
+        return;
+    }
+    let arch = Arch::new();
+    a.par_chunks(ROWS_PER_TASK * w.k)
+        .zip(out.par_chunks_mut(ROWS_PER_TASK * w.n))
+        .for_each(|(a, out)| arch.dispatch(Block { a, w, out }));
+}
+
+struct Block<'a> {
+    a: &'a [u8],
+    w: &'a Weights,
+    out: &'a mut [i32],
+}
+
+impl WithSimd for Block<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _simd: S) {
+        let Block { a, w, out } = self;
+        let k = w.k;
+        let rows = a.len() / k;
+        let mut n = 0;
+        while n + COLS <= w.n {
+            let (w0, w1, w2, w3) = (w.row(n), w.row(n + 1), w.row(n + 2), w.row(n + 3));
+            for i in 0..rows {
+                let x = &a[i * k..][..k];
+                let (mut s0, mut s1, mut s2, mut s3) = (0i32, 0i32, 0i32, 0i32);
+                for j in 0..k {
+                    let xj = i32::from(x[j]);
+                    s0 += xj * i32::from(w0[j]);
+                    s1 += xj * i32::from(w1[j]);
+                    s2 += xj * i32::from(w2[j]);
+                    s3 += xj * i32::from(w3[j]);
+                }
+                let o = &mut out[i * w.n + n..][..COLS];
+                o.copy_from_slice(&[s0, s1, s2, s3]);
+            }
+            n += COLS;
+        }
+        for n in n..w.n {
+            let wn = w.row(n);
+            for i in 0..rows {
+                let x = &a[i * k..][..k];
+                out[i * w.n + n] =
+                    x.iter().zip(wn).map(|(&x, &y)| i32::from(x) * i32::from(y)).sum();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Codes from a seed, with the extremes (0, 255, −128, 127) often.
+    fn codes(seed: u64, len: usize) -> Vec<u8> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                match (s >> 60) as u8 {
+                    0 => 0,
+                    1 => 255,
+                    2 => 128,
+                    3 => 127,
+                    _ => (s >> 33) as u8,
+                }
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// Every kernel this CPU runs equals the scalar reference: row counts across the
+        /// register tile and the parallel task, channels across panels, odd reductions.
+        #[test]
+        fn every_kernel_equals_the_reference(
+            m in 0usize..70, n in 0usize..40, k in 1usize..300, seed in any::<u64>(),
+        ) {
+            let a = codes(seed, m * k);
+            let wc: Vec<i8> = codes(!seed, n * k).into_iter().map(|c| c as i8).collect();
+            let kernels = Kernel::supported();
+            prop_assert!(kernels.iter().any(|k| k.kind() == KernelKind::Loops));
+            let mut x = vec![0; m * n];
+            gemm_reference(&a, &Weights::with_codes(&kernels[0], wc.clone(), n, k), &mut x);
+            for kernel in &kernels {
+                let w = Weights::new(kernel, wc.clone(), n, k);
+                let mut y = vec![1; m * n];
+                gemm(kernel, &a, &w, &mut y);
+                prop_assert_eq!(&x, &y, "{}", kernel.name());
+            }
+        }
+    }
+
+    #[test]
+    fn extremes_do_not_overflow() {
+        // 255 · −128 and 255 · 127 over a long row: the sums the bound allows at either end.
+        let k = 4096;
+        for kernel in Kernel::supported() {
+            for (w, sum) in [(-128i8, -255 * 128 * k as i32), (127, 255 * 127 * k as i32)] {
+                let w = Weights::new(&kernel, vec![w; 20 * k], 20, k);
+                let a = vec![255u8; 6 * k];
+                let mut out = vec![0; 6 * 20];
+                gemm(&kernel, &a, &w, &mut out);
+                assert!(out.iter().all(|&v| v == sum), "{}", kernel.name());
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_are_named_and_parsed() {
+        for kind in KernelKind::ALL {
+            assert_eq!(kind.name().parse::<KernelKind>(), Ok(kind));
+        }
+        let err = "vnni".parse::<KernelKind>().unwrap_err();
+        assert!(err.contains("rten, avx2-pairs, loops"), "{err}");
+        assert_eq!(Kernel::new(KernelKind::Loops).map(|k| k.kind()), Some(KernelKind::Loops));
+    }
+}

@@ -1,0 +1,149 @@
+//! The exact u8 × i8 kernel for x86 CPUs with AVX2 but without VNNI: 16-bit pairs through
+//! `vpmaddwd`.
+//!
+//! AVX2's byte multiply-add, `vpmaddubsw`, adds two u8 · i8 products into a saturating i16:
+//! `2 · 255 · 128 = 65,280` does not fit, so it is wrong on full-range codes. Here both operands
+//! are widened to i16 once, when they are packed (weights at load, each task's activation rows
+//! before its GEMM), and `vpmaddwd` multiplies 16 i16 pairs and adds each pair into an i32:
+//! `|a·w + a'·w'| ≤ 2 · 255 · 128 < 2^17`, exact, and the i32 accumulators hold `K ≤ 2^16`
+//! such products as the other kernels do ([`super::MAX_K`]). It issues as many multiplies per
+//! multiply-add as the saturating `vpmaddubsw` + `vpmaddwd` pair, so it loses nothing to it.
+//!
+//! Register tile: [`MR`] rows × 16 output channels (two 8-lane i32 accumulators per row); per
+//! pair of reduction steps it loads the panel's 16 weight pairs once and broadcasts each row's
+//! activation pair.
+
+use pulp::x86::V3;
+use pulp::{WithSimd, i16x16, i32x8};
+use rayon::prelude::*;
+
+/// Output channels per panel: two AVX2 registers of i32 lanes.
+pub(super) const NR: usize = 16;
+/// Rows per register tile: 4 × 2 accumulators, 2 weight registers and a broadcast use 11 of
+/// the 16 registers.
+const MR: usize = 4;
+/// Rows per parallel task: their packed activations (`rows · K · 2` bytes) stay in L2 while the
+/// task walks every panel.
+const ROWS_PER_TASK: usize = 32;
+
+/// Weights packed for this kernel: for panel `j` (channels `16j..16j + 16`) and reduction pair
+/// `p`, `panels[j · pairs + p][lane]` holds `(w[16j + lane][2p], w[16j + lane][2p + 1])` as two
+/// i16 in one u32 (zero past `N` and `K`).
+pub(super) struct Packed {
+    panels: Vec<[u32; NR]>,
+    pairs: usize,
+}
+
+/// Two i16 in one u32, the low one first (the order `vpmaddwd` pairs them in).
+#[inline(always)]
+fn pair(lo: i16, hi: i16) -> u32 {
+    u32::from(lo as u16) | (u32::from(hi as u16) << 16)
+}
+
+impl Packed {
+    /// Packs `(n, k)` row-major codes.
+    pub(super) fn new(codes: &[i8], n: usize, k: usize) -> Self {
+        let pairs = k.div_ceil(2);
+        let mut panels = vec![[0u32; NR]; n.div_ceil(NR) * pairs];
+        for (c, row) in codes.chunks_exact(k.max(1)).enumerate().take(n) {
+            let (j, lane) = (c / NR, c % NR);
+            for (p, two) in row.chunks(2).enumerate() {
+                let hi = two.get(1).copied().unwrap_or(0);
+                panels[j * pairs + p][lane] = pair(i16::from(two[0]), i16::from(hi));
+            }
+        }
+        Packed { panels, pairs }
+    }
+
+    /// Bytes held.
+    pub(super) fn bytes(&self) -> usize {
+        self.panels.len() * NR * 4
+    }
+}
+
+/// The CPU's AVX2 token, if it has AVX2 (and the rest of x86-64-v3).
+pub(super) fn available() -> Option<V3> {
+    V3::try_new()
+}
+
+/// `out[m][n] = Σ_k a[m][k] · w[n][k]` for `a` `(m, k)` and `w` packed, `out` `(m, n)`.
+pub(super) fn gemm(v3: V3, a: &[u8], w: &Packed, n: usize, k: usize, out: &mut [i32]) {
+    a.par_chunks(ROWS_PER_TASK * k).zip(out.par_chunks_mut(ROWS_PER_TASK * n)).for_each_init(
+        Vec::new,
+        |rows, (a, out)| {
+            // Each row's codes as u32 pairs, zero-extended to i16 (the activation operand).
+            rows.clear();
+            for row in a.chunks_exact(k) {
+                rows.extend(row.chunks(2).map(|two| {
+                    pair(i16::from(two[0]), i16::from(two.get(1).copied().unwrap_or(0)))
+                }));
+            }
+            <V3 as pulp::Simd>::vectorize(v3, Task { v3, rows, w, n, out });
+        },
+    );
+}
+
+struct Task<'a> {
+    v3: V3,
+    /// The task's rows, `w.pairs` u32 pairs each.
+    rows: &'a [u32],
+    w: &'a Packed,
+    n: usize,
+    out: &'a mut [i32],
+}
+
+impl WithSimd for Task<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let Task { v3, rows, w, n, out } = self;
+        let kp = w.pairs;
+        if kp == 0 {
+            out.fill(0);
+            return;
+        }
+        let m = rows.len() / kp;
+        for (j, panel) in w.panels.chunks_exact(kp).enumerate() {
+            let cols = NR.min(n - j * NR);
+            let mut i = 0;
+            while i + MR <= m {
+                let a: [&[u32]; MR] = std::array::from_fn(|r| &rows[(i + r) * kp..][..kp]);
+                let acc = tile(v3, a, panel);
+                store(&acc, &mut out[i * n + j * NR..], n, cols);
+                i += MR;
+            }
+            for i in i..m {
+                let acc = tile(v3, [&rows[i * kp..][..kp]], panel);
+                store(&acc, &mut out[i * n + j * NR..], n, cols);
+            }
+        }
+    }
+}
+
+/// `R` rows of one panel: the register tile.
+#[inline(always)]
+fn tile<const R: usize>(v3: V3, a: [&[u32]; R], panel: &[[u32; NR]]) -> [[i32x8; 2]; R] {
+    let zero = v3.splat_i32x8(0);
+    let mut acc = [[zero; 2]; R];
+    for (p, w) in panel.iter().enumerate() {
+        let [w0, w1]: [i16x16; 2] = pulp::cast(*w);
+        for r in 0..R {
+            let x: i16x16 = pulp::cast(v3.splat_u32x8(a[r][p]));
+            acc[r][0] =
+                v3.wrapping_add_i32x8(acc[r][0], v3.multiply_wrapping_add_adjacent_i16x16(x, w0));
+            acc[r][1] =
+                v3.wrapping_add_i32x8(acc[r][1], v3.multiply_wrapping_add_adjacent_i16x16(x, w1));
+        }
+    }
+    acc
+}
+
+/// Writes a tile's first `cols` channels of each row (rows `n` apart in `out`).
+#[inline(always)]
+fn store<const R: usize>(acc: &[[i32x8; 2]; R], out: &mut [i32], n: usize, cols: usize) {
+    for (r, acc) in acc.iter().enumerate() {
+        let lanes: [i32; NR] = pulp::cast(*acc);
+        out[r * n..][..cols].copy_from_slice(&lanes[..cols]);
+    }
+}

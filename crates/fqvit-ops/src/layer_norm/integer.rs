@@ -1,0 +1,376 @@
+//! The integer LayerNorm with every per-token step in integers: σ by an integer square root,
+//! the factors `M`, `N` and `B` of spec §6 by integer multiplications and shifts.
+//!
+//! The original takes σ with a float32 square root and computes each token's `A = (s_min/σ) ·
+//! γ/s_out` and `B` in float32. Here the float parameters become integer constants once
+//! ([`IntegerLayerNorm::new`], the only float arithmetic), and [`IntegerLayerNorm::run`] is
+//! integers only. With `x` the token's integers in units of `s_min` (as in
+//! [`super::ptf_layer_norm`]), `S1 = Σx`, `S2 = Σx²`, `D = C·S2 − S1²`, the scale `s_min`
+//! cancels: `A_c = C·h_c/√D` and `μ/σ = S1/√D`, with `h_c = γ_c/s_out`.
+//!
+//! Per token (one integer square root and two divisions):
+//! 1. `D = C·S2 − S1²` exactly in i64 (`0 ≤ D ≤ C·S2 < 2^62`, see [`super`]); `D = 0` is the
+//!    zero-variance token, `round(β_c/s_out)`.
+//! 2. `d = D · 4^t` with the even shift that puts `d` in `[2^60, 2^62)` (`−1 ≤ t ≤ 30`; for
+//!    `t = −1` the two low bits are dropped), `r = ⌊√d⌋ ∈ [2^30, 2^31)`, so `√D ≈ r · 2^−t`
+//!    within a relative 2^−30.
+//! 3. `inv = ⌊2^62 / r⌋ ∈ (2^31, 2^32]`: `1/√D ≈ inv · 2^(t − 62)` within a relative 2^−29.
+//! 4. `σ1 = ⌊S1 · 2^40 / C⌋` (`|S1/C| < 2^15`, so `|σ1| < 2^55`).
+//!
+//! Per channel, with `C·|h_c| ≈ m_c · 2^(k_c − 31)`, `m_c ∈ [2^31, 2^32)` (prepared once):
+//! 5. `Q = m_c · inv < 2^65` (u128): `|A_c| ≈ Q · 2^X`, `X = k_c + t − 93`;
+//! 6. `N = clamp(7 − ⌊log2 Q⌋ − X, 0, 31)` and `M = min(⌊Q · 2^(X+N)⌋, 255)`: get_MN on this
+//!    `|A|` (8-bit `M` in `[128, 255]` unless `N` is clamped);
+//! 7. `B = round(2^N · (b_c − h_c · μ/σ))`, half to even, with `b_c = β_c/s_out` in units of
+//!    2^−24 and `2^N·|A_c|·S1/C = 2^N·|h_c|·μ/σ` from `Q` (48 fractional bits) times `σ1`, in
+//!    i128 (at most 2^112), summed in units of 2^−40 and saturated to i64;
+//! 8. `y = round((±M·x + B) / 2^N)`, half to even, saturated to i32, as in the float path.
+//!
+//! So `A` is within a relative 2^−28 of its real value (the original's float32 `A` within about
+//! 2^−21) and `B` within about `2^−28·|B|` plus 2^−30: the codes differ from those of the real
+//! numbers only where a real value lies that close to a rounding boundary.
+
+use super::reference::{round_shift, saturate_i32, zero_variance_code};
+use rayon::prelude::*;
+
+use super::{LayerNormParams, MAX_CHANNELS};
+
+/// One channel's constants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Channel {
+    /// The sign of γ_c (0 where γ_c = 0, whose `A` is 0).
+    sign: i8,
+    /// `C·|γ_c/s_out| ≈ mant · 2^(exp − 31)`, `mant ∈ [2^31, 2^32)`.
+    mant: u64,
+    exp: i32,
+    /// `β_c/s_out` in units of 2^−24, rounded half to even.
+    beta: i64,
+    /// The zero-variance code `round(β_c/s_out)`.
+    flat: i32,
+}
+
+/// An integer LayerNorm prepared for one set of parameters: [`run`](Self::run) computes with
+/// integers only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IntegerLayerNorm {
+    zero_point: i32,
+    /// `α_c − α_min`.
+    shifts: Vec<u32>,
+    channels: Vec<Channel>,
+}
+
+/// Why a parameter set cannot be prepared.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum PrepareError {
+    /// γ, β or the output scale gives a constant outside the integer ranges, naming it.
+    #[error("integer LayerNorm: {0}")]
+    OutOfRange(String),
+}
+
+/// `v` as `mant · 2^(exp − 31)` with `mant ∈ [2^31, 2^32)`, rounded half to even (v > 0,
+/// finite).
+fn normalize(v: f64) -> (u64, i32) {
+    let e = v.log2().floor() as i32;
+    // v · 2^(31 − e) in [2^31, 2^32) up to the log's rounding, corrected below.
+    let mut exp = e;
+    let mut mant = (v * 2f64.powi(31 - exp)).round_ties_even();
+    if mant >= 4_294_967_296.0 {
+        exp += 1;
+        mant = (v * 2f64.powi(31 - exp)).round_ties_even();
+    } else if mant < 2_147_483_648.0 {
+        exp -= 1;
+        mant = (v * 2f64.powi(31 - exp)).round_ties_even();
+    }
+    // Rounding up can reach 2^32 exactly.
+    if mant >= 4_294_967_296.0 {
+        return (1 << 31, exp + 1);
+    }
+    (mant as u64, exp)
+}
+
+impl IntegerLayerNorm {
+    /// Prepares `params` (the float arithmetic of the integer LayerNorm, done once).
+    ///
+    /// # Errors
+    /// If `|β_c/s_out| ≥ 2^38` or `C·|γ_c/s_out|` lies outside `[2^−64, 2^64)`, naming the
+    /// channel.
+    ///
+    /// # Panics
+    /// As [`super::ptf_layer_norm`] for inconsistent lengths and scales.
+    #[track_caller]
+    pub fn new(params: &LayerNormParams<'_>) -> Result<Self, PrepareError> {
+        let c = params.check(params.gamma.len(), params.gamma.len());
+        debug_assert!(c <= MAX_CHANNELS);
+        let (_, shifts) = params.in_scale.min_and_shifts(c);
+        let out = f64::from(params.out_scale);
+        let mut channels = Vec::with_capacity(c);
+        for (i, (&g, &b)) in params.gamma.iter().zip(params.beta).enumerate() {
+            let (g, b) = (f64::from(g), f64::from(b));
+            if !g.is_finite() || !b.is_finite() {
+                return Err(PrepareError::OutOfRange(format!("channel {i}: γ {g} or β {b}")));
+            }
+            let beta_over = b / out;
+            if beta_over.abs() >= 2f64.powi(38) {
+                return Err(PrepareError::OutOfRange(format!(
+                    "channel {i}: β/s_out = {beta_over:e} is beyond ±2^38"
+                )));
+            }
+            let beta = (beta_over * 2f64.powi(24)).round_ties_even() as i64;
+            let flat = zero_variance_code(params.beta[i], params.out_scale);
+            let h = c as f64 * g.abs() / out;
+            let (sign, mant, exp) = if g == 0.0 {
+                (0, 0, 0)
+            } else if !(2f64.powi(-64)..2f64.powi(64)).contains(&h) {
+                return Err(PrepareError::OutOfRange(format!(
+                    "channel {i}: C·|γ|/s_out = {h:e} is outside [2^−64, 2^64)"
+                )));
+            } else {
+                let (mant, exp) = normalize(h);
+                (if g > 0.0 { 1 } else { -1 }, mant, exp)
+            };
+            channels.push(Channel { sign, mant, exp, beta, flat });
+        }
+        Ok(IntegerLayerNorm { zero_point: params.zero_point, shifts, channels })
+    }
+
+    /// Channels.
+    pub fn channels(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.channels.len() * std::mem::size_of::<Channel>() + 4 * self.shifts.len()
+    }
+
+    /// The output codes `y` (not clamped) of tokens of `C` uint8 codes, tokens in parallel.
+    ///
+    /// # Panics
+    /// If `codes` and `out` are not the same whole number of tokens.
+    #[track_caller]
+    pub fn run(&self, codes: &[u8], out: &mut [i32]) {
+        let c = self.channels.len();
+        assert!(
+            codes.len().is_multiple_of(c) && codes.len() == out.len(),
+            "integer LayerNorm: {} codes and room for {} are not tokens of {c}",
+            codes.len(),
+            out.len()
+        );
+        let task = c * super::fast::TOKENS_PER_TASK;
+        codes.par_chunks(task).zip(out.par_chunks_mut(task)).for_each_init(
+            || vec![0i32; c],
+            |x, (codes, out)| {
+                for (token, y) in codes.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+                    self.token(token, x, y);
+                }
+            },
+        );
+    }
+
+    fn token(&self, token: &[u8], x: &mut [i32], y: &mut [i32]) {
+        let (mut s1, mut s2) = (0i64, 0i64);
+        for ((x, &q), &shift) in x.iter_mut().zip(token).zip(&self.shifts) {
+            *x = (i32::from(q) - self.zero_point) << shift;
+            s1 += i64::from(*x);
+            s2 += i64::from(*x) * i64::from(*x);
+        }
+        let n = self.channels.len() as i64;
+        // 0 ≤ D ≤ C·S2 < 2^62 (|x| < 2^15, C ≤ 2^16).
+        let d = n * s2 - s1 * s1;
+        if d == 0 {
+            for (y, ch) in y.iter_mut().zip(&self.channels) {
+                *y = ch.flat;
+            }
+            return;
+        }
+        let d = d as u64;
+        let bits = 64 - d.leading_zeros() as i32;
+        let t = (62 - bits).div_euclid(2);
+        let normalized = if t >= 0 { d << (2 * t) } else { d >> 2 };
+        let r = normalized.isqrt();
+        let inv = (1u64 << 62) / r;
+        let sigma1 = ((i128::from(s1) << 40).div_euclid(i128::from(n))) as i64;
+        for ((y, ch), &x) in y.iter_mut().zip(&self.channels).zip(x.iter()) {
+            let (m, nn, b) = ch.factors(inv, t, sigma1);
+            *y = saturate_i32(round_shift((i64::from(m) * i64::from(x)).saturating_add(b), nn));
+        }
+    }
+}
+
+impl Channel {
+    /// `(±M, N, B)` for a token with `1/√D ≈ inv · 2^(t−62)` and `σ1 = ⌊S1·2^40/C⌋`.
+    #[inline]
+    fn factors(&self, inv: u64, t: i32, sigma1: i64) -> (i32, u32, i64) {
+        if self.sign == 0 {
+            // A = 0: get_MN gives (0, 31), and B = round(2^31 · β/s_out).
+            return (0, 31, round_sat(i128::from(self.beta) << 31, 24));
+        }
+        let q = u128::from(self.mant) * u128::from(inv);
+        let x = self.exp + t - 93;
+        let log = 127 - q.leading_zeros() as i32;
+        let n = (7 - log - x).clamp(0, 31);
+        // M = ⌊Q · 2^(x+n)⌋, and 2^n·|A| with 48 fractional bits: Q · 2^(x+n+48).
+        let s = -(x + n);
+        let m = if s <= 0 {
+            255
+        } else if s >= 128 {
+            0
+        } else {
+            (q >> s).min(255) as i32
+        };
+        let a48 = shift(q, 48 - s);
+        // 2^n · h · μ/σ in units of 2^−88, then 2^−40; b · 2^n in units of 2^−40.
+        let term = a48.and_then(|a| i128::try_from(a).ok()?.checked_mul(i128::from(sigma1)));
+        let b = match term {
+            Some(term) => {
+                let term = term >> 48;
+                let beta = i128::from(self.beta) << (16 + n);
+                let v = if self.sign > 0 { beta - term } else { beta + term };
+                round_sat(v, 40)
+            }
+            // 2^n·|A|·|S1/C| ≥ 2^71: B is beyond any i64.
+            None => {
+                let neg = (self.sign > 0) == (sigma1 > 0);
+                if neg { i64::MIN } else { i64::MAX }
+            }
+        };
+        (i32::from(self.sign) * m, n as u32, b)
+    }
+}
+
+/// `q · 2^e`, or `None` beyond 2^127.
+#[inline]
+fn shift(q: u128, e: i32) -> Option<u128> {
+    if e >= 0 {
+        let e = e as u32;
+        (e < 128 && q.leading_zeros() > e).then(|| q << e)
+    } else {
+        Some(if -e >= 128 { 0 } else { q >> (-e) as u32 })
+    }
+}
+
+/// `round(v / 2^n)`, half to even, saturated to i64.
+#[inline]
+fn round_sat(v: i128, n: u32) -> i64 {
+    let q = v >> n;
+    let rem = v - (q << n);
+    let half = 1i128 << (n - 1);
+    let q = if rem > half || (rem == half && q & 1 == 1) { q + 1 } else { q };
+    q.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{InScale, LayerNormParams, ptf_layer_norm};
+    use super::*;
+    use crate::qparams::PtfFactor;
+
+    #[test]
+    fn normalize_keeps_the_mantissa_in_range() {
+        for v in [1.0, 0.75, 3.0, 1e-12, 123456.789, 2f64.powi(40) - 1.0, 4294967295.9] {
+            let (m, e) = normalize(v);
+            assert!((1u64 << 31..1u64 << 32).contains(&m), "{v}: {m}");
+            let back = m as f64 * 2f64.powi(e - 31);
+            assert!(((back - v) / v).abs() <= 2f64.powi(-31), "{v}: {back}");
+        }
+    }
+
+    fn params<'a>(
+        gamma: &'a [f32],
+        beta: &'a [f32],
+        factors: &'a [PtfFactor],
+    ) -> LayerNormParams<'a> {
+        LayerNormParams {
+            in_scale: InScale::Ptf { base: 0.01, factors },
+            zero_point: 120,
+            gamma,
+            beta,
+            out_scale: 0.03,
+        }
+    }
+
+    /// On ordinary tokens the integer path gives the float path's codes but where a value lies
+    /// next to a rounding boundary (one code apart there).
+    #[test]
+    fn integer_codes_follow_the_exact_float_path() {
+        let c = 192;
+        let gamma: Vec<f32> =
+            (0..c).map(|i| 0.5 + (i % 7) as f32 * 0.1 - if i == 5 { 1.5 } else { 0.0 }).collect();
+        let beta: Vec<f32> = (0..c).map(|i| (i % 5) as f32 * 0.05 - 0.1).collect();
+        let factors: Vec<PtfFactor> =
+            (0..c).map(|i| PtfFactor::try_from((i % 4) as u8).unwrap()).collect();
+        let p = params(&gamma, &beta, &factors);
+        let ln = IntegerLayerNorm::new(&p).unwrap();
+        let mut s = 7u64;
+        let codes: Vec<u8> = (0..c * 200)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (s >> 57) as u8 + 60
+            })
+            .collect();
+        let (mut a, mut b) = (vec![0; codes.len()], vec![0; codes.len()]);
+        ln.run(&codes, &mut a);
+        ptf_layer_norm(&codes, &p, &mut b);
+        let differ = a.iter().zip(&b).filter(|(a, b)| a != b).count();
+        let max = a.iter().zip(&b).map(|(a, b)| (a - b).abs()).max().unwrap();
+        assert!(max <= 1, "max |Δ| {max}");
+        assert!(differ * 1000 <= codes.len(), "{differ} of {} differ", codes.len());
+    }
+
+    /// The edges: flat tokens, γ = 0, the widest shifts with extreme codes, one channel, the
+    /// most channels, a variance term at its largest (2^62 − ε, the `t = −1` normalization).
+    #[test]
+    fn edges_stay_in_range_and_follow_the_float_path() {
+        let run = |codes: &[u8], gamma: &[f32], beta: &[f32], factors: &[PtfFactor], out: f32| {
+            let p = LayerNormParams { out_scale: out, ..params(gamma, beta, factors) };
+            let (mut a, mut b) = (vec![0; codes.len()], vec![0; codes.len()]);
+            IntegerLayerNorm::new(&p).unwrap().run(codes, &mut a);
+            ptf_layer_norm(codes, &p, &mut b);
+            (a, b)
+        };
+        let f = |a: u8| PtfFactor::try_from(a).unwrap();
+        // Flat tokens and γ = 0: exactly round(β/s_out), as the float path.
+        let (a, b) =
+            run(&[7, 7, 7, 200, 200, 200], &[1.0, 0.0, -2.0], &[0.3, -0.2, 0.05], &[f(0); 3], 0.03);
+        assert_eq!(a, b);
+        let (a, b) =
+            run(&[7, 90, 7, 200, 3, 250], &[1.0, 0.0, -2.0], &[0.3, -0.2, 0.05], &[f(0); 3], 0.03);
+        assert_eq!((a[1], a[4]), (b[1], b[4]));
+        // One channel: always flat.
+        let (a, b) = run(&[0, 255, 9], &[1.5], &[0.25], &[f(7)], 0.01);
+        assert_eq!(a, b);
+        // The most channels, codes 0 and 255 alternating with factor 7: D ≈ 2^62.
+        let c = super::MAX_CHANNELS;
+        let codes: Vec<u8> = (0..c).map(|i| if i % 2 == 0 { 0 } else { 255 }).collect();
+        let gamma = vec![0.7f32; c];
+        let beta = vec![0.1f32; c];
+        let (a, b) = run(&codes, &gamma, &beta, &vec![f(7); c], 0.05);
+        assert!(a.iter().zip(&b).all(|(a, b)| (a - b).abs() <= 1), "{:?} {:?}", &a[..4], &b[..4]);
+        // Mixed shifts 0..=7 with extreme codes, tiny and large output scales.
+        let factors: Vec<PtfFactor> = (0..64).map(|i| f((i % 8) as u8)).collect();
+        let codes: Vec<u8> = (0..64 * 8).map(|i| [0, 255, 1, 254, 128, 3][i % 6]).collect();
+        let gamma: Vec<f32> = (0..64).map(|i| (i as f32 - 31.5) / 10.0).collect();
+        let beta: Vec<f32> = (0..64).map(|i| (i % 9) as f32 - 4.0).collect();
+        for out in [1e-4f32, 0.02, 3.0] {
+            let (a, b) = run(&codes, &gamma, &beta, &factors, out);
+            let max = a.iter().zip(&b).map(|(a, b)| (a - b).abs()).max().unwrap();
+            // One step of M moves y by y/M ≤ y/128: a code or two at these output scales.
+            let bound = a.iter().map(|a| 1 + a.abs() / 128).max().unwrap();
+            assert!(max <= bound, "s_out {out}: max |Δ| {max} > {bound}");
+        }
+    }
+
+    #[test]
+    fn out_of_range_constants_are_refused_by_channel() {
+        let f = [PtfFactor::try_from(0).unwrap(); 2];
+        let p = LayerNormParams { out_scale: 1e-30, ..params(&[0.0, 0.0], &[0.0, 1.0], &f) };
+        let err = IntegerLayerNorm::new(&p).unwrap_err().to_string();
+        assert!(err.contains("channel 1") && err.contains("β/s_out"), "{err}");
+        let p = LayerNormParams { out_scale: 1e-30, ..params(&[1e20, 1.0], &[0.0, 0.0], &f) };
+        let err = IntegerLayerNorm::new(&p).unwrap_err().to_string();
+        assert!(err.contains("channel 0") && err.contains("C·|γ|/s_out"), "{err}");
+        let p = params(&[f32::NAN, 1.0], &[0.0, 0.0], &f);
+        let err = IntegerLayerNorm::new(&p).unwrap_err().to_string();
+        assert!(err.contains("channel 0"), "{err}");
+    }
+}
