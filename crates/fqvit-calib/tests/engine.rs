@@ -5,111 +5,14 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use fqvit_calib::artifact;
-use fqvit_calib::{Calibrator, Experiment};
+use common::tiny::{
+    calibrate_and_write, calibrated, calibrated_heads, images, images_of, integer_twin,
+};
+use fqvit_calib::Experiment;
 use fqvit_engine::{Engine, Error, Images, KernelKind, Options};
-use fqvit_models::{Classifier, Mode, Preprocess, Quantizable, Quantized, swin, vit};
+use fqvit_models::{Mode, Quantizable, Quantized, swin};
+use tch::Device;
 use tch::nn::VarStore;
-use tch::{Device, Tensor};
-
-fn config(input_quant: bool, num_heads: i64) -> vit::Config {
-    let base = if input_quant { vit::Config::deit_tiny() } else { vit::Config::vit_tiny() };
-    vit::Config { embed_dim: 64, depth: 2, num_heads, img_size: 32, num_classes: 10, ..base }
-}
-
-/// Random 8-bit images and their normalization as the data pipeline computes it.
-fn images(cfg: &vit::Config, seed: u64, batch: usize) -> (Vec<u8>, Tensor) {
-    images_of(cfg.img_size as usize, cfg.preprocess, seed, batch)
-}
-
-fn images_of(side: usize, pp: Preprocess, seed: u64, batch: usize) -> (Vec<u8>, Tensor) {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let pixels: Vec<u8> = (0..batch * 3 * side * side)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as u8
-        })
-        .collect();
-    let x: Vec<f32> = pixels
-        .iter()
-        .enumerate()
-        .map(|(i, &p)| {
-            let c = (i / (side * side)) % 3;
-            (f32::from(p) / 255.0 - pp.mean[c]) / pp.std[c]
-        })
-        .collect();
-    let t = Tensor::from_slice(&x).view([batch as i64, 3, side as i64, side as i64]);
-    (pixels, t)
-}
-
-struct Calibrated {
-    model: vit::Vit,
-    quantized: Quantized,
-    path: PathBuf,
-    cfg: vit::Config,
-}
-
-fn calibrated(dir: &Path, input_quant: bool, exp: Experiment) -> Calibrated {
-    calibrated_heads(dir, input_quant, 1, exp)
-}
-
-fn calibrated_heads(dir: &Path, input_quant: bool, heads: i64, exp: Experiment) -> Calibrated {
-    let cfg = config(input_quant, heads);
-    let (vs, model) = fqvit_testkit::seeded(7, || {
-        let vs = VarStore::new(Device::Cpu);
-        let model = vit::Vit::new(&vs.root(), &cfg);
-        (vs, model)
-    });
-    // timm's initialisation (σ 0.02) gives attention scores too flat for Log-Int-Softmax's
-    // smallest scale; trained models have larger qkv weights.
-    for (name, mut var) in vs.variables() {
-        if name.ends_with("qkv.weight") {
-            tch::no_grad(|| {
-                let _ = var.g_mul_scalar_(8.0);
-            });
-        }
-    }
-    let path = dir.join(format!("tiny-{input_quant}-{heads}.safetensors"));
-    let quantized = calibrate_and_write(&model, &vs, exp, cfg.img_size as usize, &path);
-    std::mem::forget(vs); // the model's tensors point into it
-    Calibrated { model, quantized, path, cfg }
-}
-
-/// Calibrates `model` (images of side `side`) on two random batches of 8, writes its artifact
-/// to `path` as `quantize` does, and returns the simulation.
-fn calibrate_and_write(
-    model: &dyn Classifier,
-    vs: &VarStore,
-    exp: Experiment,
-    side: usize,
-    path: &Path,
-) -> Quantized {
-    let mut sink = Calibrator::new(model.sites(), &exp).unwrap();
-    for (i, seed) in [1, 2].into_iter().enumerate() {
-        sink.set_last_batch(i == 1);
-        let (_, x) = images_of(side, model.preprocess(), seed, 8);
-        let options = exp.quant_options();
-        let _ =
-            tch::no_grad(|| model.forward(&x, &mut Mode::Calibrate { sink: &mut sink, options }));
-    }
-    let table = sink.freeze().unwrap();
-    let prov =
-        common::test_provenance(model, "tiny", model.architecture(), "random", &table, exp, 16, 0);
-    artifact::write(path, model, vs, &table, &prov).unwrap();
-    Quantized::new(model, table, exp.quant_options()).unwrap()
-}
-
-/// The simulation as the engine's float twin: the integer LayerNorm, and Log-Int-Softmax on the
-/// integer codes, as the engine computes them.
-fn integer_twin() -> Experiment {
-    Experiment {
-        layer_norm_sqrt: fqvit_tensor::StdSqrt::Integer,
-        lis_input: fqvit_tensor::LisInput::Rounded,
-        ..Experiment::default()
-    }
-}
 
 /// Engine logits are dequantized codes on the logits site, as the simulation's are. Every
 /// departure (exact GEMMs, rounded biases, dyadic multipliers, Σ of LIS in integers) moves a

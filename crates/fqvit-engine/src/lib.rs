@@ -130,6 +130,15 @@ impl Engine {
         let lis_bits = meta["lis_bits"].as_u64().ok_or_else(|| {
             art.bad("was calibrated without --lis: the engine needs Log-Int-Softmax".into())
         })?;
+        let lis_bits = u32::try_from(lis_bits)
+            .ok()
+            .filter(|b| fqvit_ops::softmax::BITS.contains(b))
+            .ok_or_else(|| {
+                art.bad(format!(
+                    "lis_bits {lis_bits}: Log-Int-Softmax takes {:?} bits",
+                    fqvit_ops::softmax::BITS
+                ))
+            })?;
         // The ops compute 8-bit codes (u8 activations, i8 weights); an artifact at other widths
         // is refused here rather than run with its codes clamped to 8 bits.
         let sites = meta["sites"]
@@ -164,7 +173,7 @@ impl Engine {
         let Some(Op::Image { size, normalize }) = program.ops.first().cloned() else {
             unreachable!("validate checks op 0")
         };
-        let compiled = ops::compile(&art, &program, lis_bits as u32, &kernel)?;
+        let compiled = ops::compile(&art, &program, lis_bits, &kernel)?;
         let mut last_use: Vec<usize> = (0..program.ops.len()).collect();
         for (i, op) in program.ops.iter().enumerate() {
             for v in op.inputs() {

@@ -256,9 +256,13 @@ impl Builder {
     }
 }
 
+/// The largest image side a program may declare (its buffers are sized from it).
+pub const MAX_IMAGE_SIDE: usize = 4096;
+
 impl Program {
-    /// Checks that every op reads only earlier values, the first op is the only image and the
-    /// last is the only output. Returns what is wrong, naming the op.
+    /// Checks that every op reads only earlier values, the first op is the only image (with a
+    /// side up to [`MAX_IMAGE_SIDE`]) and the last is the only output. Returns what is wrong,
+    /// naming the op.
     pub fn validate(&self) -> Result<(), String> {
         if self.version != PROGRAM_VERSION {
             return Err(format!(
@@ -266,8 +270,14 @@ impl Program {
                 self.version
             ));
         }
-        if !matches!(self.ops.first(), Some(Op::Image { .. })) {
-            return Err("op 0 is not the image".into());
+        match self.ops.first() {
+            Some(Op::Image { size, .. }) if !(1..=MAX_IMAGE_SIDE).contains(size) => {
+                return Err(format!(
+                    "op 0: an image side of {size}, expected 1..={MAX_IMAGE_SIDE}"
+                ));
+            }
+            Some(Op::Image { .. }) => {}
+            _ => return Err("op 0 is not the image".into()),
         }
         if !matches!(self.ops.last(), Some(Op::Output { .. })) {
             return Err("the last op is not the output".into());

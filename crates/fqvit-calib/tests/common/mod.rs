@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+pub mod tiny;
+
 use fqvit_models::weights::load_strict;
 use fqvit_models::{ModelName, vit};
 

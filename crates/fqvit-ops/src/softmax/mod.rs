@@ -69,13 +69,16 @@ fn check_integer_scale(scale: f32) {
     );
 }
 
+/// The log2 code widths Log-Int-Softmax takes.
+pub const BITS: std::ops::RangeInclusive<u32> = 2..=8;
+
 #[track_caller]
 fn check_row_args(n_in: usize, n_out: usize, row_len: usize, bits: u32) {
     assert!(
         (1..=MAX_ROW).contains(&row_len),
         "log_int_softmax: row length {row_len} is outside 1..={MAX_ROW}"
     );
-    assert!((2..=8).contains(&bits), "log_int_softmax: {bits} bits, expected 2..=8");
+    assert!(BITS.contains(&bits), "log_int_softmax: {bits} bits, expected {BITS:?}");
     assert_eq!(n_in % row_len, 0, "log_int_softmax: {n_in} logits are not whole rows of {row_len}");
     assert_eq!(n_in, n_out, "log_int_softmax: {n_in} logits but room for {n_out} codes");
 }
