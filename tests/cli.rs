@@ -560,7 +560,7 @@ fn jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {
     text.lines().map(|l| serde_json::from_str(l).expect("every line is whole JSON")).collect()
 }
 
-/// The published rows as the issue and the README define them, spelled independently of the
+/// The published rows as the issue and docs/cli.md define them, spelled independently of the
 /// CLI's row table.
 const ROWS: [(&str, &[&str]); 7] = [
     ("fp32", &[]),

@@ -58,6 +58,8 @@ pub(crate) fn bench_engine(
                 cmd.args(["-q", "bench", model, "--device", "cpu", "--engine", "int"])
                     .args(["--batch-size", &batch.to_string(), "--iters", &iters.to_string()])
                     .envs(isa.env.iter().copied())
+                    // The figures come from the JSON file; the table goes to stdout alone.
+                    .stdout(std::process::Stdio::null())
                     .arg("--json")
                     .arg(&json);
                 if let Some(kernel) = isa.kernel {

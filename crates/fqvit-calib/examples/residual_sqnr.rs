@@ -2,7 +2,7 @@
 //! the signal-to-quantization-noise ratio of its fake quantization over all tokens, the CLS
 //! token alone and the patch tokens, the largest token norm over the median one, the extreme
 //! value and its channel, the zero point and how many channels take each PTF factor. This is how the massive activation behind
-//! `ptf-range = "symmetric"` was found (README "Settings chosen on a development split").
+//! `ptf-range = "symmetric"` was found (docs/fqvit-plus.md, "Settings chosen on a development split").
 //!
 //! `cargo run --release -p fqvit-calib --example residual_sqnr -- [CONFIG.toml]`
 //! (default `configs/fqvit_plus_8_8_4.toml`): calibrates as the development protocol does

@@ -6,7 +6,7 @@
 //! fault in and zero.
 //! libtorch allocates through the same `malloc`. On the quantized ViT-Tiny evaluation, about 40 %
 //! of the time went to page faults, and raising the threshold doubles its speed
-//! (README "Speed" has the figures).
+//! (docs/speed.md has the figures).
 //! The price: memory freed during the run is reused by later tensors instead of going back to
 //! the kernel, so the resident size stays near the peak (which it reaches anyway).
 

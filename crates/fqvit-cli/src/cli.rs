@@ -18,7 +18,7 @@ pub(crate) struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub(crate) quiet: u8,
     /// Give freed memory back to the system (glibc's defaults): lower peak memory, slower
-    /// (by default large freed blocks stay in the heap for reuse; README "Speed").
+    /// (by default large freed blocks stay in the heap for reuse; docs/speed.md).
     #[arg(long, global = true, env = "FQVIT_LOW_MEMORY")]
     pub(crate) low_memory: bool,
 }
@@ -69,7 +69,7 @@ pub(crate) enum Row {
     Percentile,
     /// `--quant --quant-method omse`.
     Omse,
-    /// Ours 8/8/8: minmax `--ptf --lis --attn-bits 8` (8/8/8 with LIS, README).
+    /// Ours 8/8/8: minmax `--ptf --lis --attn-bits 8` (8/8/8 with LIS, docs/cli.md).
     #[value(name = "ours-8-8-8")]
     #[serde(rename = "ours-8-8-8")]
     Ours888,
@@ -259,7 +259,7 @@ fn ptf_range() -> impl clap::builder::TypedValueParser<Value = fqvit_calib::expe
 /// Calibration image order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum OrderArg {
-    /// Seeded shuffle of <DATA>/train (Fisher–Yates with SplitMix64, see the README).
+    /// Seeded shuffle of <DATA>/train (Fisher–Yates with SplitMix64, see docs/cli.md).
     Shuffled,
     /// Sorted path order (reproducible across implementations).
     Sorted,

@@ -55,6 +55,14 @@ fn layer_norm_fast(bencher: Bencher, shape: (usize, usize)) {
     });
 }
 
+/// The integer-only LayerNorm (integer σ and factors), constants prepared outside the loop.
+#[divan::bench(args = LN_SHAPES)]
+fn layer_norm_integer(bencher: Bencher, shape: (usize, usize)) {
+    let mut case = ln_case(shape);
+    let ln = fqvit_ops::layer_norm::integer::IntegerLayerNorm::new(&ln_params(&case)).unwrap();
+    bencher.bench_local(|| ln.run(black_box(&case.codes), &mut case.out));
+}
+
 #[divan::bench(args = LN_SHAPES)]
 fn layer_norm_reference(bencher: Bencher, shape: (usize, usize)) {
     let mut case = ln_case(shape);

@@ -8,27 +8,35 @@
 //! [`super::ptf_layer_norm`]), `S1 = Σx`, `S2 = Σx²`, `D = C·S2 − S1²`, the scale `s_min`
 //! cancels: `A_c = C·h_c/√D` and `μ/σ = S1/√D`, with `h_c = γ_c/s_out`.
 //!
-//! Per token (one integer square root and two divisions):
+//! Per token (one integer square root, two divisions):
 //! 1. `D = C·S2 − S1²` exactly in i64 (`0 ≤ D ≤ C·S2 < 2^62`, see [`super`]); `D = 0` is the
 //!    zero-variance token, `round(β_c/s_out)`.
 //! 2. `d = D · 4^t` with the even shift that puts `d` in `[2^60, 2^62)` (`−1 ≤ t ≤ 30`; for
 //!    `t = −1` the two low bits are dropped), `r = ⌊√d⌋ ∈ [2^30, 2^31)`, so `√D ≈ r · 2^−t`
 //!    within a relative 2^−30.
-//! 3. `inv = ⌊2^62 / r⌋ ∈ (2^31, 2^32]`: `1/√D ≈ inv · 2^(t − 62)` within a relative 2^−29.
-//! 4. `σ1 = ⌊S1 · 2^40 / C⌋` (`|S1/C| < 2^15`, so `|σ1| < 2^55`).
+//! 3. `inv = ⌊2^62 / r⌋ ∈ (2^31, 2^32]`, taken as `inv' · 2^e` with `inv' ∈ [2^31, 2^32)`:
+//!    `1/√D ≈ inv' · 2^(t + e − 62)` within a relative 2^−29.
+//! 4. `σ1 = ⌊S1 · 2^24 / C⌋`, the mean with 24 fractional bits (`|S1| < 2^31`).
 //!
 //! Per channel, with `C·|h_c| ≈ m_c · 2^(k_c − 31)`, `m_c ∈ [2^31, 2^32)` (prepared once):
-//! 5. `Q = m_c · inv < 2^65` (u128): `|A_c| ≈ Q · 2^X`, `X = k_c + t − 93`;
-//! 6. `N = clamp(7 − ⌊log2 Q⌋ − X, 0, 31)` and `M = min(⌊Q · 2^(X+N)⌋, 255)`: get_MN on this
-//!    `|A|` (8-bit `M` in `[128, 255]` unless `N` is clamped);
-//! 7. `B = round(2^N · (b_c − h_c · μ/σ))`, half to even, with `b_c = β_c/s_out` in units of
-//!    2^−24 and `2^N·|A_c|·S1/C = 2^N·|h_c|·μ/σ` from `Q` (48 fractional bits) times `σ1`, in
-//!    i128 (at most 2^112), summed in units of 2^−40 and saturated to i64;
+//! 5. `Q = m_c · inv' ∈ [2^62, 2^64)` (u64): `|A_c| ≈ Q · 2^X`, `X = k_c + t + e − 93`;
+//! 6. `N = clamp(7 − ⌊log2 Q⌋ − X, 0, 31)`, `s = −(X + N)` and `M = min(⌊Q / 2^s⌋, 255)`:
+//!    get_MN on this `|A|` (`M ∈ [128, 255]` unless `N` is clamped);
+//! 7. `B = round(2^N · (b_c − sign_c · |h_c| · μ/σ))`, half to even, saturated to i64: `b_c =
+//!    β_c/s_out` in units of 2^−24, `A24 = ⌊Q · 2^(24 − s)⌋ = 2^N·|A_c|` with 24 fractional bits,
+//!    and `2^N·|h_c|·μ/σ = 2^N·|A_c|·S1/C` as `⌊A24 · σ1 / 2^24⌋` in units of 2^−24;
 //! 8. `y = round((±M·x + B) / 2^N)`, half to even, saturated to i32, as in the float path.
 //!
 //! So `A` is within a relative 2^−28 of its real value (the original's float32 `A` within about
-//! 2^−21) and `B` within about `2^−28·|B|` plus 2^−30: the codes differ from those of the real
-//! numbers only where a real value lies that close to a rounding boundary.
+//! 2^−21), and `B` within about 2^−16 + `|μ|·2^−24` (`μ` in units of `s_min`) plus `2^−28·|B|`
+//! (float32 about `2^−24·|B|`): the codes differ from the real numbers' only where a real
+//! value lies that close to a rounding boundary.
+//!
+//! [`IntegerLayerNorm::run`] computes these with branch-free i64 lanes that compile to SIMD
+//! ([`Lanes`]) wherever they are exact: `N` not clamped (then `s ∈ {55, 56}`, `A24 < 2^32`),
+//! `|σ1| < 2^31` (so `A24·σ1 < 2^63`) and `|b_c| < 2^31` (so `b_c · 2^N < 2^62`); any other
+//! channel or token takes the general form ([`Channel::factors`], i128 where needed), so the
+//! codes are always those of the steps above (tested against each other at the edges).
 
 use super::reference::{round_shift, saturate_i32, zero_variance_code};
 use rayon::prelude::*;
@@ -57,6 +65,13 @@ pub struct IntegerLayerNorm {
     /// `α_c − α_min`.
     shifts: Vec<u32>,
     channels: Vec<Channel>,
+    /// The same constants as i64 lanes for [`Lanes`]; `lane_ok` is 0 where a channel always
+    /// takes the general form (γ_c = 0, or `|b_c| ≥ 2^31`).
+    lane_mant: Vec<u64>,
+    lane_exp: Vec<i64>,
+    lane_beta: Vec<i64>,
+    lane_sign: Vec<i64>,
+    lane_ok: Vec<i64>,
 }
 
 /// Why a parameter set cannot be prepared.
@@ -88,12 +103,23 @@ fn normalize(v: f64) -> (u64, i32) {
     (mant as u64, exp)
 }
 
+/// What a token shares across its channels.
+#[derive(Clone, Copy, Debug)]
+struct Token {
+    /// `inv' ∈ [2^31, 2^32)`.
+    inv: u64,
+    /// `t + e − 93`: `X = k_c + xt`.
+    xt: i32,
+    /// `⌊S1 · 2^24 / C⌋`.
+    sigma1: i64,
+}
+
 impl IntegerLayerNorm {
     /// Prepares `params` (the float arithmetic of the integer LayerNorm, done once).
     ///
     /// # Errors
-    /// If `|β_c/s_out| ≥ 2^38` or `C·|γ_c/s_out|` lies outside `[2^−64, 2^64)`, naming the
-    /// channel.
+    /// If γ or β is not finite, `|β_c/s_out| ≥ 2^38` or `C·|γ_c/s_out|` lies outside
+    /// `[2^−64, 2^64)`, naming the channel.
     ///
     /// # Panics
     /// As [`super::ptf_layer_norm`] for inconsistent lengths and scales.
@@ -130,7 +156,17 @@ impl IntegerLayerNorm {
             };
             channels.push(Channel { sign, mant, exp, beta, flat });
         }
-        Ok(IntegerLayerNorm { zero_point: params.zero_point, shifts, channels })
+        let lane = |f: fn(&Channel) -> i64| channels.iter().map(f).collect::<Vec<i64>>();
+        Ok(IntegerLayerNorm {
+            zero_point: params.zero_point,
+            shifts,
+            lane_mant: channels.iter().map(|ch| ch.mant).collect(),
+            lane_exp: lane(|ch| i64::from(ch.exp)),
+            lane_beta: lane(|ch| ch.beta),
+            lane_sign: lane(|ch| i64::from(ch.sign)),
+            lane_ok: lane(|ch| i64::from(ch.sign != 0 && ch.beta.abs() < 1 << 31)),
+            channels,
+        })
     }
 
     /// Channels.
@@ -140,7 +176,7 @@ impl IntegerLayerNorm {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.channels.len() * std::mem::size_of::<Channel>() + 4 * self.shifts.len()
+        self.channels.len() * (std::mem::size_of::<Channel>() + 5 * 8) + 4 * self.shifts.len()
     }
 
     /// The output codes `y` (not clamped) of tokens of `C` uint8 codes, tokens in parallel.
@@ -149,6 +185,13 @@ impl IntegerLayerNorm {
     /// If `codes` and `out` are not the same whole number of tokens.
     #[track_caller]
     pub fn run(&self, codes: &[u8], out: &mut [i32]) {
+        self.run_with(codes, out, true);
+    }
+
+    /// [`run`](Self::run) with every channel in the general form (`lanes = false`): the
+    /// reference the lanes are tested against.
+    #[track_caller]
+    fn run_with(&self, codes: &[u8], out: &mut [i32], lanes: bool) {
         let c = self.channels.len();
         assert!(
             codes.len().is_multiple_of(c) && codes.len() == out.len(),
@@ -157,22 +200,36 @@ impl IntegerLayerNorm {
             out.len()
         );
         let task = c * super::fast::TOKENS_PER_TASK;
+        let arch = pulp::Arch::new();
         codes.par_chunks(task).zip(out.par_chunks_mut(task)).for_each_init(
-            || vec![0i32; c],
-            |x, (codes, out)| {
+            || (vec![0i64; c], vec![0i64; c]),
+            |(x, flags), (codes, out)| {
                 for (token, y) in codes.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
-                    self.token(token, x, y);
+                    let Some(tok) = self.token(token, x, y) else { continue };
+                    if lanes && tok.sigma1.abs() < 1 << 31 {
+                        arch.dispatch(Lanes { ln: self, tok, x, y, flags });
+                        for (i, _) in flags.iter().enumerate().filter(|&(_, &f)| f != 0) {
+                            y[i] = self.channels[i].code(x[i], tok);
+                        }
+                    } else {
+                        for ((y, ch), &x) in y.iter_mut().zip(&self.channels).zip(x.iter()) {
+                            *y = ch.code(x, tok);
+                        }
+                    }
                 }
             },
         );
     }
 
-    fn token(&self, token: &[u8], x: &mut [i32], y: &mut [i32]) {
+    /// The token's `x` and shared values, or `None` when its codes are all equal (then `y`
+    /// holds the zero-variance codes).
+    #[inline(always)]
+    fn token(&self, token: &[u8], x: &mut [i64], y: &mut [i32]) -> Option<Token> {
         let (mut s1, mut s2) = (0i64, 0i64);
         for ((x, &q), &shift) in x.iter_mut().zip(token).zip(&self.shifts) {
-            *x = (i32::from(q) - self.zero_point) << shift;
-            s1 += i64::from(*x);
-            s2 += i64::from(*x) * i64::from(*x);
+            *x = i64::from((i32::from(q) - self.zero_point) << shift);
+            s1 += *x;
+            s2 += *x * *x;
         }
         let n = self.channels.len() as i64;
         // 0 ≤ D ≤ C·S2 < 2^62 (|x| < 2^15, C ≤ 2^16).
@@ -181,61 +238,117 @@ impl IntegerLayerNorm {
             for (y, ch) in y.iter_mut().zip(&self.channels) {
                 *y = ch.flat;
             }
-            return;
+            return None;
         }
         let d = d as u64;
         let bits = 64 - d.leading_zeros() as i32;
         let t = (62 - bits).div_euclid(2);
         let normalized = if t >= 0 { d << (2 * t) } else { d >> 2 };
-        let r = normalized.isqrt();
-        let inv = (1u64 << 62) / r;
-        let sigma1 = ((i128::from(s1) << 40).div_euclid(i128::from(n))) as i64;
-        for ((y, ch), &x) in y.iter_mut().zip(&self.channels).zip(x.iter()) {
-            let (m, nn, b) = ch.factors(inv, t, sigma1);
-            *y = saturate_i32(round_shift((i64::from(m) * i64::from(x)).saturating_add(b), nn));
-        }
+        let inv = (1u64 << 62) / normalized.isqrt();
+        let (inv, e) = if inv >> 32 != 0 { (inv >> 1, 1) } else { (inv, 0) };
+        // |S1| < 2^31, so S1·2^24 < 2^55.
+        let sigma1 = (s1 << 24).div_euclid(n);
+        Some(Token { inv, xt: t + e - 93, sigma1 })
     }
 }
 
 impl Channel {
-    /// `(±M, N, B)` for a token with `1/√D ≈ inv · 2^(t−62)` and `σ1 = ⌊S1·2^40/C⌋`.
-    #[inline]
-    fn factors(&self, inv: u64, t: i32, sigma1: i64) -> (i32, u32, i64) {
+    /// `y` of one channel: steps 5–8 in their general form.
+    fn code(&self, x: i64, tok: Token) -> i32 {
+        let (m, n, b) = self.factors(tok);
+        saturate_i32(round_shift((i64::from(m) * x).saturating_add(b), n))
+    }
+
+    /// `(±M, N, B)` of the token.
+    fn factors(&self, tok: Token) -> (i32, u32, i64) {
         if self.sign == 0 {
             // A = 0: get_MN gives (0, 31), and B = round(2^31 · β/s_out).
             return (0, 31, round_sat(i128::from(self.beta) << 31, 24));
         }
-        let q = u128::from(self.mant) * u128::from(inv);
-        let x = self.exp + t - 93;
-        let log = 127 - q.leading_zeros() as i32;
+        let q = self.mant * tok.inv;
+        let x = self.exp + tok.xt;
+        let log = 63 - q.leading_zeros() as i32;
         let n = (7 - log - x).clamp(0, 31);
-        // M = ⌊Q · 2^(x+n)⌋, and 2^n·|A| with 48 fractional bits: Q · 2^(x+n+48).
         let s = -(x + n);
         let m = if s <= 0 {
             255
-        } else if s >= 128 {
+        } else if s >= 64 {
             0
         } else {
             (q >> s).min(255) as i32
         };
-        let a48 = shift(q, 48 - s);
-        // 2^n · h · μ/σ in units of 2^−88, then 2^−40; b · 2^n in units of 2^−40.
-        let term = a48.and_then(|a| i128::try_from(a).ok()?.checked_mul(i128::from(sigma1)));
+        // 2^n·|A| with 24 fractional bits, then 2^n·|h|·μ/σ in units of 2^−24.
+        let a24 = shift(u128::from(q), 24 - s);
+        let term = a24.and_then(|a| i128::try_from(a).ok()?.checked_mul(i128::from(tok.sigma1)));
         let b = match term {
             Some(term) => {
-                let term = term >> 48;
-                let beta = i128::from(self.beta) << (16 + n);
+                let term = term >> 24;
+                let beta = i128::from(self.beta) << n;
                 let v = if self.sign > 0 { beta - term } else { beta + term };
-                round_sat(v, 40)
+                round_sat(v, 24)
             }
-            // 2^n·|A|·|S1/C| ≥ 2^71: B is beyond any i64.
+            // 2^n·|A|·|S1/C| ≥ 2^103: B is beyond any i64.
             None => {
-                let neg = (self.sign > 0) == (sigma1 > 0);
+                let neg = (self.sign > 0) == (tok.sigma1 > 0);
                 if neg { i64::MIN } else { i64::MAX }
             }
         };
         (i32::from(self.sign) * m, n as u32, b)
     }
+}
+
+/// Steps 5–8 for a token's channels in i64 lanes where they are exact (see the module docs);
+/// `flags[c] = 1` marks a channel left to [`Channel::code`].
+struct Lanes<'a> {
+    ln: &'a IntegerLayerNorm,
+    tok: Token,
+    x: &'a [i64],
+    y: &'a mut [i32],
+    flags: &'a mut [i64],
+}
+
+impl pulp::WithSimd for Lanes<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let Lanes { ln, tok, x, y, flags } = self;
+        let (inv, xt, sigma1) = (tok.inv, i64::from(tok.xt), tok.sigma1);
+        let consts = ln
+            .lane_mant
+            .iter()
+            .zip(&ln.lane_exp)
+            .zip(ln.lane_beta.iter().zip(&ln.lane_sign))
+            .zip(&ln.lane_ok);
+        for (((y, f), &x), (((&mant, &exp), (&beta, &sign)), &ok)) in
+            y.iter_mut().zip(flags.iter_mut()).zip(x).zip(consts)
+        {
+            // Q ∈ [2^62, 2^64): ⌊log2 Q⌋ = 62 + hi.
+            let q = mant * inv;
+            let hi = (q >> 63) as i64;
+            let n_raw = -55 - hi - exp - xt;
+            *f = i64::from(!(0..=31).contains(&n_raw)) | (1 - ok);
+            let n = n_raw.clamp(0, 31);
+            // s = 55 + hi: M = Q >> s, A24 = Q >> (s − 24) < 2^32.
+            let m = (q >> (55 + hi)) as i64;
+            let a24 = (q >> (31 + hi)) as i64;
+            let term = (a24.wrapping_mul(sigma1)) >> 24;
+            let v = (beta << n).wrapping_sub(sign.wrapping_mul(term));
+            let b = round_half_even(v, 24);
+            let yv = round_half_even((sign * m * x).wrapping_add(b), n);
+            *y = yv.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32;
+        }
+    }
+}
+
+/// `round(v / 2^n)`, half to even, branch-free, for `0 ≤ n ≤ 62`.
+#[inline(always)]
+fn round_half_even(v: i64, n: i64) -> i64 {
+    let q = v >> n;
+    let rem = v - (q << n);
+    let half = (1i64 << n) >> 1;
+    let up = (rem > half) | ((rem == half) & (n > 0) & (q & 1 == 1));
+    q + i64::from(up)
 }
 
 /// `q · 2^e`, or `None` beyond 2^127.
@@ -357,6 +470,56 @@ mod tests {
             // One step of M moves y by y/M ≤ y/128: a code or two at these output scales.
             let bound = a.iter().map(|a| 1 + a.abs() / 128).max().unwrap();
             assert!(max <= bound, "s_out {out}: max |Δ| {max} > {bound}");
+        }
+    }
+
+    /// The SIMD lanes give the general form's codes: ordinary channels and tokens, and every
+    /// case the lanes leave to it (γ = 0, |β/s_out| ≥ 128, N clamped at 0 or 31, means of
+    /// 2^7 and more in units of s_min).
+    #[test]
+    fn lanes_equal_the_general_form() {
+        let mut s = 0x5eed_u64;
+        let mut next = move || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s >> 33
+        };
+        for case in 0..400 {
+            let c = 1 + (next() % 96) as usize;
+            let out = [1e-4f32, 0.01, 0.05, 3.0, 1e3][(next() % 5) as usize];
+            let gamma: Vec<f32> = (0..c)
+                .map(|_| match next() % 9 {
+                    0 => 0.0,
+                    1 => 1e-9,
+                    2 => 5e4,
+                    _ => (next() % 2000) as f32 / 500.0 - 2.0,
+                })
+                .collect();
+            let beta: Vec<f32> = (0..c)
+                .map(|_| if next() % 7 == 0 { 40.0 } else { (next() % 400) as f32 / 100.0 - 2.0 })
+                .collect();
+            let factors: Vec<PtfFactor> =
+                (0..c).map(|_| PtfFactor::try_from((next() % 8) as u8).unwrap()).collect();
+            let p = LayerNormParams {
+                in_scale: InScale::Ptf { base: 0.01, factors: &factors },
+                zero_point: (next() % 256) as i32,
+                gamma: &gamma,
+                beta: &beta,
+                out_scale: out,
+            };
+            let ln = IntegerLayerNorm::new(&p).unwrap();
+            // Tokens around the zero point, skewed to one side (large means), flat ones.
+            let codes: Vec<u8> = (0..c * 24)
+                .map(|i| match (i / c) % 4 {
+                    0 => (next() % 256) as u8,
+                    1 => 250 + (next() % 6) as u8,
+                    2 => (next() % 3) as u8,
+                    _ => 77,
+                })
+                .collect();
+            let (mut a, mut b) = (vec![0; codes.len()], vec![0; codes.len()]);
+            ln.run_with(&codes, &mut a, true);
+            ln.run_with(&codes, &mut b, false);
+            assert_eq!(a, b, "case {case}");
         }
     }
 
