@@ -306,7 +306,8 @@ fn sigma_alternatives(
         input,
         out_scale,
         StdSqrt::Exact,
-    );
+    )
+    .unwrap();
     let xs = rec(&format!("trace.{module}.in0"));
     [None, Some(f32::INFINITY), Some(f32::NEG_INFINITY)]
         .into_iter()

@@ -73,8 +73,9 @@ fn leaves(v: &Value, path: &mut Vec<Value>, out: &mut Vec<Vec<Value>>) {
                 path.pop();
             }
         }
-        _ => out.push(path.clone()),
+        _ => return out.push(path.clone()),
     }
+    // A whole object or array is a node too.
     if !path.is_empty() {
         out.push(path.clone());
     }
@@ -156,7 +157,7 @@ fn mutate(original: &[u8], rng: &mut Rng) -> (Vec<u8>, String) {
             }
             format!("{n} data bytes")
         }
-        // The header's tensor entries (dtype, shape, offsets) or names.
+        // The header's tensor entries (dtype, shape, offsets).
         3 | 4 => {
             let names: Vec<String> = file
                 .header
@@ -204,6 +205,7 @@ fn damaged_artifacts_give_errors_or_runs_never_panics() {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| *sink.lock().unwrap() = info.to_string()));
     let path = dir.path().join("mutated.safetensors");
+    // Panics, and runs whose logits are not `classes` finite values.
     let (mut errors, mut runs, mut panics) = (0, 0, Vec::new());
     let mut rng = Rng(seed);
     for i in 0..count {
@@ -213,15 +215,14 @@ fn damaged_artifacts_give_errors_or_runs_never_panics() {
             Engine::load(&path).and_then(|e| e.run(Images::Pixels(&pixels)))
         }));
         match outcome {
-            Ok(Ok(logits)) => {
-                assert!(
-                    logits.len() == classes && logits.iter().all(|l| l.is_finite()),
-                    "mutation {i} ({what}): {} logits, finite: {}",
-                    logits.len(),
-                    logits.iter().all(|l| l.is_finite())
-                );
+            Ok(Ok(logits)) if logits.len() == classes && logits.iter().all(|l| l.is_finite()) => {
                 runs += 1;
             }
+            Ok(Ok(logits)) => panics.push(format!(
+                "mutation {i} ({what}): {} logits, finite: {}",
+                logits.len(),
+                logits.iter().all(|l| l.is_finite())
+            )),
             Ok(Err(_)) => errors += 1,
             Err(_) => panics.push(format!("mutation {i} ({what}): {}", message.lock().unwrap())),
         }
@@ -233,7 +234,7 @@ fn damaged_artifacts_give_errors_or_runs_never_panics() {
     );
     assert!(
         panics.is_empty(),
-        "{} panics, the first:\n{}",
+        "{} panics or bad runs, the first:\n{}",
         panics.len(),
         panics[..panics.len().min(8)].join("\n")
     );

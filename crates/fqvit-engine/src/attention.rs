@@ -16,12 +16,17 @@
 
 use std::time::{Duration, Instant};
 
-use fqvit_ops::softmax::log_int_softmax;
+use fqvit_ops::softmax::{LisConstants, log_int_softmax_with};
 use rayon::prelude::*;
 
+use crate::artifact::Artifact;
+use crate::error::{Error, Result};
 use crate::gemm::{Kernel, Weights, gemm};
-use crate::ops::{add_codes, clamp_u8};
+use crate::grid::Grid;
+use crate::load::{check_layer_wise, dyadic, small};
 use crate::requant::Dyadic;
+use crate::requant::{add_codes, clamp_u8};
+use fqvit_ops::softmax::{MAX_ROW, MIN_SCALE};
 
 /// The reference: `out[i·hd + e] = Σ_j (v[j·hd + e] − z) << (k_max − k[i·n + j])`.
 pub fn attn_v_reference(k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u32) -> Vec<i64> {
@@ -110,7 +115,8 @@ pub(crate) struct Attention {
     /// The scores' zero point.
     pub(crate) z_a: i32,
     /// The scale Log-Int-Softmax reads: the scores' (ViT) or the biased scores' (Swin).
-    pub(crate) s_lis: f32,
+    /// Log-Int-Softmax's integer constants, from the scale of its input site.
+    pub(crate) lis: LisConstants,
     pub(crate) bits: u32,
     /// Fixed-point bits of the probabilities `2^-k` in `attn · v`.
     pub(crate) k_max: u32,
@@ -232,7 +238,7 @@ impl Attention {
                 let mm = t.elapsed();
                 let t = Instant::now();
                 let mut k_codes = vec![0u16; n * n];
-                log_int_softmax(&x, n, self.s_lis, self.bits, &mut k_codes);
+                log_int_softmax_with(&x, n, &self.lis, self.bits, &mut k_codes);
                 let sm = t.elapsed();
                 let t = Instant::now();
                 let v = gather(2);
@@ -292,6 +298,71 @@ impl pulp::WithSimd for Scores<'_> {
     }
 }
 
+/// The sites of an attention op.
+pub(crate) struct AttentionSites<'a> {
+    pub(crate) qkv: &'a Grid,
+    pub(crate) scores: &'a Grid,
+    /// The site whose scale Log-Int-Softmax reads.
+    pub(crate) lis: &'a Grid,
+    pub(crate) out_site: &'a str,
+}
+
+/// Attention over `n` tokens (an image, or a window) of `c3` qkv channels.
+#[allow(clippy::float_arithmetic)] // load time
+pub(crate) fn compile(
+    art: &Artifact,
+    site: &AttentionSites<'_>,
+    n: usize,
+    c3: usize,
+    heads: usize,
+    lis_bits: u32,
+    err: &impl Fn(String) -> Error,
+) -> Result<(Attention, Grid)> {
+    let layer_wise = |g: &Grid, what: &str| check_layer_wise(g, what, err);
+    let (g, ga) = (site.qkv, site.scores);
+    layer_wise(g, "qkv")?;
+    layer_wise(ga, "scores")?;
+    let d = c3 / 3;
+    if !c3.is_multiple_of(3) || heads == 0 || !d.is_multiple_of(heads) {
+        return Err(err(format!("{c3} qkv channels do not split into 3 × {heads} heads")));
+    }
+    if n > MAX_ROW {
+        return Err(err(format!("{n} tokens exceed Log-Int-Softmax's {MAX_ROW}")));
+    }
+    let s_lis = site.lis.scale[0];
+    if s_lis < MIN_SCALE {
+        return Err(err(format!(
+            "site {}: scale {s_lis} is below Log-Int-Softmax's {MIN_SCALE}",
+            site.lis.name
+        )));
+    }
+    let gc = Grid::read(art, site.out_site)?;
+    if !gc.fits(d) {
+        return Err(err(format!("site {} does not fit {d} channels", site.out_site)));
+    }
+    // The simulation multiplies a float32 tensor by head_dim^-½ as a float32 scalar.
+    let head_scale = f64::from(((d / heads) as f64).powf(-0.5) as f32);
+    let s = f64::from(g.scale[0]);
+    let k_max = ((1u32 << lis_bits.min(5)) - 1).min(30);
+    let m_ctx = (0..d)
+        .map(|c| dyadic(s * 2f64.powi(-(k_max as i32)) / f64::from(gc.scale(c)), err))
+        .collect::<Result<_>>()?;
+    let att = Attention {
+        heads,
+        z: g.zero_point[0],
+        m_scores: small(dyadic(s * s * head_scale / f64::from(ga.scale[0]), err)?, err)?,
+        z_a: ga.zero_point[0],
+        lis: LisConstants::new(s_lis),
+        bits: lis_bits,
+        k_max,
+        m_ctx,
+        z_c: (0..d).map(|c| gc.zero_point(c)).collect(),
+        windows: None,
+    };
+    Ok((att, gc))
+}
+
+#[allow(clippy::float_arithmetic)]
 #[cfg(test)]
 mod tests {
     use super::*;

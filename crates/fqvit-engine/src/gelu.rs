@@ -16,6 +16,7 @@ pub(crate) const FRACTION_BITS: u32 = 16;
 /// The argmin of GELU, in real units.
 const Y_MIN: f64 = -0.751_791_524_693_564_5;
 
+#[allow(clippy::float_arithmetic)] // load time
 fn gelu(y: f64) -> f64 {
     0.5 * y * (1.0 + libm::erf(y / std::f64::consts::SQRT_2))
 }
@@ -35,6 +36,7 @@ pub(crate) struct GeluTable {
 
 impl GeluTable {
     /// The table for a hidden site with scale `s_h` and zero point `z_h`.
+    #[allow(clippy::float_arithmetic)] // load time
     pub(crate) fn new(s_h: f32, z_h: i32) -> Self {
         let (s, z) = (f64::from(s_h), f64::from(z_h));
         let delta = s / f64::from(1u32 << FRACTION_BITS);
@@ -175,6 +177,7 @@ fn pack(threshold: u32, lo: u8, hi: u8) -> u32 {
     threshold | u32::from(lo) << 16 | u32::from(hi) << 24
 }
 
+#[allow(clippy::float_arithmetic)]
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,20 +10,27 @@
 //! Where the integers depart from the float simulation, and by how much, is listed in the
 //! crate's README.
 
+// The run path is integers only; float arithmetic is allowed by name where constants are
+// prepared at load (`load.rs`, the `compile` functions, `Dyadic::new`, GELU's tables), where the
+// float input of `Images::Normalized` is checked, and in timing (`Timings`, `Engine::bench`).
+#![deny(clippy::float_arithmetic)]
+
 mod artifact;
 pub mod attention;
 mod error;
 mod gelu;
 pub mod gemm;
 mod grid;
+mod load;
 mod ops;
 pub mod requant;
+mod timings;
 
 use std::path::Path;
 
 pub use error::{Error, Result};
 pub use gemm::KernelKind;
-pub use ops::Timings;
+pub use timings::Timings;
 
 use artifact::{Artifact, FORMAT_VERSIONS, METADATA_KEY, PROGRAM_KEY};
 use fqvit_program::{Op, Program};
@@ -232,6 +239,7 @@ impl Engine {
     }
 
     /// Times `iters` runs on a batch of fixed pseudo-random pixels, after one warm-up run.
+    #[allow(clippy::float_arithmetic)] // timing
     pub fn bench(&self, batch: usize, iters: usize) -> Result<Bench> {
         let side = self.size;
         // A linear congruential fill: the same pixels every run; any 8-bit image will do.
@@ -281,6 +289,7 @@ impl Engine {
         ops::execute(&self.ops, &run, pixels, self.size, timings, observer)
     }
 
+    #[allow(clippy::float_arithmetic)] // checks float input against the pipeline's steps
     fn pixels(&self, images: Images<'_>) -> Result<Vec<u8>> {
         let per = 3 * self.size * self.size;
         let len = match images {

@@ -17,6 +17,7 @@ pub struct Dyadic {
 impl Dyadic {
     /// The closest dyadic number with a 31-bit mantissa to `r`, or `None` when `r` is not
     /// positive and finite or lies outside `[2^-95, 2^29]`.
+    #[allow(clippy::float_arithmetic)] // load time
     pub fn new(r: f64) -> Option<Self> {
         if !(r.is_finite() && r > 0.0) {
             return None;
@@ -69,6 +70,23 @@ pub fn round_shift_i64(v: i64, shift: u32) -> i64 {
     (v + ((1i64 << (shift - 1)) - 1) + ((v >> shift) & 1)) >> shift
 }
 
+/// Fraction bits of the residual multipliers: ratios below 2^20 keep `255 · m < 2^58`.
+pub(crate) const ADD_SHIFT: u32 = 30;
+
+#[inline]
+pub(crate) fn clamp_u8(v: i64) -> u8 {
+    v.clamp(0, 255) as u8
+}
+
+/// The sum of two summands less their zero points, `a` and `b`, with their multipliers onto
+/// the sum's grid (`ops::add`): `clamp(round((a·m_a + b·m_b) / 2^ADD_SHIFT) + z_o)`;
+/// `|a·m_a + b·m_b| ≤ 2 · 255 · 2^50 < 2^63`.
+#[inline(always)]
+pub(crate) fn add_codes(a: i64, m_a: i64, b: i64, m_b: i64, z_o: i32) -> u8 {
+    clamp_u8(round_shift_i64(a * m_a + b * m_b, ADD_SHIFT) + i64::from(z_o))
+}
+
+#[allow(clippy::float_arithmetic)]
 #[cfg(test)]
 mod tests {
     use super::*;

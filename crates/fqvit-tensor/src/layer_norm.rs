@@ -1,6 +1,6 @@
 //! The integer LayerNorm on PTF codes (spec §6), the original's `QIntLayerNorm` in mode `'int'`.
 
-use fqvit_ops::layer_norm::integer::IntegerLayerNorm;
+use fqvit_ops::layer_norm::integer::{IntegerLayerNorm, PrepareError};
 use fqvit_ops::layer_norm::{InScale, LayerNormParams, Roots, ptf_layer_norm_with, variance_terms};
 use fqvit_ops::{PtfFactor, QParams};
 use tch::{Device, Kind, Tensor};
@@ -120,10 +120,13 @@ impl IntLayerNorm {
     /// Prepares the LayerNorm with γ and β (float32, `C`), the input quantizer and the output
     /// scale (layer-wise), on γ's device.
     ///
+    /// # Errors
+    /// Under [`StdSqrt::Integer`], when γ, β and the output scale give integer constants out of
+    /// range, naming the channel.
+    ///
     /// # Panics
-    /// If γ and β differ in length, `C` exceeds [`MAX_CHANNELS`], the input has neither one
-    /// scale nor `C / expand` of them, or (under [`StdSqrt::Integer`]) γ, β and the output
-    /// scale give integer constants out of range (`fqvit_ops`' `PrepareError`).
+    /// If γ and β differ in length, `C` exceeds [`MAX_CHANNELS`], or the input has neither one
+    /// scale nor `C / expand` of them.
     #[track_caller]
     pub fn new(
         gamma: &Tensor,
@@ -131,7 +134,7 @@ impl IntLayerNorm {
         input: LayerNormInput<'_>,
         out_scale: f32,
         sqrt: StdSqrt,
-    ) -> Self {
+    ) -> Result<Self, PrepareError> {
         let device: Device = gamma.device();
         let channels = gamma.numel() as i64;
         assert_eq!(beta.numel() as i64, channels, "integer LayerNorm: γ and β differ in length");
@@ -176,9 +179,11 @@ impl IntLayerNorm {
             beta: to_host(&beta),
             out_scale: out_scale.double_value(&[0]) as f32,
         };
-        let integer = (sqrt == StdSqrt::Integer)
-            .then(|| IntegerLayerNorm::new(&host.params()).unwrap_or_else(|e| panic!("{e}")));
-        IntLayerNorm {
+        let integer = match sqrt {
+            StdSqrt::Integer => Some(IntegerLayerNorm::new(&host.params())?),
+            StdSqrt::Libtorch | StdSqrt::Exact => None,
+        };
+        Ok(IntLayerNorm {
             host,
             in_scale,
             mask,
@@ -191,7 +196,7 @@ impl IntLayerNorm {
             channels,
             sqrt,
             integer,
-        }
+        })
     }
 
     /// The output codes `y` (not clamped) of the fake-quantized input `X` `(…, C)`, as float32,

@@ -110,6 +110,7 @@ impl Case {
             self.out_scale,
             sqrt,
         )
+        .unwrap()
     }
 
     /// Checks, bit for bit: the tensor operations with the exact root against `fqvit_ops`; the
@@ -173,7 +174,8 @@ fn layer_norm_matches_the_golden_cases_and_fqvit_ops() {
                 LayerNormInput { params: &params, expand: 1 },
                 out_scale,
                 sqrt,
-            );
+            )
+            .unwrap();
             let differ = count_ne(&ln.forward(input), g("output"));
             match sqrt {
                 StdSqrt::Exact => assert_eq!(differ, 0, "case{case}: outputs differ"),
@@ -330,7 +332,8 @@ fn layer_norm_tiles_the_in_scales_for_patch_merging() {
         LayerNormInput { params: &quarter_params, expand: 4 },
         case.out_scale,
         StdSqrt::Exact,
-    );
+    )
+    .unwrap();
     let y = ln.codes(&Tensor::from_slice(&x).view([1, tokens as i64, c as i64])).view(-1);
     let y: Vec<i32> = Vec::<f32>::try_from(&y).unwrap().into_iter().map(|v| v as i32).collect();
     assert_eq!(y, reference);

@@ -6,8 +6,8 @@
 //!   tensors whichever runner runs the tests. `cargo test` runs a binary's tests on threads of
 //!   one process, all sharing that generator, so a test that seeds it and then draws would take
 //!   numbers another test drew in between; nextest runs each test in its own process and hid
-//!   this. Every draw from the global generator in a test goes through `seeded` (`cargo xtask
-//!   tidy` refuses `manual_seed` elsewhere).
+//!   this. A test that seeds goes through `seeded`, and so does every draw in its binary
+//!   (`cargo xtask tidy` refuses `manual_seed` elsewhere).
 
 use std::path::PathBuf;
 

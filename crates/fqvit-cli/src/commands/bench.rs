@@ -17,7 +17,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     if let Some(path) = &args.json {
         crate::output::check_writable(path, "--json")?;
     }
-    let device = crate::commands::eval::device(args.device)?;
+    let device = crate::commands::shared::device(args.device)?;
     tch::manual_seed(0);
     let vs = tch::nn::VarStore::new(device);
     let model = name.config().build(&vs.root());
@@ -41,7 +41,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     let int = match args.engine {
         EngineArg::Sim => None,
         EngineArg::Int => {
-            let prov = crate::commands::quantize::provenance(
+            let prov = crate::commands::shared::provenance(
                 name,
                 &*model,
                 "random weights".into(),

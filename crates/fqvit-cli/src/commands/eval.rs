@@ -1,78 +1,16 @@
 //! `fqvit-cli eval`: evaluate, optionally after calibrating and quantizing.
 
-use std::path::PathBuf;
-
 use anyhow::{Context, Result};
 use fqvit_calib::data::{BadImages, ImageFolder};
 use fqvit_calib::eval::{EvalOptions, EvalReport, Ties, evaluate, evaluate_with};
 use fqvit_calib::{Experiment, calibrate, calibration_set};
 use fqvit_engine::{Engine, Images, Options as EngineOptions};
-use fqvit_models::weights::{HubCache, Network, WeightsSource, load_strict, resolve};
-use fqvit_models::{Classifier, Mode, ModelName, Quantized};
-use indicatif::{ProgressBar, ProgressStyle};
+use fqvit_models::{Classifier, Mode, Quantized};
 use serde_json::json;
 use tch::Device;
 
-use crate::cli::{DeviceArg, EngineArg, EvalArgs, EvalOn, ModelArgs, TiesArg};
-
-/// A model with where its weights came from.
-pub(crate) struct Loaded {
-    pub(crate) name: ModelName,
-    pub(crate) model: Box<dyn Classifier>,
-    /// The float weights file; `None` while the variables still await an artifact.
-    pub(crate) weights: Option<PathBuf>,
-    pub(crate) device: Device,
-    /// Owns the variables the model's tensors point into.
-    pub(crate) vs: tch::nn::VarStore,
-}
-
-pub(crate) fn device(arg: DeviceArg) -> Result<Device> {
-    Ok(match arg {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda if !tch::Cuda::is_available() => {
-            anyhow::bail!("--device cuda: libtorch sees no CUDA GPU (see `fqvit-cli doctor`)")
-        }
-        DeviceArg::Cuda => Device::Cuda(0),
-        DeviceArg::Auto => Device::cuda_if_available(),
-    })
-}
-
-pub(crate) fn load_model(args: &ModelArgs) -> Result<Loaded> {
-    let mut loaded = build_model(args)?;
-    let source = match (&args.weights, &args.weights_dir) {
-        (Some(file), _) => WeightsSource::File(file.clone()),
-        (None, Some(dir)) => WeightsSource::Dir(dir.clone()),
-        (None, None) => WeightsSource::Hub,
-    };
-    let network = if args.offline { Network::Offline } else { Network::Online };
-    let weights = resolve(loaded.name, &source, network, &HubCache::from_env())?;
-    load_strict(&loaded.vs, &weights)?;
-    tracing::info!(model = %loaded.name, weights = %weights.display(), device = ?loaded.device, "model loaded");
-    loaded.weights = Some(weights);
-    Ok(loaded)
-}
-
-/// The model with random variables, to be filled from weights or an artifact.
-fn build_model(args: &ModelArgs) -> Result<Loaded> {
-    let name: ModelName = args.model.parse()?;
-    let device = device(args.device)?;
-    let vs = tch::nn::VarStore::new(device);
-    let model = name.config().build(&vs.root());
-    Ok(Loaded { name, model, weights: None, device, vs })
-}
-
-pub(crate) fn progress(len: usize, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>11} [{bar:30}] {pos}/{len} images, {per_sec}, eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix(what.to_owned());
-    bar
-}
+use crate::cli::{EngineArg, EvalArgs, EvalOn, TiesArg};
+use crate::commands::shared::{Loaded, build_model, load_model, progress};
 
 pub(crate) fn run(args: EvalArgs) -> Result<()> {
     if let Some(path) = &args.json {
@@ -147,7 +85,7 @@ fn engine_after_calibration(
 ) -> Result<Engine> {
     let weights = loaded.weights.as_deref().context("--engine int needs float weights")?;
     let sha = fqvit_models::weights::sha256_file(weights)?;
-    let prov = crate::commands::quantize::provenance(
+    let prov = crate::commands::shared::provenance(
         loaded.name,
         &*loaded.model,
         sha,

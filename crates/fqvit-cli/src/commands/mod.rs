@@ -6,3 +6,4 @@ pub(crate) mod convert;
 pub(crate) mod doctor;
 pub(crate) mod eval;
 pub(crate) mod quantize;
+pub(crate) mod shared;

@@ -1,18 +1,16 @@
 //! `fqvit-cli quantize`: calibrate and write the artifact (and a TOML summary beside it).
 
 use std::path::Path;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
-use fqvit_calib::artifact::{self, CalibrationData, FORMAT_VERSION, Provenance};
-use fqvit_calib::experiment::CalibOrder;
+use fqvit_calib::artifact::{self, CalibrationData, Provenance};
 use fqvit_calib::{calibrate, calibration_set};
-use fqvit_models::{Classifier, ModelName, QParamTable, Quantizable};
+use fqvit_models::{QParamTable, Quantizable};
 use serde::Serialize;
 
 use crate::cli::QuantizeArgs;
-use crate::commands::eval::{load_model, progress};
-use fqvit_calib::Experiment;
+use crate::commands::shared::{load_model, progress, provenance};
 
 pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
     let mut exp = crate::config::resolve_quantize(&args.quant)?;
@@ -57,39 +55,6 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-/// The artifact's provenance of a calibration of `model` (float weights with SHA-256
-/// `weights_sha256`) on `images` images of `data`.
-pub(crate) fn provenance(
-    name: ModelName,
-    model: &dyn Classifier,
-    weights_sha256: String,
-    exp: &Experiment,
-    table: &QParamTable,
-    data: &Path,
-    images: usize,
-) -> Result<Provenance> {
-    Ok(Provenance {
-        format_version: FORMAT_VERSION,
-        fqvit_version: env!("CARGO_PKG_VERSION").to_owned(),
-        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        model: name.to_string(),
-        architecture: model.architecture(),
-        weights_sha256,
-        experiment: *exp,
-        calibration: CalibrationData {
-            data: data.display().to_string(),
-            images,
-            order: match exp.calibration.order {
-                CalibOrder::Shuffled => "shuffled".into(),
-                CalibOrder::Sorted => "sorted".into(),
-            },
-            seed: exp.calibration.seed,
-        },
-        lis_bits: exp.quant_options().lis_bits,
-        sites: artifact::site_infos(model, table, exp),
-    })
 }
 
 /// The per-site scalars for people diffing two calibrations.

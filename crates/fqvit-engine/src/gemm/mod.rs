@@ -9,7 +9,7 @@
 //! packing mis-assigns per-row zero points past the first panel, found while choosing it); the
 //! caller corrects them with row sums.
 //!
-//! Exactness: every product is at most 255 · 128 = 2^15 in magnitude, so a row of `K ≤ 2^16`
+//! Exactness: every product is at most 255 · 128 < 2^15 in magnitude, so a row of `K ≤ 2^16`
 //! sums within ±2^31 (checked in [`Weights::new`]); the fast path computes the same integer sums
 //! in another order, and integer addition is associative, so both give identical results.
 
@@ -142,7 +142,7 @@ pub struct Weights {
     pub n: usize,
     /// Reduction length.
     pub k: usize,
-    /// The codes, row-major; dropped once rten has packed them (unless kept by
+    /// The codes, row-major; dropped once a kernel has packed them (unless kept by
     /// [`Weights::with_codes`]), so that the weights are held once, at a byte each.
     codes: Vec<i8>,
     /// `Σ_k w[n][k]`, for the input zero-point correction.

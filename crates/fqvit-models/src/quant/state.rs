@@ -135,7 +135,7 @@ impl Quantized {
                         });
                     }
                     let input = LayerNormInput { params: p_in, expand };
-                    layer_norms[ln.out_site.index()] = Some(tch::no_grad(|| {
+                    let built = tch::no_grad(|| {
                         IntLayerNorm::new(
                             &ln.weight,
                             &ln.bias,
@@ -143,7 +143,12 @@ impl Quantized {
                             p_out.scale[0],
                             options.std_sqrt,
                         )
-                    }));
+                    });
+                    let built = built.map_err(|e| Error::Site {
+                        site: name(ln.out_site),
+                        reason: e.to_string(),
+                    })?;
+                    layer_norms[ln.out_site.index()] = Some(built);
                 }
                 // A float softmax output replaces Log-Int-Softmax by the float softmax.
                 Layer::Softmax(s) if is_float(s.out_site()) => {}

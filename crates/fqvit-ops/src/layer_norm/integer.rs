@@ -11,9 +11,10 @@
 //! Per token (one integer square root, two divisions):
 //! 1. `D = C·S2 − S1²` exactly in i64 (`0 ≤ D ≤ C·S2 < 2^62`, see [`super`]); `D = 0` is the
 //!    zero-variance token, `round(β_c/s_out)`.
-//! 2. `d = D · 4^t` with the even shift that puts `d` in `[2^60, 2^62)` (`−1 ≤ t ≤ 30`; for
-//!    `t = −1` the two low bits are dropped), `r = ⌊√d⌋ ∈ [2^30, 2^31)`, so `√D ≈ r · 2^−t`
-//!    within a relative 2^−30.
+//! 2. `d = D · 4^t` with the even shift that puts `d` in `[2^60, 2^62)`, `r = ⌊√d⌋ ∈ [2^30,
+//!    2^31)`, so `√D ≈ r · 2^−t` within a relative 2^−30. uint8 codes shifted by up to 7 give
+//!    `D = C²·Var(x) ≤ C²·(255·2^7/2)² < 2^60`, so `1 ≤ t ≤ 30`; `t = −1` (two low bits
+//!    dropped) is there for the bound `D < 2^62` alone.
 //! 3. `inv = ⌊2^62 / r⌋ ∈ (2^31, 2^32]`, taken as `inv' · 2^e` with `inv' ∈ [2^31, 2^32)`:
 //!    `1/√D ≈ inv' · 2^(t + e − 62)` within a relative 2^−29.
 //! 4. `σ1 = ⌊S1 · 2^24 / C⌋`, the mean with 24 fractional bits (`|S1| < 2^31`).
@@ -28,15 +29,19 @@
 //! 8. `y = round((±M·x + B) / 2^N)`, half to even, saturated to i32, as in the float path.
 //!
 //! So `A` is within a relative 2^−28 of its real value (the original's float32 `A` within about
-//! 2^−21), and `B` within about 2^−16 + `|μ|·2^−24` (`μ` in units of `s_min`) plus `2^−28·|B|`
-//! (float32 about `2^−24·|B|`): the codes differ from the real numbers' only where a real
-//! value lies that close to a rounding boundary.
+//! 2^−21), and `B` within about `2^(N−25)` (β/s_out rounded to 2^−24) plus `2^−16 + |μ|·2^−24`
+//! (the mean and `A24` in fixed point, `μ` in units of `s_min`) plus a relative 2^−28 of the
+//! term `2^N·|h|·|μ/σ|`: the codes differ from the real numbers' only where a real value lies
+//! that close to a rounding boundary.
 //!
 //! [`IntegerLayerNorm::run`] computes these with branch-free i64 lanes that compile to SIMD
-//! ([`Lanes`]) wherever they are exact: `N` not clamped (then `s ∈ {55, 56}`, `A24 < 2^32`),
+//! (`Lanes`) wherever they are exact: `N` not clamped (then `s ∈ {55, 56}`, `A24 < 2^32`),
 //! `|σ1| < 2^31` (so `A24·σ1 < 2^63`) and `|b_c| < 2^31` (so `b_c · 2^N < 2^62`); any other
-//! channel or token takes the general form ([`Channel::factors`], i128 where needed), so the
+//! channel or token takes the general form (`Channel::factors`, i128 where needed), so the
 //! codes are always those of the steps above (tested against each other at the edges).
+
+// Integers only from `run` on; the float parameters become constants in `new` alone.
+#![deny(clippy::float_arithmetic)]
 
 use super::reference::{round_shift, saturate_i32, zero_variance_code};
 use rayon::prelude::*;
@@ -84,6 +89,7 @@ pub enum PrepareError {
 
 /// `v` as `mant · 2^(exp − 31)` with `mant ∈ [2^31, 2^32)`, rounded half to even (v > 0,
 /// finite).
+#[allow(clippy::float_arithmetic)]
 fn normalize(v: f64) -> (u64, i32) {
     let e = v.log2().floor() as i32;
     // v · 2^(31 − e) in [2^31, 2^32) up to the log's rounding, corrected below.
@@ -124,6 +130,7 @@ impl IntegerLayerNorm {
     /// # Panics
     /// As [`super::ptf_layer_norm`] for inconsistent lengths and scales.
     #[track_caller]
+    #[allow(clippy::float_arithmetic)]
     pub fn new(params: &LayerNormParams<'_>) -> Result<Self, PrepareError> {
         let c = params.check(params.gamma.len(), params.gamma.len());
         debug_assert!(c <= MAX_CHANNELS);
@@ -373,6 +380,7 @@ fn round_sat(v: i128, n: u32) -> i64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::float_arithmetic)]
 mod tests {
     use super::super::{InScale, LayerNormParams, ptf_layer_norm};
     use super::*;
@@ -452,12 +460,18 @@ mod tests {
         // One channel: always flat.
         let (a, b) = run(&[0, 255, 9], &[1.5], &[0.25], &[f(7)], 0.01);
         assert_eq!(a, b);
-        // The most channels, codes 0 and 255 alternating with factor 7: D ≈ 2^62.
+        // The most channels, codes 0 and 255 alternating with factor 7 and zero point 0: x is
+        // 0 or 255·2^7, and D = C²·(255·2^6)², just below 2^60, the largest uint8 codes give.
         let c = super::MAX_CHANNELS;
         let codes: Vec<u8> = (0..c).map(|i| if i % 2 == 0 { 0 } else { 255 }).collect();
         let gamma = vec![0.7f32; c];
         let beta = vec![0.1f32; c];
-        let (a, b) = run(&codes, &gamma, &beta, &vec![f(7); c], 0.05);
+        let factors = vec![f(7); c];
+        let p =
+            LayerNormParams { zero_point: 0, out_scale: 0.05, ..params(&gamma, &beta, &factors) };
+        let (mut a, mut b) = (vec![0; c], vec![0; c]);
+        IntegerLayerNorm::new(&p).unwrap().run(&codes, &mut a);
+        ptf_layer_norm(&codes, &p, &mut b);
         assert!(a.iter().zip(&b).all(|(a, b)| (a - b).abs() <= 1), "{:?} {:?}", &a[..4], &b[..4]);
         // Mixed shifts 0..=7 with extreme codes, tiny and large output scales.
         let factors: Vec<PtfFactor> = (0..64).map(|i| f((i % 8) as u8)).collect();

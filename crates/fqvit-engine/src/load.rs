@@ -1,0 +1,73 @@
+//! Load-time helpers shared by the ops' compilation: scale checks, dyadic multipliers and the
+//! PTF input scale of a site. Float arithmetic here prepares constants; nothing here runs per
+//! image.
+
+#![allow(clippy::float_arithmetic)]
+
+use fqvit_ops::PtfFactor;
+
+use crate::error::{Error, Result};
+use crate::grid::Grid;
+use crate::requant::Dyadic;
+
+/// A site's input scale for the integer LayerNorm and PTF dense inputs.
+#[derive(Debug)]
+pub(crate) enum LnScale {
+    Layer(f32),
+    Ptf { base: f32, factors: Vec<PtfFactor> },
+}
+
+pub(crate) fn wrap(e: Error, err: &impl Fn(String) -> Error) -> Error {
+    match e {
+        Error::Op { reason, .. } => err(reason),
+        other => other,
+    }
+}
+
+/// Refuses a channel-wise `what` site where an op needs one scale.
+pub(crate) fn check_layer_wise(g: &Grid, what: &str, err: &impl Fn(String) -> Error) -> Result<()> {
+    if g.layer_wise() {
+        Ok(())
+    } else {
+        Err(err(format!("{what} site {} is channel-wise; the engine needs one scale", g.name)))
+    }
+}
+
+/// A dyadic multiplier for [`Dyadic::apply_small`]: shifts above 62 would round every value
+/// below 2^31 to 0 or ±1 anyway, and are refused.
+pub(crate) fn small(d: Dyadic, err: &impl Fn(String) -> Error) -> Result<Dyadic> {
+    if d.shift <= 62 {
+        Ok(d)
+    } else {
+        Err(err(format!("scale ratio 2^-{} is too small to requantize in i64", d.shift)))
+    }
+}
+
+pub(crate) fn dyadic(r: f64, err: &impl Fn(String) -> Error) -> Result<Dyadic> {
+    Dyadic::new(r).ok_or_else(|| err(format!("scale ratio {r:e} has no 31-bit dyadic form")))
+}
+
+pub(crate) fn ln_scale(g: &Grid, c: usize) -> Result<LnScale, String> {
+    match &g.ptf {
+        None if g.scale.len() == 1 => Ok(LnScale::Layer(g.scale[0])),
+        None => Err(format!("input site {} is channel-wise without PTF factors", g.name)),
+        Some(alpha) => {
+            if alpha.len() != c {
+                return Err(format!(
+                    "input site {} has {} PTF factors for {c} channels",
+                    g.name,
+                    alpha.len()
+                ));
+            }
+            let factors = alpha
+                .iter()
+                .map(|&a| PtfFactor::try_from(a).map_err(|e| format!("input site {}: {e}", g.name)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let base = g.scale[0] / f32::from(1u8 << alpha[0]);
+            if let Some(j) = (0..c).find(|&j| g.scale[j] != base * f32::from(1u8 << alpha[j])) {
+                return Err(format!("input site {}: scale {j} is not base · 2^α", g.name));
+            }
+            Ok(LnScale::Ptf { base, factors })
+        }
+    }
+}
