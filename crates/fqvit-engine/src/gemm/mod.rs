@@ -82,6 +82,7 @@ impl Kernel {
     /// SIMD (VNNI), else the AVX2 pairs, else rten's portable kernel or the loops.
     pub fn detect() -> Self {
         let exec = GemmExecutor::<u8, i8, i32>::new();
+        // rten-gemm 0.25's name for its portable kernel (pinned with the crate's version).
         let rten_simd = !exec.may_saturate() && exec.kernel_name() != "generic-u8i8i32";
         if rten_simd {
             return Kernel { imp: Imp::Rten(exec) };
@@ -381,8 +382,8 @@ mod tests {
 
     #[test]
     fn extremes_do_not_overflow() {
-        // 255 · −128 and 255 · 127 over a long row: the sums the bound allows at either end.
-        let k = 4096;
+        // 255 · −128 and 255 · 127 over the longest row: the sums the bound allows at either end.
+        let k = MAX_K;
         for kernel in Kernel::supported() {
             for (w, sum) in [(-128i8, -255 * 128 * k as i32), (127, 255 * 127 * k as i32)] {
                 let w = Weights::new(&kernel, vec![w; 20 * k], 20, k);
