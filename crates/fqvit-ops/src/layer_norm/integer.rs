@@ -48,8 +48,8 @@ use rayon::prelude::*;
 
 use super::{LayerNormParams, MAX_CHANNELS};
 
-/// One channel's constants.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// One channel's constants, read from the lanes ([`IntegerLayerNorm::channel`]).
+#[derive(Clone, Copy, Debug)]
 struct Channel {
     /// The sign of γ_c (0 where γ_c = 0, whose `A` is 0).
     sign: i8,
@@ -58,8 +58,6 @@ struct Channel {
     exp: i32,
     /// `β_c/s_out` in units of 2^−24, rounded half to even.
     beta: i64,
-    /// The zero-variance code `round(β_c/s_out)`.
-    flat: i32,
 }
 
 /// An integer LayerNorm prepared for one set of parameters: [`run`](Self::run) computes with
@@ -69,9 +67,10 @@ pub struct IntegerLayerNorm {
     zero_point: i32,
     /// `α_c − α_min`.
     shifts: Vec<u32>,
-    channels: Vec<Channel>,
-    /// The same constants as i64 lanes for [`Lanes`]; `lane_ok` is 0 where a channel always
-    /// takes the general form (γ_c = 0, or `|b_c| ≥ 2^31`).
+    /// The zero-variance codes `round(β_c/s_out)`.
+    flat: Vec<i32>,
+    /// Each channel's constants ([`Channel`]) as lanes for `Lanes`; `lane_ok` is 0 where a
+    /// channel always takes the general form (γ_c = 0, or `|b_c| ≥ 2^31`).
     lane_mant: Vec<u64>,
     lane_exp: Vec<i64>,
     lane_beta: Vec<i64>,
@@ -136,7 +135,16 @@ impl IntegerLayerNorm {
         debug_assert!(c <= MAX_CHANNELS);
         let (_, shifts) = params.in_scale.min_and_shifts(c);
         let out = f64::from(params.out_scale);
-        let mut channels = Vec::with_capacity(c);
+        let mut ln = IntegerLayerNorm {
+            zero_point: params.zero_point,
+            shifts,
+            flat: Vec::with_capacity(c),
+            lane_mant: Vec::with_capacity(c),
+            lane_exp: Vec::with_capacity(c),
+            lane_beta: Vec::with_capacity(c),
+            lane_sign: Vec::with_capacity(c),
+            lane_ok: Vec::with_capacity(c),
+        };
         for (i, (&g, &b)) in params.gamma.iter().zip(params.beta).enumerate() {
             let (g, b) = (f64::from(g), f64::from(b));
             if !g.is_finite() || !b.is_finite() {
@@ -161,29 +169,35 @@ impl IntegerLayerNorm {
                 let (mant, exp) = normalize(h);
                 (if g > 0.0 { 1 } else { -1 }, mant, exp)
             };
-            channels.push(Channel { sign, mant, exp, beta, flat });
+            ln.flat.push(flat);
+            ln.lane_mant.push(mant);
+            ln.lane_exp.push(i64::from(exp));
+            ln.lane_beta.push(beta);
+            ln.lane_sign.push(sign);
+            ln.lane_ok.push(i64::from(sign != 0 && beta.abs() < 1 << 31));
         }
-        let lane = |f: fn(&Channel) -> i64| channels.iter().map(f).collect::<Vec<i64>>();
-        Ok(IntegerLayerNorm {
-            zero_point: params.zero_point,
-            shifts,
-            lane_mant: channels.iter().map(|ch| ch.mant).collect(),
-            lane_exp: lane(|ch| i64::from(ch.exp)),
-            lane_beta: lane(|ch| ch.beta),
-            lane_sign: lane(|ch| i64::from(ch.sign)),
-            lane_ok: lane(|ch| i64::from(ch.sign != 0 && ch.beta.abs() < 1 << 31)),
-            channels,
-        })
+        Ok(ln)
     }
 
     /// Channels.
     pub fn channels(&self) -> usize {
-        self.channels.len()
+        self.flat.len()
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.channels.len() * (std::mem::size_of::<Channel>() + 5 * 8) + 4 * self.shifts.len()
+        self.flat.len() * (4 + 5 * 8) + 4 * self.shifts.len()
+    }
+
+    /// Channel `i`'s constants for the general form.
+    #[inline]
+    fn channel(&self, i: usize) -> Channel {
+        Channel {
+            sign: self.lane_sign[i] as i8,
+            mant: self.lane_mant[i],
+            exp: self.lane_exp[i] as i32,
+            beta: self.lane_beta[i],
+        }
     }
 
     /// The output codes `y` (not clamped) of tokens of `C` uint8 codes, tokens in parallel.
@@ -199,7 +213,7 @@ impl IntegerLayerNorm {
     /// reference the lanes are tested against.
     #[track_caller]
     fn run_with(&self, codes: &[u8], out: &mut [i32], lanes: bool) {
-        let c = self.channels.len();
+        let c = self.flat.len();
         assert!(
             codes.len().is_multiple_of(c) && codes.len() == out.len(),
             "integer LayerNorm: {} codes and room for {} are not tokens of {c}",
@@ -216,11 +230,11 @@ impl IntegerLayerNorm {
                     if lanes && tok.sigma1.abs() < 1 << 31 {
                         arch.dispatch(Lanes { ln: self, tok, x, y, flags });
                         for (i, _) in flags.iter().enumerate().filter(|&(_, &f)| f != 0) {
-                            y[i] = self.channels[i].code(x[i], tok);
+                            y[i] = self.channel(i).code(x[i], tok);
                         }
                     } else {
-                        for ((y, ch), &x) in y.iter_mut().zip(&self.channels).zip(x.iter()) {
-                            *y = ch.code(x, tok);
+                        for (i, (y, &x)) in y.iter_mut().zip(x.iter()).enumerate() {
+                            *y = self.channel(i).code(x, tok);
                         }
                     }
                 }
@@ -238,13 +252,11 @@ impl IntegerLayerNorm {
             s1 += *x;
             s2 += *x * *x;
         }
-        let n = self.channels.len() as i64;
+        let n = self.flat.len() as i64;
         // 0 ≤ D ≤ C·S2 < 2^62 (|x| < 2^15, C ≤ 2^16).
         let d = n * s2 - s1 * s1;
         if d == 0 {
-            for (y, ch) in y.iter_mut().zip(&self.channels) {
-                *y = ch.flat;
-            }
+            y.copy_from_slice(&self.flat);
             return None;
         }
         let d = d as u64;
