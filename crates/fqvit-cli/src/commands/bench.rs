@@ -13,7 +13,7 @@ use crate::cli::{BenchArgs, EngineArg};
 
 pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     let name: ModelName = args.model.parse()?;
-    crate::commands::eval::check_gemm_kernel(args.engine, args.gemm_kernel)?;
+    crate::commands::shared::check_gemm_kernel(args.engine, args.gemm_kernel)?;
     if let Some(path) = &args.json {
         crate::output::check_writable(path, "--json")?;
     }
@@ -52,7 +52,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
             )?;
             let options = fqvit_engine::Options { gemm: args.gemm_kernel };
             let engine =
-                crate::commands::eval::engine_via_artifact(&*model, &vs, &table, &prov, options)?;
+                crate::commands::shared::engine_via_artifact(&*model, &vs, &table, &prov, options)?;
             Some(engine.bench(args.batch_size as usize, args.iters)?)
         }
     };

@@ -5,12 +5,14 @@ use fqvit_calib::data::{BadImages, ImageFolder};
 use fqvit_calib::eval::{EvalOptions, EvalReport, Ties, evaluate, evaluate_with};
 use fqvit_calib::{Experiment, calibrate, calibration_set};
 use fqvit_engine::{Engine, Images, Options as EngineOptions};
-use fqvit_models::{Classifier, Mode, Quantized};
+use fqvit_models::{Mode, Quantized};
 use serde_json::json;
 use tch::Device;
 
 use crate::cli::{EngineArg, EvalArgs, EvalOn, TiesArg};
-use crate::commands::shared::{Loaded, build_model, load_model, progress};
+use crate::commands::shared::{
+    Loaded, build_model, check_gemm_kernel, engine_via_artifact, load_model, progress,
+};
 
 pub(crate) fn run(args: EvalArgs) -> Result<()> {
     if let Some(path) = &args.json {
@@ -101,32 +103,6 @@ fn engine_after_calibration(
         &prov,
         EngineOptions { gemm: args.gemm_kernel },
     )
-}
-
-/// `--gemm-kernel` chooses the integer engine's kernel, so it needs `--engine int`.
-pub(crate) fn check_gemm_kernel(
-    engine: EngineArg,
-    gemm: Option<fqvit_engine::KernelKind>,
-) -> Result<()> {
-    if gemm.is_some() && engine != EngineArg::Int {
-        anyhow::bail!("--gemm-kernel chooses the integer engine's GEMM kernel: add --engine int");
-    }
-    Ok(())
-}
-
-/// Writes the artifact to a temporary file, exactly as `quantize` would, and loads the engine
-/// from it.
-pub(crate) fn engine_via_artifact(
-    model: &dyn Classifier,
-    vs: &tch::nn::VarStore,
-    table: &fqvit_models::QParamTable,
-    prov: &fqvit_calib::artifact::Provenance,
-    options: EngineOptions,
-) -> Result<Engine> {
-    let dir = tempfile::tempdir().context("a temporary folder for the artifact")?;
-    let path = dir.path().join("qparams.safetensors");
-    fqvit_calib::artifact::write(&path, model, vs, table, prov)?;
-    Ok(Engine::load_with(&path, options)?)
 }
 
 /// What computes the logits.

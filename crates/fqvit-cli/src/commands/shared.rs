@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use fqvit_calib::Experiment;
 use fqvit_calib::artifact::{self, CalibrationData, FORMAT_VERSION, Provenance};
 use fqvit_calib::experiment::CalibOrder;
@@ -105,4 +105,30 @@ pub(crate) fn provenance(
         lis_bits: exp.quant_options().lis_bits,
         sites: artifact::site_infos(model, table, exp),
     })
+}
+
+/// `--gemm-kernel` chooses the integer engine's kernel, so it needs `--engine int`.
+pub(crate) fn check_gemm_kernel(
+    engine: crate::cli::EngineArg,
+    gemm: Option<fqvit_engine::KernelKind>,
+) -> Result<()> {
+    if gemm.is_some() && engine != crate::cli::EngineArg::Int {
+        anyhow::bail!("--gemm-kernel chooses the integer engine's GEMM kernel: add --engine int");
+    }
+    Ok(())
+}
+
+/// Writes the artifact to a temporary file, exactly as `quantize` would, and loads the engine
+/// from it.
+pub(crate) fn engine_via_artifact(
+    model: &dyn Classifier,
+    vs: &tch::nn::VarStore,
+    table: &fqvit_models::QParamTable,
+    prov: &fqvit_calib::artifact::Provenance,
+    options: fqvit_engine::Options,
+) -> Result<fqvit_engine::Engine> {
+    let dir = tempfile::tempdir().context("a temporary folder for the artifact")?;
+    let path = dir.path().join("qparams.safetensors");
+    fqvit_calib::artifact::write(&path, model, vs, table, prov)?;
+    Ok(fqvit_engine::Engine::load_with(&path, options)?)
 }
