@@ -3,11 +3,10 @@
 //! `docs/qparams-format.md`). Reading it back rebuilds the quantized model with no calibration
 //! and no float checkpoint.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use fqvit_models::{Architecture, QParamTable, Quantizable, SiteId, TensorClass};
-use fqvit_ops::{BitType, Bits, PtfFactor, QParams};
 use fqvit_tensor::{Axis, Quantizer};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
@@ -18,15 +17,7 @@ use tch::{Kind, Tensor};
 use crate::error::{Error, Result};
 use crate::experiment::Experiment;
 
-/// The format this version writes and the newest it reads. Version 2 tags the architecture
-/// with its family (`"family": "vit"` or `"swin"`); version 1 files (ViT only) still read.
-pub const FORMAT_VERSION: u32 = 2;
-/// The safetensors metadata key holding [`Provenance`] as JSON.
-pub const METADATA_KEY: &str = "fqvit";
-/// The metadata key holding the model's integer program (`fqvit_program::Program`) as JSON,
-/// for the integer engine; absent for a family without one (Swin). Readers of this crate
-/// ignore it.
-pub const PROGRAM_KEY: &str = fqvit_program::ARTIFACT_KEY;
+pub use fqvit_artifact::{FORMAT_VERSION, METADATA_KEY, PROGRAM_KEY, SiteInfo, weight_codes_name};
 
 /// Where the calibration images came from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -39,31 +30,6 @@ pub struct CalibrationData {
     pub order: String,
     /// Shuffle seed.
     pub seed: u64,
-}
-
-/// One site as described in the metadata.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SiteInfo {
-    /// Our dotted name; its tensors are `<name>.scale`, `<name>.zero_point`, `<name>.ptf_factor`.
-    pub name: String,
-    /// The original implementation's module name.
-    pub original: String,
-    /// `weight`, `activation`, `layer-norm-input` or `softmax`.
-    pub class: String,
-    /// Code type, e.g. `uint8`.
-    pub bit_type: String,
-    /// Code width.
-    pub bits: u8,
-    /// Signed codes (weights).
-    pub signed: bool,
-    /// The observer that produced it.
-    pub observer: String,
-    /// `layer-wise` or `channel-wise`.
-    pub granularity: String,
-    /// Channels of the tensor (output channels for weights).
-    pub channels: usize,
-    /// Whether PTF factors are stored.
-    pub ptf: bool,
 }
 
 /// Everything about an artifact that is not a tensor.
@@ -89,15 +55,6 @@ pub struct Provenance {
     pub lis_bits: Option<u32>,
     /// Every site, in forward order.
     pub sites: Vec<SiteInfo>,
-}
-
-fn class_name(class: TensorClass) -> &'static str {
-    class.as_str()
-}
-
-/// The tensor holding the int8 codes of a weight site.
-pub fn weight_codes_name(site: &str) -> String {
-    format!("{site}.weight_int8")
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -197,7 +154,7 @@ pub fn site_infos(model: &dyn Quantizable, table: &QParamTable, exp: &Experiment
             Some(SiteInfo {
                 name: s.name.clone(),
                 original: s.original.clone(),
-                class: class_name(s.class).to_owned(),
+                class: s.class,
                 bit_type: p.bit_type.name(),
                 bits: p.bit_type.bits.get(),
                 signed: p.bit_type.signed,
@@ -231,43 +188,21 @@ pub struct Expect<'a> {
     pub weights_sha256: Option<&'a str>,
 }
 
-/// Reads an artifact, checks it against `model`, and loads its parameters into `vs` (weights
-/// dequantized from their int8 codes). Refuses, saying which, a truncated or corrupt file, a newer
-/// format, another model or architecture, other weights, missing or extra sites or tensors, and
-/// wrong shapes. Nothing is loaded unless every check passes.
+/// Reads an artifact ([`fqvit_artifact::Artifact::read`] checks every field), checks it
+/// against `model`, and loads its parameters into `vs` (weights dequantized from their integer
+/// codes). Refuses, saying which, what that reader refuses, another model or architecture,
+/// other weights, missing or extra sites or tensors, and shapes that do not fit the model.
+/// Nothing is loaded unless every check passes.
 pub fn read(
     path: &Path,
     model: &dyn Quantizable,
     vs: &VarStore,
     expect: Expect<'_>,
 ) -> Result<Loaded> {
+    let art = fqvit_artifact::Artifact::read(path)?;
     let bad = |reason: String| Error::Artifact { path: path.to_owned(), reason };
-    let bytes =
-        std::fs::read(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| bad(format!("truncated or corrupt (not a complete safetensors file: {e})")))?;
-    let file = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| bad(format!("truncated or corrupt (not a complete safetensors file: {e})")))?;
-    let json = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(METADATA_KEY))
-        .ok_or_else(|| bad(format!("not an fqvit artifact: no `{METADATA_KEY}` metadata")))?;
-    let mut version: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| bad(format!("corrupt metadata: {e}")))?;
-    let format_version = version["format_version"].as_u64().unwrap_or(0);
-    if format_version == 1
-        && let Some(arch) = version["architecture"].as_object_mut()
-    {
-        arch.entry("family").or_insert_with(|| "vit".into());
-    }
-    if format_version > u64::from(FORMAT_VERSION) {
-        return Err(bad(format!(
-            "written in format version {format_version} by a newer fqvit; this version reads up to {FORMAT_VERSION}"
-        )));
-    }
-    let prov: Provenance =
-        serde_json::from_value(version).map_err(|e| bad(format!("corrupt metadata: {e}")))?;
+    let prov: Provenance = serde_json::from_value(art.provenance().clone())
+        .map_err(|e| bad(format!("corrupt metadata: {e}")))?;
     if prov.model != expect.model {
         return Err(bad(format!("calibrated for model {}, not {}", prov.model, expect.model)));
     }
@@ -285,7 +220,7 @@ pub fn read(
             prov.weights_sha256
         )));
     }
-    // Sites: the same set as the model, each with well-formed tensors.
+    // Sites: the same set as the model, with the model's classes and channels.
     let sites = model.sites();
     let ours: BTreeMap<&str, SiteId> = sites.iter().map(|(id, s)| (s.name.as_str(), id)).collect();
     let theirs: BTreeMap<&str, &SiteInfo> =
@@ -304,77 +239,25 @@ pub fn read(
         )));
     }
     let mut table = QParamTable::empty(sites.len());
-    let mut consumed = std::collections::HashSet::new();
+    let mut consumed = HashSet::new();
     for info in &prov.sites {
         let id = ours[info.name.as_str()];
         let site = sites.get(id);
-        if info.channels != site.channels {
+        if (info.channels, info.class) != (site.channels, site.class) {
             return Err(bad(format!(
-                "site {}: {} channels, the model has {}",
-                info.name, info.channels, site.channels
-            )));
-        }
-        let bits =
-            Bits::try_from(info.bits).map_err(|e| bad(format!("site {}: {e}", info.name)))?;
-        let get = |suffix: &str, dtype: Dtype| -> Result<Vec<u8>> {
-            let key = format!("{}.{suffix}", info.name);
-            let view = file
-                .tensor(&key)
-                .map_err(|_| bad(format!("site {}: tensor {key} is missing", info.name)))?;
-            if view.dtype() != dtype || view.shape().len() != 1 {
-                return Err(bad(format!(
-                    "tensor {key}: expected a vector of {dtype:?}, got {:?} {:?}",
-                    view.dtype(),
-                    view.shape()
-                )));
-            }
-            Ok(view.data().to_vec())
-        };
-        let scale: Vec<f32> = get("scale", Dtype::F32)?
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        let zero_point: Vec<i32> = get("zero_point", Dtype::I32)?
-            .chunks_exact(4)
-            .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        consumed.extend([format!("{}.scale", info.name), format!("{}.zero_point", info.name)]);
-        let n = scale.len();
-        let channels_ok = n == 1 && site.class != TensorClass::Weight || n == site.channels;
-        if !channels_ok || (zero_point.len() != 1 && zero_point.len() != n) {
-            return Err(bad(format!(
-                "site {}: {n} scales and {} zero points for {} channels",
+                "site {}: {} {} channels, the model has {} {}",
                 info.name,
-                zero_point.len(),
-                site.channels
+                info.channels,
+                info.class.as_str(),
+                site.channels,
+                site.class.as_str()
             )));
         }
-        let ptf = if info.ptf {
-            consumed.insert(format!("{}.ptf_factor", info.name));
-            let f = get("ptf_factor", Dtype::U8)?;
-            if f.len() != site.channels {
-                return Err(bad(format!(
-                    "site {}: {} PTF factors for {} channels",
-                    info.name,
-                    f.len(),
-                    site.channels
-                )));
-            }
-            Some(
-                f.into_iter()
-                    .map(PtfFactor::try_from)
-                    .collect::<std::result::Result<Vec<_>, _>>()
-                    .map_err(|e| bad(format!("site {}: {e}", info.name)))?,
-            )
-        } else {
-            None
-        };
-        table.set(
-            id,
-            QParams { bit_type: BitType { bits, signed: info.signed }, scale, zero_point, ptf },
-        );
+        consumed.extend(art.site_tensors(info));
+        let params = art.params(&info.name).expect("the reader checked every listed site");
+        table.set(id, params.clone());
     }
-    // Parameters: every variable, as float32 or (weights of weight sites) int8 codes.
+    // Parameters: every variable, as float32 or (weights of weight sites) integer codes.
     let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     let mut values = Vec::with_capacity(vars.len());
     for (name, var) in &vars {
@@ -386,17 +269,17 @@ pub fn read(
             Some(_) => (weight_codes_name(name.trim_end_matches(".weight")), Dtype::I8),
             None => (name.clone(), Dtype::F32),
         };
-        let view = file.tensor(&key).map_err(|_| bad(format!("tensor {key} is missing")))?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        if view.dtype() != dtype || shape != var.size() {
+        let view = art.tensor(&key).ok_or_else(|| bad(format!("tensor {key} is missing")))?;
+        let shape: Vec<i64> = view.shape.iter().map(|&d| d as i64).collect();
+        if view.dtype != dtype || shape != var.size() {
             return Err(bad(format!(
                 "tensor {key}: expected {dtype:?} {:?}, got {:?} {shape:?}",
                 var.size(),
-                view.dtype()
+                view.dtype
             )));
         }
         let kind = if dtype == Dtype::I8 { Kind::Int8 } else { Kind::Float };
-        let mut value = Tensor::f_from_data_size(view.data(), &shape, kind)?.to_kind(Kind::Float);
+        let mut value = Tensor::f_from_data_size(view.bytes, &shape, kind)?.to_kind(Kind::Float);
         if let Some(id) = site_weight {
             let p = table.get(id).expect("weight sites have parameters");
             let mut bshape = vec![-1i64];
@@ -406,8 +289,8 @@ pub fn read(
         consumed.insert(key);
         values.push((name.clone(), value));
     }
-    let unknown: Vec<String> =
-        file.names().into_iter().filter(|n| !consumed.contains(*n)).map(str::to_owned).collect();
+    let mut unknown: Vec<&str> = art.names().filter(|n| !consumed.contains(*n)).collect();
+    unknown.sort_unstable();
     if !unknown.is_empty() {
         return Err(bad(format!("unexpected tensors: {unknown:?}")));
     }

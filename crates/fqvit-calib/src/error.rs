@@ -62,5 +62,14 @@ pub enum Error {
     Settings(String),
 }
 
+impl From<fqvit_artifact::Error> for Error {
+    fn from(e: fqvit_artifact::Error) -> Self {
+        match e {
+            fqvit_artifact::Error::Io { path, source } => Error::Io { path, source },
+            fqvit_artifact::Error::Invalid { path, reason } => Error::Artifact { path, reason },
+        }
+    }
+}
+
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -19,13 +19,13 @@ use std::time::{Duration, Instant};
 use fqvit_ops::softmax::{LisConstants, log_int_softmax_with};
 use rayon::prelude::*;
 
-use crate::artifact::Artifact;
 use crate::error::{Error, Result};
 use crate::gemm::{Kernel, Weights, gemm};
 use crate::grid::Grid;
 use crate::load::{check_layer_wise, dyadic, small};
 use crate::requant::Dyadic;
-use crate::requant::{add_codes, clamp_u8};
+use crate::requant::{add_codes, clamp_code};
+use fqvit_artifact::Artifact;
 use fqvit_ops::softmax::{MAX_ROW, MIN_SCALE};
 
 /// The reference: `out[i·hd + e] = Σ_j (v[j·hd + e] − z) << (k_max − k[i·n + j])`.
@@ -112,8 +112,9 @@ pub(crate) struct Attention {
     pub(crate) z: i32,
     /// `s_qkv² · head_dim^-½ / s_scores`.
     pub(crate) m_scores: Dyadic,
-    /// The scores' zero point.
+    /// The scores' zero point and largest code.
     pub(crate) z_a: i32,
+    pub(crate) hi_a: u8,
     /// The scale Log-Int-Softmax reads: the scores' (ViT) or the biased scores' (Swin).
     /// Log-Int-Softmax's integer constants, from the scale of its input site.
     pub(crate) lis: LisConstants,
@@ -122,6 +123,8 @@ pub(crate) struct Attention {
     pub(crate) k_max: u32,
     pub(crate) m_ctx: Vec<Dyadic>,
     pub(crate) z_c: Vec<i32>,
+    /// The context's largest code.
+    pub(crate) hi_c: u8,
     /// Swin's windows.
     pub(crate) windows: Option<Windows>,
 }
@@ -140,6 +143,8 @@ pub(crate) struct Windows {
     pub(crate) z_t: i32,
     pub(crate) m_t: i64,
     pub(crate) z_b: i32,
+    /// The biased site's largest code.
+    pub(crate) hi_b: u8,
     /// The masked token pairs of each window, `(windows, n, n)`; `None` unshifted.
     pub(crate) mask: Option<Vec<bool>>,
     /// The mask (−100) in the biased site's steps, rounded: the integer twin of the
@@ -154,7 +159,8 @@ impl Windows {
         let nn = self.n * self.n;
         for (x, &t) in x.iter_mut().zip(&self.table[h * nn..][..nn]) {
             let t = i64::from(t) - i64::from(self.z_t);
-            *x = i32::from(add_codes(i64::from(*x), self.m_a, t, self.m_t, self.z_b)) - self.z_b;
+            let sum = add_codes(i64::from(*x), self.m_a, t, self.m_t, self.z_b, self.hi_b);
+            *x = i32::from(sum) - self.z_b;
         }
         if let Some(mask) = &self.mask {
             for (x, &m) in x.iter_mut().zip(&mask[w * nn..][..nn]) {
@@ -247,7 +253,7 @@ impl Attention {
                 let mut out = vec![0u8; n * hd];
                 for (o, row) in out.chunks_exact_mut(hd).zip(sums.chunks_exact(hd)) {
                     for ((o, &a), (m, &z)) in o.iter_mut().zip(row).zip(m.iter().zip(z)) {
-                        *o = clamp_u8(m.apply(a) + i64::from(z));
+                        *o = clamp_code(m.apply(a) + i64::from(z), self.hi_c);
                     }
                 }
                 (out, mm + t.elapsed(), sm)
@@ -292,7 +298,7 @@ impl pulp::WithSimd for Scores<'_> {
             let row = (128 - z) * sq + constant;
             for ((x, &r), &sk) in x.iter_mut().zip(raw).zip(sk) {
                 let s = i64::from(r) + row - z * sk;
-                *x = (clamp_u8(m.apply_small(s) + z_a) as i32) - att.z_a;
+                *x = (clamp_code(m.apply_small(s) + z_a, att.hi_a) as i32) - att.z_a;
             }
         }
     }
@@ -352,11 +358,13 @@ pub(crate) fn compile(
         z: g.zero_point[0],
         m_scores: small(dyadic(s * s * head_scale / f64::from(ga.scale[0]), err)?, err)?,
         z_a: ga.zero_point[0],
+        hi_a: ga.hi(),
         lis: LisConstants::new(s_lis),
         bits: lis_bits,
         k_max,
         m_ctx,
         z_c: (0..d).map(|c| gc.zero_point(c)).collect(),
+        hi_c: gc.hi(),
         windows: None,
     };
     Ok((att, gc))

@@ -35,17 +35,17 @@ pub(crate) struct GeluTable {
 }
 
 impl GeluTable {
-    /// The table for a hidden site with scale `s_h` and zero point `z_h`.
+    /// The table for a hidden site with scale `s_h`, zero point `z_h` and largest code `hi`.
     #[allow(clippy::float_arithmetic)] // load time
-    pub(crate) fn new(s_h: f32, z_h: i32) -> Self {
-        let (s, z) = (f64::from(s_h), f64::from(z_h));
+    pub(crate) fn new(s_h: f32, z_h: i32, hi: u8) -> Self {
+        let (s, z, top) = (f64::from(s_h), f64::from(z_h), f64::from(hi));
         let delta = s / f64::from(1u32 << FRACTION_BITS);
         let code = |t: i64| -> u8 {
-            ((gelu(t as f64 * delta) / s).round_ties_even() + z).clamp(0.0, 255.0) as u8
+            ((gelu(t as f64 * delta) / s).round_ties_even() + z).clamp(0.0, top) as u8
         };
         let t_min = (Y_MIN / delta).round() as i64;
-        // Beyond ±t_far every code is saturated (255 above, z_h below: |gelu(−40)| ≈ 0).
-        let t_far = (((255.0 - z + 1.0) * s).max(40.0) / delta).ceil() as i64;
+        // Beyond ±t_far every code is saturated (hi above, z_h below: |gelu(−40)| ≈ 0).
+        let t_far = (((top - z + 1.0) * s).max(40.0) / delta).ceil() as i64;
         // First t ≥ lo with code(t) ≥ q (code is non-decreasing on [t_min, ∞)).
         let first_at_least = |q: u8, mut lo: i64, mut hi: i64| {
             while lo < hi {
@@ -188,7 +188,7 @@ mod tests {
     #[test]
     fn buckets_equal_the_search_at_every_threshold_and_between() {
         for (s, z) in SITES {
-            let table = GeluTable::new(s, z);
+            let table = GeluTable::new(s, z, 255);
             let buckets = Buckets::new(&table).expect("fits");
             let b = table.breakpoints();
             assert!(b.len() > 10, "s {s}: {} thresholds", b.len());
@@ -211,7 +211,7 @@ mod tests {
         #[test]
         fn buckets_equal_the_search(t in -(1i64 << 36)..(1i64 << 36), site in 0usize..5) {
             let (s, z) = SITES[site];
-            let table = GeluTable::new(s, z);
+            let table = GeluTable::new(s, z, 255);
             proptest::prop_assert_eq!(Buckets::new(&table).unwrap().code(t), table.code(t));
         }
     }
@@ -219,7 +219,7 @@ mod tests {
     #[test]
     fn codes_equal_the_real_gelu_everywhere() {
         for &(s, z) in &SITES[..4] {
-            let table = GeluTable::new(s, z);
+            let table = GeluTable::new(s, z, 255);
             let delta = f64::from(s) / 65536.0;
             let step = 37;
             for t in (-(60.0 / delta) as i64..(20.0 / delta) as i64).step_by(step) {

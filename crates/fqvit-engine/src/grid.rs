@@ -1,7 +1,8 @@
 //! A site's grid as the artifact stores it: scale(s), zero point(s), PTF factors.
 
-use crate::artifact::Artifact;
 use crate::error::Result;
+use fqvit_artifact::Artifact;
+use fqvit_ops::{BitType, PtfFactor};
 
 /// One activation site's quantization grid, layer-wise (one entry) or per channel.
 #[derive(Clone, Debug)]
@@ -9,30 +10,29 @@ pub(crate) struct Grid {
     pub(crate) name: String,
     pub(crate) scale: Vec<f32>,
     pub(crate) zero_point: Vec<i32>,
-    pub(crate) ptf: Option<Vec<u8>>,
+    pub(crate) ptf: Option<Vec<PtfFactor>>,
+    /// Its code type: activations are unsigned, of up to 8 bits.
+    pub(crate) bit_type: BitType,
 }
 
 impl Grid {
+    /// The grid of `site`, as the artifact's reader checked it.
     pub(crate) fn read(art: &Artifact, site: &str) -> Result<Self> {
-        let scale = art.f32(&format!("{site}.scale"), None)?;
-        let zero_point = art.i32(&format!("{site}.zero_point"), None)?;
-        let ptf_name = format!("{site}.ptf_factor");
-        let ptf =
-            if art.has(&ptf_name) { Some(art.u8(&ptf_name, Some(&[scale.len()]))?) } else { None };
-        if scale.is_empty() || !(zero_point.len() == 1 || zero_point.len() == scale.len()) {
-            return Err(art.bad(format!(
-                "site {site} has {} scales and {} zero points",
-                scale.len(),
-                zero_point.len()
-            )));
-        }
-        if let Some(s) = scale.iter().find(|s| s.is_nan() || **s <= 0.0) {
-            return Err(art.bad(format!("site {site} has scale {s}, not positive")));
-        }
-        if let Some(z) = zero_point.iter().find(|z| !(0..=255).contains(*z)) {
-            return Err(art.bad(format!("site {site} has zero point {z}, not a uint8 code")));
-        }
-        Ok(Grid { name: site.to_owned(), scale, zero_point, ptf })
+        let p = art
+            .params(site)
+            .ok_or_else(|| art.bad(format!("has no parameters for site {site}")))?;
+        Ok(Grid {
+            name: site.to_owned(),
+            bit_type: p.bit_type,
+            scale: p.scale.clone(),
+            zero_point: p.zero_point.clone(),
+            ptf: p.ptf.clone(),
+        })
+    }
+
+    /// Its largest code: activation sites are unsigned (the reader checked), of 2 to 8 bits.
+    pub(crate) fn hi(&self) -> u8 {
+        self.bit_type.upper() as u8
     }
 
     /// Whether the site has one scale and zero point.
@@ -64,6 +64,7 @@ impl Grid {
             scale: tile(&self.scale, times),
             zero_point: tile(&self.zero_point, times),
             ptf: self.ptf.as_ref().map(|p| p.repeat(times)),
+            bit_type: self.bit_type,
         }
     }
 }

@@ -15,7 +15,6 @@
 // float input of `Images::Normalized` is checked, and in timing (`Timings`, `Engine::bench`).
 #![deny(clippy::float_arithmetic)]
 
-mod artifact;
 pub mod attention;
 mod error;
 mod gelu;
@@ -32,7 +31,7 @@ pub use error::{Error, Result};
 pub use gemm::KernelKind;
 pub use timings::Timings;
 
-use artifact::{Artifact, FORMAT_VERSIONS, METADATA_KEY, PROGRAM_KEY};
+use fqvit_artifact::{Artifact, FORMAT_VERSION, PROGRAM_KEY};
 use fqvit_program::{Op, Program};
 
 /// [`Engine::bench`]'s figures.
@@ -115,68 +114,37 @@ impl Engine {
             })?,
         };
         let art = Artifact::read(path)?;
-        let meta = art.metadata.get(METADATA_KEY).ok_or_else(|| {
-            art.bad(format!("has no `{METADATA_KEY}` metadata (not a qparams artifact)"))
-        })?;
-        let meta: serde_json::Value = serde_json::from_str(meta)
-            .map_err(|e| art.bad(format!("metadata `{METADATA_KEY}`: {e}")))?;
-        let version = meta["format_version"].as_u64().unwrap_or(0);
-        if !FORMAT_VERSIONS.contains(&version) {
-            return Err(art.bad(format!(
-                "format version {version}; the engine reads versions {}..={}",
-                FORMAT_VERSIONS.start(),
-                FORMAT_VERSIONS.end()
+        let bad = |reason: String| Error::from(art.bad(reason));
+        if art.format_version() < FORMAT_VERSION {
+            return Err(bad(format!(
+                "format version {}: an older fqvit wrote it without an integer program; run \
+                 `fqvit-cli quantize` again",
+                art.format_version()
             )));
         }
-        let exp = &meta["experiment"];
+        let exp = &art.provenance()["experiment"];
         if exp["ptf"] != serde_json::Value::Bool(true) {
-            return Err(art.bad(
+            return Err(bad(
                 "was calibrated without --ptf: the engine needs the integer LayerNorm".into(),
             ));
         }
-        let lis_bits = meta["lis_bits"].as_u64().ok_or_else(|| {
-            art.bad("was calibrated without --lis: the engine needs Log-Int-Softmax".into())
+        let lis_bits = art.lis_bits().ok_or_else(|| {
+            bad("was calibrated without --lis: the engine needs Log-Int-Softmax".into())
         })?;
-        let lis_bits = u32::try_from(lis_bits)
-            .ok()
-            .filter(|b| fqvit_ops::softmax::BITS.contains(b))
-            .ok_or_else(|| {
-                art.bad(format!(
-                    "lis_bits {lis_bits}: Log-Int-Softmax takes {:?} bits",
-                    fqvit_ops::softmax::BITS
-                ))
-            })?;
-        // The ops compute 8-bit codes (u8 activations, i8 weights); an artifact at other widths
-        // is refused here rather than run with its codes clamped to 8 bits.
-        let sites = meta["sites"]
-            .as_array()
-            .ok_or_else(|| art.bad(format!("metadata `{METADATA_KEY}` lists no sites")))?;
-        for site in sites {
-            let (name, class) = (site["name"].as_str().unwrap_or("?"), &site["class"]);
-            let bits = site["bits"].as_u64();
-            if class != "softmax" && bits != Some(8) {
-                return Err(art.bad(format!(
-                    "site {name} has {} codes: the engine computes 8-bit activations and weights \
-                     only",
-                    bits.map_or("no bit width for its".into(), |b| format!("{b}-bit"))
-                )));
-            }
-        }
+        // Every op computes at its sites' widths (2 to 8 bits, checked by the reader): codes
+        // are clamped to each output site's range, and narrower codes only shrink the bounds.
         if exp["float-sites"].as_array().is_some_and(|a| !a.is_empty()) {
-            return Err(art.bad(format!(
+            return Err(bad(format!(
                 "leaves sites in float (float-sites {}): not an integer model",
                 exp["float-sites"]
             )));
         }
-        let program = art.metadata.get(PROGRAM_KEY).ok_or_else(|| {
-            art.bad(format!(
+        let program = art.program().cloned().ok_or_else(|| {
+            bad(format!(
                 "has no integer program (metadata `{PROGRAM_KEY}`): an older fqvit wrote it; run \
                  `fqvit-cli quantize` again"
             ))
         })?;
-        let program: Program = serde_json::from_str(program)
-            .map_err(|e| art.bad(format!("metadata `{PROGRAM_KEY}`: {e}")))?;
-        program.validate().map_err(|e| art.bad(format!("program: {e}")))?;
         let Some(Op::Image { size, normalize }) = program.ops.first().cloned() else {
             unreachable!("validate checks op 0")
         };
@@ -188,7 +156,7 @@ impl Engine {
             }
         }
         let classes = compiled.classes;
-        let model = meta["model"].as_str().unwrap_or("?").to_owned();
+        let model = art.model().to_owned();
         tracing::debug!(model, ops = program.ops.len(), "integer program compiled");
         Ok(Engine { model, ops: compiled.ops, kernel, last_use, size, normalize, classes, program })
     }

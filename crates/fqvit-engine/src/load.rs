@@ -51,23 +51,13 @@ pub(crate) fn ln_scale(g: &Grid, c: usize) -> Result<LnScale, String> {
     match &g.ptf {
         None if g.scale.len() == 1 => Ok(LnScale::Layer(g.scale[0])),
         None => Err(format!("input site {} is channel-wise without PTF factors", g.name)),
-        Some(alpha) => {
-            if alpha.len() != c {
-                return Err(format!(
-                    "input site {} has {} PTF factors for {c} channels",
-                    g.name,
-                    alpha.len()
-                ));
-            }
-            let factors = alpha
-                .iter()
-                .map(|&a| PtfFactor::try_from(a).map_err(|e| format!("input site {}: {e}", g.name)))
-                .collect::<Result<Vec<_>, _>>()?;
-            let base = g.scale[0] / f32::from(1u8 << alpha[0]);
-            if let Some(j) = (0..c).find(|&j| g.scale[j] != base * f32::from(1u8 << alpha[j])) {
-                return Err(format!("input site {}: scale {j} is not base · 2^α", g.name));
-            }
-            Ok(LnScale::Ptf { base, factors })
+        // The artifact's reader checked one factor per channel and scales `base · 2^α`.
+        Some(factors) if factors.len() == c => Ok(LnScale::Ptf {
+            base: g.scale[0] / factors[0].multiplier() as f32,
+            factors: factors.clone(),
+        }),
+        Some(factors) => {
+            Err(format!("input site {} has {} PTF factors for {c} channels", g.name, factors.len()))
         }
     }
 }

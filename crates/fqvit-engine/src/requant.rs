@@ -73,17 +73,18 @@ pub fn round_shift_i64(v: i64, shift: u32) -> i64 {
 /// Fraction bits of the residual multipliers: ratios below 2^20 keep `255 · m < 2^58`.
 pub(crate) const ADD_SHIFT: u32 = 30;
 
+/// `v` clamped to the codes `0..=hi` of an unsigned site of up to 8 bits.
 #[inline]
-pub(crate) fn clamp_u8(v: i64) -> u8 {
-    v.clamp(0, 255) as u8
+pub(crate) fn clamp_code(v: i64, hi: u8) -> u8 {
+    v.clamp(0, i64::from(hi)) as u8
 }
 
 /// The sum of two summands less their zero points, `a` and `b`, with their multipliers onto
-/// the sum's grid (`ops::add`): `clamp(round((a·m_a + b·m_b) / 2^ADD_SHIFT) + z_o)`;
+/// the sum's grid (`ops::add`): `clamp(round((a·m_a + b·m_b) / 2^ADD_SHIFT) + z_o, 0, hi)`;
 /// `|a·m_a + b·m_b| ≤ 2 · 255 · 2^50 < 2^63`.
 #[inline(always)]
-pub(crate) fn add_codes(a: i64, m_a: i64, b: i64, m_b: i64, z_o: i32) -> u8 {
-    clamp_u8(round_shift_i64(a * m_a + b * m_b, ADD_SHIFT) + i64::from(z_o))
+pub(crate) fn add_codes(a: i64, m_a: i64, b: i64, m_b: i64, z_o: i32, hi: u8) -> u8 {
+    clamp_code(round_shift_i64(a * m_a + b * m_b, ADD_SHIFT) + i64::from(z_o), hi)
 }
 
 #[allow(clippy::float_arithmetic)]

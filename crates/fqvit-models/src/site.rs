@@ -5,33 +5,9 @@
 //! checks, and a [`TensorClass`] from which the experiment config picks bits and observer.
 
 use fqvit_ops::QParams;
+pub use fqvit_ops::TensorClass;
 
 use crate::error::{Error, Result};
-
-/// What kind of tensor a site quantizes (the original's config keys W, A, A_LN, S).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum TensorClass {
-    /// A conv or linear weight, per output channel.
-    Weight,
-    /// A generic activation (`A`).
-    Activation,
-    /// An activation that feeds a LayerNorm (`A_LN`): PTF channel-wise under `--ptf`.
-    LayerNormInput,
-    /// The attention softmax output (`S`), uniform uint8 when LIS is off.
-    Softmax,
-}
-
-impl TensorClass {
-    /// The name used in configs and artifacts.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            TensorClass::Weight => "weight",
-            TensorClass::Activation => "activation",
-            TensorClass::LayerNormInput => "layer-norm-input",
-            TensorClass::Softmax => "softmax",
-        }
-    }
-}
 
 /// An index into a model's [`SiteTable`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -40,5 +40,5 @@ pub mod rounding;
 pub mod softmax;
 
 pub use bits::{BitType, Bits};
-pub use qparams::{Granularity, PtfFactor, QParams};
+pub use qparams::{Granularity, PtfFactor, QParams, TensorClass};
 pub use rounding::{ChannelAxis, dequantize, fake_quantize_slice, quantize, quantize_slice};

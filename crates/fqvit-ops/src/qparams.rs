@@ -13,6 +13,32 @@ pub enum Granularity {
     ChannelWise,
 }
 
+/// What kind of tensor a site quantizes (the original's config keys W, A, A_LN, S).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TensorClass {
+    /// A conv or linear weight, per output channel.
+    Weight,
+    /// A generic activation (`A`).
+    Activation,
+    /// An activation that feeds a LayerNorm (`A_LN`): PTF channel-wise under `--ptf`.
+    LayerNormInput,
+    /// The attention softmax output (`S`), uniform uint8 when LIS is off.
+    Softmax,
+}
+
+impl TensorClass {
+    /// The name used in configs and artifacts.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TensorClass::Weight => "weight",
+            TensorClass::Activation => "activation",
+            TensorClass::LayerNormInput => "layer-norm-input",
+            TensorClass::Softmax => "softmax",
+        }
+    }
+}
+
 /// A Power-of-Two Factor α in `0..=7`: a channel's scale is `base · 2^α` (spec §3.7).
 ///
 /// The original's observer picks α in `0..=3` ([`PtfFactor::ORIGINAL_MAX`]); a wider range is

@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::grid::Grid;
 use crate::requant::{ADD_SHIFT, add_codes};
 
-/// A residual add: `clamp(round(((a − z_a)·m_a + (b − z_b)·m_b) / 2^ADD_SHIFT) + z_o)`.
+/// A residual add: `clamp(round(((a − z_a)·m_a + (b − z_b)·m_b) / 2^ADD_SHIFT) + z_o, 0, hi)`.
 #[derive(Debug)]
 pub(crate) struct AddConsts {
     za: Vec<i32>,
@@ -16,6 +16,7 @@ pub(crate) struct AddConsts {
     ma: Vec<i64>,
     mb: Vec<i64>,
     zo: Vec<i32>,
+    hi: u8,
 }
 
 /// A summand's multiplier onto the sum's grid at channel `j`: `s_in/s_out` with
@@ -48,6 +49,7 @@ pub(crate) fn add_consts(
         ma: (0..c).map(|j| m(ga, j)).collect::<Result<_>>()?,
         mb: (0..c).map(|j| m(gb, j)).collect::<Result<_>>()?,
         zo: (0..c).map(|j| go.zero_point(j)).collect(),
+        hi: go.hi(),
     })
 }
 
@@ -57,7 +59,7 @@ pub(crate) fn add(c: &AddConsts, a: &[u8], b: &[u8], out: &mut [u8]) {
         for j in 0..ch {
             let (a, b) =
                 (i64::from(a[j]) - i64::from(c.za[j]), i64::from(b[j]) - i64::from(c.zb[j]));
-            o[j] = add_codes(a, c.ma[j], b, c.mb[j], c.zo[j]);
+            o[j] = add_codes(a, c.ma[j], b, c.mb[j], c.zo[j], c.hi);
         }
     });
 }

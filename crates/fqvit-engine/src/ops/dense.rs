@@ -5,14 +5,14 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use crate::artifact::Artifact;
 use crate::error::{Error, Result};
 use crate::gelu::{Buckets, FRACTION_BITS, GeluTable};
 use crate::gemm::{Kernel, Weights, gemm};
 use crate::grid::Grid;
 use crate::load::{LnScale, dyadic, ln_scale};
-use crate::requant::{clamp_u8, round_shift_i64};
+use crate::requant::{clamp_code, round_shift_i64};
 use crate::timings::Timings;
+use fqvit_artifact::Artifact;
 
 /// The input side of a dense layer: real input = `scale · (code − zp_num / den)`, with the
 /// accumulator kept as `den · Σ code·w − zp_num · Σ w` so that a half-integer zero point (ViT's
@@ -57,8 +57,8 @@ impl InGrid {
 /// What a dense layer does with its requantized accumulator `t`.
 #[derive(Debug)]
 enum Epilogue {
-    /// `t` is on the out-site's grid: `clamp(t + z_o)`.
-    Requant { zero_point: Vec<i32> },
+    /// `t` is on the out-site's grid: `clamp(t + z_o, 0, hi)`.
+    Requant { zero_point: Vec<i32>, hi: u8 },
     /// `t` is on GELU's fixed-point grid: its thresholds give the code.
     Gelu { table: Buckets },
     /// GELU onto a PTF site: column `j`'s `t` is on the grid of its own scale, whose
@@ -79,7 +79,7 @@ impl Epilogue {
     #[inline(always)]
     fn code(&self, j: usize, t: i64) -> u8 {
         match self {
-            Epilogue::Requant { zero_point } => clamp_u8(t + i64::from(zero_point[j])),
+            Epilogue::Requant { zero_point, hi } => clamp_code(t + i64::from(zero_point[j]), *hi),
             Epilogue::Gelu { table } => table.code(t),
             Epilogue::GeluPtf { tables, which } => tables[usize::from(which[j])].code(t),
         }
@@ -127,9 +127,9 @@ impl pulp::WithSimd for Epilogues<'_> {
         };
         for (o, acc) in out.chunks_exact_mut(n).zip(acc.chunks_exact(n)) {
             match &d.epilogue {
-                Epilogue::Requant { zero_point } => {
+                Epilogue::Requant { zero_point, hi } => {
                     for ((o, &a), (k, &z)) in o.iter_mut().zip(acc).zip(consts().zip(zero_point)) {
-                        *o = clamp_u8(t(a, k) + i64::from(z));
+                        *o = clamp_code(t(a, k) + i64::from(z), *hi);
                     }
                 }
                 Epilogue::Gelu { table } => {
@@ -185,7 +185,7 @@ pub(crate) fn compile(
         return Err(err(format!("site {out_site} does not fit {n} channels")));
     }
     let buckets = |scale: f32| {
-        Buckets::new(&GeluTable::new(scale, go.zero_point[0])).ok_or_else(|| {
+        Buckets::new(&GeluTable::new(scale, go.zero_point[0], go.hi())).ok_or_else(|| {
             err(format!(
                 "GELU's site {out_site}: scale {scale} puts its code thresholds too close for a bucket table"
             ))
@@ -217,7 +217,10 @@ pub(crate) fn compile(
         }
     } else {
         let zero_point = (0..n).map(|j| go.zero_point(j)).collect();
-        (Epilogue::Requant { zero_point }, (0..n).map(|j| f64::from(go.scale(j))).collect())
+        (
+            Epilogue::Requant { zero_point, hi: go.hi() },
+            (0..n).map(|j| f64::from(go.scale(j))).collect(),
+        )
     };
     // Σ_k w_jk · 2^shift_k, the input zero point's weight when the codes enter shifted.
     let shifted_sums: Option<Vec<i64>> = input.shifts.as_ref().map(|shifts| {

@@ -7,20 +7,20 @@ use std::time::{Duration, Instant};
 
 use fqvit_ops::layer_norm::integer::IntegerLayerNorm;
 use fqvit_ops::layer_norm::{InScale, LayerNormParams, MAX_CHANNELS};
-use fqvit_ops::{BitType, dequantize, quantize};
+use fqvit_ops::{dequantize, quantize};
 use fqvit_program::{Op, Program};
 use rayon::prelude::*;
 
-use crate::artifact::Artifact;
 use crate::attention::{self, Attention, Windows};
 use crate::error::{Error, Result};
 use crate::gemm::Kernel;
 use crate::grid::Grid;
+use fqvit_artifact::Artifact;
 mod add;
 mod dense;
 
 use crate::load::{LnScale, check_layer_wise, dyadic, ln_scale, wrap};
-use crate::requant::{Dyadic, clamp_u8};
+use crate::requant::{Dyadic, clamp_code};
 use crate::timings::Timings;
 use add::{AddConsts, add, add_consts};
 use dense::{Dense, InGrid, LayerRef};
@@ -41,6 +41,8 @@ pub(crate) enum Compiled {
         m: Vec<Dyadic>,
         z_in: i32,
         ze: Vec<i32>,
+        /// The embedding site's largest code.
+        he: u8,
         cls: Vec<u8>,
         pos: Vec<u8>,
         add: AddConsts,
@@ -49,6 +51,7 @@ pub(crate) enum Compiled {
         /// Every per-token step in integers (σ by an integer square root).
         ln: IntegerLayerNorm,
         z_out: i32,
+        hi: u8,
     },
     Linear {
         dense: Dense,
@@ -61,6 +64,7 @@ pub(crate) enum Compiled {
         m: Dyadic,
         z_in: i32,
         z_out: i32,
+        hi: u8,
     },
     Add(AddConsts),
     SelectToken {
@@ -140,7 +144,7 @@ pub(crate) fn compile(
                 let table = Box::new(std::array::from_fn(|c| {
                     std::array::from_fn(|p| {
                         let x = (p as f32 / 255.0 - n.mean[c]) / n.std[c];
-                        quantize(x, g.scale(c), g.zero_point(c), BitType::UINT8) as u8
+                        quantize(x, g.scale(c), g.zero_point(c), g.bit_type) as u8
                     })
                 }));
                 (Compiled::QuantizeImage { table }, shapes[*input], Some(g))
@@ -211,7 +215,7 @@ pub(crate) fn compile(
                     .map(|c| dyadic(f64::from(gin.scale[0]) / f64::from(ge.scale(c)), &err))
                     .collect::<Result<_>>()?;
                 let q = |x: f32, g: &Grid, c: usize| {
-                    quantize(x, g.scale(c), g.zero_point(c), BitType::UINT8) as u8
+                    quantize(x, g.scale(c), g.zero_point(c), g.bit_type) as u8
                 };
                 let cls: Vec<u8> = cls.iter().enumerate().map(|(c, &x)| q(x, &ge, c)).collect();
                 let pos: Vec<u8> =
@@ -219,7 +223,7 @@ pub(crate) fn compile(
                 let add = add_consts(&ge, &gp, &go, d, &err)?;
                 let ze = (0..d).map(|c| ge.zero_point(c)).collect();
                 (
-                    Compiled::Embed { m, z_in: gin.zero_point[0], ze, cls, pos, add },
+                    Compiled::Embed { m, z_in: gin.zero_point[0], ze, he: ge.hi(), cls, pos, add },
                     (rows + 1, d),
                     Some(go),
                 )
@@ -253,7 +257,7 @@ pub(crate) fn compile(
                     out_scale: go.scale[0],
                 };
                 let ln = IntegerLayerNorm::new(&params).map_err(|e| err(e.to_string()))?;
-                let ln = Compiled::LayerNorm { ln, z_out: go.zero_point[0] };
+                let ln = Compiled::LayerNorm { ln, z_out: go.zero_point[0], hi: go.hi() };
                 (ln, (rows, c), Some(go))
             }
             Op::Linear { input, layer, bias, gelu, out_site } => {
@@ -305,7 +309,7 @@ pub(crate) fn compile(
                 let (mut att, gc) = attention::compile(art, &site, n, c3, *heads, lis_bits, &err)?;
                 let t = art.f32(table, Some(&[(2 * w - 1).pow(2), *heads]))?;
                 let index = fqvit_program::windows::relative_position_index(w);
-                let q = |x: f32| quantize(x, gt.scale[0], gt.zero_point[0], BitType::UINT8) as u8;
+                let q = |x: f32| quantize(x, gt.scale[0], gt.zero_point[0], gt.bit_type) as u8;
                 let table = (0..*heads)
                     .flat_map(|h| index.iter().map(move |&r| (r, h)))
                     .map(|(r, h)| q(t[r * heads + h]))
@@ -319,6 +323,7 @@ pub(crate) fn compile(
                     z_t: gt.zero_point[0],
                     m_t: add::add_multiplier(&gt, &gb, 0, &err)?,
                     z_b: gb.zero_point[0],
+                    hi_b: gb.hi(),
                     mask,
                     mask_steps: (f64::from(fqvit_program::windows::MASK) / f64::from(gb.scale[0]))
                         .round_ties_even() as i32,
@@ -345,8 +350,12 @@ pub(crate) fn compile(
                 // |Σ (q − z)| ≤ 255 · rows.
                 let m =
                     dyadic(f64::from(g.scale[0]) / (rows as f64 * f64::from(go.scale[0])), &err)?;
-                let mean =
-                    Compiled::MeanTokens { m, z_in: g.zero_point[0], z_out: go.zero_point[0] };
+                let mean = Compiled::MeanTokens {
+                    m,
+                    z_in: g.zero_point[0],
+                    z_out: go.zero_point[0],
+                    hi: go.hi(),
+                };
                 (mean, (1, shapes[*input].1), Some(go))
             }
             Op::Add { a, b, out_site } => {
@@ -480,7 +489,7 @@ pub(crate) fn execute(
                 timings.add("other", t);
                 (Val::Codes(dense.run(kernel, &cols, timings)), g * g)
             }
-            Compiled::Embed { m, z_in, ze, cls, pos, add: consts } => {
+            Compiled::Embed { m, z_in, ze, he, cls, pos, add: consts } => {
                 let x = codes(&vals[inputs[0]]);
                 let d = cls.len();
                 let rows = rows_of[inputs[0]] + 1;
@@ -489,9 +498,8 @@ pub(crate) fn execute(
                     e[..d].copy_from_slice(cls);
                     for (j, (o, &c)) in e[d..].iter_mut().zip(x).enumerate() {
                         let ch = j % d;
-                        *o = clamp_u8(
-                            m[ch].apply(i64::from(c) - i64::from(*z_in)) + i64::from(ze[ch]),
-                        );
+                        let t = m[ch].apply(i64::from(c) - i64::from(*z_in));
+                        *o = clamp_code(t + i64::from(ze[ch]), *he);
                     }
                 });
                 let pos_b: Vec<u8> = pos.iter().copied().cycle().take(e.len()).collect();
@@ -500,13 +508,15 @@ pub(crate) fn execute(
                 timings.add("add", t);
                 (Val::Codes(out), rows)
             }
-            Compiled::LayerNorm { ln, z_out } => {
+            Compiled::LayerNorm { ln, z_out, hi } => {
                 let v = inputs[0];
                 let x = codes(&vals[v]);
                 let mut y = vec![0i32; x.len()];
                 ln.run(x, &mut y);
-                let out =
-                    y.par_iter().map(|&y| clamp_u8(i64::from(y) + i64::from(*z_out))).collect();
+                let out = y
+                    .par_iter()
+                    .map(|&y| clamp_code(i64::from(y) + i64::from(*z_out), *hi))
+                    .collect();
                 timings.add("layer-norm", t);
                 (Val::Codes(out), rows_of[v])
             }
@@ -542,7 +552,7 @@ pub(crate) fn execute(
                 timings.add("other", t);
                 (Val::Codes(out), rows_of[v] / 4)
             }
-            Compiled::MeanTokens { m, z_in, z_out } => {
+            Compiled::MeanTokens { m, z_in, z_out, hi } => {
                 let v = inputs[0];
                 let x = codes(&vals[v]);
                 let per = x.len() / batch;
@@ -556,7 +566,7 @@ pub(crate) fn execute(
                         }
                     }
                     for (o, &s) in o.iter_mut().zip(&sums) {
-                        *o = clamp_u8(m.apply(s) + i64::from(*z_out));
+                        *o = clamp_code(m.apply(s) + i64::from(*z_out), *hi);
                     }
                 }
                 timings.add("other", t);
