@@ -98,7 +98,11 @@ fn contradictory_or_unknown_flags_are_refused_with_a_clear_message() {
         &with(&["--quant", "--layer-norm-sqrt", "round"]),
         "invalid value 'round' for '--layer-norm-sqrt",
     );
-    fails_with(&with(&["--quant", "--attn-bits", "3"]), "invalid value '3' for '--attn-bits");
+    fails_with(
+        &with(&["--quant", "--lis", "--attn-bits", "9"]),
+        "invalid value '9' for '--attn-bits <ATTN_BITS>': 9 bits: Log-Int-Softmax takes 2..=8",
+    );
+    fails_with(&with(&["--quant", "--attn-bits", "8"]), "--attn-bits needs --lis");
     fails_with(&with(&["--lis-input", "rounded"]), "--lis-input needs --quant");
     fails_with(
         &with(&["--quant", "--lis-input", "floor"]),

@@ -10,7 +10,8 @@
 //!
 //! - a truncated or corrupt file, a dtype other than F32, I32, I8, U8, a format newer than
 //!   [`FORMAT_VERSION`], metadata that is not the provenance's JSON;
-//! - Log-Int-Softmax bits outside [`fqvit_ops::softmax::BITS`];
+//! - Log-Int-Softmax bits outside [`fqvit_ops::softmax::BITS`], or program attention ops
+//!   whose width differs from the provenance's;
 //! - per site: a repeated name, bits outside 2..=8, a bit type that disagrees with its width,
 //!   signedness or class (weights are signed, activations unsigned), scales that are not
 //!   finite and positive or not one per channel where a site needs that, zero points outside
@@ -25,8 +26,9 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use fqvit_ops::softmax::LisBits;
 use fqvit_ops::{BitType, Bits, PtfFactor, QParams, TensorClass};
-use fqvit_program::Program;
+use fqvit_program::{Op, Program};
 pub use safetensors::Dtype;
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
@@ -99,7 +101,7 @@ pub struct SiteInfo {
 #[derive(Deserialize)]
 struct Header {
     model: String,
-    lis_bits: Option<u32>,
+    lis_bits: Option<LisBits>,
     sites: Vec<SiteInfo>,
 }
 
@@ -129,7 +131,7 @@ pub struct Artifact {
     format_version: u32,
     provenance: serde_json::Value,
     model: String,
-    lis_bits: Option<u32>,
+    lis_bits: Option<LisBits>,
     sites: Vec<SiteInfo>,
     params: HashMap<String, QParams>,
     program: Option<Program>,
@@ -176,14 +178,6 @@ impl Artifact {
         }
         let head: Header = serde_json::from_value(provenance.clone())
             .map_err(|e| bad(format!("metadata `{METADATA_KEY}`: {e}")))?;
-        if let Some(b) = head.lis_bits
-            && !fqvit_ops::softmax::BITS.contains(&b)
-        {
-            return Err(bad(format!(
-                "lis_bits {b}: Log-Int-Softmax takes {:?} bits",
-                fqvit_ops::softmax::BITS
-            )));
-        }
 
         let mut tensors = HashMap::new();
         for (name, view) in file.tensors() {
@@ -221,9 +215,23 @@ impl Artifact {
             .collect::<Result<HashMap<_, _>>>()?;
         art.params = params;
         if let Some(json) = metadata.get(PROGRAM_KEY) {
-            let program: Program = serde_json::from_str(json)
+            let mut program: Program = serde_json::from_str(json)
                 .map_err(|e| art.bad(format!("metadata `{PROGRAM_KEY}`: {e}")))?;
+            program.upgrade(art.lis_bits);
             program.validate().map_err(|e| art.bad(format!("program: {e}")))?;
+            for (i, op) in program.ops.iter().enumerate() {
+                if let Op::Attention { lis_bits, .. } | Op::WindowAttention { lis_bits, .. } = op
+                    && *lis_bits != art.lis_bits
+                {
+                    let width =
+                        |b: Option<LisBits>| b.map_or("off".into(), |b| format!("{b} bits"));
+                    return Err(art.bad(format!(
+                        "program op {i}: Log-Int-Softmax {}, the provenance's lis_bits {}",
+                        width(*lis_bits),
+                        width(art.lis_bits)
+                    )));
+                }
+            }
             art.program = Some(program);
         }
         Ok(art)
@@ -255,7 +263,7 @@ impl Artifact {
     }
 
     /// Log2 code bits of Log-Int-Softmax, when it was on.
-    pub fn lis_bits(&self) -> Option<u32> {
+    pub fn lis_bits(&self) -> Option<LisBits> {
         self.lis_bits
     }
 

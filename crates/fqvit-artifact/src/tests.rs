@@ -83,7 +83,7 @@ fn refused(needle: &str, edit: impl FnOnce(&mut Tensors, &mut Value)) {
 fn a_well_formed_artifact_reads_with_its_parameters() {
     let art = read_edited(|_, _| {}).unwrap();
     assert_eq!(art.model(), "tiny");
-    assert_eq!(art.lis_bits(), Some(4));
+    assert_eq!(art.lis_bits(), Some(LisBits::FOUR));
     let fc = art.params("fc").unwrap();
     assert_eq!((fc.bit_type, fc.scale.as_slice()), (BitType::INT8, &[0.5, 0.25][..]));
     let res = art.params("res").unwrap();
@@ -109,7 +109,7 @@ fn the_file_and_its_metadata_are_checked() {
     refused("missing field `sites`", |_, m| {
         m.as_object_mut().unwrap().remove("sites");
     });
-    refused("lis_bits 9: Log-Int-Softmax takes 2..=8 bits", |_, m| m["lis_bits"] = 9.into());
+    refused("9 bits: Log-Int-Softmax takes 2..=8", |_, m| m["lis_bits"] = 9.into());
     refused("tensor fc.bias is F64", |t, _| {
         t.insert("fc.bias".into(), (Dtype::F64, vec![1], vec![0; 8]));
     });
@@ -135,6 +135,13 @@ fn the_program_is_parsed_and_validated() {
     for (program, needle) in [
         (r#"{"version": 1}"#, "metadata `fqvit-program`: missing field `ops`"),
         (r#"{"version": 1, "ops": []}"#, "program: op 0 is not the image"),
+        (
+            r#"{"version": 2, "ops": [
+                {"op": "image", "size": 32, "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}},
+                {"op": "attention", "input": 0, "heads": 2, "lis_bits": 8, "scores_site": "act", "out_site": "act"},
+                {"op": "output", "input": 1}]}"#,
+            "program op 1: Log-Int-Softmax 8 bits, the provenance's lis_bits 4 bits",
+        ),
     ] {
         let info = HashMap::from([
             (METADATA_KEY.to_owned(), m.to_string()),

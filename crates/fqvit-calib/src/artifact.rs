@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use fqvit_models::{Architecture, QParamTable, Quantizable, SiteId, TensorClass};
+use fqvit_ops::softmax::LisBits;
 use fqvit_tensor::{Axis, Quantizer};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
@@ -52,7 +53,7 @@ pub struct Provenance {
     /// Calibration data.
     pub calibration: CalibrationData,
     /// Log2 code bits of Log-Int-Softmax, when LIS is on.
-    pub lis_bits: Option<u32>,
+    pub lis_bits: Option<LisBits>,
     /// Every site, in forward order.
     pub sites: Vec<SiteInfo>,
 }
@@ -135,7 +136,7 @@ pub fn write(
         .collect();
     let json = serde_json::to_string(prov).expect("provenance serialises");
     let mut meta = HashMap::from([(METADATA_KEY.to_owned(), json)]);
-    if let Some(program) = model.program() {
+    if let Some(program) = model.program(prov.lis_bits) {
         let json = serde_json::to_string(&program).expect("programs serialise");
         meta.insert(PROGRAM_KEY.to_owned(), json);
     }

@@ -7,6 +7,7 @@
 use fqvit_models::{QuantOptions, Site, SiteGroups, TensorClass};
 pub use fqvit_observers::PtfRange;
 use fqvit_observers::{ObserverConfig, ObserverKind};
+use fqvit_ops::softmax::LisBits;
 use fqvit_ops::{BitType, Bits, Granularity, PtfFactor};
 pub use fqvit_tensor::{LisInput, StdSqrt};
 use serde::{Deserialize, Serialize};
@@ -110,7 +111,7 @@ pub struct Experiment {
     /// Activation bits (uint8); also the uniform softmax's bits without LIS.
     pub activation_bits: u8,
     /// Log2 code bits of LIS (`--attn-bits`: 4 for "8/8/4", 8 for "8/8/8 with LIS").
-    pub attn_bits: u8,
+    pub attn_bits: LisBits,
     /// Run LIS in the last calibration batch once its input scale is known, as the original
     /// does (spec §7.1). `false` keeps calibration entirely float.
     pub lis_in_last_calibration_batch: bool,
@@ -155,7 +156,7 @@ impl Default for Experiment {
             activation_granularity: ActGranularity::LayerWise,
             weight_bits: 8,
             activation_bits: 8,
-            attn_bits: 4,
+            attn_bits: LisBits::FOUR,
             lis_in_last_calibration_batch: true,
             layer_norm_sqrt: StdSqrt::Libtorch,
             lis_input: LisInput::Float,
@@ -177,11 +178,9 @@ impl Experiment {
     /// Checks the combination, naming the offending setting.
     pub fn validate(&self) -> Result<()> {
         let bad = |s: String| Err(Error::Settings(s));
-        for (name, bits) in [
-            ("weight-bits", self.weight_bits),
-            ("activation-bits", self.activation_bits),
-            ("attn-bits", self.attn_bits),
-        ] {
+        for (name, bits) in
+            [("weight-bits", self.weight_bits), ("activation-bits", self.activation_bits)]
+        {
             if Bits::try_from(bits).is_err() {
                 return bad(format!("{name} = {bits}: code widths are 2..=8"));
             }
@@ -270,7 +269,7 @@ impl Experiment {
     pub fn quant_options(&self) -> QuantOptions {
         QuantOptions {
             int_layer_norm: self.ptf,
-            lis_bits: self.lis.then_some(u32::from(self.attn_bits)),
+            lis_bits: self.lis.then_some(self.attn_bits),
             std_sqrt: self.layer_norm_sqrt,
             lis_input: self.lis_input,
             float_sites: self.float_sites,
@@ -282,7 +281,7 @@ impl Experiment {
         if !self.quant {
             return "full precision".into();
         }
-        let attn = if self.lis { self.attn_bits } else { self.activation_bits };
+        let attn = if self.lis { self.attn_bits.get() } else { u32::from(self.activation_bits) };
         let mut s = format!("{}/{}/{}", self.weight_bits, self.activation_bits, attn);
         for (on, name) in [(self.ptf, " ptf"), (self.lis, " lis")] {
             if on {

@@ -307,8 +307,9 @@ pub(crate) struct QuantArgs {
     #[arg(long, value_enum)]
     pub(crate) quant_method: Option<MethodArg>,
     /// Log2 code bits of Log-Int-Softmax [default: 4].
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["4", "8"]))]
-    pub(crate) attn_bits: Option<String>,
+    /// (2..=8; needs --lis).
+    #[arg(long)]
+    pub(crate) attn_bits: Option<fqvit_ops::softmax::LisBits>,
     /// The integer LayerNorm's square root [default: libtorch]: libtorch's float32 sqrt (the
     /// original's; its rounding depends on the CPU), exact (correctly rounded), or integer
     /// (every per-token step in integers, as the integer engine).

@@ -38,8 +38,13 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
             MethodArg::Omse => Method::Omse,
         };
     }
-    if let Some(bits) = &args.attn_bits {
-        exp.attn_bits = bits.parse().context("--attn-bits")?;
+    if let Some(bits) = args.attn_bits {
+        anyhow::ensure!(
+            exp.lis,
+            "--attn-bits needs --lis: it is the width of Log-Int-Softmax's codes (without LIS the \
+             softmax is uniform at the activation bits)"
+        );
+        exp.attn_bits = bits;
     }
     if let Some(sqrt) = args.layer_norm_sqrt {
         exp.layer_norm_sqrt = sqrt;
@@ -115,7 +120,7 @@ mod tests {
             let name = path.file_stem().unwrap().to_string_lossy().into_owned();
             assert!(exp.quant, "{name}");
             let bits = if name.ends_with("8_8_4") { 4 } else { 8 };
-            assert!(!exp.lis || exp.attn_bits == bits, "{name}");
+            assert!(!exp.lis || exp.attn_bits.get() == bits, "{name}");
             if name.starts_with("fqvit_plus") {
                 assert_eq!(
                     exp.ptf_sites,

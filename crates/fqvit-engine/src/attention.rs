@@ -26,7 +26,7 @@ use crate::load::{check_layer_wise, dyadic, small};
 use crate::requant::Dyadic;
 use crate::requant::{add_codes, clamp_code};
 use fqvit_artifact::Artifact;
-use fqvit_ops::softmax::{MAX_ROW, MIN_SCALE};
+use fqvit_ops::softmax::{LisBits, MAX_ROW, MIN_SCALE};
 
 /// The reference: `out[i·hd + e] = Σ_j (v[j·hd + e] − z) << (k_max − k[i·n + j])`.
 pub fn attn_v_reference(k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u32) -> Vec<i64> {
@@ -321,7 +321,7 @@ pub(crate) fn compile(
     n: usize,
     c3: usize,
     heads: usize,
-    lis_bits: u32,
+    lis_bits: LisBits,
     err: &impl Fn(String) -> Error,
 ) -> Result<(Attention, Grid)> {
     let layer_wise = |g: &Grid, what: &str| check_layer_wise(g, what, err);
@@ -349,7 +349,7 @@ pub(crate) fn compile(
     // The simulation multiplies a float32 tensor by head_dim^-½ as a float32 scalar.
     let head_scale = f64::from(((d / heads) as f64).powf(-0.5) as f32);
     let s = f64::from(g.scale[0]);
-    let k_max = ((1u32 << lis_bits.min(5)) - 1).min(30);
+    let k_max = ((1u32 << lis_bits.get().min(5)) - 1).min(30);
     let m_ctx = (0..d)
         .map(|c| dyadic(s * 2f64.powi(-(k_max as i32)) / f64::from(gc.scale(c)), err))
         .collect::<Result<_>>()?;
@@ -360,7 +360,7 @@ pub(crate) fn compile(
         z_a: ga.zero_point[0],
         hi_a: ga.hi(),
         lis: LisConstants::new(s_lis),
-        bits: lis_bits,
+        bits: lis_bits.get(),
         k_max,
         m_ctx,
         z_c: (0..d).map(|c| gc.zero_point(c)).collect(),

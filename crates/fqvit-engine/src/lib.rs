@@ -128,9 +128,6 @@ impl Engine {
                 "was calibrated without --ptf: the engine needs the integer LayerNorm".into(),
             ));
         }
-        let lis_bits = art.lis_bits().ok_or_else(|| {
-            bad("was calibrated without --lis: the engine needs Log-Int-Softmax".into())
-        })?;
         // Every op computes at its sites' widths (2 to 8 bits, checked by the reader): codes
         // are clamped to each output site's range, and narrower codes only shrink the bounds.
         if exp["float-sites"].as_array().is_some_and(|a| !a.is_empty()) {
@@ -148,7 +145,7 @@ impl Engine {
         let Some(Op::Image { size, normalize }) = program.ops.first().cloned() else {
             unreachable!("validate checks op 0")
         };
-        let compiled = ops::compile(&art, &program, lis_bits, &kernel)?;
+        let compiled = ops::compile(&art, &program, &kernel)?;
         let mut last_use: Vec<usize> = (0..program.ops.len()).collect();
         for (i, op) in program.ops.iter().enumerate() {
             for v in op.inputs() {

@@ -12,7 +12,7 @@ pub struct QuantOptions {
     /// Integer LayerNorm on PTF codes (`--ptf`); otherwise float LayerNorm on fake-quantized input.
     pub int_layer_norm: bool,
     /// Log-Int-Softmax with this many bits (`--lis`, 4 by default); otherwise float softmax then uint8.
-    pub lis_bits: Option<u32>,
+    pub lis_bits: Option<fqvit_ops::softmax::LisBits>,
     /// The integer LayerNorm's square root: libtorch's (the original's) or correctly rounded.
     pub std_sqrt: fqvit_tensor::StdSqrt,
     /// What Log-Int-Softmax reads in the quantized forward: `X/S` in float32 (the original's)

@@ -178,6 +178,7 @@ impl WindowAttention {
         let ctx = b.push(Op::WindowAttention {
             input: qkv,
             heads: self.num_heads as usize,
+            lis_bits: b.lis_bits(),
             resolution: resolution as usize,
             window: self.window as usize,
             shift: shift as usize,
@@ -589,10 +590,10 @@ impl Quantizable for Swin {
     }
 
     /// Mirrors [`Classifier::forward`] op for op.
-    fn program(&self) -> Option<Program> {
+    fn program(&self, lis_bits: Option<fqvit_ops::softmax::LisBits>) -> Option<Program> {
         let sites = &self.sites;
         let name = |id: SiteId| sites.get(id).name.clone();
-        let mut b = Builder::default();
+        let mut b = Builder::new(lis_bits);
         let image = crate::common::image_op(&mut b, self.cfg.img_size, self.cfg.preprocess);
         let x = b.push(Op::QuantizeImage { input: image, site: name(self.input.site()) });
         let x = b.push(Op::PatchEmbed {

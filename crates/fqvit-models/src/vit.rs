@@ -147,6 +147,7 @@ impl Attention {
         let ctx = b.push(Op::Attention {
             input: qkv,
             heads: self.num_heads as usize,
+            lis_bits: b.lis_bits(),
             scores_site: name(self.scores.site()),
             out_site: name(self.context.site()),
         });
@@ -376,10 +377,10 @@ impl Quantizable for Vit {
 
     /// Mirrors [`Classifier::forward`] op for op, except that the final LayerNorm runs on the
     /// class token only (it is per token, so selecting first gives the same codes).
-    fn program(&self) -> Option<Program> {
+    fn program(&self, lis_bits: Option<fqvit_ops::softmax::LisBits>) -> Option<Program> {
         let sites = &self.sites;
         let name = |id: SiteId| sites.get(id).name.clone();
-        let mut b = Builder::default();
+        let mut b = Builder::new(lis_bits);
         let image = crate::common::image_op(&mut b, self.cfg.img_size, self.cfg.preprocess);
         let x = match &self.input {
             Some(input) => b.push(Op::QuantizeImage { input: image, site: name(input.site()) }),

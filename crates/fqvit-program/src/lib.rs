@@ -9,6 +9,7 @@
 //! Values are activations on a site's grid (u8 codes with that site's scale and zero point),
 //! except the image (u8 pixels) and the logits (dequantized at the end).
 
+pub use fqvit_ops::softmax::LisBits;
 use serde::{Deserialize, Serialize};
 
 pub mod windows;
@@ -16,8 +17,10 @@ pub mod windows;
 /// The qparams artifact's metadata key that holds the program as JSON.
 pub const ARTIFACT_KEY: &str = "fqvit-program";
 
-/// The version of the op vocabulary; an engine refuses programs it does not know.
-pub const PROGRAM_VERSION: u32 = 1;
+/// The version of the op vocabulary; an engine refuses programs it does not know. Version 2
+/// carries Log-Int-Softmax's width in the attention ops (version 1 took it from the artifact's
+/// provenance; `fqvit-artifact` upgrades such programs from it).
+pub const PROGRAM_VERSION: u32 = 2;
 
 /// A value: the output of the op at this position.
 pub type Value = usize;
@@ -119,6 +122,10 @@ pub enum Op {
         input: Value,
         /// Heads.
         heads: usize,
+        /// Log-Int-Softmax's code width; `None`: the uniform softmax (calibrated without LIS),
+        /// which has no integer form here.
+        #[serde(default)]
+        lis_bits: Option<LisBits>,
         /// Site of the scaled scores.
         scores_site: String,
         /// Site of the context.
@@ -130,12 +137,16 @@ pub enum Op {
     /// window and head `(q·head_dim^-½)·kᵀ` on `scores_site`, plus the relative position bias
     /// (`table`, quantized on `table_site`, gathered by [`windows::relative_position_index`]) on
     /// `biased_site`, the shift mask ([`windows::regions`]) where `shift > 0`, Log-Int-Softmax
-    /// with `biased_site`'s scale, `· v`; the context back in token order on `out_site`.
+    /// with `biased_site`'s scale and `lis_bits`, `· v`; the context back in token order on
+    /// `out_site`.
     WindowAttention {
         /// qkv codes.
         input: Value,
         /// Heads.
         heads: usize,
+        /// As [`Op::Attention`]'s.
+        #[serde(default)]
+        lis_bits: Option<LisBits>,
         /// Side of the square token grid.
         resolution: usize,
         /// Window side.
@@ -241,9 +252,20 @@ fn yes() -> bool {
 #[derive(Debug, Default)]
 pub struct Builder {
     ops: Vec<Op>,
+    lis_bits: Option<LisBits>,
 }
 
 impl Builder {
+    /// A builder for a model whose attention runs Log-Int-Softmax at `lis_bits`.
+    pub fn new(lis_bits: Option<LisBits>) -> Self {
+        Builder { ops: Vec::new(), lis_bits }
+    }
+
+    /// The width its attention ops carry.
+    pub fn lis_bits(&self) -> Option<LisBits> {
+        self.lis_bits
+    }
+
     /// Appends an op and returns its value.
     pub fn push(&mut self, op: Op) -> Value {
         self.ops.push(op);
@@ -260,6 +282,21 @@ impl Builder {
 pub const MAX_IMAGE_SIDE: usize = 4096;
 
 impl Program {
+    /// Brings a version-1 program, whose attention ops did not carry Log-Int-Softmax's width,
+    /// to this version with the width its artifact recorded beside it.
+    pub fn upgrade(&mut self, lis_bits: Option<LisBits>) {
+        if self.version != 1 {
+            return;
+        }
+        for op in &mut self.ops {
+            if let Op::Attention { lis_bits: l, .. } | Op::WindowAttention { lis_bits: l, .. } = op
+            {
+                *l = lis_bits;
+            }
+        }
+        self.version = PROGRAM_VERSION;
+    }
+
     /// Checks that every op reads only earlier values, the first op is the only image (with a
     /// side up to [`MAX_IMAGE_SIDE`]) and the last is the only output. Returns what is wrong,
     /// naming the op.
@@ -323,6 +360,22 @@ mod tests {
         let back: Program = serde_json::from_str(&json).unwrap();
         assert_eq!(back, p);
         back.validate().unwrap();
+    }
+
+    #[test]
+    fn a_version_1_program_takes_the_recorded_width() {
+        let json = r#"{"version": 1, "ops": [
+            {"op": "image", "size": 32, "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}},
+            {"op": "attention", "input": 0, "heads": 2, "scores_site": "s", "out_site": "c"},
+            {"op": "output", "input": 1}]}"#;
+        let mut p: Program = serde_json::from_str(json).unwrap();
+        assert!(p.validate().unwrap_err().contains("program version 1"));
+        p.upgrade(Some(LisBits::FOUR));
+        p.validate().unwrap();
+        assert!(matches!(p.ops[1], Op::Attention { lis_bits: Some(LisBits::FOUR), .. }));
+        let bad = json.replace(r#""heads": 2,"#, r#""heads": 2, "lis_bits": 9,"#);
+        let err = serde_json::from_str::<Program>(&bad).unwrap_err().to_string();
+        assert!(err.contains("9 bits: Log-Int-Softmax takes 2..=8"), "{err}");
     }
 
     #[test]

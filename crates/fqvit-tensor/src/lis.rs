@@ -1,8 +1,8 @@
 //! Log-Int-Softmax on float logits (spec §7), the original's `QIntSoftmax` with `log_i_softmax`.
 
 use fqvit_ops::float::LisInput;
-use fqvit_ops::softmax::LisConstants;
 use fqvit_ops::softmax::reference::N;
+use fqvit_ops::softmax::{LisBits, LisConstants};
 use tch::{Device, Kind, Tensor};
 
 /// Log-Int-Softmax of one attention site, its constants prepared on a device.
@@ -25,11 +25,10 @@ impl LogIntSoftmax {
     /// LIS with the scale `S` of the quantizer before it and `bits`-bit log2 codes.
     ///
     /// # Panics
-    /// If `S` is not positive and finite (checked by [`LisConstants::new`]) or `bits` is not in
-    /// `1..=16`.
+    /// If `S` is not positive and finite (checked by [`LisConstants::new`]).
     #[track_caller]
-    pub fn new(scale: f32, bits: u32, device: Device) -> Self {
-        assert!((1..=16).contains(&bits), "log_int_softmax: {bits} bits, expected 1..=16");
+    pub fn new(scale: f32, bits: LisBits, device: Device) -> Self {
+        let bits = bits.get();
         let constants = LisConstants::new(scale);
         LogIntSoftmax {
             constants_scale: scale,
@@ -128,7 +127,7 @@ mod tests {
             let mask = mask.to_kind(Kind::Float) * -100.0;
             let masked = &on_grid + mask;
             for bits in [4, 8] {
-                let lis = LogIntSoftmax::new(scale, bits, Device::Cpu);
+                let lis = LogIntSoftmax::new(scale, LisBits::try_from(bits).unwrap(), Device::Cpu);
                 for (what, xs) in
                     [("on the grid", &on_grid), ("off it", &off_grid), ("masked", &masked)]
                 {

@@ -31,7 +31,8 @@ fn log_int_softmax_matches_the_golden_cases() {
     for case in 0..6 {
         let g = |k: &str| &golden[&format!("case{case}.{k}")];
         let scale = g("scale").double_value(&[0]) as f32;
-        let bits = g("bits").int64_value(&[0]) as u32;
+        let bits =
+            fqvit_ops::softmax::LisBits::try_from(g("bits").int64_value(&[0]) as u32).unwrap();
         let out = LogIntSoftmax::new(scale, bits, Device::Cpu).forward(g("input"));
         assert_eq!(count_ne(&out, g("output")), 0, "case{case}");
     }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use fqvit_ops::layer_norm::integer::IntegerLayerNorm;
 use fqvit_ops::layer_norm::{InScale, LayerNormParams, MAX_CHANNELS};
+use fqvit_ops::softmax::LisBits;
 use fqvit_ops::{dequantize, quantize};
 use fqvit_program::{Op, Program};
 use rayon::prelude::*;
@@ -117,12 +118,7 @@ fn kind(op: &Op) -> &'static str {
 
 /// Compiles every op; `shapes[v]` is `(rows, cols)` of value `v` per image.
 #[allow(clippy::float_arithmetic)] // load time
-pub(crate) fn compile(
-    art: &Artifact,
-    program: &Program,
-    lis_bits: u32,
-    kernel: &Kernel,
-) -> Result<Built> {
+pub(crate) fn compile(art: &Artifact, program: &Program, kernel: &Kernel) -> Result<Built> {
     let mut shapes: Vec<(usize, usize)> = Vec::with_capacity(program.ops.len());
     let mut grids: Vec<Option<Grid>> = Vec::with_capacity(program.ops.len());
     let mut out = Vec::with_capacity(program.ops.len());
@@ -131,6 +127,13 @@ pub(crate) fn compile(
         let err = |reason: String| Error::Op { op: i, kind: kind(op), reason };
         let grid_of = |v: usize| grids[v].clone();
         let layer_wise = |g: &Grid, what: &str| check_layer_wise(g, what, &err);
+        let lis = |bits: &Option<LisBits>| {
+            bits.ok_or_else(|| {
+                err("a uniform softmax (calibrated without --lis): the engine needs \
+                     Log-Int-Softmax"
+                    .into())
+            })
+        };
         let (compiled, shape, grid) = match op {
             Op::Image { size, .. } => (Compiled::Image, (3, size * size), None),
             Op::QuantizeImage { input, site } => {
@@ -270,7 +273,8 @@ pub(crate) fn compile(
                     .map_err(|e| wrap(e, &err))?;
                 (Compiled::Linear { dense }, (rows, n), Some(Grid::read(art, out_site)?))
             }
-            Op::Attention { input, heads, scores_site, out_site } => {
+            Op::Attention { input, heads, lis_bits, scores_site, out_site } => {
+                let lis_bits = lis(lis_bits)?;
                 let (rows, c3) = shapes[*input];
                 let g = grid_of(*input).ok_or_else(|| err("its input has no grid".into()))?;
                 let ga = Grid::read(art, scores_site)?;
@@ -281,6 +285,7 @@ pub(crate) fn compile(
             Op::WindowAttention {
                 input,
                 heads,
+                lis_bits,
                 resolution,
                 window,
                 shift,
@@ -290,6 +295,7 @@ pub(crate) fn compile(
                 biased_site,
                 out_site,
             } => {
+                let lis_bits = lis(lis_bits)?;
                 let (rows, c3) = shapes[*input];
                 let (res, w, shift) = (*resolution, *window, *shift);
                 if rows != res * res || w == 0 || !res.is_multiple_of(w) || shift >= w {

@@ -9,6 +9,7 @@ mod layers;
 mod probe;
 mod state;
 
+use fqvit_ops::softmax::LisBits;
 use tch::{Device, Tensor};
 
 pub use layers::{Act, Conv2d, LayerNorm, Linear, Softmax};
@@ -39,9 +40,11 @@ pub trait Quantizable {
     /// Its convolutions, linear layers, LayerNorms and softmaxes, in forward order.
     fn layers(&self) -> Vec<Layer<'_>>;
 
-    /// Its integer program (`fqvit-program`), written beside the forward it mirrors; `None` for
-    /// a model the integer engine cannot run.
-    fn program(&self) -> Option<fqvit_program::Program> {
+    /// Its integer program (`fqvit-program`) with Log-Int-Softmax at `lis_bits` (`None`: the
+    /// uniform softmax, which the engine refuses by op), written beside the forward it
+    /// mirrors; `None` for a model the integer engine cannot run.
+    fn program(&self, lis_bits: Option<LisBits>) -> Option<fqvit_program::Program> {
+        let _ = lis_bits;
         None
     }
 

@@ -72,6 +72,56 @@ fn check_integer_scale(scale: f32) {
 /// The log2 code widths Log-Int-Softmax takes.
 pub const BITS: std::ops::RangeInclusive<u32> = 2..=8;
 
+/// Log-Int-Softmax's code width (`--attn-bits`, TOML `attn-bits`, the artifact's `lis_bits`,
+/// the program's attention ops): one of [`BITS`], checked here only. 4 is the paper's 8/8/4,
+/// 8 its 8/8/8 with LIS. The kernels take [`LisBits::get`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct LisBits(u32);
+
+impl LisBits {
+    /// The paper's 4-bit log2 codes.
+    pub const FOUR: LisBits = LisBits(4);
+
+    /// The width.
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl TryFrom<u32> for LisBits {
+    type Error = String;
+    fn try_from(bits: u32) -> Result<Self, String> {
+        if BITS.contains(&bits) {
+            Ok(LisBits(bits))
+        } else {
+            Err(format!("{bits} bits: Log-Int-Softmax takes {BITS:?}"))
+        }
+    }
+}
+
+impl From<LisBits> for u32 {
+    fn from(b: LisBits) -> u32 {
+        b.0
+    }
+}
+
+impl std::str::FromStr for LisBits {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bits: u32 = s
+            .parse()
+            .map_err(|_| format!("{s:?} is not a width: Log-Int-Softmax takes {BITS:?}"))?;
+        LisBits::try_from(bits)
+    }
+}
+
+impl std::fmt::Display for LisBits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 #[track_caller]
 fn check_row_args(n_in: usize, n_out: usize, row_len: usize, bits: u32) {
     assert!(
