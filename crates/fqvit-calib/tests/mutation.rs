@@ -199,35 +199,62 @@ fn damaged_artifacts_give_errors_or_runs_never_panics() {
     let classes = c.cfg.num_classes as usize;
     assert!(Engine::load(&c.path).unwrap().run(Images::Pixels(&pixels)).is_ok());
 
-    // Panic messages go to a buffer, printed for the first few failures only.
-    let message = Arc::new(Mutex::new(String::new()));
-    let sink = Arc::clone(&message);
+    // Panic messages go to a buffer per thread, printed for the first few failures only.
+    type Messages = Mutex<std::collections::HashMap<std::thread::ThreadId, String>>;
+    let messages: Arc<Messages> = Arc::default();
+    let sink = Arc::clone(&messages);
     let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| *sink.lock().unwrap() = info.to_string()));
-    let path = dir.path().join("mutated.safetensors");
-    // Panics, and runs whose logits are not `classes` finite values.
-    let (mut errors, mut runs, mut panics) = (0, 0, Vec::new());
-    let mut rng = Rng(seed);
-    for i in 0..count {
-        let (bytes, what) = mutate(&original, &mut rng);
-        std::fs::write(&path, &bytes).unwrap();
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            Engine::load(&path).and_then(|e| e.run(Images::Pixels(&pixels)))
-        }));
-        match outcome {
-            Ok(Ok(logits)) if logits.len() == classes && logits.iter().all(|l| l.is_finite()) => {
-                runs += 1;
-            }
-            Ok(Ok(logits)) => panics.push(format!(
-                "mutation {i} ({what}): {} logits, finite: {}",
-                logits.len(),
-                logits.iter().all(|l| l.is_finite())
-            )),
-            Ok(Err(_)) => errors += 1,
-            Err(_) => panics.push(format!("mutation {i} ({what}): {}", message.lock().unwrap())),
-        }
-    }
+    std::panic::set_hook(Box::new(move |info| {
+        sink.lock().unwrap().insert(std::thread::current().id(), info.to_string());
+    }));
+    // Workers take every `workers`-th mutation, each engine on a one-thread rayon pool: the
+    // tiny model's ops are too small to share, and waking pool threads for each cost more than
+    // the ops themselves. Mutation `i` draws from its own stream, so it reproduces alone.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let outcomes: Vec<(usize, usize, Vec<String>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let (original, pixels, messages) = (&original, &pixels, &messages);
+                let path = dir.path().join(format!("mutated-{w}.safetensors"));
+                scope.spawn(move || {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+                    let (mut errors, mut runs, mut bad) = (0, 0, Vec::new());
+                    for i in (w..count).step_by(workers) {
+                        let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ i as u64);
+                        let (bytes, what) = mutate(original, &mut rng);
+                        std::fs::write(&path, &bytes).unwrap();
+                        let outcome = pool.install(|| {
+                            catch_unwind(AssertUnwindSafe(|| {
+                                Engine::load(&path).and_then(|e| e.run(Images::Pixels(pixels)))
+                            }))
+                        });
+                        match outcome {
+                            Ok(Ok(l)) if l.len() == classes && l.iter().all(|l| l.is_finite()) => {
+                                runs += 1;
+                            }
+                            Ok(Ok(l)) => bad.push(format!(
+                                "mutation {i} ({what}): {} logits, finite: {}",
+                                l.len(),
+                                l.iter().all(|l| l.is_finite())
+                            )),
+                            Ok(Err(_)) => errors += 1,
+                            Err(_) => {
+                                let id = std::thread::current().id();
+                                let message = messages.lock().unwrap().remove(&id);
+                                bad.push(format!("mutation {i} ({what}): {message:?}"));
+                            }
+                        }
+                    }
+                    (errors, runs, bad)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
     std::panic::set_hook(previous);
+    let errors: usize = outcomes.iter().map(|o| o.0).sum();
+    let runs: usize = outcomes.iter().map(|o| o.1).sum();
+    let panics: Vec<String> = outcomes.into_iter().flat_map(|o| o.2).collect();
     eprintln!(
         "{count} mutations from seed {seed}: {errors} refused, {runs} ran, {} panicked",
         panics.len()
