@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use fqvit_calib::artifact::{self, CalibrationData, Provenance};
+use fqvit_calib::artifact::{self, CalibrationData, Provenance, SiteInfo};
 use fqvit_calib::{calibrate, calibration_set};
 use fqvit_models::{QParamTable, Quantizable};
 use serde::Serialize;
@@ -69,12 +69,11 @@ struct Summary<'a> {
     site: Vec<SiteSummary<'a>>,
 }
 
+/// A site as the provenance describes it, with its parameters.
 #[derive(Serialize)]
 struct SiteSummary<'a> {
-    name: &'a str,
-    original: &'a str,
-    class: &'a str,
-    bit_type: String,
+    #[serde(flatten)]
+    info: &'a SiteInfo,
     scale: &'a [f32],
     zero_point: &'a [i32],
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -87,16 +86,14 @@ fn write_summary(
     table: &QParamTable,
     prov: &Provenance,
 ) -> Result<()> {
-    let site = model
-        .sites()
+    let sites = model.sites();
+    let site = prov
+        .sites
         .iter()
-        .filter_map(|(id, s)| {
-            let p = table.get(id)?;
+        .filter_map(|info| {
+            let p = table.get(sites.iter().find(|(_, s)| s.name == info.name)?.0)?;
             Some(SiteSummary {
-                name: &s.name,
-                original: &s.original,
-                class: s.class.as_str(),
-                bit_type: p.bit_type.name(),
+                info,
                 scale: &p.scale,
                 zero_point: &p.zero_point,
                 ptf_factor: p.ptf.as_ref().map(|f| f.iter().map(|f| f.get()).collect()),
@@ -114,4 +111,46 @@ fn write_summary(
     };
     let text = toml::to_string(&summary).context("formatting the summary")?;
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The summary's sites carry the provenance's fields and their parameters, in TOML.
+    #[test]
+    fn a_site_summary_is_the_provenance_site_and_its_parameters() {
+        let info = SiteInfo {
+            name: "blocks.0.residual1".into(),
+            original: "blocks.0.qact2".into(),
+            class: fqvit_ops::TensorClass::LayerNormInput,
+            bit_type: "uint8".into(),
+            bits: 8,
+            signed: false,
+            observer: "ptf".into(),
+            granularity: "channel-wise".into(),
+            channels: 2,
+            ptf: true,
+        };
+        #[derive(Serialize)]
+        struct One<'a> {
+            site: Vec<SiteSummary<'a>>,
+        }
+        let site = vec![SiteSummary {
+            info: &info,
+            scale: &[0.5, 1.0],
+            zero_point: &[3],
+            ptf_factor: Some(vec![0, 1]),
+        }];
+        let text = toml::to_string(&One { site }).unwrap();
+        for line in [
+            "name = \"blocks.0.residual1\"",
+            "class = \"layer-norm-input\"",
+            "bits = 8",
+            "scale = [0.5, 1.0]",
+            "ptf_factor = [0, 1]",
+        ] {
+            assert!(text.contains(line), "{text}\n  lacks {line}");
+        }
+    }
 }
