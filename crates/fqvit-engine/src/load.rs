@@ -4,18 +4,11 @@
 
 #![allow(clippy::float_arithmetic)]
 
-use fqvit_ops::PtfFactor;
+use fqvit_ops::layer_norm::InScale;
 
 use crate::error::{Error, Result};
 use crate::grid::Grid;
 use crate::requant::Dyadic;
-
-/// A site's input scale for the integer LayerNorm and PTF dense inputs.
-#[derive(Debug)]
-pub(crate) enum LnScale {
-    Layer(f32),
-    Ptf { base: f32, factors: Vec<PtfFactor> },
-}
 
 pub(crate) fn wrap(e: Error, err: &impl Fn(String) -> Error) -> Error {
     match e {
@@ -47,15 +40,16 @@ pub(crate) fn dyadic(r: f64, err: &impl Fn(String) -> Error) -> Result<Dyadic> {
     Dyadic::new(r).ok_or_else(|| err(format!("scale ratio {r:e} has no 31-bit dyadic form")))
 }
 
-pub(crate) fn ln_scale(g: &Grid, c: usize) -> Result<LnScale, String> {
+/// A site's input scale for the integer LayerNorm and PTF dense inputs: `fqvit-ops`' own
+/// [`InScale`], borrowing the grid's factors.
+pub(crate) fn ln_scale(g: &Grid, c: usize) -> Result<InScale<'_>, String> {
     match &g.ptf {
-        None if g.scale.len() == 1 => Ok(LnScale::Layer(g.scale[0])),
+        None if g.scale.len() == 1 => Ok(InScale::Layer(g.scale[0])),
         None => Err(format!("input site {} is channel-wise without PTF factors", g.name)),
         // The artifact's reader checked one factor per channel and scales `base · 2^α`.
-        Some(factors) if factors.len() == c => Ok(LnScale::Ptf {
-            base: g.scale[0] / factors[0].multiplier() as f32,
-            factors: factors.clone(),
-        }),
+        Some(factors) if factors.len() == c => {
+            Ok(InScale::Ptf { base: g.scale[0] / factors[0].multiplier() as f32, factors })
+        }
         Some(factors) => {
             Err(format!("input site {} has {} PTF factors for {c} channels", g.name, factors.len()))
         }

@@ -9,10 +9,11 @@ use crate::error::{Error, Result};
 use crate::gelu::{Buckets, FRACTION_BITS, GeluTable};
 use crate::gemm::{Kernel, Weights, gemm};
 use crate::grid::Grid;
-use crate::load::{LnScale, dyadic, ln_scale};
+use crate::load::{dyadic, ln_scale};
 use crate::requant::{clamp_code, round_shift_i64};
 use crate::timings::Timings;
 use fqvit_artifact::Artifact;
+use fqvit_ops::layer_norm::InScale;
 
 /// The input side of a dense layer: real input = `scale · (code − zp_num / den)`, with the
 /// accumulator kept as `den · Σ code·w − zp_num · Σ w` so that a half-integer zero point (ViT's
@@ -34,8 +35,8 @@ impl InGrid {
     #[allow(clippy::float_arithmetic)] // load time
     pub(crate) fn of(g: &Grid, k: usize) -> Result<InGrid, String> {
         let shifts = match ln_scale(g, k)? {
-            LnScale::Layer(_) => None,
-            LnScale::Ptf { factors, .. } => {
+            InScale::Layer(_) => None,
+            InScale::Ptf { factors, .. } => {
                 let min = factors.iter().map(|f| f.get()).min().unwrap_or(0);
                 Some(factors.iter().map(|f| f.get() - min).collect::<Vec<u8>>())
             }

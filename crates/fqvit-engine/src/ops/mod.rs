@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use fqvit_ops::layer_norm::integer::IntegerLayerNorm;
-use fqvit_ops::layer_norm::{InScale, LayerNormParams, MAX_CHANNELS};
+use fqvit_ops::layer_norm::{LayerNormParams, MAX_CHANNELS};
 use fqvit_ops::softmax::LisBits;
 use fqvit_ops::{dequantize, quantize};
 use fqvit_program::{Op, Program};
@@ -20,7 +20,7 @@ use fqvit_artifact::Artifact;
 mod add;
 mod dense;
 
-use crate::load::{LnScale, check_layer_wise, dyadic, ln_scale, wrap};
+use crate::load::{check_layer_wise, dyadic, ln_scale, wrap};
 use crate::requant::{Dyadic, clamp_code};
 use crate::timings::Timings;
 use add::{AddConsts, add, add_consts};
@@ -247,11 +247,7 @@ pub(crate) fn compile(art: &Artifact, program: &Program, kernel: &Kernel) -> Res
                 if !(1..=MAX_CHANNELS).contains(&c) {
                     return Err(err(format!("{c} channels, expected 1..={MAX_CHANNELS}")));
                 }
-                let scale = ln_scale(&gin, c).map_err(&err)?;
-                let in_scale = match &scale {
-                    LnScale::Layer(s) => InScale::Layer(*s),
-                    LnScale::Ptf { base, factors } => InScale::Ptf { base: *base, factors },
-                };
+                let in_scale = ln_scale(&gin, c).map_err(&err)?;
                 let params = LayerNormParams {
                     in_scale,
                     zero_point: gin.zero_point[0],
