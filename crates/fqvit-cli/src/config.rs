@@ -119,7 +119,7 @@ mod tests {
             exp.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let name = path.file_stem().unwrap().to_string_lossy().into_owned();
             assert!(exp.quant, "{name}");
-            let bits = if name.ends_with("8_8_4") { 4 } else { 8 };
+            let bits = if name.ends_with("_4") { 4 } else { 8 };
             assert!(!exp.lis || exp.attn_bits.get() == bits, "{name}");
             if name.starts_with("fqvit_plus") {
                 assert_eq!(
