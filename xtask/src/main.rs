@@ -4,6 +4,7 @@
 //! `setup` is what installs libtorch in the first place.
 
 mod bench_engine;
+mod bench_peers;
 mod ci;
 mod demo;
 mod setup;
@@ -104,6 +105,41 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         iters: u32,
     },
+    /// Our simulation and engine against libtorch fp32 and ONNX Runtime fp32/int8 (pinned, from
+    /// PyPI) as a markdown table, with the real ViT-Tiny's top-1 for each.
+    BenchPeers {
+        /// Models to run (CLI names).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "vit_tiny,deit_small,deit_base,swin_tiny"
+        )]
+        models: Vec<String>,
+        /// Batch sizes.
+        #[arg(long, value_delimiter = ',', default_value = "32,1")]
+        batches: Vec<u32>,
+        /// Timed runs per column (after one warm-up).
+        #[arg(long, default_value_t = 5)]
+        iters: u32,
+        /// ORT's calibration images (and ours for the top-1): the first N of the sorted `train/`.
+        #[arg(long, default_value_t = 32)]
+        calib_images: u32,
+        /// The real ViT-Tiny's top-1 on the shared val (default; about 1300 images per model).
+        #[arg(long, overrides_with = "no_accuracy")]
+        accuracy: bool,
+        /// Skip the top-1 table (the slow part).
+        #[arg(long, overrides_with = "accuracy")]
+        no_accuracy: bool,
+        /// native, or avx2: libtorch, MKL and oneDNN (and our GEMM) held to AVX2 for the whole run.
+        #[arg(long, value_parser = ["native", "avx2"], default_value = "native")]
+        env: String,
+        /// Use `target/release/fqvit-cli` as it is (no `cargo build --release -p fqvit-cli`).
+        #[arg(long)]
+        no_build: bool,
+        /// Leave out our columns (the peers alone; no fqvit-cli needed).
+        #[arg(long)]
+        skip_ours: bool,
+    },
     /// Regenerate fqvit-models' timm parity fixtures (installs timm from PyPI into a scratch folder).
     TimmFixtures,
     /// The main job on the shared sample: calibrate, quantize and evaluate ViT-Tiny (release build).
@@ -130,6 +166,26 @@ fn main() -> Result<()> {
         Cmd::BenchEngine { models, batches, isas, iters } => {
             bench_engine::bench_engine(&models, &batches, &isas, iters)
         }
+        Cmd::BenchPeers {
+            models,
+            batches,
+            iters,
+            calib_images,
+            accuracy: _,
+            no_accuracy,
+            env,
+            no_build,
+            skip_ours,
+        } => bench_peers::bench_peers(&bench_peers::Options {
+            models,
+            batches,
+            iters,
+            calib_images,
+            accuracy: !no_accuracy,
+            avx2: env == "avx2",
+            build: !no_build,
+            skip_ours,
+        }),
         Cmd::Table { model, data, weights_dir, methods, attn8, reuse } => {
             table::table(&table::Options { model, data, weights_dir, methods, attn8, reuse })
         }
