@@ -192,15 +192,8 @@ fn each_engine_op_follows_the_simulation_on_the_simulations_codes() {
 /// shifted by 2 in stages 0 and 1, one window in stages 2 and 3) with random weights,
 /// calibrated and written as an artifact.
 fn calibrated_swin(dir: &Path) -> (swin::Swin, Quantized, PathBuf, swin::Config) {
-    let cfg = swin::Config {
-        embed_dim: 16,
-        depths: [2, 2, 2, 2],
-        num_heads: [1, 2, 2, 4],
-        window_size: 4,
-        img_size: 64,
-        num_classes: 10,
-        ..swin::Config::swin_tiny()
-    };
+    let cfg =
+        swin::Config { embed_dim: 16, num_heads: [1, 2, 2, 4], ..swin::Config::test_variant() };
     let (vs, model) = fqvit_testkit::seeded(11, || {
         let vs = VarStore::new(Device::Cpu);
         let model = swin::Swin::new(&vs.root(), &cfg);

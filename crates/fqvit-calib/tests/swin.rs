@@ -15,15 +15,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 fn variant() -> swin::Config {
-    swin::Config {
-        embed_dim: 8,
-        depths: [2, 2, 2, 2],
-        num_heads: [1, 1, 2, 2],
-        window_size: 4,
-        img_size: 64,
-        num_classes: 10,
-        ..swin::Config::swin_tiny()
-    }
+    swin::Config::test_variant()
 }
 
 /// The variant with timm's fixture weights, and the fixture's two input images.

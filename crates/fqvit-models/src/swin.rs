@@ -70,6 +70,21 @@ impl Config {
         Config::base(128, [2, 2, 18, 2], [4, 8, 16, 32])
     }
 
+    /// A small Swin for tests: four stages of two blocks, embedding 8, windows of 4 shifted by 2
+    /// in stages 0 and 1 and one window in stages 2 and 3, on 64-pixel images, 10 classes. The
+    /// variant whose timm logits `cargo xtask timm-fixtures` records.
+    pub const fn test_variant() -> Self {
+        Config {
+            embed_dim: 8,
+            depths: [2, 2, 2, 2],
+            num_heads: [1, 1, 2, 2],
+            window_size: 4,
+            img_size: 64,
+            num_classes: 10,
+            ..Config::swin_tiny()
+        }
+    }
+
     /// The side of stage `s`'s token grid.
     pub const fn resolution(&self, stage: usize) -> i64 {
         (self.img_size / self.patch_size) >> stage

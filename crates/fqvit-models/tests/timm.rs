@@ -44,15 +44,7 @@ fn variants() -> Vec<(&'static str, Architecture, serde_json::Value)> {
         ..vit::Config::vit_tiny()
     };
     let deit = vit::Config { embed_dim: 48, num_heads: 3, ..vit };
-    let swin = swin::Config {
-        embed_dim: 8,
-        depths: [2, 2, 2, 2],
-        num_heads: [1, 1, 2, 2],
-        window_size: 4,
-        img_size: 64,
-        num_classes: 10,
-        ..swin::Config::swin_tiny()
-    };
+    let swin = swin::Config::test_variant();
     let kwargs = |s: &str| serde_json::from_str(s).unwrap();
     vec![
         (
