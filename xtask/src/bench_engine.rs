@@ -25,6 +25,37 @@ const ISAS: [Isa; 3] = [
     Isa { key: "loops", label: "AVX2, loops", kernel: Some("loops"), env: AVX2_ENV },
 ];
 
+/// One `fqvit-cli bench --engine int` process: its figures go to `json`, nothing to stdout.
+pub(crate) struct Bench<'a> {
+    pub(crate) model: &'a str,
+    pub(crate) batch: u32,
+    pub(crate) iters: u32,
+    pub(crate) env: &'a [(&'a str, &'a str)],
+    /// `--gemm-kernel`, when one is held.
+    pub(crate) kernel: Option<&'a str>,
+}
+
+impl Bench<'_> {
+    pub(crate) fn command(
+        &self,
+        cli: &std::path::Path,
+        json: &std::path::Path,
+    ) -> std::process::Command {
+        let mut cmd = std::process::Command::new(cli);
+        cmd.args(["-q", "bench", self.model, "--device", "cpu", "--engine", "int"])
+            .args(["--batch-size", &self.batch.to_string(), "--iters", &self.iters.to_string()])
+            .envs(self.env.iter().copied())
+            // The figures come from the JSON file; the table goes to stdout alone.
+            .stdout(std::process::Stdio::null())
+            .arg("--json")
+            .arg(json);
+        if let Some(kernel) = self.kernel {
+            cmd.args(["--gemm-kernel", kernel]);
+        }
+        cmd
+    }
+}
+
 pub(crate) fn bench_engine(
     models: &[String],
     batches: &[u32],
@@ -54,18 +85,8 @@ pub(crate) fn bench_engine(
         for &batch in batches {
             for isa in ISAS.iter().filter(|i| isas.iter().any(|s| s == i.key)) {
                 let json = out_dir.join(format!("{model}.{batch}.{}.json", isa.key));
-                let mut cmd = std::process::Command::new(&cli);
-                cmd.args(["-q", "bench", model, "--device", "cpu", "--engine", "int"])
-                    .args(["--batch-size", &batch.to_string(), "--iters", &iters.to_string()])
-                    .envs(isa.env.iter().copied())
-                    // The figures come from the JSON file; the table goes to stdout alone.
-                    .stdout(std::process::Stdio::null())
-                    .arg("--json")
-                    .arg(&json);
-                if let Some(kernel) = isa.kernel {
-                    cmd.args(["--gemm-kernel", kernel]);
-                }
-                run(&mut cmd)?;
+                let bench = Bench { model, batch, iters, env: isa.env, kernel: isa.kernel };
+                run(&mut bench.command(&cli, &json))?;
                 let v: Value = serde_json::from_str(
                     &std::fs::read_to_string(&json)
                         .with_context(|| format!("reading {}", json.display()))?,

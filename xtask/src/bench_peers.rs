@@ -21,6 +21,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
+use crate::bench_engine::Bench;
 use crate::ci::AVX2_ENV;
 use crate::{cargo, project_root, run, setup};
 
@@ -158,18 +159,10 @@ pub(crate) fn bench_peers(opts: &Options) -> Result<()> {
             }
             let t = Instant::now();
             let json = out_dir.join(format!("{model}.{batch}.fqvit.json"));
-            let mut cmd = Command::new(&cli);
-            cmd.args(["-q", "bench", model, "--device", "cpu", "--engine", "int"])
-                .args(["--batch-size", &batch.to_string(), "--iters", &opts.iters.to_string()])
-                .envs(env.iter().copied())
-                // The figures come from the JSON file; the table goes to stdout alone.
-                .stdout(Stdio::null())
-                .arg("--json")
-                .arg(&json);
-            if opts.avx2 {
-                // As `bench-engine`'s avx2 rows: our kernel held where libtorch's is.
-                cmd.args(["--gemm-kernel", "avx2-pairs"]);
-            }
+            // As `bench-engine`'s avx2 rows: our kernel held where libtorch's is.
+            let kernel = opts.avx2.then_some("avx2-pairs");
+            let bench = Bench { model, batch, iters: opts.iters, env, kernel };
+            let mut cmd = bench.command(&cli, &json);
             run(&mut cmd)
                 .with_context(|| format!("fqvit-cli bench {model} --batch-size {batch}"))?;
             stages.push((format!("{model}: fqvit bench b{batch}"), t.elapsed().as_secs_f64()));
