@@ -105,12 +105,12 @@ struct Header {
     sites: Vec<SiteInfo>,
 }
 
-/// One tensor of the file.
+/// One tensor of the file: its bytes are `range` of the file, held once.
 #[derive(Debug)]
 struct Raw {
     dtype: Dtype,
     shape: Vec<usize>,
-    bytes: Vec<u8>,
+    range: std::ops::Range<usize>,
 }
 
 /// A tensor as stored: dtype, shape and little-endian bytes.
@@ -136,6 +136,8 @@ pub struct Artifact {
     params: HashMap<String, QParams>,
     program: Option<Program>,
     tensors: HashMap<String, Raw>,
+    /// The whole file.
+    file: Vec<u8>,
 }
 
 impl Artifact {
@@ -143,16 +145,16 @@ impl Artifact {
     pub fn read(path: &Path) -> Result<Self> {
         let bytes =
             std::fs::read(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
-        Artifact::from_bytes(path, &bytes)
+        Artifact::from_bytes(path, bytes)
     }
 
     /// Checks the bytes of an artifact; `path` names it in errors.
-    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
         let bad = |reason: String| Error::Invalid { path: path.to_owned(), reason };
         let corrupt =
             |e| bad(format!("truncated or corrupt (not a complete safetensors file: {e})"));
-        let (_, header) = SafeTensors::read_metadata(bytes).map_err(corrupt)?;
-        let file = SafeTensors::deserialize(bytes).map_err(corrupt)?;
+        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(corrupt)?;
+        let file = SafeTensors::deserialize(&bytes).map_err(corrupt)?;
         let metadata = header.metadata().clone().unwrap_or_default();
         let json = metadata
             .get(METADATA_KEY)
@@ -187,7 +189,10 @@ impl Artifact {
                     "tensor {name} is {dtype:?}; artifacts hold F32, I32, I8 and U8"
                 )));
             }
-            let raw = Raw { dtype, shape: view.shape().to_vec(), bytes: view.data().to_vec() };
+            // The view borrows `bytes`: its offset there locates it without a copy.
+            let start = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+            let range = start..start + view.data().len();
+            let raw = Raw { dtype, shape: view.shape().to_vec(), range };
             tensors.insert(name, raw);
         }
         let mut art = Artifact {
@@ -200,6 +205,7 @@ impl Artifact {
             params: HashMap::new(),
             program: None,
             tensors,
+            file: bytes,
         };
         art.check_floats()?;
         let mut seen = HashSet::new();
@@ -304,7 +310,7 @@ impl Artifact {
         self.tensors.get(name).map(|r| TensorData {
             dtype: r.dtype,
             shape: &r.shape,
-            bytes: &r.bytes,
+            bytes: &self.file[r.range.clone()],
         })
     }
 
@@ -316,6 +322,10 @@ impl Artifact {
     /// The shape of `name`.
     pub fn shape(&self, name: &str) -> Result<&[usize]> {
         Ok(&self.raw(name)?.shape)
+    }
+
+    fn data(&self, raw: &Raw) -> &[u8] {
+        &self.file[raw.range.clone()]
     }
 
     fn raw(&self, name: &str) -> Result<&Raw> {
@@ -340,8 +350,8 @@ impl Artifact {
     /// A float32 tensor (finite: checked at read), of `shape` when given.
     pub fn f32(&self, name: &str, shape: Option<&[usize]>) -> Result<Vec<f32>> {
         let raw = self.typed(name, Dtype::F32, shape)?;
-        Ok(raw
-            .bytes
+        Ok(self
+            .data(raw)
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect())
@@ -350,8 +360,8 @@ impl Artifact {
     /// An int32 tensor, of `shape` when given.
     pub fn i32(&self, name: &str, shape: Option<&[usize]>) -> Result<Vec<i32>> {
         let raw = self.typed(name, Dtype::I32, shape)?;
-        Ok(raw
-            .bytes
+        Ok(self
+            .data(raw)
             .chunks_exact(4)
             .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect())
@@ -360,12 +370,12 @@ impl Artifact {
     /// An int8 tensor, of `shape` when given.
     pub fn i8(&self, name: &str, shape: Option<&[usize]>) -> Result<Vec<i8>> {
         let raw = self.typed(name, Dtype::I8, shape)?;
-        Ok(raw.bytes.iter().map(|&b| b as i8).collect())
+        Ok(self.data(raw).iter().map(|&b| b as i8).collect())
     }
 
     /// A uint8 tensor, of `shape` when given.
     pub fn u8(&self, name: &str, shape: Option<&[usize]>) -> Result<Vec<u8>> {
-        Ok(self.typed(name, Dtype::U8, shape)?.bytes.clone())
+        Ok(self.data(self.typed(name, Dtype::U8, shape)?).to_vec())
     }
 
     /// Refuses NaN and infinities in any float32 tensor.
@@ -377,8 +387,8 @@ impl Artifact {
             if raw.dtype != Dtype::F32 {
                 continue;
             }
-            let bad = raw
-                .bytes
+            let bad = self
+                .data(raw)
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .enumerate()

@@ -99,7 +99,8 @@ fn the_file_and_its_metadata_are_checked() {
     let (t, m) = parts();
     let path = write(dir.path(), &t, &m);
     let bytes = std::fs::read(&path).unwrap();
-    let err = Artifact::from_bytes(&path, &bytes[..bytes.len() - 7]).unwrap_err().to_string();
+    let err =
+        Artifact::from_bytes(&path, bytes[..bytes.len() - 7].to_vec()).unwrap_err().to_string();
     assert!(err.contains("truncated or corrupt"), "{err}");
     let err = Artifact::read(&dir.path().join("absent")).unwrap_err();
     assert!(matches!(err, Error::Io { .. }), "{err}");

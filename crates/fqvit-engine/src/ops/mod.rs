@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use fqvit_artifact::Artifact;
 use fqvit_ops::layer_norm::integer::IntegerLayerNorm;
 use fqvit_ops::layer_norm::{LayerNormParams, MAX_CHANNELS};
 use fqvit_ops::softmax::LisBits;
@@ -16,7 +17,6 @@ use crate::attention::{self, Attention, Windows};
 use crate::error::{Error, Result};
 use crate::gemm::Kernel;
 use crate::grid::Grid;
-use fqvit_artifact::Artifact;
 mod add;
 mod dense;
 

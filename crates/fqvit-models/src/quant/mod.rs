@@ -43,8 +43,7 @@ pub trait Quantizable {
     /// Its integer program (`fqvit-program`) with Log-Int-Softmax at `lis_bits` (`None`: the
     /// uniform softmax, which the engine refuses by op), written beside the forward it
     /// mirrors; `None` for a model the integer engine cannot run.
-    fn program(&self, lis_bits: Option<LisBits>) -> Option<fqvit_program::Program> {
-        let _ = lis_bits;
+    fn program(&self, _lis_bits: Option<LisBits>) -> Option<fqvit_program::Program> {
         None
     }
 
