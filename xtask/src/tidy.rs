@@ -21,8 +21,13 @@ const FORBIDDEN: &[(&str, &str, &str)] = &[
 ];
 
 /// The only files allowed to contain unsafe code, each with a `SAFETY` note per block:
-/// glibc's mallopt, and CPU tensors seen as slices for the fused passes.
-const UNSAFE_SITES: &[&str] = &["crates/fqvit-cli/src/alloc.rs", "crates/fqvit-tensor/src/cpu.rs"];
+/// glibc's mallopt, CPU tensors seen as slices for the fused passes, and the entry into the
+/// AVX-512 VNNI GEMM kernel (no safe wrapper exists for `vpdpbusd`).
+const UNSAFE_SITES: &[&str] = &[
+    "crates/fqvit-cli/src/alloc.rs",
+    "crates/fqvit-tensor/src/cpu.rs",
+    "crates/fqvit-engine/src/gemm/vnni.rs",
+];
 
 /// The only files that seed libtorch's global generator: the test lock that makes seeded draws
 /// independent of the test runner, and `bench`'s random weights.

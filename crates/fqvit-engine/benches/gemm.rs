@@ -1,5 +1,5 @@
 //! The int8 GEMM, every kernel this CPU runs, on the dense layers' shapes: ViT-Tiny's qkv and
-//! fc1 and DeiT-B's fc1 for 197 tokens, and one attention head's q·kᵀ (197 × 197 × 64).
+//! fc1 for 197 tokens and a batch of 32 images, DeiT-B's fc1 for 197 tokens, and one attention head's q·kᵀ (197 × 197 × 64).
 //! `cargo bench -p fqvit-engine --bench gemm`; int8 ops/s = 2·M·N·K / time.
 
 use divan::{Bencher, black_box};
@@ -10,8 +10,8 @@ fn main() {
 }
 
 /// (M, N, K): tokens × output channels × reduction.
-const SHAPES: [(usize, usize, usize); 4] =
-    [(197, 576, 192), (197, 768, 192), (197, 3072, 768), (197, 197, 64)];
+const SHAPES: [(usize, usize, usize); 5] =
+    [(197, 576, 192), (197, 768, 192), (6304, 768, 192), (197, 3072, 768), (197, 197, 64)];
 
 fn codes(len: usize, seed: u64) -> Vec<u8> {
     let mut s = seed;
@@ -23,7 +23,7 @@ fn codes(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-#[divan::bench(args = SHAPES, consts = [0, 1, 2])]
+#[divan::bench(args = SHAPES, consts = [0, 1, 2, 3])]
 fn kernel<const KIND: usize>(bencher: Bencher, (m, n, k): (usize, usize, usize)) {
     let Some(kernel) = Kernel::new(KernelKind::ALL[KIND]) else {
         eprintln!("{} does not run on this CPU", KernelKind::ALL[KIND]);

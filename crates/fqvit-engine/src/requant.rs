@@ -70,6 +70,66 @@ pub fn round_shift_i64(v: i64, shift: u32) -> i64 {
     (v + ((1i64 << (shift - 1)) - 1) + ((v >> shift) & 1)) >> shift
 }
 
+/// Per-column requantization of accumulators, `t_j = round_half_even((x·m_j + c_j) / 2^s_j)`,
+/// in a form that compiles to vector instructions on AVX2 as on AVX-512: `x·m_j` is a signed
+/// 32 × 32-bit product (`vpmuldq`), and the rounding shift is logical (`vpsrlvq`; AVX2 has no
+/// 64-bit arithmetic shift) on `u = x·m_j + c_j + 2^62`, which is positive.
+///
+/// Exactness: with `|x| < 2^31`, `0 < m_j < 2^31` and `|c_j| < 2^61`, `|x·m_j + c_j| < 2^62`
+/// (callers bound `x` tighter), so `0 < u < 2^63`; `⌊u/2^s⌋ = ⌊v/2^s⌋ + 2^(62−s)` adds an even
+/// number for `s ≤ 61`, so the parity that decides ties is `v`'s, and
+/// `t = ⌊(u + 2^(s−1) − 1 + parity)/2^s⌋ − 2^(62−s)` equals [`round_shift_i64`] of `v`.
+#[derive(Clone, Debug)]
+pub(crate) struct Columns {
+    m: Vec<i32>,
+    /// `c_j + 2^62`.
+    c: Vec<i64>,
+    /// `2^(s_j − 1) − 1`.
+    half: Vec<u64>,
+    shift: Vec<u64>,
+    /// `2^(62 − s_j)`.
+    offset: Vec<i64>,
+}
+
+/// The largest shift [`Columns`] takes.
+pub(crate) const MAX_COLUMN_SHIFT: u32 = 61;
+
+impl Columns {
+    /// The columns `(m_j, c_j, s_j)`, or the first column outside `0 < m < 2^31`,
+    /// `|c| < 2^61`, `1 ≤ s ≤ 61`.
+    pub(crate) fn new(m: &[i64], c: &[i64], shift: &[u32]) -> Result<Self, usize> {
+        let bad = (0..m.len()).find(|&j| {
+            !(1..1 << 31).contains(&m[j])
+                || c[j].unsigned_abs() >= 1 << 61
+                || !(1..=MAX_COLUMN_SHIFT).contains(&shift[j])
+        });
+        if let Some(j) = bad {
+            return Err(j);
+        }
+        Ok(Columns {
+            m: m.iter().map(|&m| m as i32).collect(),
+            c: c.iter().map(|&c| c + (1 << 62)).collect(),
+            half: shift.iter().map(|&s| (1u64 << (s - 1)) - 1).collect(),
+            shift: shift.iter().map(|&s| u64::from(s)).collect(),
+            offset: shift.iter().map(|&s| 1i64 << (62 - s)).collect(),
+        })
+    }
+
+    /// `t[j]` for the row `x` (`x[j]` the column's value, `|x| < 2^31`); inline it into a
+    /// `pulp` dispatch to vectorise it.
+    #[inline(always)]
+    pub(crate) fn row(&self, x: &[i32], t: &mut [i64]) {
+        let consts = self.m.iter().zip(&self.c).zip(self.half.iter().zip(&self.shift));
+        for (((&x, t), ((&m, &c), (&half, &s))), &o) in
+            x.iter().zip(t.iter_mut()).zip(consts).zip(&self.offset)
+        {
+            let u = (i64::from(x) * i64::from(m) + c) as u64;
+            let parity = (u >> s) & 1;
+            *t = ((u + half + parity) >> s) as i64 - o;
+        }
+    }
+}
+
 /// Fraction bits of the residual multipliers: ratios below 2^20 keep `255 · m < 2^58`.
 pub(crate) const ADD_SHIFT: u32 = 30;
 
@@ -123,6 +183,27 @@ mod tests {
     }
 
     proptest! {
+        /// The vector form equals the branch-free scalar rounding on every column.
+        #[test]
+        fn columns_equal_round_shift(
+            x in proptest::collection::vec(-(1i32 << 30)..(1 << 30), 1..40),
+            seed in any::<u64>(),
+        ) {
+            let n = x.len();
+            let mut s = seed;
+            let mut next = || { s = s.wrapping_mul(6364136223846793005).wrapping_add(1); s >> 11 };
+            let m: Vec<i64> = (0..n).map(|_| (1 << 30) + (next() % (1 << 30)) as i64).collect();
+            let c: Vec<i64> = (0..n).map(|_| (next() % (1 << 61)) as i64 - (1 << 60)).collect();
+            let shift: Vec<u32> = (0..n).map(|_| 1 + (next() % 61) as u32).collect();
+            let cols = Columns::new(&m, &c, &shift).unwrap();
+            let mut t = vec![0; n];
+            cols.row(&x, &mut t);
+            for j in 0..n {
+                let want = round_shift_i64(i64::from(x[j]) * m[j] + c[j], shift[j]);
+                prop_assert_eq!(t[j], want, "column {}: x {} m {} c {} s {}", j, x[j], m[j], c[j], shift[j]);
+            }
+        }
+
         #[test]
         fn apply_small_equals_apply(v in -(1i64 << 31) + 1..(1i64 << 31), r in 1e-9f64..1e3) {
             let d = Dyadic::new(r).unwrap();

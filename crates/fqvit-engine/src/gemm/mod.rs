@@ -14,6 +14,7 @@
 //! in another order, and integer addition is associative, so both give identical results.
 
 mod pairs;
+mod vnni;
 
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
@@ -26,6 +27,8 @@ pub const MAX_K: usize = 1 << 16;
 /// Which int8 GEMM kernel an engine uses; every one gives the same integers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KernelKind {
+    /// `vpdpbusd` in 8 × 32 register tiles (`gemm/vnni.rs`): x86 CPUs with AVX-512 VNNI.
+    Avx512Vnni,
     /// `rten-gemm`'s kernel, where it is exact on this CPU (AVX-512 VNNI, or its portable one).
     Rten,
     /// 16-bit pairs through AVX2's `vpmaddwd` (`gemm/pairs.rs`): x86 CPUs with AVX2.
@@ -36,11 +39,13 @@ pub enum KernelKind {
 
 impl KernelKind {
     /// Every kind, fastest first where several run.
-    pub const ALL: [KernelKind; 3] = [KernelKind::Rten, KernelKind::Avx2Pairs, KernelKind::Loops];
+    pub const ALL: [KernelKind; 4] =
+        [KernelKind::Avx512Vnni, KernelKind::Rten, KernelKind::Avx2Pairs, KernelKind::Loops];
 
     /// The name `--gemm-kernel` takes.
     pub fn name(self) -> &'static str {
         match self {
+            KernelKind::Avx512Vnni => "avx512-vnni",
             KernelKind::Rten => "rten",
             KernelKind::Avx2Pairs => "avx2-pairs",
             KernelKind::Loops => "loops",
@@ -72,6 +77,7 @@ pub struct Kernel {
 }
 
 enum Imp {
+    Vnni(vnni::Vnni),
     Rten(GemmExecutor<u8, i8, i32>),
     Avx2Pairs(pulp::x86::V3),
     Loops,
@@ -81,6 +87,9 @@ impl Kernel {
     /// The fastest exact kernel this CPU runs: rten's where it multiplies bytes exactly with
     /// SIMD (VNNI), else the AVX2 pairs, else rten's portable kernel or the loops.
     pub fn detect() -> Self {
+        if let Some(v) = vnni::available() {
+            return Kernel { imp: Imp::Vnni(v) };
+        }
         let exec = GemmExecutor::<u8, i8, i32>::new();
         // rten-gemm 0.25's name for its portable kernel (pinned with the crate's version).
         let rten_simd = !exec.may_saturate() && exec.kernel_name() != "generic-u8i8i32";
@@ -97,6 +106,7 @@ impl Kernel {
     /// The kernel `kind`, if this CPU runs it exactly.
     pub fn new(kind: KernelKind) -> Option<Self> {
         let imp = match kind {
+            KernelKind::Avx512Vnni => Imp::Vnni(vnni::available()?),
             KernelKind::Rten => {
                 let exec = GemmExecutor::<u8, i8, i32>::new();
                 Imp::Rten((!exec.may_saturate()).then_some(exec)?)
@@ -115,6 +125,7 @@ impl Kernel {
     /// Which kernel this is.
     pub fn kind(&self) -> KernelKind {
         match self.imp {
+            Imp::Vnni(_) => KernelKind::Avx512Vnni,
             Imp::Rten(_) => KernelKind::Rten,
             Imp::Avx2Pairs(_) => KernelKind::Avx2Pairs,
             Imp::Loops => KernelKind::Loops,
@@ -124,6 +135,7 @@ impl Kernel {
     /// The kernel's name, with rten's own kernel name.
     pub fn name(&self) -> String {
         match &self.imp {
+            Imp::Vnni(_) => "fqvit AVX-512 VNNI".into(),
             Imp::Rten(exec) => format!("rten-gemm {}", exec.kernel_name()),
             Imp::Avx2Pairs(_) => "fqvit AVX2 16-bit pairs".into(),
             Imp::Loops => "fqvit widening loops".into(),
@@ -154,6 +166,7 @@ pub struct Weights {
 
 enum Packing {
     None,
+    Vnni(vnni::Packed),
     Rten(PackedBMatrix<i8>),
     Pairs(pairs::Packed),
 }
@@ -197,6 +210,7 @@ impl Weights {
                 exec.prepack_b(NdTensorView::from_data([n, k], codes.as_slice()).transposed()),
             ),
             Imp::Avx2Pairs(_) => Packing::Pairs(pairs::Packed::new(&codes, n, k)),
+            Imp::Vnni(_) => Packing::Vnni(vnni::Packed::new(&codes, n, k)),
             Imp::Loops => Packing::None,
         };
         Weights { n, k, codes, row_sums, packed }
@@ -219,6 +233,7 @@ impl Weights {
         let packed = match &self.packed {
             Packing::None => 0,
             Packing::Rten(_) => self.n * self.k,
+            Packing::Vnni(p) => p.bytes(),
             Packing::Pairs(p) => p.bytes(),
         };
         self.codes.len() + packed + 4 * self.row_sums.len()
@@ -244,12 +259,116 @@ fn check(a: &[u8], w: &Weights, out: &[i32]) -> usize {
     m
 }
 
-/// Rows of `a` per parallel task.
-const ROWS_PER_TASK: usize = 8;
-/// Output channels per inner block: the four weight rows stay in L1 while a task's rows pass.
+/// Output channels per inner block of the loops: the four weight rows stay in L1 while a
+/// task's rows pass.
 const COLS: usize = 4;
 
-/// The fast path: `kernel`'s, for weights prepared with it.
+/// Accumulator bytes per parallel task: the task's block stays in L2 for the epilogue that
+/// follows its GEMM.
+const TASK_ACC_BYTES: usize = 64 << 10;
+
+/// Rows per parallel task for an `(m, k) × (k, n)` product: accumulators of about
+/// [`TASK_ACC_BYTES`], a multiple of 24 rows (the register tiles: 12, 8 and 4 rows), and at least four tasks per
+/// thread where `m` allows.
+pub fn task_rows(m: usize, n: usize) -> usize {
+    let by_cache = TASK_ACC_BYTES / (4 * n.max(1));
+    let by_threads = m.div_ceil(4 * rayon::current_num_threads());
+    (by_cache.min(by_threads) / 24 * 24).max(24)
+}
+
+/// Per-task buffers of [`for_each_rows`]: accumulators and the kernel's packed rows, reused
+/// across the tasks of a thread.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    /// The accumulators [`Scratch::gemm`] writes.
+    pub acc: Vec<i32>,
+    /// The accumulators [`Scratch::gemm2`] writes (a second product of the same rows).
+    pub acc2: Vec<i32>,
+    /// Bytes for the caller's own per-task inputs.
+    pub bytes: Vec<u8>,
+    /// More bytes for the caller.
+    pub bytes2: Vec<u8>,
+    rows: Vec<u32>,
+}
+
+impl Scratch {
+    /// `acc = a · wᵀ` for the task's rows `a`, on this thread.
+    pub fn gemm(&mut self, kernel: &Kernel, a: &[u8], w: &Weights) -> &mut [i32] {
+        resize(&mut self.acc, a.len() / w.k.max(1) * w.n);
+        block(kernel, a, w, &mut self.rows, &mut self.acc);
+        &mut self.acc
+    }
+
+    /// `acc2 = a · wᵀ`, as [`Scratch::gemm`].
+    pub fn gemm2(&mut self, kernel: &Kernel, a: &[u8], w: &Weights) -> &mut [i32] {
+        resize(&mut self.acc2, a.len() / w.k.max(1) * w.n);
+        block(kernel, a, w, &mut self.rows, &mut self.acc2);
+        &mut self.acc2
+    }
+}
+
+fn resize<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
+    v.clear();
+    v.resize(len, T::default());
+}
+
+/// Runs `f(scratch, a_rows, out_rows)` in parallel over blocks of [`task_rows`] rows of `a`
+/// (rows of `k` codes) and the matching rows of `out` (`out.len() / m` each), `n` being the
+/// width of the product the task computes. A task's GEMM ([`Scratch::gemm`]) and what follows it
+/// run while its accumulators are in cache.
+///
+/// # Panics
+/// If `a` is not whole rows of `k`, or `out` not whole rows for them.
+pub fn for_each_rows<O: Send>(
+    a: &[u8],
+    k: usize,
+    n: usize,
+    out: &mut [O],
+    f: impl Fn(&mut Scratch, &[u8], &mut [O]) + Sync,
+) {
+    assert!(k > 0 && a.len().is_multiple_of(k), "gemm: {} input codes are not rows of {k}", a.len());
+    let m = a.len() / k;
+    if m == 0 {
+        return;
+    }
+    assert!(out.len().is_multiple_of(m), "gemm: {} outputs are not {m} rows", out.len());
+    let (rows, width) = (task_rows(m, n), out.len() / m);
+    a.par_chunks(rows * k)
+        .zip(out.par_chunks_mut(rows * width.max(1)))
+        .for_each_init(Scratch::default, |s, (a, out)| f(s, a, out));
+}
+
+/// `out = a · wᵀ` on this thread, with `kernel` (its own threads for rten's).
+fn block(kernel: &Kernel, a: &[u8], w: &Weights, rows: &mut Vec<u32>, out: &mut [i32]) {
+    let m = check(a, w, out);
+    if m == 0 || w.n == 0 {
+        return;
+    }
+    if w.k == 0 {
+        out.fill(0);
+        return;
+    }
+    match (&kernel.imp, &w.packed) {
+        (Imp::Vnni(v), Packing::Vnni(packed)) => vnni::block(*v, a, packed, w.n, w.k, rows, out),
+        (Imp::Rten(exec), Packing::Rten(packed)) => {
+            let a = Matrix::from_data([m, w.k], a);
+            exec.gemm(
+                out,
+                GemmInputA::Unpacked(a),
+                GemmInputB::Packed(packed),
+                GemmOptions::default(),
+            )
+            .expect("shapes were checked");
+        }
+        (Imp::Avx2Pairs(v3), Packing::Pairs(packed)) => {
+            pairs::block(*v3, a, packed, w.n, w.k, rows, out)
+        }
+        (Imp::Loops, Packing::None) => Arch::new().dispatch(Block { a, w, out }),
+        _ => panic!("gemm: weights prepared for another kernel than {}", kernel.name()),
+    }
+}
+
+/// The fast path: `kernel`'s, for weights prepared with it, rows in parallel.
 ///
 /// # Panics
 /// If the lengths do not fit the weights, or the weights were prepared for another kernel.
@@ -262,35 +381,23 @@ pub fn gemm(kernel: &Kernel, a: &[u8], w: &Weights, out: &mut [i32]) {
         out.fill(0);
         return;
     }
-    match (&kernel.imp, &w.packed) {
-        (Imp::Rten(exec), Packing::Rten(packed)) => {
-            let a = Matrix::from_data([m, w.k], a);
-            exec.gemm(
-                out,
-                GemmInputA::Unpacked(a),
-                GemmInputB::Packed(packed),
-                GemmOptions::default(),
-            )
-            .expect("shapes were checked");
-        }
-        (Imp::Avx2Pairs(v3), Packing::Pairs(packed)) => pairs::gemm(*v3, a, packed, w.n, w.k, out),
-        (Imp::Loops, Packing::None) => gemm_loops(a, w, out),
-        _ => panic!("gemm: weights prepared for another kernel than {}", kernel.name()),
+    if let Imp::Rten(_) = kernel.imp {
+        // rten parallelises its own blocks.
+        return block(kernel, a, w, &mut Vec::new(), out);
     }
+    for_each_rows(a, w.k, w.n, out, |s, a, out| block(kernel, a, w, &mut s.rows, out));
 }
 
-/// The widening loops alone (the fast path where rten's kernel may saturate): rows in parallel,
-/// each task computing 1 × 4 blocks of dot products in loops compiled for the detected
-/// instruction set (AVX-512 VNNI/AVX2 widening multiply-adds).
+/// The widening loops alone, rows in parallel, each task computing 1 × 4 blocks of dot
+/// products in loops compiled for the detected instruction set (AVX-512 VNNI/AVX2 widening
+/// multiply-adds).
 pub fn gemm_loops(a: &[u8], w: &Weights, out: &mut [i32]) {
     let m = check(a, w, out);
     if m == 0 || w.n == 0 {
         return;
     }
     let arch = Arch::new();
-    a.par_chunks(ROWS_PER_TASK * w.k)
-        .zip(out.par_chunks_mut(ROWS_PER_TASK * w.n))
-        .for_each(|(a, out)| arch.dispatch(Block { a, w, out }));
+    for_each_rows(a, w.k, w.n, out, |_, a, out| arch.dispatch(Block { a, w, out }));
 }
 
 struct Block<'a> {

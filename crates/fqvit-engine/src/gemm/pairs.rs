@@ -15,16 +15,12 @@
 
 use pulp::x86::V3;
 use pulp::{WithSimd, i16x16, i32x8};
-use rayon::prelude::*;
 
 /// Output channels per panel: two AVX2 registers of i32 lanes.
 pub(super) const NR: usize = 16;
 /// Rows per register tile: 4 × 2 accumulators, 2 weight registers and a broadcast use 11 of
 /// the 16 registers.
 const MR: usize = 4;
-/// Rows per parallel task: their packed activations (`rows · K · 2` bytes) stay in L2 while the
-/// task walks every panel.
-const ROWS_PER_TASK: usize = 32;
 
 /// Weights packed for this kernel: for panel `j` (channels `16j..16j + 16`) and reduction pair
 /// `p`, `panels[j · pairs + p][lane]` holds `(w[16j + lane][2p], w[16j + lane][2p + 1])` as two
@@ -66,21 +62,26 @@ pub(super) fn available() -> Option<V3> {
     V3::try_new()
 }
 
-/// `out[m][n] = Σ_k a[m][k] · w[n][k]` for `a` `(m, k)` and `w` packed, `out` `(m, n)`.
-pub(super) fn gemm(v3: V3, a: &[u8], w: &Packed, n: usize, k: usize, out: &mut [i32]) {
-    a.par_chunks(ROWS_PER_TASK * k).zip(out.par_chunks_mut(ROWS_PER_TASK * n)).for_each_init(
-        Vec::new,
-        |rows, (a, out)| {
-            // Each row's codes as u32 pairs, zero-extended to i16 (the activation operand).
-            rows.clear();
-            for row in a.chunks_exact(k) {
-                rows.extend(row.chunks(2).map(|two| {
-                    pair(i16::from(two[0]), i16::from(two.get(1).copied().unwrap_or(0)))
-                }));
-            }
-            <V3 as pulp::Simd>::vectorize(v3, Task { v3, rows, w, n, out });
-        },
-    );
+/// `out[i][c] = Σ_k a[i][k] · w[c][k]` for the rows `a` `(m, k)` and `w` packed, on this
+/// thread; `rows` is scratch for the rows widened to i16 pairs.
+pub(super) fn block(
+    v3: V3,
+    a: &[u8],
+    w: &Packed,
+    n: usize,
+    k: usize,
+    rows: &mut Vec<u32>,
+    out: &mut [i32],
+) {
+    // Each row's codes as u32 pairs, zero-extended to i16 (the activation operand).
+    rows.clear();
+    for row in a.chunks_exact(k) {
+        rows.extend(
+            row.chunks(2)
+                .map(|two| pair(i16::from(two[0]), i16::from(two.get(1).copied().unwrap_or(0)))),
+        );
+    }
+    <V3 as pulp::Simd>::vectorize(v3, Task { v3, rows, w, n, out });
 }
 
 struct Task<'a> {

@@ -1,16 +1,15 @@
 //! A convolution or linear layer in integers: the u8 × i8 GEMM and its epilogue (requantization,
 //! or GELU by thresholds), compiled from the artifact and run side by side.
 
-use std::time::Instant;
-
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::gelu::{Buckets, FRACTION_BITS, GeluTable};
-use crate::gemm::{Kernel, Weights, gemm};
+use crate::gemm::{Kernel, Scratch, Weights, for_each_rows};
 use crate::grid::Grid;
 use crate::load::{dyadic, ln_scale};
-use crate::requant::{clamp_code, round_shift_i64};
+use crate::requant::{Columns, MAX_COLUMN_SHIFT, clamp_code};
 use crate::timings::Timings;
 use fqvit_artifact::Artifact;
 use fqvit_ops::layer_norm::InScale;
@@ -75,16 +74,6 @@ impl Epilogue {
             Epilogue::Requant { .. } => "requant",
         }
     }
-
-    /// The code of column `j` from its requantized accumulator `t`.
-    #[inline(always)]
-    fn code(&self, j: usize, t: i64) -> u8 {
-        match self {
-            Epilogue::Requant { zero_point, hi } => clamp_code(t + i64::from(zero_point[j]), *hi),
-            Epilogue::Gelu { table } => table.code(t),
-            Epilogue::GeluPtf { tables, which } => tables[usize::from(which[j])].code(t),
-        }
-    }
 }
 
 /// A convolution or linear layer in integers: per output column `j`,
@@ -95,7 +84,7 @@ impl Epilogue {
 ///
 /// Bounds, checked at load: `K·den ≤ 2^14`, so `|den·acc| ≤ 255·128·2^14 < 2^29`;
 /// `m < 2^31`, so `|den·acc·m| < 2^60`; `|c| < 2^61`; the sum stays below `2^62`, inside i64,
-/// and `shift ≤ 62`.
+/// and `shift ≤ 61` ([`Columns`]).
 #[derive(Debug)]
 pub(crate) struct Dense {
     pub(crate) w: Weights,
@@ -103,13 +92,21 @@ pub(crate) struct Dense {
     m: Vec<i64>,
     c: Vec<i64>,
     shift: Vec<u32>,
+    /// `m`, `c` and `shift` in vector form, for accumulators in i32.
+    columns: Columns,
+    /// A PTF input's `2^shift_k` per input channel (`shift_k ≤ 7`, so `code · 2^shift_k` fits
+    /// u16).
+    powers: Option<Vec<u16>>,
     epilogue: Epilogue,
 }
 
-/// The dense epilogue over whole rows, compiled for the detected instruction set.
+/// The dense epilogue over whole rows, compiled for the detected instruction set: the
+/// requantization in vector lanes ([`Columns`]), then the codes.
 struct Epilogues<'a> {
     dense: &'a Dense,
     acc: &'a [i32],
+    /// A PTF input's upper byte plane: the accumulator is `acc + 256·hi`.
+    hi: Option<&'a [i32]>,
     out: &'a mut [u8],
 }
 
@@ -118,29 +115,48 @@ impl pulp::WithSimd for Epilogues<'_> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
-        let Epilogues { dense: d, acc, out } = self;
+        let Epilogues { dense: d, acc, hi, out } = self;
         let n = d.w.n;
         let den = d.input.den;
-        // Zipped slices of one length: no bounds checks, so the loop vectorises.
-        let consts = || d.m.iter().zip(&d.c).zip(&d.shift);
-        let t = |a: i32, ((&m, &c), &s): ((&i64, &i64), &u32)| {
-            round_shift_i64(den * i64::from(a) * m + c, s)
-        };
-        for (o, acc) in out.chunks_exact_mut(n).zip(acc.chunks_exact(n)) {
+        let (mut x, mut t) = (vec![0i32; n], vec![0i64; n]);
+        for (r, (o, acc)) in out.chunks_exact_mut(n).zip(acc.chunks_exact(n)).enumerate() {
+            match hi {
+                None => {
+                    // |den·acc| < 2^29 (`MAX_K_DEN`).
+                    x.iter_mut().zip(acc).for_each(|(x, &a)| *x = a * den as i32);
+                    d.columns.row(&x, &mut t);
+                }
+                Some(hi) => {
+                    // `den·(acc + 256·hi)` where it is below 2^30 on the whole row (as it is
+                    // on real data), else the exact i128 form.
+                    let hi = &hi[r * n..][..n];
+                    let mut big = 0u64;
+                    for ((x, &a), &h) in x.iter_mut().zip(acc).zip(hi) {
+                        let v = (i64::from(a) + (i64::from(h) << 8)) * den;
+                        big |= v.unsigned_abs();
+                        *x = v as i32;
+                    }
+                    if big < 1 << 30 {
+                        d.columns.row(&x, &mut t);
+                    } else {
+                        d.wide_row(acc, hi, &mut t);
+                    }
+                }
+            }
             match &d.epilogue {
                 Epilogue::Requant { zero_point, hi } => {
-                    for ((o, &a), (k, &z)) in o.iter_mut().zip(acc).zip(consts().zip(zero_point)) {
-                        *o = clamp_code(t(a, k) + i64::from(z), *hi);
+                    for ((o, &t), &z) in o.iter_mut().zip(&t).zip(zero_point) {
+                        *o = clamp_code(t + i64::from(z), *hi);
                     }
                 }
                 Epilogue::Gelu { table } => {
-                    for ((o, &a), k) in o.iter_mut().zip(acc).zip(consts()) {
-                        *o = table.code(t(a, k));
+                    for (o, &t) in o.iter_mut().zip(&t) {
+                        *o = table.code(t);
                     }
                 }
                 Epilogue::GeluPtf { tables, which } => {
-                    for ((o, &a), (k, &w)) in o.iter_mut().zip(acc).zip(consts().zip(which)) {
-                        *o = tables[usize::from(w)].code(t(a, k));
+                    for ((o, &t), &w) in o.iter_mut().zip(&t).zip(which) {
+                        *o = tables[usize::from(w)].code(t);
                     }
                 }
             }
@@ -248,7 +264,7 @@ pub(crate) fn compile(
         }
         let cj = crate::requant::round_shift(bias16 as i128 * i128::from(d.m), 16)
             - zp_term * i128::from(d.m);
-        if cj.abs() >= 1i128 << 61 || d.shift > 62 {
+        if cj.abs() >= 1i128 << 61 || d.shift > MAX_COLUMN_SHIFT {
             return Err(err(format!(
                 "{layer}.bias[{j}]: {} ({steps:e} accumulator steps) or its requantization (2^-{}) is out of the i64 range",
                 b[j], d.shift
@@ -258,7 +274,9 @@ pub(crate) fn compile(
         c.push(cj as i64);
         shift.push(d.shift);
     }
-    Ok(Dense { w, input, m, c, shift, epilogue })
+    let columns = Columns::new(&m, &c, &shift).expect("every column was checked");
+    let powers = input.shifts.as_ref().map(|s| s.iter().map(|&s| 1u16 << s).collect());
+    Ok(Dense { w, input, m, c, shift, columns, powers, epilogue })
 }
 
 impl Dense {
@@ -274,81 +292,155 @@ impl Dense {
         self.w.bytes() + 24 * self.w.n + table
     }
 
-    /// `rows × K` codes to `rows × N` codes.
+    /// `rows × K` codes to `rows × N` codes: each parallel task runs its rows' GEMM and
+    /// epilogue while the accumulators are in cache.
     pub(crate) fn run(&self, kernel: &Kernel, a: &[u8], timings: &mut Timings) -> Vec<u8> {
-        if let Some(shifts) = &self.input.shifts {
-            return self.run_shifted(kernel, a, shifts, timings);
-        }
-        let (n, rows) = (self.w.n, a.len() / self.w.k);
-        let t = Instant::now();
-        let mut acc = vec![0i32; rows * n];
-        gemm(kernel, a, &self.w, &mut acc);
-        timings.add("gemm", t);
-        timings.gemm_macs += (rows * n * self.w.k) as u64;
-        let t = Instant::now();
+        let (n, k) = (self.w.n, self.w.k);
+        let rows = a.len() / k;
         let mut out = vec![0u8; rows * n];
-        let rows_per_job = (4096 / n).max(1);
+        let (gemm_ns, epilogue_ns, macs) =
+            (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
         let arch = pulp::Arch::new();
-        out.par_chunks_mut(n * rows_per_job)
-            .zip(acc.par_chunks(n * rows_per_job))
-            .for_each(|(out, acc)| arch.dispatch(Epilogues { dense: self, acc, out }));
-        timings.add(self.epilogue.kind(), t);
+        let t = Instant::now();
+        for_each_rows(a, k, n, &mut out, |s, a, out| {
+            let t0 = Instant::now();
+            match &self.powers {
+                None => {
+                    s.gemm(kernel, a, &self.w);
+                    macs.fetch_add(a.len() as u64 * n as u64, Relaxed);
+                    let t1 = Instant::now();
+                    arch.dispatch(Epilogues { dense: self, acc: &s.acc, hi: None, out });
+                    epilogue_ns.fetch_add(nanos(t1.elapsed()), Relaxed);
+                    gemm_ns.fetch_add(nanos(t1 - t0), Relaxed);
+                }
+                Some(powers) => {
+                    let any_hi = self.gemm_shifted(kernel, s, a, powers);
+                    macs.fetch_add((1 + u64::from(any_hi)) * a.len() as u64 * n as u64, Relaxed);
+                    let t1 = Instant::now();
+                    let hi = any_hi.then_some(&s.acc2[..]);
+                    arch.dispatch(Epilogues { dense: self, acc: &s.acc, hi, out });
+                    epilogue_ns.fetch_add(nanos(t1.elapsed()), Relaxed);
+                    gemm_ns.fetch_add(nanos(t1 - t0), Relaxed);
+                }
+            }
+        });
+        timings.gemm_macs += macs.load(Relaxed);
+        let threads = (
+            Duration::from_nanos(gemm_ns.load(Relaxed)),
+            Duration::from_nanos(epilogue_ns.load(Relaxed)),
+        );
+        timings.split("gemm", self.epilogue.kind(), t.elapsed(), std::iter::once(threads));
         out
     }
 
     /// A PTF input: `v = code · 2^shift_k < 2^15` is split into byte planes `v = lo + 256·hi`,
-    /// each through the u8 × i8 GEMM with the same weights (`hi` only where some `v ≥ 256`),
-    /// and `acc = acc_lo + 256·acc_hi`. Then `|acc| ≤ 128 · 32,640 · K < 2^36` (K ≤ 2^14), so
-    /// the epilogue's `den·acc·m + c` is formed in i128.
-    fn run_shifted(
-        &self,
-        kernel: &Kernel,
-        a: &[u8],
-        shifts: &[u8],
-        timings: &mut Timings,
-    ) -> Vec<u8> {
-        let (n, k) = (self.w.n, self.w.k);
-        let rows = a.len() / k;
-        let t = Instant::now();
-        let (mut lo, mut hi) = (vec![0u8; a.len()], vec![0u8; a.len()]);
-        let mut any_hi = false;
-        for ((row, lo), hi) in
-            a.chunks_exact(k).zip(lo.chunks_exact_mut(k)).zip(hi.chunks_exact_mut(k))
-        {
-            for (((&q, &s), lo), hi) in row.iter().zip(shifts).zip(lo.iter_mut()).zip(hi.iter_mut())
+    /// each through the u8 × i8 GEMM with the same weights (`hi` only where some `v ≥ 256` in
+    /// the task's rows), into `acc` and `acc2`; whether `hi` was needed.
+    fn gemm_shifted(&self, kernel: &Kernel, s: &mut Scratch, a: &[u8], powers: &[u16]) -> bool {
+        let k = self.w.k;
+        let (mut lo, mut hi) = (std::mem::take(&mut s.bytes), std::mem::take(&mut s.bytes2));
+        lo.resize(a.len(), 0);
+        hi.resize(a.len(), 0);
+        let any_hi = pulp::Arch::new().dispatch(|| {
+            let mut any = 0u8;
+            for ((row, lo), hi) in
+                a.chunks_exact(k).zip(lo.chunks_exact_mut(k)).zip(hi.chunks_exact_mut(k))
             {
-                let v = u16::from(q) << s;
-                *lo = v as u8;
-                *hi = (v >> 8) as u8;
-                any_hi |= v >= 256;
+                for (((&q, &p), lo), hi) in row.iter().zip(powers).zip(lo).zip(hi.iter_mut()) {
+                    let v = u16::from(q) * p;
+                    *lo = v as u8;
+                    *hi = (v >> 8) as u8;
+                    any |= *hi;
+                }
             }
-        }
-        let mut acc_lo = vec![0i32; rows * n];
-        gemm(kernel, &lo, &self.w, &mut acc_lo);
-        let mut acc_hi = vec![0i32; if any_hi { rows * n } else { 0 }];
-        if any_hi {
-            gemm(kernel, &hi, &self.w, &mut acc_hi);
-        }
-        timings.add("gemm", t);
-        timings.gemm_macs += ((1 + usize::from(any_hi)) * rows * n * k) as u64;
-        let t = Instant::now();
-        let den = i128::from(self.input.den);
-        let mut out = vec![0u8; rows * n];
-        // Rows in jobs of about 4096 outputs, as `run`'s epilogue.
-        let job = n * (4096 / n).max(1);
-        out.par_chunks_mut(job).enumerate().for_each(|(r, o)| {
-            for (i, o) in o.iter_mut().enumerate().map(|(i, o)| (r * job + i, o)) {
-                let j = i % n;
-                let acc = i64::from(acc_lo[i]) + acc_hi.get(i).map_or(0, |&h| i64::from(h) << 8);
-                let v = den * i128::from(acc) * i128::from(self.m[j]) + i128::from(self.c[j]);
-                let t = crate::requant::round_shift(v, self.shift[j]);
-                // Beyond ±2^40 every code is saturated already: clamping keeps the code and
-                // leaves room for the zero point.
-                let t = t.clamp(-(1 << 40), 1 << 40) as i64;
-                *o = self.epilogue.code(j, t);
-            }
+            any != 0
         });
-        timings.add(self.epilogue.kind(), t);
-        out
+        s.gemm(kernel, &lo, &self.w);
+        if any_hi {
+            s.gemm2(kernel, &hi, &self.w);
+        }
+        (s.bytes, s.bytes2) = (lo, hi);
+        any_hi
+    }
+
+    /// One row's `t` from a PTF input's planes, `acc = lo + 256·hi`: `|acc| ≤ 128 · 32,640 · K
+    /// < 2^36` (K ≤ 2^14), so `den·acc·m + c` is formed in i128.
+    fn wide_row(&self, lo: &[i32], hi: &[i32], t: &mut [i64]) {
+        let den = i128::from(self.input.den);
+        for (j, t) in t.iter_mut().enumerate() {
+            let acc = i64::from(lo[j]) + (i64::from(hi[j]) << 8);
+            let v = den * i128::from(acc) * i128::from(self.m[j]) + i128::from(self.c[j]);
+            // Beyond ±2^40 every code is saturated already: clamping keeps the code and leaves
+            // room for the zero point.
+            *t = crate::requant::round_shift(v, self.shift[j]).clamp(-(1 << 40), 1 << 40) as i64;
+        }
+    }
+}
+
+/// Whole nanoseconds of `d`, for summing task times across threads.
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gemm::KernelKind;
+    use crate::requant::round_shift;
+
+    /// The vector epilogue of a PTF input equals the i128 form on rows whose `acc + 256·hi` fits
+    /// the i32 lanes and on rows that take the exact fallback.
+    #[test]
+    fn wide_accumulators_requantize_exactly_on_either_path() {
+        let (n, k, rows) = (37, 5, 6);
+        let kernel = Kernel::new(KernelKind::Loops).expect("runs everywhere");
+        let w = Weights::new(&kernel, vec![1; n * k], n, k);
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s >> 16
+        };
+        let m: Vec<i64> = (0..n).map(|_| (1 << 30) + (next() % (1 << 30)) as i64).collect();
+        let c: Vec<i64> = (0..n).map(|_| (next() % (1 << 50)) as i64 - (1 << 49)).collect();
+        let shift: Vec<u32> = (0..n).map(|_| 40 + (next() % 20) as u32).collect();
+        let zero_point: Vec<i32> = (0..n).map(|j| (j * 7 % 256) as i32).collect();
+        let dense = Dense {
+            w,
+            input: InGrid { scale: 1.0, zp_num: 0, den: 1, shifts: Some(vec![0; k]) },
+            columns: Columns::new(&m, &c, &shift).unwrap(),
+            m: m.clone(),
+            c: c.clone(),
+            shift: shift.clone(),
+            powers: Some(vec![1; k]),
+            epilogue: Epilogue::Requant { zero_point: zero_point.clone(), hi: 255 },
+        };
+        // Rows 0–2 small (the vector path), rows 3–5 with some |acc| ≥ 2^30 (the fallback).
+        let lo: Vec<i32> = (0..rows * n).map(|_| (next() % (1 << 24)) as i32 - (1 << 23)).collect();
+        let hi: Vec<i32> = (0..rows * n)
+            .map(|i| {
+                let span = if i / n < 3 { 1 << 20 } else { 1 << 30 };
+                (next() % span) as i32 - span as i32 / 2
+            })
+            .collect();
+        let mut out = vec![0u8; rows * n];
+        pulp::Arch::new().dispatch(Epilogues {
+            dense: &dense,
+            acc: &lo,
+            hi: Some(&hi),
+            out: &mut out,
+        });
+        for i in 0..rows * n {
+            let j = i % n;
+            let acc = i128::from(lo[i]) + (i128::from(hi[i]) << 8);
+            let t = round_shift(acc * i128::from(m[j]) + i128::from(c[j]), shift[j]);
+            let want = (t + i128::from(zero_point[j])).clamp(0, 255) as u8;
+            assert_eq!(out[i], want, "row {} column {j}: acc {acc}", i / n);
+        }
+        // Both paths were taken, and the codes are not all saturated.
+        let big = |r: usize| {
+            (0..n).any(|j| (lo[r * n + j] as i64 + ((hi[r * n + j] as i64) << 8)).abs() >= 1 << 30)
+        };
+        assert!(!big(0) && big(5));
+        assert!(out.iter().any(|&q| q != 0 && q != 255));
     }
 }
