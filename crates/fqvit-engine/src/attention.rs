@@ -6,8 +6,8 @@
 //! The reference adds shifted values. The fast path splits each weight `2^e` (`e = K − k`) into
 //! byte planes: plane `b = ⌊e/8⌋` holds `2^(e mod 8) ∈ [1, 128]` and the other planes 0, so that
 //! `Σ_j 2^e_ij (v_j − z) = Σ_b 2^(8b) Σ_j P_b[i][j] (v_j − 128) + (128 − z) Σ_j 2^e_ij`, and
-//! each plane is a u8 × i8 GEMM of the int8 kernel (a row of ones beside `v` gives the planes'
-//! row sums, whose `2^(8b)`-weighted total is `Σ_j 2^e_ij`). The upper planes (`e ≥ 8`,
+//! each plane is a u8 × i8 GEMM of the int8 kernel (the planes' row sums, summed as they are
+//! built, give `Σ_j 2^e_ij` with their `2^(8b)` weights). The upper planes (`e ≥ 8`,
 //! probabilities of at least `2^(8−K)`) are mostly empty with 4-bit codes, as probabilities sum
 //! to about 1; when at most one entry in 16 lies there, they are added as shifts instead.
 //! Bounds: a plane's sum is at most
@@ -20,11 +20,11 @@ use fqvit_ops::softmax::{LisConstants, log_int_softmax_with};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::gemm::{Kernel, Weights, gemm};
+use crate::gemm::{Kernel, Weights, gemm_local};
 use crate::grid::Grid;
 use crate::load::{check_layer_wise, dyadic, small};
 use crate::requant::Dyadic;
-use crate::requant::{add_codes, clamp_code};
+use crate::requant::{Columns, add_codes, clamp_code};
 use fqvit_artifact::Artifact;
 use fqvit_ops::softmax::{LisBits, MAX_ROW, MIN_SCALE};
 
@@ -49,6 +49,12 @@ pub fn attn_v_reference(k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u32) -> V
 /// The fast path: the byte planes through the int8 GEMM. Same arguments and result as
 /// [`attn_v_reference`], and the kernel.
 pub fn attn_v(kernel: &Kernel, k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u32) -> Vec<i64> {
+    // Compiled for the detected instruction set: its loops are most of attention's time.
+    pulp::Arch::new().dispatch(|| attn_v_lanes(kernel, k, v, z, hd, k_max))
+}
+
+#[inline(always)]
+fn attn_v_lanes(kernel: &Kernel, k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u32) -> Vec<i64> {
     assert!(k_max <= 30, "attn·v: {k_max} fixed-point bits");
     let n = v.len() / hd.max(1);
     assert_eq!(k.len(), n * n, "attn·v: {} probabilities for {n} tokens", k.len());
@@ -61,30 +67,39 @@ pub fn attn_v(kernel: &Kernel, k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u3
     let sparse = planes > 1 && k.iter().filter(|&&kc| upper(kc)).count() * 16 <= n * n;
     let planes = if sparse { 1 } else { planes };
     // Plane b of row i holds 2^(e − 8b) where e lies in [8b, 8b + 8), else 0: one branch-free
-    // pass per plane.
+    // pass per plane, which also sums each row (at most n · 128).
     let mut p = vec![0u8; planes * n * n];
-    for (b, plane) in p.chunks_exact_mut(n * n).enumerate() {
+    let mut row_sums = vec![0i64; planes * n];
+    for (b, (plane, sums)) in
+        p.chunks_exact_mut(n * n).zip(row_sums.chunks_exact_mut(n)).enumerate()
+    {
         let low = 8 * b as u32;
-        for (p, &kc) in plane.iter_mut().zip(k) {
-            let e = k_max.wrapping_sub(u32::from(kc)).wrapping_sub(low);
-            *p = if e < 8 { 1 << e } else { 0 };
+        for ((plane, k), sum) in plane.chunks_exact_mut(n).zip(k.chunks_exact(n)).zip(sums) {
+            let mut total = 0u32;
+            for (p, &kc) in plane.iter_mut().zip(k) {
+                let e = k_max.wrapping_sub(u32::from(kc)).wrapping_sub(low);
+                // In u32 lanes: x86 has no byte shifts.
+                let w = if e < 8 { 1u32 << e } else { 0 };
+                *p = w as u8;
+                total += w;
+            }
+            *sum = i64::from(total);
         }
     }
-    // (v − 128) as int8 "weights" `(hd + 1, n)`: channel e's row holds token j's value; the last
-    // row is ones, so that the GEMM also gives each plane's row sums Σ_j P_b[i][j].
-    let mut w = vec![1i8; (hd + 1) * n];
+    // (v − 128) as int8 "weights" `(hd, n)`: channel e's row holds token j's value.
+    let mut w = vec![0i8; hd * n];
     for (j, row) in v.chunks_exact(hd).enumerate() {
         for (e, &x) in row.iter().enumerate() {
             w[e * n + j] = (i32::from(x) - 128) as i8;
         }
     }
-    let mut g = vec![0i32; planes * n * (hd + 1)];
-    gemm(kernel, &p, &Weights::new(kernel, w, hd + 1, n), &mut g);
+    let mut g = vec![0i32; planes * n * hd];
+    gemm_local(kernel, &p, &Weights::new(kernel, w, hd, n), &mut g);
     let zero_point = 128 - i64::from(z);
     let mut out = vec![0i64; n * hd];
-    for (b, plane) in g.chunks_exact(n * (hd + 1)).enumerate() {
-        for (o, g) in out.chunks_exact_mut(hd).zip(plane.chunks_exact(hd + 1)) {
-            let row = zero_point * i64::from(g[hd]);
+    for (b, (plane, sums)) in g.chunks_exact(n * hd).zip(row_sums.chunks_exact(n)).enumerate() {
+        for ((o, g), &sum) in out.chunks_exact_mut(hd).zip(plane.chunks_exact(hd)).zip(sums) {
+            let row = zero_point * sum;
             for (o, &x) in o.iter_mut().zip(g) {
                 *o += (i64::from(x) + row) << (8 * b);
             }
@@ -122,6 +137,10 @@ pub(crate) struct Attention {
     /// Fixed-point bits of the probabilities `2^-k` in `attn · v`.
     pub(crate) k_max: u32,
     pub(crate) m_ctx: Vec<Dyadic>,
+    /// `m_scores` in vector form over a row of `n` scores, where its shift allows.
+    pub(crate) score_columns: Option<Columns>,
+    /// `m_ctx` in vector form, one per head, where its shifts allow.
+    pub(crate) ctx_columns: Option<Vec<Columns>>,
     pub(crate) z_c: Vec<i32>,
     /// The context's largest code.
     pub(crate) hi_c: u8,
@@ -218,45 +237,51 @@ impl Attention {
         let per_head: Vec<(Vec<u8>, Duration, Duration)> = (0..self.heads)
             .into_par_iter()
             .map(|h| {
-                let t = Instant::now();
-                let part = |p: usize, i: usize| &qkv[i * 3 * d + p * d + h * hd..][..hd];
-                let gather = |p: usize| {
-                    let mut x = Vec::with_capacity(n * hd);
-                    (0..n).for_each(|i| x.extend_from_slice(part(p, i)));
-                    x
-                };
-                let q = gather(0);
-                // k − 128 as int8 "weights", so that the u8 × i8 GEMM takes q·kᵀ:
-                // Σ(q − z)(k − z) = Σ q·(k − 128) + (128 − z)·Σq − z·Σk + hd·z²,
-                // each term below 2^31 in magnitude for hd < 2^15.
-                let k: Vec<i8> =
-                    gather(1).into_iter().map(|x| (i32::from(x) - 128) as i8).collect();
-                let sum =
-                    |p: usize, i: usize| part(p, i).iter().map(|&x| i64::from(x)).sum::<i64>();
-                let (sq, sk): (Vec<i64>, Vec<i64>) = (0..n).map(|i| (sum(0, i), sum(1, i))).unzip();
-                let mut raw = vec![0i32; n * n];
-                gemm(kernel, &q, &Weights::new(kernel, k, n, hd), &mut raw);
-                let mut x = vec![0i32; n * n];
-                arch.dispatch(Scores { att: self, raw: &raw, sq: &sq, sk: &sk, hd, out: &mut x });
-                if let (Some(win), Some(w)) = (&self.windows, window) {
-                    win.bias_and_mask(h, w, &mut x);
-                }
-                let mm = t.elapsed();
-                let t = Instant::now();
-                let mut k_codes = vec![0u16; n * n];
-                log_int_softmax_with(&x, n, &self.lis, self.bits, &mut k_codes);
-                let sm = t.elapsed();
-                let t = Instant::now();
-                let v = gather(2);
-                let sums = attn_v(kernel, &k_codes, &v, self.z, hd, self.k_max);
-                let (m, z) = (&self.m_ctx[h * hd..][..hd], &self.z_c[h * hd..][..hd]);
-                let mut out = vec![0u8; n * hd];
-                for (o, row) in out.chunks_exact_mut(hd).zip(sums.chunks_exact(hd)) {
-                    for ((o, &a), (m, &z)) in o.iter_mut().zip(row).zip(m.iter().zip(z)) {
-                        *o = clamp_code(m.apply(a) + i64::from(z), self.hi_c);
+                arch.dispatch(|| {
+                    let t = Instant::now();
+                    // One pass over the tokens: q, k − 128 as int8 "weights" (so that the
+                    // u8 × i8 GEMM takes q·kᵀ: Σ(q − z)(k − z) = Σ q·(k − 128) + (128 − z)·Σq
+                    // − z·Σk + hd·z², each term below 2^31 in magnitude for hd < 2^15), v, and
+                    // the row sums of q and k.
+                    let (mut q, mut k, mut v) =
+                        (vec![0u8; n * hd], vec![0i8; n * hd], vec![0u8; n * hd]);
+                    let (mut sq, mut sk) = (vec![0i64; n], vec![0i64; n]);
+                    let sum = |x: &[u8]| x.iter().map(|&x| u32::from(x)).sum::<u32>();
+                    for (i, token) in qkv.chunks_exact(3 * d).enumerate() {
+                        let part = |p: usize| &token[p * d + h * hd..][..hd];
+                        let (qi, ki) = (part(0), part(1));
+                        q[i * hd..][..hd].copy_from_slice(qi);
+                        for (k, &x) in k[i * hd..][..hd].iter_mut().zip(ki) {
+                            *k = (x ^ 0x80) as i8;
+                        }
+                        v[i * hd..][..hd].copy_from_slice(part(2));
+                        (sq[i], sk[i]) = (i64::from(sum(qi)), i64::from(sum(ki)));
                     }
-                }
-                (out, mm + t.elapsed(), sm)
+                    let mut raw = vec![0i32; n * n];
+                    gemm_local(kernel, &q, &Weights::new(kernel, k, n, hd), &mut raw);
+                    let mut x = vec![0i32; n * n];
+                    arch.dispatch(Scores {
+                        att: self,
+                        raw: &raw,
+                        sq: &sq,
+                        sk: &sk,
+                        hd,
+                        out: &mut x,
+                    });
+                    if let (Some(win), Some(w)) = (&self.windows, window) {
+                        win.bias_and_mask(h, w, &mut x);
+                    }
+                    let mm = t.elapsed();
+                    let t = Instant::now();
+                    let mut k_codes = vec![0u16; n * n];
+                    log_int_softmax_with(&x, n, &self.lis, self.bits, &mut k_codes);
+                    let sm = t.elapsed();
+                    let t = Instant::now();
+                    let sums = attn_v(kernel, &k_codes, &v, self.z, hd, self.k_max);
+                    let mut out = vec![0u8; n * hd];
+                    arch.dispatch(Context { att: self, h, hd, sums: &sums, out: &mut out });
+                    (out, mm + t.elapsed(), sm)
+                })
             })
             .collect();
         let mut out = vec![0u8; n * d];
@@ -294,11 +319,55 @@ impl pulp::WithSimd for Scores<'_> {
         let z = i64::from(att.z);
         let constant = hd as i64 * z * z;
         let (m, z_a) = (att.m_scores, i64::from(att.z_a));
+        let columns = att.score_columns.as_ref().filter(|c| c.len() == n);
+        let (mut s, mut t) = (vec![0i32; n], vec![0i64; n]);
         for ((x, raw), &sq) in out.chunks_exact_mut(n).zip(raw.chunks_exact(n)).zip(sq) {
             let row = (128 - z) * sq + constant;
-            for ((x, &r), &sk) in x.iter_mut().zip(raw).zip(sk) {
-                let s = i64::from(r) + row - z * sk;
-                *x = (clamp_code(m.apply_small(s) + z_a, att.hi_a) as i32) - att.z_a;
+            for ((s, &r), &sk) in s.iter_mut().zip(raw).zip(sk) {
+                *s = (i64::from(r) + row - z * sk) as i32;
+            }
+            match columns {
+                Some(columns) => columns.row(&s, &mut t),
+                None => t.iter_mut().zip(&s).for_each(|(t, &s)| *t = m.apply_small(i64::from(s))),
+            }
+            for (x, &t) in x.iter_mut().zip(&t) {
+                *x = (clamp_code(t + z_a, att.hi_a) as i32) - att.z_a;
+            }
+        }
+    }
+}
+
+/// One head's context requantization: `Σ_j 2^(K − k_ij)(v_j − z)` onto the context site. Rows
+/// whose sums lie below 2^30 (all, with 4-bit Log-Int-Softmax: `N · 2^15 · 255 < 2^30` for
+/// `N ≤ 128`, and in practice far more) go through vector lanes, others through i128.
+struct Context<'a> {
+    att: &'a Attention,
+    h: usize,
+    hd: usize,
+    sums: &'a [i64],
+    out: &'a mut [u8],
+}
+
+impl pulp::WithSimd for Context<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let Context { att, h, hd, sums, out } = self;
+        let (m, z) = (&att.m_ctx[h * hd..][..hd], &att.z_c[h * hd..][..hd]);
+        let columns = att.ctx_columns.as_ref().map(|c| &c[h]);
+        let (mut x, mut t) = (vec![0i32; hd], vec![0i64; hd]);
+        for (o, row) in out.chunks_exact_mut(hd).zip(sums.chunks_exact(hd)) {
+            let big = row.iter().fold(0u64, |b, &a| b | a.unsigned_abs());
+            match columns {
+                Some(columns) if big < 1 << 30 => {
+                    x.iter_mut().zip(row).for_each(|(x, &a)| *x = a as i32);
+                    columns.row(&x, &mut t);
+                }
+                _ => t.iter_mut().zip(row).zip(m).for_each(|((t, &a), m)| *t = m.apply(a)),
+            }
+            for ((o, &t), &z) in o.iter_mut().zip(&t).zip(z) {
+                *o = clamp_code(t + i64::from(z), att.hi_c);
             }
         }
     }
@@ -350,13 +419,26 @@ pub(crate) fn compile(
     let head_scale = f64::from(((d / heads) as f64).powf(-0.5) as f32);
     let s = f64::from(g.scale[0]);
     let k_max = ((1u32 << lis_bits.get().min(5)) - 1).min(30);
-    let m_ctx = (0..d)
+    let m_ctx: Vec<Dyadic> = (0..d)
         .map(|c| dyadic(s * 2f64.powi(-(k_max as i32)) / f64::from(gc.scale(c)), err))
         .collect::<Result<_>>()?;
+    let m_scores = small(dyadic(s * s * head_scale / f64::from(ga.scale[0]), err)?, err)?;
+    let score_columns =
+        Columns::new(&vec![m_scores.m; n], &vec![0; n], &vec![m_scores.shift; n]).ok();
+    let hd = d / heads;
+    let ctx_columns = (0..heads)
+        .map(|h| {
+            let m: &[Dyadic] = &m_ctx[h * hd..][..hd];
+            let (mm, shift): (Vec<i64>, Vec<u32>) = m.iter().map(|d| (d.m, d.shift)).unzip();
+            Columns::new(&mm, &vec![0; hd], &shift).ok()
+        })
+        .collect();
     let att = Attention {
         heads,
         z: g.zero_point[0],
-        m_scores: small(dyadic(s * s * head_scale / f64::from(ga.scale[0]), err)?, err)?,
+        m_scores,
+        score_columns,
+        ctx_columns,
         z_a: ga.zero_point[0],
         hi_a: ga.hi(),
         lis: LisConstants::new(s_lis),
@@ -398,8 +480,10 @@ mod tests {
                 })
                 .collect();
             let v: Vec<u8> = (0..n * hd).map(|_| next() as u8).collect();
-            let fast = attn_v(&Kernel::detect(), &k, &v, z, hd, k_max);
-            prop_assert_eq!(fast, attn_v_reference(&k, &v, z, hd, k_max));
+            let want = attn_v_reference(&k, &v, z, hd, k_max);
+            for kernel in Kernel::supported() {
+                prop_assert_eq!(attn_v(&kernel, &k, &v, z, hd, k_max), want.clone(), "{}", kernel.name());
+            }
         }
     }
 
@@ -407,10 +491,12 @@ mod tests {
     fn extremes_hold() {
         // Every weight the largest, every value the farthest from the zero point.
         let (n, hd) = (300, 8);
-        for (v, z) in [(255u8, 0), (0, 255)] {
-            let out = attn_v(&Kernel::detect(), &vec![0; n * n], &vec![v; n * hd], z, hd, 30);
-            let want = ((i64::from(v) - i64::from(z)) * (n as i64)) << 30;
-            assert!(out.iter().all(|&x| x == want));
+        for kernel in Kernel::supported() {
+            for (v, z) in [(255u8, 0), (0, 255)] {
+                let out = attn_v(&kernel, &vec![0; n * n], &vec![v; n * hd], z, hd, 30);
+                let want = ((i64::from(v) - i64::from(z)) * (n as i64)) << 30;
+                assert!(out.iter().all(|&x| x == want), "{}", kernel.name());
+            }
         }
     }
 }

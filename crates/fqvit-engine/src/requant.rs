@@ -115,6 +115,11 @@ impl Columns {
         })
     }
 
+    /// Columns.
+    pub(crate) fn len(&self) -> usize {
+        self.m.len()
+    }
+
     /// `t[j]` for the row `x` (`x[j]` the column's value, `|x| < 2^31`); inline it into a
     /// `pulp` dispatch to vectorise it.
     #[inline(always)]

@@ -326,7 +326,11 @@ pub fn for_each_rows<O: Send>(
     out: &mut [O],
     f: impl Fn(&mut Scratch, &[u8], &mut [O]) + Sync,
 ) {
-    assert!(k > 0 && a.len().is_multiple_of(k), "gemm: {} input codes are not rows of {k}", a.len());
+    assert!(
+        k > 0 && a.len().is_multiple_of(k),
+        "gemm: {} input codes are not rows of {k}",
+        a.len()
+    );
     let m = a.len() / k;
     if m == 0 {
         return;
@@ -366,6 +370,14 @@ fn block(kernel: &Kernel, a: &[u8], w: &Weights, rows: &mut Vec<u32>, out: &mut 
         (Imp::Loops, Packing::None) => Arch::new().dispatch(Block { a, w, out }),
         _ => panic!("gemm: weights prepared for another kernel than {}", kernel.name()),
     }
+}
+
+/// [`gemm`] on this thread alone, for callers that are parallel already (attention's heads).
+///
+/// # Panics
+/// As [`gemm`].
+pub fn gemm_local(kernel: &Kernel, a: &[u8], w: &Weights, out: &mut [i32]) {
+    block(kernel, a, w, &mut Vec::new(), out);
 }
 
 /// The fast path: `kernel`'s, for weights prepared with it, rows in parallel.
