@@ -9,6 +9,8 @@
 //! per step; inference looks codes up in [`Buckets`] instead: `t`'s range cut into power-of-two
 //! buckets no wider than the closest two thresholds, so that each holds at most one threshold
 //! and a code is one load and one compare. Both give the same code for every `t` (tested).
+//! A layer's tables (one, or one per PTF factor) sit in one array ([`ColumnTables`]), so that a
+//! row's lookups compile to vector gathers.
 
 /// Fixed-point sub-steps per hidden-code step.
 pub(crate) const FRACTION_BITS: u32 = 16;
@@ -156,8 +158,9 @@ impl Buckets {
         Some(Buckets { base, last, log2_width, entries })
     }
 
-    /// The code of fixed-point input `t`, as [`GeluTable::code`].
-    #[inline(always)]
+    /// The code of fixed-point input `t`, as [`GeluTable::code`] (the reference of
+    /// [`ColumnTables::row`]).
+    #[cfg(test)]
     pub(crate) fn code(&self, t: i64) -> u8 {
         let r = t.clamp(self.base, self.last) - self.base;
         let e = self.entries[(r >> self.log2_width) as usize];
@@ -165,10 +168,58 @@ impl Buckets {
         let code = if offset >= e & 0xffff { e >> 24 } else { e >> 16 };
         code as u8
     }
+}
+
+/// The [`Buckets`] of every column of a layer (one table, or one per PTF factor) in one array,
+/// with each column's bounds beside it, so that a row's lookups compile to vector gathers.
+#[derive(Clone, Debug)]
+pub(crate) struct ColumnTables {
+    entries: Vec<u32>,
+    /// Per column: its table's `base`, `last − base`, `log2_width` and first entry.
+    base: Vec<i64>,
+    span: Vec<i64>,
+    log2_width: Vec<u32>,
+    start: Vec<u32>,
+}
+
+impl ColumnTables {
+    /// Column `j` looks codes up in `tables[which[j]]`.
+    pub(crate) fn new(tables: &[Buckets], which: &[u8]) -> Self {
+        let mut entries = Vec::new();
+        let mut first = Vec::with_capacity(tables.len());
+        for t in tables {
+            first.push(entries.len() as u32);
+            entries.extend_from_slice(&t.entries);
+        }
+        let col = |j: usize| &tables[usize::from(which[j])];
+        let n = which.len();
+        ColumnTables {
+            base: (0..n).map(|j| col(j).base).collect(),
+            span: (0..n).map(|j| col(j).last - col(j).base).collect(),
+            log2_width: (0..n).map(|j| col(j).log2_width).collect(),
+            start: which.iter().map(|&w| first[usize::from(w)]).collect(),
+            entries,
+        }
+    }
+
+    /// The codes of a row's fixed-point inputs `t`, as [`Buckets::code`] of each column's table;
+    /// inline it into a `pulp` dispatch to vectorise it.
+    #[inline(always)]
+    pub(crate) fn row(&self, t: &[i64], out: &mut [u8]) {
+        let last = self.entries.len() - 1;
+        let bounds = self.base.iter().zip(&self.span).zip(self.log2_width.iter().zip(&self.start));
+        for ((o, &t), ((&base, &span), (&log2, &start))) in out.iter_mut().zip(t).zip(bounds) {
+            let r = (t - base).clamp(0, span);
+            // `min` proves the index in range, so the load needs no check (and vectorises).
+            let e = self.entries[(start as usize + (r >> log2) as usize).min(last)];
+            let offset = (r as u32) & ((1 << log2) - 1);
+            *o = (if offset >= e & 0xffff { e >> 24 } else { e >> 16 }) as u8;
+        }
+    }
 
     /// Bytes held.
     pub(crate) fn bytes(&self) -> usize {
-        self.entries.len() * std::mem::size_of::<u32>()
+        4 * self.entries.len() + 24 * self.base.len()
     }
 }
 
@@ -203,6 +254,30 @@ mod tests {
             }
             for t in [i64::MIN / 4, -(1 << 40), 0, 1 << 40, i64::MAX / 4] {
                 assert_eq!(buckets.code(t), table.code(t), "s {s} z {z} t {t}");
+            }
+        }
+    }
+
+    /// Each column's code equals its own table's, across tables of several scales.
+    #[test]
+    fn column_tables_equal_each_columns_buckets() {
+        let buckets: Vec<Buckets> =
+            SITES.iter().map(|&(s, z)| Buckets::new(&GeluTable::new(s, z, 255)).unwrap()).collect();
+        let which: Vec<u8> = (0..23).map(|j| (j * 3 % 5) as u8).collect();
+        let tables = ColumnTables::new(&buckets, &which);
+        let mut s = 7u64;
+        let mut out = vec![0u8; which.len()];
+        for round in 0..2000 {
+            let t: Vec<i64> = (0..which.len())
+                .map(|_| {
+                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let span = [1i64 << 18, 1 << 24, 1 << 40][round % 3];
+                    (s >> 20) as i64 % span - span / 2
+                })
+                .collect();
+            tables.row(&t, &mut out);
+            for (j, (&t, &o)) in t.iter().zip(&out).enumerate() {
+                assert_eq!(o, buckets[usize::from(which[j])].code(t), "column {j}, t {t}");
             }
         }
     }

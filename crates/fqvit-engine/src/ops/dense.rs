@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::gelu::{Buckets, FRACTION_BITS, GeluTable};
+use crate::gelu::{Buckets, ColumnTables, FRACTION_BITS, GeluTable};
 use crate::gemm::{Kernel, Scratch, Weights, for_each_rows};
 use crate::grid::Grid;
 use crate::load::{dyadic, ln_scale};
@@ -59,18 +59,17 @@ impl InGrid {
 enum Epilogue {
     /// `t` is on the out-site's grid: `clamp(t + z_o, 0, hi)`.
     Requant { zero_point: Vec<i32>, hi: u8 },
-    /// `t` is on GELU's fixed-point grid: its thresholds give the code.
-    Gelu { table: Buckets },
-    /// GELU onto a PTF site: column `j`'s `t` is on the grid of its own scale, whose
-    /// thresholds are `tables[which[j]]` (one table per distinct factor).
-    GeluPtf { tables: Vec<Buckets>, which: Vec<u8> },
+    /// `t` is on GELU's fixed-point grid: its thresholds give the code. Onto a PTF site,
+    /// column `j`'s `t` is on the grid of its own scale, with its own thresholds (one table per
+    /// distinct factor).
+    Gelu { tables: ColumnTables },
 }
 
 impl Epilogue {
     /// Where its time is counted in [`Timings`].
     fn kind(&self) -> &'static str {
         match self {
-            Epilogue::Gelu { .. } | Epilogue::GeluPtf { .. } => "gelu",
+            Epilogue::Gelu { .. } => "gelu",
             Epilogue::Requant { .. } => "requant",
         }
     }
@@ -149,16 +148,7 @@ impl pulp::WithSimd for Epilogues<'_> {
                         *o = clamp_code(t + i64::from(z), *hi);
                     }
                 }
-                Epilogue::Gelu { table } => {
-                    for (o, &t) in o.iter_mut().zip(&t) {
-                        *o = table.code(t);
-                    }
-                }
-                Epilogue::GeluPtf { tables, which } => {
-                    for ((o, &t), &w) in o.iter_mut().zip(&t).zip(which) {
-                        *o = tables[usize::from(w)].code(t);
-                    }
-                }
+                Epilogue::Gelu { tables } => tables.row(&t, o),
             }
         }
     }
@@ -211,7 +201,8 @@ pub(crate) fn compile(
     let (epilogue, t_scale): (Epilogue, Vec<f64>) = if gelu {
         let delta = |j: usize| f64::from(go.scale(j)) / f64::from(1u32 << FRACTION_BITS);
         if go.layer_wise() {
-            (Epilogue::Gelu { table: buckets(go.scale[0])? }, vec![delta(0); n])
+            let tables = ColumnTables::new(&[buckets(go.scale[0])?], &vec![0; n]);
+            (Epilogue::Gelu { tables }, vec![delta(0); n])
         } else {
             // PTF: one table per distinct scale (factor), shared zero point.
             if go.ptf.is_none() || go.zero_point.len() != 1 {
@@ -230,7 +221,8 @@ pub(crate) fn compile(
                 which.push(i as u8);
             }
             let tables = scales.iter().map(|&s| buckets(s)).collect::<Result<Vec<_>>>()?;
-            (Epilogue::GeluPtf { tables, which }, (0..n).map(delta).collect())
+            let tables = ColumnTables::new(&tables, &which);
+            (Epilogue::Gelu { tables }, (0..n).map(delta).collect())
         }
     } else {
         let zero_point = (0..n).map(|j| go.zero_point(j)).collect();
@@ -283,10 +275,7 @@ impl Dense {
     /// Bytes of constants held: the weights, the per-column multipliers and the GELU tables.
     pub(crate) fn bytes(&self) -> usize {
         let table = match &self.epilogue {
-            Epilogue::Gelu { table } => table.bytes(),
-            Epilogue::GeluPtf { tables, which } => {
-                tables.iter().map(Buckets::bytes).sum::<usize>() + which.len()
-            }
+            Epilogue::Gelu { tables } => tables.bytes(),
             Epilogue::Requant { .. } => 0,
         };
         self.w.bytes() + 24 * self.w.n + table
@@ -348,9 +337,10 @@ impl Dense {
             {
                 for (((&q, &p), lo), hi) in row.iter().zip(powers).zip(lo).zip(hi.iter_mut()) {
                     let v = u16::from(q) * p;
+                    let h = (v >> 8) as u8;
                     *lo = v as u8;
-                    *hi = (v >> 8) as u8;
-                    any |= *hi;
+                    *hi = h;
+                    any |= h;
                 }
             }
             any != 0
