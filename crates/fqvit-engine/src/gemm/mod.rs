@@ -1,8 +1,11 @@
 //! The u8 × i8 → i32 GEMM: `out[m][n] = Σ_k a[m][k] · w[n][k]` (raw codes; zero points are
 //! corrected by the caller with the weight row sums).
 //!
-//! The kernels ([`KernelKind`]): `rten-gemm`'s int8 kernel where it is exact (AVX-512 VNNI,
-//! `vpdpbusd`, and its portable kernels: its `may_saturate()` is false); on x86 CPUs with AVX2
+//! The kernels ([`KernelKind`]): with AVX-512 VNNI our `vpdpbusd` kernel (`gemm/vnni.rs`; as
+//! fast as rten's on a batch and without its per-call packing of the activations, which matters
+//! once the GEMM runs per task, fused with its epilogue: [`for_each_rows`]); `rten-gemm`'s int8
+//! kernel where it is exact (AVX-512 VNNI, and its portable kernels: its `may_saturate()` is
+//! false); on x86 CPUs with AVX2
 //! and no VNNI, where rten's `vpmaddubsw` kernel saturates 16-bit pair sums on full-range int8
 //! weights, our 16-bit pair kernel (`gemm/pairs.rs`); and everywhere our widening loops compiled for
 //! the detected instruction set through `pulp`. Zero points are never passed to rten (its
@@ -27,7 +30,7 @@ pub const MAX_K: usize = 1 << 16;
 /// Which int8 GEMM kernel an engine uses; every one gives the same integers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KernelKind {
-    /// `vpdpbusd` in 8 × 32 register tiles (`gemm/vnni.rs`): x86 CPUs with AVX-512 VNNI.
+    /// `vpdpbusd` in 12 × 32 register tiles (`gemm/vnni.rs`): x86 CPUs with AVX-512 VNNI.
     Avx512Vnni,
     /// `rten-gemm`'s kernel, where it is exact on this CPU (AVX-512 VNNI, or its portable one).
     Rten,
@@ -84,8 +87,9 @@ enum Imp {
 }
 
 impl Kernel {
-    /// The fastest exact kernel this CPU runs: rten's where it multiplies bytes exactly with
-    /// SIMD (VNNI), else the AVX2 pairs, else rten's portable kernel or the loops.
+    /// The fastest exact kernel this CPU runs: ours with AVX-512 VNNI, else rten's where it
+    /// multiplies bytes exactly with SIMD, else the AVX2 pairs, else rten's portable kernel or
+    /// the loops.
     pub fn detect() -> Self {
         if let Some(v) = vnni::available() {
             return Kernel { imp: Imp::Vnni(v) };
@@ -268,8 +272,8 @@ const COLS: usize = 4;
 const TASK_ACC_BYTES: usize = 64 << 10;
 
 /// Rows per parallel task for an `(m, k) × (k, n)` product: accumulators of about
-/// [`TASK_ACC_BYTES`], a multiple of 24 rows (the register tiles: 12, 8 and 4 rows), and at least four tasks per
-/// thread where `m` allows.
+/// [`TASK_ACC_BYTES`], a multiple of 24 rows (whole register tiles of every kernel), and at
+/// least four tasks per thread where `m` allows.
 pub fn task_rows(m: usize, n: usize) -> usize {
     let by_cache = TASK_ACC_BYTES / (4 * n.max(1));
     let by_threads = m.div_ceil(4 * rayon::current_num_threads());

@@ -53,13 +53,26 @@ pub(crate) fn add_consts(
     })
 }
 
+/// Rows in tasks of about 16 K codes, each compiled for the detected instruction set.
 pub(crate) fn add(c: &AddConsts, a: &[u8], b: &[u8], out: &mut [u8]) {
     let ch = c.zo.len();
-    out.par_chunks_mut(ch).zip(a.par_chunks(ch).zip(b.par_chunks(ch))).for_each(|(o, (a, b))| {
-        for j in 0..ch {
-            let (a, b) =
-                (i64::from(a[j]) - i64::from(c.za[j]), i64::from(b[j]) - i64::from(c.zb[j]));
-            o[j] = add_codes(a, c.ma[j], b, c.mb[j], c.zo[j], c.hi);
-        }
-    });
+    let task = ch * (16384 / ch.max(1)).max(1);
+    let arch = pulp::Arch::new();
+    out.par_chunks_mut(task).zip(a.par_chunks(task).zip(b.par_chunks(task))).for_each(
+        |(o, (a, b))| {
+            arch.dispatch(|| {
+                let rows = o.chunks_exact_mut(ch).zip(a.chunks_exact(ch).zip(b.chunks_exact(ch)));
+                for (o, (a, b)) in rows {
+                    let zs = c.za.iter().zip(&c.zb).zip(&c.zo);
+                    let ms = c.ma.iter().zip(&c.mb);
+                    for (((o, (&a, &b)), ((&za, &zb), &zo)), (&ma, &mb)) in
+                        o.iter_mut().zip(a.iter().zip(b)).zip(zs).zip(ms)
+                    {
+                        let (a, b) = (i64::from(a) - i64::from(za), i64::from(b) - i64::from(zb));
+                        *o = add_codes(a, ma, b, mb, zo, c.hi);
+                    }
+                }
+            })
+        },
+    );
 }
