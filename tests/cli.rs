@@ -118,7 +118,7 @@ fn contradictory_or_unknown_flags_are_refused_with_a_clear_message() {
     );
     fails_with(
         &with(&["--quant", "--ptf", "--lis", "--engine", "int", "--gemm-kernel", "vnni"]),
-        "unknown GEMM kernel \"vnni\" (expected one of rten, avx2-pairs, loops)",
+        "unknown GEMM kernel \"vnni\" (expected one of avx512-vnni, rten, avx2-pairs, loops)",
     );
     fails_with(&with(&["--on", "dev"]), "--on dev evaluates the train images that --holdout N");
     fails_with(
