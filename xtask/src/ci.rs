@@ -26,24 +26,20 @@ pub(crate) fn ci() -> Result<()> {
     step("tidy", &mut tidy::tidy)?;
     step("setup", &mut || setup::setup().map(drop))?;
     step("fmt", &mut || run(cargo().args(["fmt", "--all", "--check"])))?;
-    step("clippy", &mut || {
-        run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
-    })?;
+    step("clippy", &mut || run(cargo().arg("clippy").args(ALL).args(["--", "-D", "warnings"])))?;
     // nextest (on this project's machines) runs the test binaries side by side, which the long
     // CLI and parity tests need to share the two cores; `.config/nextest.toml` prints the
     // conformance reports. Plain `cargo test` where it is missing.
     if has_nextest() {
         step("test build", &mut || {
-            run(cargo().args(["nextest", "run", "--workspace", "--all-targets", "--no-run"]))
+            run(cargo().args(["nextest", "run"]).args(ALL).arg("--no-run"))
         })?;
         step("tests", &mut || {
-            run(cargo().args(["nextest", "run", "--workspace", "--all-targets", "--no-fail-fast"]))
+            run(cargo().args(["nextest", "run"]).args(ALL).arg("--no-fail-fast"))
         })?;
     } else {
-        step("test build", &mut || {
-            run(cargo().args(["test", "--workspace", "--all-targets", "--no-run"]))
-        })?;
-        step("tests", &mut || run(cargo().args(["test", "--workspace", "--all-targets"])))?;
+        step("test build", &mut || run(cargo().arg("test").args(ALL).arg("--no-run")))?;
+        step("tests", &mut || run(cargo().arg("test").args(ALL)))?;
     }
     // The same float-sensitive tests with libtorch, MKL and oneDNN held to AVX2, so that a
     // machine with AVX-512 sees what an AVX2-only one sees (libtorch's CPU GELU is oneDNN's JIT,
@@ -55,19 +51,25 @@ pub(crate) fn ci() -> Result<()> {
             // The mutation test runs the engine alone: no float result to hold to AVX2.
             let filter: Vec<String> =
                 AVX2_PACKAGES.iter().map(|p| format!("package({p})")).collect();
-            cmd.args(["nextest", "run", "--workspace", "--all-targets", "--no-fail-fast", "-E"])
+            cmd.args(["nextest", "run"])
+                .args(ALL)
+                .args(["--no-fail-fast", "-E"])
                 .arg(format!("({}) - binary(mutation)", filter.join(" | ")));
         } else {
-            cmd.args(["test", "--all-targets"]);
+            cmd.args(["test", "--all-features", "--all-targets"]);
             for package in AVX2_PACKAGES {
                 cmd.args(["-p", package]);
             }
         }
         run(cmd.envs(AVX2_ENV.iter().copied()))
     })?;
-    step("doc tests", &mut || run(cargo().args(["test", "--workspace", "--doc"])))?;
+    step("doc tests", &mut || {
+        run(cargo().args(["test", "--workspace", "--all-features", "--doc"]))
+    })?;
     step("doc", &mut || {
-        run(cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))
+        run(cargo()
+            .args(["doc", "--workspace", "--all-features", "--no-deps"])
+            .env("RUSTDOCFLAGS", "-D warnings"))
     })?;
     for (name, secs) in &steps {
         eprintln!("xtask ci: {name:<10} {secs:>7.0} s");
@@ -75,6 +77,9 @@ pub(crate) fn ci() -> Result<()> {
     eprintln!("xtask ci: all checks passed in {:.0} s", start.elapsed().as_secs_f64());
     Ok(())
 }
+
+/// Every crate, target and feature (the `pth` feature's `.pth` reader is tested too).
+const ALL: [&str; 3] = ["--workspace", "--all-targets", "--all-features"];
 
 /// The crates whose tests compare libtorch's float32 results (the simulation, the observers,
 /// the conformance and engine comparisons); the CLI's end-to-end runs are the same code again.

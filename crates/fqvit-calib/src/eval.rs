@@ -57,6 +57,7 @@ pub struct EvalOptions {
 
 /// How classes with equal logits are ranked (quantized logits tie often: spec §12.12).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Ties {
     /// libtorch's `topk(5, dim 1, largest, sorted)` on the CPU copy of the logits: the

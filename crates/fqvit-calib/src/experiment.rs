@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 
 /// The activation observer (`--quant-method`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// Running min/max.
@@ -53,6 +54,7 @@ pub enum ActGranularity {
 
 /// Which calibration images, in which order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum CalibOrder {
     /// `<DATA>/train` shuffled by [`crate::data::shuffle`] with the seed (the original shuffles too).

@@ -137,8 +137,8 @@ pub(crate) struct BenchTableArgs {
     #[arg(long)]
     pub(crate) force: bool,
     /// Calibration image order.
-    #[arg(long, value_enum, default_value_t = OrderArg::Shuffled)]
-    pub(crate) calib_order: OrderArg,
+    #[arg(long, value_enum, default_value_t)]
+    pub(crate) calib_order: fqvit_calib::experiment::CalibOrder,
     /// Calibration images per batch [eval's default: 100].
     #[arg(long)]
     pub(crate) calib_batchsize: Option<usize>,
@@ -170,10 +170,17 @@ pub(crate) struct BenchArgs {
     /// Also time the integer engine (`int_images_per_s`), in this process, on the same model.
     #[arg(long, value_enum, default_value_t = EngineArg::Sim)]
     pub(crate) engine: EngineArg,
-    /// With `--engine int`: the int8 GEMM kernel (`rten`, `avx2-pairs`, `loops`); by default
+    /// With `--engine int`: the int8 GEMM kernel (`avx512-vnni`, `rten`, `avx2-pairs`,
+    /// `loops`); by default
     /// the fastest this CPU runs exactly. All give the same integers.
     #[arg(long, value_name = "KERNEL")]
     pub(crate) gemm_kernel: Option<fqvit_engine::KernelKind>,
+}
+
+/// A value's spelling on the command line (clap's name of the variant; a test holds it equal to
+/// the TOML spelling where the type is also read from configs).
+pub(crate) fn flag_value<T: ValueEnum>(value: &T) -> String {
+    value.to_possible_value().map(|v| v.get_name().to_owned()).unwrap_or_default()
 }
 
 /// What runs the quantized model.
@@ -206,63 +213,6 @@ pub(crate) enum DeviceArg {
     Cpu,
     /// The first CUDA GPU.
     Cuda,
-}
-
-/// How classes with equal logits are ranked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub(crate) enum TiesArg {
-    /// libtorch's topk on the CPU, as the original's accuracy.
-    Torch,
-    /// The lower class index first.
-    LowerIndex,
-}
-
-/// The activation observer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub(crate) enum MethodArg {
-    /// Running min/max.
-    Minmax,
-    /// EMA of min/max (σ = 0.01).
-    Ema,
-    /// EMA of the 1e-5 / 0.99999 quantiles.
-    Percentile,
-    /// MSE-optimal range shrink on the last batch.
-    Omse,
-}
-
-/// `--lis-input`: the library's own type, spelled as in TOML.
-fn lis_input() -> impl clap::builder::TypedValueParser<Value = fqvit_calib::experiment::LisInput> {
-    use clap::builder::TypedValueParser;
-    use fqvit_calib::experiment::LisInput;
-    clap::builder::PossibleValuesParser::new(["float", "rounded"]).map(|s| match s.as_str() {
-        "rounded" => LisInput::Rounded,
-        _ => LisInput::Float,
-    })
-}
-
-fn std_sqrt() -> impl clap::builder::TypedValueParser<Value = fqvit_calib::experiment::StdSqrt> {
-    use clap::builder::TypedValueParser;
-    use fqvit_calib::experiment::StdSqrt;
-    clap::builder::PossibleValuesParser::new(StdSqrt::ALL.map(StdSqrt::as_str)).map(|s| {
-        StdSqrt::ALL.into_iter().find(|r| r.as_str() == s).expect("one of the possible values")
-    })
-}
-
-fn ptf_range() -> impl clap::builder::TypedValueParser<Value = fqvit_calib::experiment::PtfRange> {
-    use clap::builder::TypedValueParser;
-    use fqvit_calib::experiment::PtfRange;
-    clap::builder::PossibleValuesParser::new(PtfRange::ALL.map(PtfRange::as_str)).map(|s| {
-        PtfRange::ALL.into_iter().find(|r| r.as_str() == s).expect("one of the possible values")
-    })
-}
-
-/// Calibration image order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub(crate) enum OrderArg {
-    /// Seeded shuffle of <DATA>/train (Fisher–Yates with SplitMix64, see docs/cli.md).
-    Shuffled,
-    /// Sorted path order (reproducible across implementations).
-    Sorted,
 }
 
 /// Where the model and its weights come from.
@@ -305,7 +255,7 @@ pub(crate) struct QuantArgs {
     pub(crate) lis: bool,
     /// Activation observer [default: minmax].
     #[arg(long, value_enum)]
-    pub(crate) quant_method: Option<MethodArg>,
+    pub(crate) quant_method: Option<fqvit_calib::experiment::Method>,
     /// Log2 code bits of Log-Int-Softmax [default: 4].
     /// (2..=8; needs --lis).
     #[arg(long)]
@@ -313,11 +263,11 @@ pub(crate) struct QuantArgs {
     /// The integer LayerNorm's square root [default: libtorch]: libtorch's float32 sqrt (the
     /// original's; its rounding depends on the CPU), exact (correctly rounded), or integer
     /// (every per-token step in integers, as the integer engine).
-    #[arg(long, value_parser = std_sqrt())]
+    #[arg(long, value_enum)]
     pub(crate) layer_norm_sqrt: Option<fqvit_calib::experiment::StdSqrt>,
     /// What Log-Int-Softmax reads in the quantized forward [default: float, the original's];
     /// `rounded` is the integer engine's input. Also with --qparams.
-    #[arg(long, value_parser = lis_input())]
+    #[arg(long, value_enum)]
     pub(crate) lis_input: Option<fqvit_calib::experiment::LisInput>,
     /// Leave these site groups in float in the quantized forward (a research tool: which
     /// quantization costs the accuracy): weights, residual, norm-out, qkv-out, attn-scores,
@@ -333,7 +283,7 @@ pub(crate) struct QuantArgs {
     pub(crate) ptf_max_factor: Option<fqvit_ops::PtfFactor>,
     /// The range PTF sites take their largest scale and zero point from [default: min-max, the
     /// original's]; symmetric centres the zero point.
-    #[arg(long, value_parser = ptf_range())]
+    #[arg(long, value_enum)]
     pub(crate) ptf_range: Option<fqvit_calib::experiment::PtfRange>,
     /// Calibration images per batch [default: 100].
     #[arg(long)]
@@ -343,7 +293,7 @@ pub(crate) struct QuantArgs {
     pub(crate) calib_iter: Option<usize>,
     /// Calibration image order [default: shuffled].
     #[arg(long, value_enum)]
-    pub(crate) calib_order: Option<OrderArg>,
+    pub(crate) calib_order: Option<fqvit_calib::experiment::CalibOrder>,
     /// Shuffle seed [default: 0].
     #[arg(long)]
     pub(crate) seed: Option<u64>,
@@ -383,8 +333,8 @@ pub(crate) struct EvalArgs {
     pub(crate) skip_bad: bool,
     /// How equal logits rank (quantized logits tie often): libtorch's topk on the CPU as the
     /// original, or the lower class index first.
-    #[arg(long, value_enum, default_value_t = TiesArg::Torch)]
-    pub(crate) ties: TiesArg,
+    #[arg(long, value_enum, default_value_t)]
+    pub(crate) ties: fqvit_calib::eval::Ties,
     /// Write the results, configuration and per-image predictions to this JSON file.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
@@ -399,7 +349,8 @@ pub(crate) struct EvalArgs {
     /// the first N val images, free-running and with each op fed the simulation's codes.
     #[arg(long, value_name = "N")]
     pub(crate) site_agreement: Option<usize>,
-    /// With `--engine int`: the int8 GEMM kernel (`rten`, `avx2-pairs`, `loops`); by default
+    /// With `--engine int`: the int8 GEMM kernel (`avx512-vnni`, `rten`, `avx2-pairs`,
+    /// `loops`); by default
     /// the fastest this CPU runs exactly. All give the same integers.
     #[arg(long, value_name = "KERNEL")]
     pub(crate) gemm_kernel: Option<fqvit_engine::KernelKind>,

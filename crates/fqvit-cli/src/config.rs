@@ -5,9 +5,8 @@
 
 use anyhow::{Context, Result};
 use fqvit_calib::Experiment;
-use fqvit_calib::experiment::{CalibOrder, Method};
 
-use crate::cli::{MethodArg, OrderArg, QuantArgs};
+use crate::cli::QuantArgs;
 
 pub(crate) fn resolve(args: &QuantArgs) -> Result<Experiment> {
     resolve_with(args, false)
@@ -31,12 +30,7 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
     exp.ptf |= args.ptf;
     exp.lis |= args.lis;
     if let Some(m) = args.quant_method {
-        exp.quant_method = match m {
-            MethodArg::Minmax => Method::Minmax,
-            MethodArg::Ema => Method::Ema,
-            MethodArg::Percentile => Method::Percentile,
-            MethodArg::Omse => Method::Omse,
-        };
+        exp.quant_method = m;
     }
     if let Some(bits) = args.attn_bits {
         anyhow::ensure!(
@@ -70,10 +64,7 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
     cal.seed = args.seed.unwrap_or(cal.seed);
     cal.holdout = args.holdout.unwrap_or(cal.holdout);
     if let Some(order) = args.calib_order {
-        cal.order = match order {
-            OrderArg::Shuffled => CalibOrder::Shuffled,
-            OrderArg::Sorted => CalibOrder::Sorted,
-        };
+        cal.order = order;
     }
     let needs_quant: Vec<&str> = [
         ("--quant-method", args.quant_method.is_some()),
@@ -139,5 +130,31 @@ mod tests {
             seen += 1;
         }
         assert!(seen >= 6, "{seen} configs");
+    }
+
+    /// A setting read from flags and from TOML is spelled the same in both: clap's names of the
+    /// library's variants equal serde's, and the names the library prints.
+    #[test]
+    fn flags_and_configs_spell_every_value_alike() {
+        use clap::ValueEnum;
+        use fqvit_calib::eval::Ties;
+        use fqvit_calib::experiment::{CalibOrder, LisInput, Method, PtfRange, StdSqrt};
+
+        fn check<T: ValueEnum + serde::Serialize>() -> Vec<String> {
+            T::value_variants()
+                .iter()
+                .map(|v| {
+                    let flag = crate::cli::flag_value(v);
+                    assert_eq!(serde_json::to_value(v).unwrap(), flag.as_str(), "{flag}");
+                    flag
+                })
+                .collect()
+        }
+        assert_eq!(check::<Method>(), ["minmax", "ema", "percentile", "omse"]);
+        assert_eq!(check::<CalibOrder>(), ["shuffled", "sorted"]);
+        assert_eq!(check::<Ties>(), ["torch", "lower-index"]);
+        assert_eq!(check::<LisInput>(), ["float", "rounded"]);
+        assert_eq!(check::<PtfRange>(), PtfRange::ALL.map(PtfRange::as_str));
+        assert_eq!(check::<StdSqrt>(), StdSqrt::ALL.map(StdSqrt::as_str));
     }
 }

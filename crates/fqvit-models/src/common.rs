@@ -1,11 +1,8 @@
 //! Pieces ViT and Swin share: the MLP and the helper that names activation sites.
 
-use fqvit_program::{Builder, Normalize, Op, Value};
-use tch::Tensor;
 use tch::nn::Path;
 
-use crate::Preprocess;
-use crate::mode::Mode;
+use crate::net::Net;
 use crate::quant::{Act, Linear};
 use crate::site::{SiteTable, TensorClass};
 
@@ -38,16 +35,10 @@ impl Mlp {
         Mlp { fc1, hidden: hidden_act, fc2, out }
     }
 
-    /// The integer form of [`Mlp::forward`]: GELU is part of fc1's op.
-    pub(crate) fn program(&self, b: &mut Builder, sites: &SiteTable, input: Value) -> Value {
-        let h = self.fc1.program(b, sites, input, true, self.hidden.site());
-        self.fc2.program(b, sites, h, false, self.out.site())
-    }
-
-    pub(crate) fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
-        let x = self.fc1.forward(xs, mode).gelu("none");
-        let x = self.hidden.forward(&x, mode);
-        self.out.forward(&self.fc2.forward(&x, mode), mode)
+    /// fc1 with GELU, fc2 (in the program GELU is part of fc1's op).
+    pub(crate) fn run<'m, N: Net<'m>>(&'m self, n: &mut N, x: &N::V) -> N::V {
+        let h = n.linear(&self.fc1, x, true, &self.hidden);
+        n.linear(&self.fc2, &h, false, &self.out)
     }
 }
 
@@ -76,9 +67,4 @@ pub(crate) fn act_renamed(
 ) -> Act {
     let join = |p: &str, s: &str| if p.is_empty() { s.to_owned() } else { format!("{p}.{s}") };
     Act::new(sites, join(prefix, name), join(original_prefix, original), class, channels as usize)
-}
-
-/// A program's first op: 8-bit images of side `size` and the normalization `pp` applies.
-pub(crate) fn image_op(b: &mut Builder, size: i64, pp: Preprocess) -> Value {
-    b.push(Op::Image { size: size as usize, normalize: Normalize { mean: pp.mean, std: pp.std } })
 }

@@ -8,7 +8,8 @@
 //!   `_load_weights` does.
 //!
 //! `.pth` files are read without executing pickle code (candle's pickle reader interprets the
-//! opcodes and only rebuilds tensors); `.npz` with tch's reader. The result still has to pass
+//! opcodes and only rebuilds tensors; cargo feature `pth`, off by default, so that the common
+//! build does not compile candle); `.npz` with tch's reader. The result still has to pass
 //! [`load_strict`](crate::weights::load_strict) against the model.
 
 use std::collections::BTreeMap;
@@ -40,6 +41,7 @@ pub fn convert(arch: &Architecture, input: &Path) -> Result<Vec<(String, Tensor)
 }
 
 /// The tensors of a PyTorch checkpoint (its `model` entry if it has one) that `keep` accepts.
+#[cfg(feature = "pth")]
 fn read_pth(path: &Path, keep: impl Fn(&str) -> bool) -> Result<BTreeMap<String, Tensor>> {
     let bad = |reason: String| Error::Convert { path: path.to_owned(), reason };
     let file = candle_core::pickle::PthTensors::new(path, Some("model"))
@@ -59,6 +61,7 @@ fn read_pth(path: &Path, keep: impl Fn(&str) -> bool) -> Result<BTreeMap<String,
     Ok(out)
 }
 
+#[cfg(feature = "pth")]
 /// A float32 candle tensor as a tch tensor (the paper's checkpoints are float32).
 fn to_tch(t: &candle_core::Tensor) -> std::result::Result<Tensor, String> {
     if t.dtype() != candle_core::DType::F32 {
@@ -68,6 +71,16 @@ fn to_tch(t: &candle_core::Tensor) -> std::result::Result<Tensor, String> {
     let shape: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
     Ok(Tensor::from_slice(&data).view(shape.as_slice()))
 }
+
+/// Without the `pth` feature: the refusal says how to build with it.
+#[cfg(not(feature = "pth"))]
+fn read_pth(path: &Path, _keep: impl Fn(&str) -> bool) -> Result<BTreeMap<String, Tensor>> {
+    Err(Error::Convert { path: path.to_owned(), reason: PTH_FEATURE.into() })
+}
+
+/// What a build without the `pth` feature says about a `.pth` checkpoint.
+pub const PTH_FEATURE: &str = "reading `.pth` checkpoints needs fqvit built with the `pth` \
+     feature (cargo build --release -p fqvit-cli --features pth)";
 
 fn read_npz(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let tensors = Tensor::read_npz(path).map_err(|e| Error::Convert {

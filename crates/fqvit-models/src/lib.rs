@@ -26,6 +26,7 @@ mod common;
 pub mod convert;
 mod error;
 mod mode;
+mod net;
 pub mod quant;
 mod registry;
 pub mod site;

@@ -7,11 +7,12 @@
 //! quantization sites are the same, and each site keeps the original's module name.
 
 use tch::nn::{Init, Path};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::Preprocess;
 use crate::common::{Mlp, act, act_renamed};
 use crate::mode::Mode;
+use crate::net::{self, Net, Sim};
 use crate::quant::{Act, Classifier, Conv2d, Layer, LayerNorm, Linear, Quantizable, Softmax};
 use crate::site::{SiteId, SiteTable, TensorClass};
 use fqvit_program::{Builder, Op, Program, Value, windows};
@@ -100,7 +101,7 @@ impl Config {
 
 /// Window attention with the relative position bias (spec §8.2, 6 sites).
 #[derive(Debug)]
-struct WindowAttention {
+pub(crate) struct WindowAttention {
     qkv: Linear,
     qkv_out: Act,
     scores: Act,
@@ -118,6 +119,19 @@ struct WindowAttention {
     window: i64,
     num_heads: i64,
     scale: f64,
+    /// The side of the block's token grid.
+    resolution: i64,
+    /// The cyclic shift (0 or half a window).
+    shift: i64,
+    /// The shifted-window mask `(nW, N, N)` when `shift > 0`.
+    mask: Option<Tensor>,
+}
+
+/// Where a block's attention sits: its stage's geometry.
+struct Grid {
+    resolution: i64,
+    window: i64,
+    shift: i64,
 }
 
 impl WindowAttention {
@@ -127,8 +141,9 @@ impl WindowAttention {
         prefix: &str,
         dim: i64,
         num_heads: i64,
-        window: i64,
+        grid: Grid,
     ) -> Self {
+        let Grid { resolution, window, shift } = grid;
         let o = format!("{prefix}.attn");
         let linear = |sites: &mut SiteTable, name: &str, out_dim| {
             let site = format!("{o}.{name}");
@@ -175,28 +190,29 @@ impl WindowAttention {
             window,
             num_heads,
             scale: ((dim / num_heads) as f64).powf(-0.5),
+            resolution,
+            shift,
+            mask: (shift > 0).then(|| shift_mask(resolution, window, shift, p.device())),
         }
     }
 
-    /// The integer form of the block's roll, windowing, [`WindowAttention::forward`] and their
-    /// inverses, on the LayerNorm's out-site codes in token order.
-    fn program(
-        &self,
-        b: &mut Builder,
-        sites: &SiteTable,
-        input: Value,
-        resolution: i64,
-        shift: i64,
-    ) -> Value {
+    /// Its layers: qkv, the softmax, the projection.
+    pub(crate) fn layers(&self) -> [Layer<'_>; 3] {
+        [Layer::Linear(&self.qkv), Layer::Softmax(&self.softmax), Layer::Linear(&self.proj)]
+    }
+
+    /// The integer form of [`WindowAttention::forward_tokens`]: qkv, one op for the roll,
+    /// windows, heads and their inverses, the projection.
+    pub(crate) fn program(&self, b: &mut Builder, sites: &SiteTable, input: Value) -> Value {
         let name = |id: SiteId| sites.get(id).name.clone();
         let qkv = self.qkv.program(b, sites, input, false, self.qkv_out.site());
         let ctx = b.push(Op::WindowAttention {
             input: qkv,
             heads: self.num_heads as usize,
             lis_bits: b.lis_bits(),
-            resolution: resolution as usize,
+            resolution: self.resolution as usize,
             window: self.window as usize,
-            shift: shift as usize,
+            shift: self.shift as usize,
             scores_site: name(self.scores.site()),
             table: self.table_name.clone(),
             table_site: name(self.table_out.site()),
@@ -204,6 +220,20 @@ impl WindowAttention {
             out_site: name(self.context.site()),
         });
         self.proj.program(b, sites, ctx, false, self.proj_out.site())
+    }
+
+    /// The block's attention on the LayerNorm's codes `(B, L, C)` in token order: the cyclic
+    /// shift, the windows, [`WindowAttention::forward`], and back.
+    pub(crate) fn forward_tokens(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
+        let (b, l, c) = xs.size3().expect("Swin block input is (B, L, C)");
+        let (res, s) = (self.resolution, self.shift);
+        let h = xs.view([b, res, res, c]);
+        let h = if s > 0 { h.roll([-s, -s], [1, 2]) } else { h };
+        let windows = window_partition(&h, self.window);
+        let windows = self.forward(&windows, self.mask.as_ref(), mode);
+        let h = window_reverse(&windows, self.window, b, res, res);
+        let h = if s > 0 { h.roll([s, s], [1, 2]) } else { h };
+        h.view([b, l, c])
     }
 
     /// Attention within windows `(B·nW, N, C)`; `mask` is `(nW, N, N)` for shifted windows.
@@ -272,17 +302,11 @@ fn window_reverse(windows: &Tensor, window: i64, b: i64, h: i64, w: i64) -> Tens
 #[derive(Debug)]
 struct Block {
     norm1: LayerNorm,
-    norm1_out: Act,
     attn: WindowAttention,
     residual1: Act,
     norm2: LayerNorm,
-    norm2_out: Act,
     mlp: Mlp,
     residual2: Act,
-    resolution: i64,
-    window: i64,
-    shift: i64,
-    mask: Option<Tensor>,
 }
 
 /// Where a block sits.
@@ -311,7 +335,8 @@ impl Block {
             at.last_q,
             norm1_out.site(),
         );
-        let attn = WindowAttention::new(&(p / "attn"), sites, &o, d, at.heads, window);
+        let grid = Grid { resolution, window, shift };
+        let attn = WindowAttention::new(&(p / "attn"), sites, &o, d, at.heads, grid);
         let residual1 = act(sites, &o, "residual1", "qact2", TensorClass::LayerNormInput, d);
         let norm2_out = act(sites, &o, "norm2_out", "qact3", TensorClass::Activation, d);
         let norm2 = LayerNorm::new(
@@ -325,46 +350,16 @@ impl Block {
         );
         let mlp = Mlp::new(&(p / "mlp"), sites, &o, d, d * cfg.mlp_ratio);
         let residual2 = act(sites, &o, "residual2", "qact4", TensorClass::LayerNormInput, d);
-        let mask = (shift > 0).then(|| shift_mask(resolution, window, shift, p.device()));
-        Block {
-            norm1,
-            norm1_out,
-            attn,
-            residual1,
-            norm2,
-            norm2_out,
-            mlp,
-            residual2,
-            resolution,
-            window,
-            shift,
-            mask,
-        }
+        Block { norm1, attn, residual1, norm2, mlp, residual2 }
     }
 
-    /// The integer form of [`Block::forward`].
-    fn program(&self, b: &mut Builder, sites: &SiteTable, xs: Value) -> Value {
-        let name = |id: SiteId| sites.get(id).name.clone();
-        let h = self.norm1.program(b, sites, xs);
-        let a = self.attn.program(b, sites, h, self.resolution, self.shift);
-        let x = b.push(Op::Add { a: xs, b: a, out_site: name(self.residual1.site()) });
-        let h = self.norm2.program(b, sites, x);
-        let m = self.mlp.program(b, sites, h);
-        b.push(Op::Add { a: x, b: m, out_site: name(self.residual2.site()) })
-    }
-
-    fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
-        let (b, l, c) = xs.size3().expect("Swin block input is (B, L, C)");
-        let (res, s) = (self.resolution, self.shift);
-        let h = self.norm1_out.forward(&self.norm1.forward(xs, mode), mode).view([b, res, res, c]);
-        let h = if s > 0 { h.roll([-s, -s], [1, 2]) } else { h };
-        let windows = window_partition(&h, self.window);
-        let windows = self.attn.forward(&windows, self.mask.as_ref(), mode);
-        let h = window_reverse(&windows, self.window, b, res, res);
-        let h = if s > 0 { h.roll([s, s], [1, 2]) } else { h };
-        let x = self.residual1.forward(&(xs + h.view([b, l, c])), mode);
-        let h = self.norm2_out.forward(&self.norm2.forward(&x, mode), mode);
-        self.residual2.forward(&(&x + self.mlp.forward(&h, mode)), mode)
+    fn run<'m, N: Net<'m>>(&'m self, n: &mut N, xs: &N::V) -> N::V {
+        let h = n.layer_norm(&self.norm1, xs);
+        let a = n.window_attention(&self.attn, &h);
+        let x = n.add(xs, &a, &self.residual1);
+        let h = n.layer_norm(&self.norm2, &x);
+        let m = self.mlp.run(n, &h);
+        n.add(&x, &m, &self.residual2)
     }
 }
 
@@ -373,7 +368,6 @@ impl Block {
 #[derive(Debug)]
 struct PatchMerging {
     norm: LayerNorm,
-    norm_out: Act,
     reduction: Linear,
     out: Act,
     resolution: i64,
@@ -421,27 +415,22 @@ impl PatchMerging {
         );
         let out =
             act_renamed(sites, &o, "out", &original, "qact2", TensorClass::LayerNormInput, 2 * dim);
-        PatchMerging { norm, norm_out, reduction, out, resolution: cfg.resolution(stage - 1) }
+        PatchMerging { norm, reduction, out, resolution: cfg.resolution(stage - 1) }
     }
 
-    /// The integer form of [`PatchMerging::forward`].
-    fn program(&self, b: &mut Builder, sites: &SiteTable, xs: Value) -> Value {
-        let x = b.push(Op::PatchMerge { input: xs, resolution: self.resolution as usize });
-        let x = self.norm.program(b, sites, x);
-        self.reduction.program(b, sites, x, false, self.out.site())
+    fn run<'m, N: Net<'m>>(&'m self, n: &mut N, xs: &N::V) -> N::V {
+        let x = n.patch_merge(self.resolution, xs);
+        let x = n.layer_norm(&self.norm, &x);
+        n.linear(&self.reduction, &x, false, &self.out)
     }
+}
 
-    fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
-        let (b, _, c) = xs.size3().expect("patch merging input is (B, L, C)");
-        let half = self.resolution / 2;
-        let x = xs.view([b, half, 2, half, 2, c]).permute([0, 1, 3, 4, 2, 5]).reshape([
-            b,
-            half * half,
-            4 * c,
-        ]);
-        let x = self.norm_out.forward(&self.norm.forward(&x, mode), mode);
-        self.out.forward(&self.reduction.forward(&x, mode), mode)
-    }
+/// `(B, L, C)` → `(B, L/4, 4C)`: each 2 × 2 neighbourhood of the `resolution`-sided grid as
+/// `[x(0,0), x(1,0), x(0,1), x(1,1)]`.
+pub(crate) fn merge_patches(xs: &Tensor, resolution: i64) -> Tensor {
+    let (b, _, c) = xs.size3().expect("patch merging input is (B, L, C)");
+    let half = resolution / 2;
+    xs.view([b, half, 2, half, 2, c]).permute([0, 1, 3, 4, 2, 5]).reshape([b, half * half, 4 * c])
 }
 
 #[derive(Debug)]
@@ -460,10 +449,8 @@ pub struct Swin {
     patch_proj: Conv2d,
     patch_proj_out: Act,
     patch_norm: LayerNorm,
-    patch_out: Act,
     stages: Vec<Stage>,
     norm: LayerNorm,
-    norm_out: Act,
     pooled: Act,
     head: Linear,
     logits: Act,
@@ -543,10 +530,8 @@ impl Swin {
             patch_proj,
             patch_proj_out,
             patch_norm,
-            patch_out,
             stages,
             norm,
-            norm_out,
             pooled,
             head,
             logits,
@@ -575,23 +560,28 @@ impl Classifier for Swin {
 
     fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
         let _span = tracing::trace_span!("swin.forward").entered();
-        let x = self.input.forward(xs, mode);
-        let x = self.patch_proj.forward(&x, mode).flatten(2, -1).transpose(1, 2);
-        let x = self.patch_proj_out.forward(&x, mode);
-        let mut x = self.patch_out.forward(&self.patch_norm.forward(&x, mode), mode);
+        self.run(&mut Sim { mode }, xs)
+    }
+}
+
+impl Swin {
+    /// The network, once, for every interpreter ([`crate::net`]).
+    fn run<'m, N: Net<'m>>(&'m self, n: &mut N, image: &N::V) -> N::V {
+        let x = n.quantize_image(Some(&self.input), image);
+        let x = n.patch_embed(&self.patch_proj, &self.patch_proj_out, &x);
+        let mut x = n.layer_norm(&self.patch_norm, &x);
         for (s, stage) in self.stages.iter().enumerate() {
             let _span = tracing::trace_span!("stage", s).entered();
             if let Some(merge) = &stage.downsample {
-                x = merge.forward(&x, mode);
+                x = merge.run(n, &x);
             }
             for block in &stage.blocks {
-                x = block.forward(&x, mode);
+                x = block.run(n, &x);
             }
         }
-        let x = self.norm_out.forward(&self.norm.forward(&x, mode), mode);
-        let x = self.pooled.forward(&x.mean_dim([1i64].as_slice(), false, Kind::Float), mode);
-        let x = self.head.forward(&x, mode);
-        self.logits.forward(&x, mode)
+        let x = n.layer_norm(&self.norm, &x);
+        let x = n.mean_tokens(&x, &self.pooled);
+        n.linear(&self.head, &x, false, &self.logits)
     }
 }
 
@@ -604,54 +594,16 @@ impl Quantizable for Swin {
         self.device
     }
 
-    /// Mirrors [`Classifier::forward`] op for op.
     fn program(&self, lis_bits: Option<fqvit_ops::softmax::LisBits>) -> Option<Program> {
-        let sites = &self.sites;
-        let name = |id: SiteId| sites.get(id).name.clone();
-        let mut b = Builder::new(lis_bits);
-        let image = crate::common::image_op(&mut b, self.cfg.img_size, self.cfg.preprocess);
-        let x = b.push(Op::QuantizeImage { input: image, site: name(self.input.site()) });
-        let x = b.push(Op::PatchEmbed {
-            input: x,
-            layer: name(self.patch_proj.site()),
-            patch: self.cfg.patch_size as usize,
-            out_site: name(self.patch_proj_out.site()),
-        });
-        let mut x = self.patch_norm.program(&mut b, sites, x);
-        for stage in &self.stages {
-            if let Some(merge) = &stage.downsample {
-                x = merge.program(&mut b, sites, x);
-            }
-            for block in &stage.blocks {
-                x = block.program(&mut b, sites, x);
-            }
-        }
-        let x = self.norm.program(&mut b, sites, x);
-        let x = b.push(Op::MeanTokens { input: x, out_site: name(self.pooled.site()) });
-        let x = self.head.program(&mut b, sites, x, false, self.logits.site());
-        b.push(Op::Output { input: x });
-        Some(b.finish())
+        let (mut p, image) =
+            net::Program::new(&self.sites, lis_bits, self.cfg.img_size, self.cfg.preprocess);
+        let logits = self.run(&mut p, &image);
+        Some(p.finish(logits))
     }
 
     fn layers(&self) -> Vec<Layer<'_>> {
-        let mut out = vec![Layer::Conv2d(&self.patch_proj), Layer::LayerNorm(&self.patch_norm)];
-        for stage in &self.stages {
-            if let Some(merge) = &stage.downsample {
-                out.extend([Layer::LayerNorm(&merge.norm), Layer::Linear(&merge.reduction)]);
-            }
-            for b in &stage.blocks {
-                out.extend([
-                    Layer::LayerNorm(&b.norm1),
-                    Layer::Linear(&b.attn.qkv),
-                    Layer::Softmax(&b.attn.softmax),
-                    Layer::Linear(&b.attn.proj),
-                    Layer::LayerNorm(&b.norm2),
-                    Layer::Linear(&b.mlp.fc1),
-                    Layer::Linear(&b.mlp.fc2),
-                ]);
-            }
-        }
-        out.extend([Layer::LayerNorm(&self.norm), Layer::Linear(&self.head)]);
-        out
+        let mut layers = net::Layers::default();
+        self.run(&mut layers, &());
+        layers.layers
     }
 }

@@ -7,6 +7,7 @@ use tch::{Device, Tensor};
 use crate::Preprocess;
 use crate::common::{Mlp, act};
 use crate::mode::Mode;
+use crate::net::{self, Net, Sim};
 use crate::quant::{Act, Classifier, Conv2d, Layer, LayerNorm, Linear, Quantizable, Softmax};
 use crate::site::{SiteId, SiteTable, TensorClass};
 use fqvit_program::{Builder, Op, Program, Value};
@@ -85,15 +86,22 @@ impl Config {
     }
 }
 
+/// Self-attention: qkv, the heads, the projection.
 #[derive(Debug)]
 struct Attention {
     qkv: Linear,
     qkv_out: Act,
+    heads: Heads,
+    proj: Linear,
+    proj_out: Act,
+}
+
+/// The heads between qkv and the projection: scores, softmax and context, one program op.
+#[derive(Debug)]
+pub(crate) struct Heads {
     scores: Act,
     softmax: Softmax,
     context: Act,
-    proj: Linear,
-    proj_out: Act,
     num_heads: i64,
     scale: f64,
 }
@@ -127,36 +135,45 @@ impl Attention {
         );
         let proj_out = act(sites, &o, "proj_out", "qact3", TensorClass::Activation, d);
         let head_dim = d / cfg.num_heads;
-        Attention {
-            qkv,
-            qkv_out,
+        let heads = Heads {
             softmax: Softmax::new(format!("{o}.softmax"), scores.site(), probs),
             scores,
             context,
-            proj,
-            proj_out,
             num_heads: cfg.num_heads,
             scale: (head_dim as f64).powf(-0.5),
-        }
+        };
+        Attention { qkv, qkv_out, heads, proj, proj_out }
     }
 
-    /// The integer form of [`Attention::forward`] on `input` (the LayerNorm's out-site codes).
-    fn program(&self, b: &mut Builder, sites: &SiteTable, input: Value) -> Value {
+    fn run<'m, N: Net<'m>>(&'m self, n: &mut N, x: &N::V) -> N::V {
+        let qkv = n.linear(&self.qkv, x, false, &self.qkv_out);
+        let ctx = n.attention(&self.heads, &qkv);
+        n.linear(&self.proj, &ctx, false, &self.proj_out)
+    }
+}
+
+impl Heads {
+    /// Its softmax.
+    pub(crate) fn softmax(&self) -> &Softmax {
+        &self.softmax
+    }
+
+    /// Its program op on the qkv codes.
+    pub(crate) fn program(&self, b: &mut Builder, sites: &SiteTable, qkv: Value) -> Value {
         let name = |id: SiteId| sites.get(id).name.clone();
-        let qkv = self.qkv.program(b, sites, input, false, self.qkv_out.site());
-        let ctx = b.push(Op::Attention {
+        b.push(Op::Attention {
             input: qkv,
             heads: self.num_heads as usize,
             lis_bits: b.lis_bits(),
             scores_site: name(self.scores.site()),
             out_site: name(self.context.site()),
-        });
-        self.proj.program(b, sites, ctx, false, self.proj_out.site())
+        })
     }
 
-    fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
-        let (b, n, c) = xs.size3().expect("attention input is (B, N, C)");
-        let qkv = self.qkv_out.forward(&self.qkv.forward(xs, mode), mode);
+    /// `(B, N, 3C)` qkv to the context `(B, N, C)` on its site.
+    pub(crate) fn forward(&self, qkv: &Tensor, mode: &mut Mode<'_>) -> Tensor {
+        let (b, n, c3) = qkv.size3().expect("attention input is (B, N, 3C)");
+        let c = c3 / 3;
         let qkv =
             qkv.reshape([b, n, 3, self.num_heads, c / self.num_heads]).permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
@@ -165,20 +182,16 @@ impl Attention {
         let attn = self.scores.forward(&attn, mode);
         let attn = self.softmax.forward(&attn, mode);
         let x = attn.matmul(&v).transpose(1, 2).reshape([b, n, c]);
-        let x = self.context.forward(&x, mode);
-        let x = self.proj.forward(&x, mode);
-        self.proj_out.forward(&x, mode)
+        self.context.forward(&x, mode)
     }
 }
 
 #[derive(Debug)]
 struct Block {
     norm1: LayerNorm,
-    norm1_out: Act,
     attn: Attention,
     residual1: Act,
     norm2: LayerNorm,
-    norm2_out: Act,
     mlp: Mlp,
     residual2: Act,
 }
@@ -217,25 +230,49 @@ impl Block {
         );
         let mlp = Mlp::new(&(p / "mlp"), sites, &o, d, d * cfg.mlp_ratio);
         let residual2 = act(sites, &o, "residual2", "qact4", TensorClass::LayerNormInput, d);
-        Block { norm1, norm1_out, attn, residual1, norm2, norm2_out, mlp, residual2 }
+        Block { norm1, attn, residual1, norm2, mlp, residual2 }
     }
 
-    /// The integer form of [`Block::forward`].
-    fn program(&self, b: &mut Builder, sites: &SiteTable, xs: Value) -> Value {
+    fn run<'m, N: Net<'m>>(&'m self, n: &mut N, xs: &N::V) -> N::V {
+        let h = n.layer_norm(&self.norm1, xs);
+        let a = self.attn.run(n, &h);
+        let x = n.add(xs, &a, &self.residual1);
+        let h = n.layer_norm(&self.norm2, &x);
+        let m = self.mlp.run(n, &h);
+        n.add(&x, &m, &self.residual2)
+    }
+}
+
+/// The class token and the position embedding, added onto the embedding's sites.
+#[derive(Debug)]
+pub(crate) struct Embedding {
+    cls_token: Tensor,
+    pos_embed: Tensor,
+    embed: Act,
+    pos: Act,
+    embed_sum: Act,
+}
+
+impl Embedding {
+    /// Its program op on the patch codes.
+    pub(crate) fn program(&self, b: &mut Builder, sites: &SiteTable, x: Value) -> Value {
         let name = |id: SiteId| sites.get(id).name.clone();
-        let h = self.norm1.program(b, sites, xs);
-        let a = self.attn.program(b, sites, h);
-        let x = b.push(Op::Add { a: xs, b: a, out_site: name(self.residual1.site()) });
-        let h = self.norm2.program(b, sites, x);
-        let m = self.mlp.program(b, sites, h);
-        b.push(Op::Add { a: x, b: m, out_site: name(self.residual2.site()) })
+        b.push(Op::Embed {
+            input: x,
+            cls: "cls_token".into(),
+            pos: "pos_embed".into(),
+            embed_site: name(self.embed.site()),
+            pos_site: name(self.pos.site()),
+            out_site: name(self.embed_sum.site()),
+        })
     }
 
-    fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
-        let h = self.norm1_out.forward(&self.norm1.forward(xs, mode), mode);
-        let x = self.residual1.forward(&(xs + self.attn.forward(&h, mode)), mode);
-        let h = self.norm2_out.forward(&self.norm2.forward(&x, mode), mode);
-        self.residual2.forward(&(&x + self.mlp.forward(&h, mode)), mode)
+    /// `[cls, patches] + pos` of the patch tokens `(B, P, D)`.
+    pub(crate) fn forward(&self, x: &Tensor, mode: &mut Mode<'_>) -> Tensor {
+        let cls = self.cls_token.expand([x.size()[0], -1, -1], false);
+        let x = Tensor::cat(&[cls, x.shallow_clone()], 1);
+        let x = self.embed.forward(&x, mode) + self.pos.forward(&self.pos_embed, mode);
+        self.embed_sum.forward(&x, mode)
     }
 }
 
@@ -248,14 +285,9 @@ pub struct Vit {
     input: Option<Act>,
     patch_proj: Conv2d,
     patch_out: Act,
-    cls_token: Tensor,
-    pos_embed: Tensor,
-    embed: Act,
-    pos: Act,
-    embed_sum: Act,
+    embedding: Embedding,
     blocks: Vec<Block>,
     norm: LayerNorm,
-    norm_out: Act,
     head: Linear,
     logits: Act,
 }
@@ -310,14 +342,9 @@ impl Vit {
             input,
             patch_proj,
             patch_out,
-            cls_token,
-            pos_embed,
-            embed,
-            pos,
-            embed_sum,
+            embedding: Embedding { cls_token, pos_embed, embed, pos, embed_sum },
             blocks,
             norm,
-            norm_out,
             head,
             logits,
         }
@@ -345,24 +372,22 @@ impl Classifier for Vit {
 
     fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
         let _span = tracing::trace_span!("vit.forward").entered();
-        let x = match &self.input {
-            Some(input) => input.forward(xs, mode),
-            None => xs.shallow_clone(),
-        };
-        let x = self.patch_proj.forward(&x, mode).flatten(2, -1).transpose(1, 2);
-        let x = self.patch_out.forward(&x, mode);
-        let cls = self.cls_token.expand([x.size()[0], -1, -1], false);
-        let x = Tensor::cat(&[cls, x], 1);
-        let x = self.embed.forward(&x, mode) + self.pos.forward(&self.pos_embed, mode);
-        let mut x = self.embed_sum.forward(&x, mode);
+        self.run(&mut Sim { mode }, xs)
+    }
+}
+
+impl Vit {
+    /// The network, once, for every interpreter ([`crate::net`]).
+    fn run<'m, N: Net<'m>>(&'m self, n: &mut N, image: &N::V) -> N::V {
+        let x = n.quantize_image(self.input.as_ref(), image);
+        let x = n.patch_embed(&self.patch_proj, &self.patch_out, &x);
+        let mut x = n.embed(&self.embedding, &x);
         for (i, block) in self.blocks.iter().enumerate() {
             let _span = tracing::trace_span!("block", i).entered();
-            x = block.forward(&x, mode);
+            x = block.run(n, &x);
         }
-        let x = self.norm.forward(&x, mode).select(1, 0);
-        let x = self.norm_out.forward(&x, mode);
-        let x = self.head.forward(&x, mode);
-        self.logits.forward(&x, mode)
+        let x = n.token_layer_norm(&self.norm, &x, 0);
+        n.linear(&self.head, &x, false, &self.logits)
     }
 }
 
@@ -375,55 +400,16 @@ impl Quantizable for Vit {
         self.device
     }
 
-    /// Mirrors [`Classifier::forward`] op for op, except that the final LayerNorm runs on the
-    /// class token only (it is per token, so selecting first gives the same codes).
     fn program(&self, lis_bits: Option<fqvit_ops::softmax::LisBits>) -> Option<Program> {
-        let sites = &self.sites;
-        let name = |id: SiteId| sites.get(id).name.clone();
-        let mut b = Builder::new(lis_bits);
-        let image = crate::common::image_op(&mut b, self.cfg.img_size, self.cfg.preprocess);
-        let x = match &self.input {
-            Some(input) => b.push(Op::QuantizeImage { input: image, site: name(input.site()) }),
-            None => image,
-        };
-        let x = b.push(Op::PatchEmbed {
-            input: x,
-            layer: name(self.patch_proj.site()),
-            patch: self.cfg.patch_size as usize,
-            out_site: name(self.patch_out.site()),
-        });
-        let mut x = b.push(Op::Embed {
-            input: x,
-            cls: "cls_token".into(),
-            pos: "pos_embed".into(),
-            embed_site: name(self.embed.site()),
-            pos_site: name(self.pos.site()),
-            out_site: name(self.embed_sum.site()),
-        });
-        for block in &self.blocks {
-            x = block.program(&mut b, sites, x);
-        }
-        let x = b.push(Op::SelectToken { input: x, index: 0 });
-        let x = self.norm.program(&mut b, sites, x);
-        let x = self.head.program(&mut b, sites, x, false, self.logits.site());
-        b.push(Op::Output { input: x });
-        Some(b.finish())
+        let (mut p, image) =
+            net::Program::new(&self.sites, lis_bits, self.cfg.img_size, self.cfg.preprocess);
+        let logits = self.run(&mut p, &image);
+        Some(p.finish(logits))
     }
 
     fn layers(&self) -> Vec<Layer<'_>> {
-        let mut out = vec![Layer::Conv2d(&self.patch_proj)];
-        for b in &self.blocks {
-            out.extend([
-                Layer::LayerNorm(&b.norm1),
-                Layer::Linear(&b.attn.qkv),
-                Layer::Softmax(&b.attn.softmax),
-                Layer::Linear(&b.attn.proj),
-                Layer::LayerNorm(&b.norm2),
-                Layer::Linear(&b.mlp.fc1),
-                Layer::Linear(&b.mlp.fc2),
-            ]);
-        }
-        out.extend([Layer::LayerNorm(&self.norm), Layer::Linear(&self.head)]);
-        out
+        let mut layers = net::Layers::default();
+        self.run(&mut layers, &());
+        layers.layers
     }
 }

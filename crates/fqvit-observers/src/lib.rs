@@ -58,6 +58,7 @@ pub enum ObserverKind {
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
 )]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum PtfRange {
     /// `[m, M]`, the observed extremes over all channels (the original): one large value of one

@@ -21,6 +21,7 @@ use crate::softmax::reference::N;
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
 )]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum LisInput {
     /// `X/S` in float32, as the original.

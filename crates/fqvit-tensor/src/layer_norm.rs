@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
 )]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum StdSqrt {
     /// libtorch's float32 `sqrt`, as the original: on CPU it is not correctly rounded (about

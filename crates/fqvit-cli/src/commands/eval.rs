@@ -9,7 +9,7 @@ use fqvit_models::{Mode, Quantized};
 use serde_json::json;
 use tch::Device;
 
-use crate::cli::{EngineArg, EvalArgs, EvalOn, TiesArg};
+use crate::cli::{EngineArg, EvalArgs, EvalOn};
 use crate::commands::shared::{
     Loaded, build_model, check_gemm_kernel, engine_via_artifact, load_model, progress,
 };
@@ -258,10 +258,7 @@ fn finish_eval(
         // The engine runs on the CPU and reads the images there.
         device: if matches!(runner, Runner::Engine { .. }) { Device::Cpu } else { loaded.device },
         bad_images: if args.skip_bad { BadImages::Skip } else { BadImages::Fail },
-        ties: match args.ties {
-            TiesArg::Torch => Ties::Torch,
-            TiesArg::LowerIndex => Ties::LowerIndex,
-        },
+        ties: args.ties,
     };
     let engine = matches!(runner, Runner::Engine { .. });
     let mut agreement = None;

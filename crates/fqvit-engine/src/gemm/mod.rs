@@ -272,7 +272,7 @@ const COLS: usize = 4;
 const TASK_ACC_BYTES: usize = 64 << 10;
 
 /// Rows per parallel task for an `(m, k) × (k, n)` product: accumulators of about
-/// [`TASK_ACC_BYTES`], a multiple of 24 rows (whole register tiles of every kernel), and at
+/// `TASK_ACC_BYTES` (64 KiB), a multiple of 24 rows (whole register tiles of every kernel), and at
 /// least four tasks per thread where `m` allows.
 pub fn task_rows(m: usize, n: usize) -> usize {
     let by_cache = TASK_ACC_BYTES / (4 * n.max(1));

@@ -152,6 +152,11 @@ impl Conv2d {
         self.site
     }
 
+    /// Its kernel side and stride (the patch side).
+    pub(crate) fn stride(&self) -> i64 {
+        self.stride
+    }
+
     /// Convolution with stride = kernel, no padding.
     pub fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
         let conv = |x: &Tensor, w: &Tensor| {
@@ -226,6 +231,17 @@ impl LayerNorm {
     pub(crate) fn program(&self, b: &mut Builder, sites: &SiteTable, input: Value) -> Value {
         let out_site = sites.get(self.out_site).name.clone();
         b.push(Op::LayerNorm { input, norm: self.prefix.clone(), out_site })
+    }
+
+    /// [`LayerNorm::forward`] onto its out-site.
+    pub(crate) fn forward_onto(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
+        let x = self.forward(xs, mode);
+        self.onto(&x, mode)
+    }
+
+    /// Its output onto its out-site.
+    pub(crate) fn onto(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
+        Act { site: self.out_site }.forward(xs, mode)
     }
 
     /// Normalizes the last dimension.

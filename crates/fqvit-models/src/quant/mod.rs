@@ -41,8 +41,8 @@ pub trait Quantizable {
     fn layers(&self) -> Vec<Layer<'_>>;
 
     /// Its integer program (`fqvit-program`) with Log-Int-Softmax at `lis_bits` (`None`: the
-    /// uniform softmax, which the engine refuses by op), written beside the forward it
-    /// mirrors; `None` for a model the integer engine cannot run.
+    /// uniform softmax, which the engine refuses by op), from the same description as its
+    /// forward; `None` for a model the integer engine cannot run.
     fn program(&self, _lis_bits: Option<LisBits>) -> Option<fqvit_program::Program> {
         None
     }

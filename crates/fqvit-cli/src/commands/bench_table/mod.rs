@@ -19,7 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
 pub(crate) use crate::cli::Shard;
-use crate::cli::{BenchTableArgs, DeviceArg, OrderArg, TableStep};
+use crate::cli::{BenchTableArgs, DeviceArg, TableStep, flag_value};
 use records::{CellRecord, Status};
 use rows::Row;
 
@@ -316,33 +316,12 @@ fn hms(seconds: f64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
-fn order_name(order: OrderArg) -> &'static str {
-    match order {
-        OrderArg::Shuffled => "shuffled",
-        OrderArg::Sorted => "sorted",
-    }
-}
-
-fn device_arg(d: DeviceArg) -> &'static str {
-    match d {
-        DeviceArg::Auto => "auto",
-        DeviceArg::Cpu => "cpu",
-        DeviceArg::Cuda => "cuda",
-    }
-}
-
 /// The `eval` arguments of a cell after model and data, without the paths of the weights and
 /// of the result (those are not inputs: the weights enter by their sha256).
 fn cell_args(args: &BenchTableArgs, row: Row) -> Vec<String> {
     let mut v: Vec<String> = row.flags().iter().map(|s| s.to_string()).collect();
     if row.quantized() {
-        v.extend([
-            "--calib-order".into(),
-            match args.calib_order {
-                OrderArg::Shuffled => "shuffled".into(),
-                OrderArg::Sorted => "sorted".into(),
-            },
-        ]);
+        v.extend(["--calib-order".into(), flag_value(&args.calib_order)]);
         if let Some(n) = args.calib_batchsize {
             v.extend(["--calib-batchsize".into(), n.to_string()]);
         }
@@ -354,7 +333,7 @@ fn cell_args(args: &BenchTableArgs, row: Row) -> Vec<String> {
     if let Some(n) = args.limit {
         v.extend(["--limit".into(), n.to_string()]);
     }
-    v.extend(["--device".into(), device_arg(args.device).into()]);
+    v.extend(["--device".into(), flag_value(&args.device)]);
     v
 }
 
@@ -439,11 +418,14 @@ fn run_cell(
         top1: v["top1"].as_f64(),
         top5: v["top5"].as_f64(),
         calib_seconds: v["calibration"]["seconds"].as_f64(),
-        calib_order: if cell.row.quantized() { order_name(args.calib_order) } else { "none" }
-            .into(),
+        calib_order: if cell.row.quantized() {
+            flag_value(&args.calib_order)
+        } else {
+            "none".into()
+        },
         eval_seconds: v["eval_seconds"].as_f64(),
         cell_seconds,
-        device: device_arg(args.device).into(),
+        device: flag_value(&args.device),
         device_used: v["device"].as_str().map(String::from),
         device_name: ctx.device_name.clone(),
         parameters: v["parameters"].as_u64(),
