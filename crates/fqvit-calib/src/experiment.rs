@@ -41,6 +41,29 @@ impl Method {
     }
 }
 
+/// The weight observer (`--weight-method`, TOML `weight-method`), per output channel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum WeightMethod {
+    /// Each channel's min/max (the original).
+    #[default]
+    Minmax,
+    /// Each channel's range shrunk by the factor with the least squared error of its
+    /// fake-quantized weights (fqvit+).
+    Omse,
+}
+
+impl WeightMethod {
+    /// The observer.
+    pub fn observer(self) -> ObserverKind {
+        match self {
+            WeightMethod::Minmax => ObserverKind::MinMax,
+            WeightMethod::Omse => ObserverKind::Omse,
+        }
+    }
+}
+
 /// Layer-wise or channel-wise activation statistics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -108,6 +131,8 @@ pub struct Experiment {
     pub quant_method: Method,
     /// Activation granularity (layer-wise in the original).
     pub activation_granularity: ActGranularity,
+    /// Weight observer (`--weight-method`; minmax in the original).
+    pub weight_method: WeightMethod,
     /// Weight bits (int8).
     pub weight_bits: u8,
     /// Activation bits (uint8); also the uniform softmax's bits without LIS.
@@ -156,6 +181,7 @@ impl Default for Experiment {
             lis: true,
             quant_method: Method::Minmax,
             activation_granularity: ActGranularity::LayerWise,
+            weight_method: WeightMethod::Minmax,
             weight_bits: 8,
             activation_bits: 8,
             attn_bits: LisBits::FOUR,
@@ -251,7 +277,7 @@ impl Experiment {
         };
         Some(match class {
             TensorClass::Weight => ObserverConfig {
-                kind: ObserverKind::MinMax,
+                kind: self.weight_method.observer(),
                 bit_type: BitType { bits: bits(self.weight_bits), signed: true },
                 granularity: Granularity::ChannelWise,
             },
@@ -292,6 +318,9 @@ impl Experiment {
         }
         s.push(' ');
         s.push_str(self.quant_method.observer().as_str());
+        if self.weight_method != WeightMethod::Minmax {
+            s.push_str(&format!(" (weights {})", self.weight_method.observer().as_str()));
+        }
         if !self.ptf_sites.is_empty() {
             let groups: Vec<&str> = self.ptf_sites.iter().map(|g| g.as_str()).collect();
             s.push_str(&format!(" (ptf: {})", groups.join(", ")));

@@ -256,6 +256,10 @@ pub(crate) struct QuantArgs {
     /// Activation observer [default: minmax].
     #[arg(long, value_enum)]
     pub(crate) quant_method: Option<fqvit_calib::experiment::Method>,
+    /// Weight observer, per output channel [default: minmax, the original's]; omse shrinks each
+    /// channel's range to the least squared error of its codes.
+    #[arg(long, value_enum)]
+    pub(crate) weight_method: Option<fqvit_calib::experiment::WeightMethod>,
     /// Log2 code bits of Log-Int-Softmax [default: 4].
     /// (2..=8; needs --lis).
     #[arg(long)]

@@ -32,6 +32,9 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
     if let Some(m) = args.quant_method {
         exp.quant_method = m;
     }
+    if let Some(m) = args.weight_method {
+        exp.weight_method = m;
+    }
     if let Some(bits) = args.attn_bits {
         anyhow::ensure!(
             exp.lis,
@@ -68,6 +71,7 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
     }
     let needs_quant: Vec<&str> = [
         ("--quant-method", args.quant_method.is_some()),
+        ("--weight-method", args.weight_method.is_some()),
         ("--attn-bits", args.attn_bits.is_some()),
         ("--layer-norm-sqrt", args.layer_norm_sqrt.is_some()),
         ("--lis-input", args.lis_input.is_some()),
@@ -138,7 +142,9 @@ mod tests {
     fn flags_and_configs_spell_every_value_alike() {
         use clap::ValueEnum;
         use fqvit_calib::eval::Ties;
-        use fqvit_calib::experiment::{CalibOrder, LisInput, Method, PtfRange, StdSqrt};
+        use fqvit_calib::experiment::{
+            CalibOrder, LisInput, Method, PtfRange, StdSqrt, WeightMethod,
+        };
 
         fn check<T: ValueEnum + serde::Serialize>() -> Vec<String> {
             T::value_variants()
@@ -151,6 +157,7 @@ mod tests {
                 .collect()
         }
         assert_eq!(check::<Method>(), ["minmax", "ema", "percentile", "omse"]);
+        assert_eq!(check::<WeightMethod>(), ["minmax", "omse"]);
         assert_eq!(check::<CalibOrder>(), ["shuffled", "sorted"]);
         assert_eq!(check::<Ties>(), ["torch", "lower-index"]);
         assert_eq!(check::<LisInput>(), ["float", "rounded"]);

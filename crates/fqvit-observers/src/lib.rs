@@ -25,7 +25,7 @@ mod observer;
 mod ptf;
 mod stats;
 
-pub use observer::{Ema, MinMax, Omse, Percentile, build};
+pub use observer::{Ema, MinMax, Omse, Percentile, WeightOmse, build};
 pub use ptf::Ptf;
 
 use fqvit_ops::{BitType, Granularity, PtfFactor, QParams};
