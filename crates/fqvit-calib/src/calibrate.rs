@@ -8,8 +8,9 @@ use fqvit_models::{
 };
 use fqvit_observers::{Observer, build};
 use fqvit_ops::QParams;
+use fqvit_tensor::{Axis, Quantizer};
 use indicatif::ProgressBar;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::data::{BadImages, ImageFolder, for_each_batch};
 use crate::error::{Error, Result};
@@ -31,6 +32,9 @@ pub struct Calibrator {
     last_batch: bool,
     publish_in_last_batch: bool,
     error: Option<Error>,
+    /// Per weight site, the sum of its layer's inputs over tokens (float64) and their count,
+    /// under bias correction.
+    input_sums: Option<Vec<Option<(Tensor, i64)>>>,
 }
 
 impl Calibrator {
@@ -53,6 +57,7 @@ impl Calibrator {
             last_batch: false,
             publish_in_last_batch: exp.lis_in_last_calibration_batch,
             error: None,
+            input_sums: exp.bias_correction.then(|| (0..sites.len()).map(|_| None).collect()),
         })
     }
 
@@ -64,6 +69,16 @@ impl Calibrator {
     /// The first error an observer raised, naming its site.
     fn take_error(&mut self) -> Result<()> {
         self.error.take().map_or(Ok(()), Err)
+    }
+
+    /// Each observed linear layer's mean input `(C,)` (float64), by weight site, under bias
+    /// correction (empty otherwise); taken once.
+    pub fn input_means(&mut self) -> Vec<(SiteId, Tensor)> {
+        let sums = self.input_sums.take().unwrap_or_default();
+        sums.into_iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.map(|(sum, n)| (SiteId::from_index(i), sum / n as f64)))
+            .collect()
     }
 
     /// The frozen table; fails if a used site never froze.
@@ -90,6 +105,19 @@ impl Calibrator {
 }
 
 impl CalibrationSink for Calibrator {
+    fn observe_input(&mut self, site: SiteId, xs: &Tensor) {
+        let Some(sums) = self.input_sums.as_mut() else { return };
+        let c = *xs.size().last().unwrap_or(&1);
+        let rows = xs.reshape([-1, c]);
+        let sum = rows.to_kind(Kind::Double).sum_dim_intlist([0i64].as_slice(), false, None);
+        let n = rows.size()[0];
+        let slot = &mut sums[site.index()];
+        *slot = Some(match slot.take() {
+            Some((total, count)) => (total + sum, count + n),
+            None => (sum, n),
+        });
+    }
+
     fn observe(&mut self, site: SiteId, xs: &Tensor) {
         if self.error.is_some() {
             return;
@@ -227,9 +255,48 @@ pub fn calibrate(
         progress.inc(batch.samples.len() as u64);
         Ok(())
     })?;
+    let means = sink.input_means();
     let table = sink.freeze()?;
+    if exp.bias_correction {
+        correct_biases(model, &table, &means)?;
+    }
     Ok((
         table,
         CalibrationStats { images: folder.samples().len(), seconds: start.elapsed().as_secs_f64() },
     ))
+}
+
+/// Bias correction: each linear layer's bias `b ← b − (Ŵ − W)·E[x]` in place, so that its mean
+/// output over the calibration inputs is the float layer's despite the weights' rounding
+/// (`Ŵ` as the quantized forward fake-quantizes `W`).
+pub fn correct_biases(
+    model: &dyn Classifier,
+    table: &QParamTable,
+    means: &[(SiteId, Tensor)],
+) -> Result<()> {
+    let sites = model.sites();
+    for (site, mean) in means {
+        let (Some(w), Some(b), Some(p)) =
+            (model.weight(*site), model.bias(*site), table.get(*site))
+        else {
+            continue;
+        };
+        let name = &sites.get(*site).name;
+        let delta = tch::no_grad(|| {
+            let fq = Quantizer::new(p, Axis::First, w.device()).fake_quant(w);
+            (fq - w).to_kind(Kind::Double).mv(&mean.to_device(w.device()))
+        });
+        let finite = delta.isfinite().all().int64_value(&[]) == 1;
+        if !finite {
+            return Err(Error::Observer {
+                site: name.clone(),
+                reason: "its bias correction is not finite (NaN inputs or weights)".into(),
+            });
+        }
+        let mut b = b.shallow_clone();
+        let _corrected = tch::no_grad(|| b.f_sub_(&delta.to_kind(b.kind())))
+            .map_err(|e| Error::Observer { site: name.clone(), reason: e.to_string() })?;
+        tracing::debug!(site = %name, max = delta.abs().max().double_value(&[]), "bias corrected");
+    }
+    Ok(())
 }

@@ -133,6 +133,10 @@ pub struct Experiment {
     pub activation_granularity: ActGranularity,
     /// Weight observer (`--weight-method`; minmax in the original).
     pub weight_method: WeightMethod,
+    /// Fold each linear layer's expected weight-quantization error into its float bias
+    /// (`--bias-correction`; fqvit+): `b ← b − (Ŵ − W)·E[x]`, `E[x]` the layer's mean input
+    /// over the calibration images. The bias then enters the integer forms as any bias does.
+    pub bias_correction: bool,
     /// Weight bits (int8).
     pub weight_bits: u8,
     /// Activation bits (uint8); also the uniform softmax's bits without LIS.
@@ -182,6 +186,7 @@ impl Default for Experiment {
             quant_method: Method::Minmax,
             activation_granularity: ActGranularity::LayerWise,
             weight_method: WeightMethod::Minmax,
+            bias_correction: false,
             weight_bits: 8,
             activation_bits: 8,
             attn_bits: LisBits::FOUR,
@@ -230,6 +235,13 @@ impl Experiment {
                     "ptf-sites = {g}: PTF applies to plain activation groups (the residual stream has it with ptf; weights are per-channel already; the softmax's input and output have their own integer forms)"
                 ));
             }
+        }
+        if self.bias_correction && self.float_sites.has(SiteGroup::Weights) {
+            return bad(
+                "bias-correction corrects the weights' quantization error, and float-sites \
+                 keeps the weights in float: there is none to correct"
+                    .into(),
+            );
         }
         if self.ptf_sites.is_empty() && !self.ptf {
             if self.ptf_max_factor != PtfFactor::ORIGINAL_MAX {
@@ -320,6 +332,9 @@ impl Experiment {
         s.push_str(self.quant_method.observer().as_str());
         if self.weight_method != WeightMethod::Minmax {
             s.push_str(&format!(" (weights {})", self.weight_method.observer().as_str()));
+        }
+        if self.bias_correction {
+            s.push_str(" (bias correction)");
         }
         if !self.ptf_sites.is_empty() {
             let groups: Vec<&str> = self.ptf_sites.iter().map(|g| g.as_str()).collect();

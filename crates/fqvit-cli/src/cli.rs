@@ -260,6 +260,10 @@ pub(crate) struct QuantArgs {
     /// channel's range to the least squared error of its codes.
     #[arg(long, value_enum)]
     pub(crate) weight_method: Option<fqvit_calib::experiment::WeightMethod>,
+    /// Fold each linear layer's expected weight-quantization error into its bias, from its
+    /// mean input over the calibration images.
+    #[arg(long)]
+    pub(crate) bias_correction: bool,
     /// Log2 code bits of Log-Int-Softmax [default: 4].
     /// (2..=8; needs --lis).
     #[arg(long)]

@@ -35,6 +35,7 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
     if let Some(m) = args.weight_method {
         exp.weight_method = m;
     }
+    exp.bias_correction |= args.bias_correction;
     if let Some(bits) = args.attn_bits {
         anyhow::ensure!(
             exp.lis,
@@ -72,6 +73,7 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
     let needs_quant: Vec<&str> = [
         ("--quant-method", args.quant_method.is_some()),
         ("--weight-method", args.weight_method.is_some()),
+        ("--bias-correction", args.bias_correction),
         ("--attn-bits", args.attn_bits.is_some()),
         ("--layer-norm-sqrt", args.layer_norm_sqrt.is_some()),
         ("--lis-input", args.lis_input.is_some()),

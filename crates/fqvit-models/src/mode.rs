@@ -30,6 +30,9 @@ pub struct QuantOptions {
 pub trait CalibrationSink {
     /// Observes the tensor at a site: an activation, or a weight at a weight site.
     fn observe(&mut self, site: SiteId, xs: &Tensor);
+    /// Observes the input of the linear layer whose weight site is `site` (for bias
+    /// correction); ignored by default.
+    fn observe_input(&mut self, _site: SiteId, _xs: &Tensor) {}
     /// A site's parameters once it is frozen. The last calibration batch freezes sites in
     /// forward order, so with LIS the softmax already finds its input site frozen (spec §7.1).
     fn frozen(&self, site: SiteId) -> Option<&QParams>;

@@ -102,6 +102,7 @@ impl Linear {
         match mode {
             Mode::Float => xs.linear(&self.weight, self.bias.as_ref()),
             Mode::Calibrate { sink, .. } => {
+                sink.observe_input(self.site, xs);
                 sink.observe(self.site, &self.weight);
                 xs.linear(&self.weight, self.bias.as_ref())
             }

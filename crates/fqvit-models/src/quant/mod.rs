@@ -56,6 +56,14 @@ pub trait Quantizable {
         })
     }
 
+    /// The float bias of a linear layer's weight site (`None` without one).
+    fn bias(&self, site: SiteId) -> Option<&Tensor> {
+        self.layers().into_iter().find_map(|layer| match layer {
+            Layer::Linear(l) if l.site() == site => l.bias.as_ref(),
+            _ => None,
+        })
+    }
+
     /// Every LayerNorm and softmax with the sites it reads, in forward order.
     fn wiring(&self) -> Vec<Wiring> {
         self.layers()

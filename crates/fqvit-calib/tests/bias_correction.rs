@@ -1,0 +1,96 @@
+//! Bias correction (fqvit+): each linear layer's bias absorbs its weights' expected rounding
+//! error at the layer's mean calibration input, and nothing else changes.
+
+use fqvit_calib::Calibrator;
+use fqvit_calib::calibrate::correct_biases;
+use fqvit_calib::experiment::Experiment;
+use fqvit_models::{Layer, Mode, QParamTable, Quantizable, vit};
+use fqvit_tensor::{Axis, Quantizer};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+fn tiny() -> (VarStore, vit::Vit) {
+    fqvit_testkit::seeded(5, || {
+        let vs = VarStore::new(Device::Cpu);
+        let cfg =
+            vit::Config { depth: 2, img_size: 32, num_classes: 10, ..vit::Config::deit_tiny() };
+        let model = vit::Vit::new(&vs.root(), &cfg);
+        // timm's zero biases would hide a bias that is not updated in place.
+        tch::no_grad(|| {
+            for (_, mut v) in vs.variables() {
+                let _ = v.f_add_(&(Tensor::randn_like(&v) * 0.02)).unwrap();
+            }
+        });
+        (vs, model)
+    })
+}
+
+/// Calibrates on three random batches; returns the table and the mean inputs.
+fn calibrate(
+    model: &vit::Vit,
+    exp: &Experiment,
+) -> (QParamTable, Vec<(fqvit_models::SiteId, Tensor)>) {
+    let batches: Vec<Tensor> = fqvit_testkit::seeded(9, || {
+        (0..3).map(|_| Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu))).collect()
+    });
+    let mut sink = Calibrator::new(model.sites(), exp).unwrap();
+    for (i, batch) in batches.iter().enumerate() {
+        sink.set_last_batch(i + 1 == batches.len());
+        let _ = tch::no_grad(|| {
+            model.forward(
+                batch,
+                &mut Mode::Calibrate { sink: &mut sink, options: exp.quant_options() },
+            )
+        });
+    }
+    let means = sink.input_means();
+    (sink.freeze().unwrap(), means)
+}
+
+#[test]
+fn each_bias_absorbs_its_weights_rounding_at_the_mean_input() {
+    let exp = Experiment { weight_bits: 4, bias_correction: true, ..Experiment::default() };
+    let (_vs, model) = tiny();
+    let before: Vec<(fqvit_models::SiteId, Tensor)> = model
+        .layers()
+        .into_iter()
+        .filter_map(|l| match l {
+            Layer::Linear(l) => Some((l.site(), model.bias(l.site())?.copy())),
+            _ => None,
+        })
+        .collect();
+    let (table, means) = calibrate(&model, &exp);
+    assert_eq!(means.len(), before.len(), "one mean per linear layer");
+    let (plain, none) = calibrate(&model, &Experiment { bias_correction: false, ..exp });
+    assert!(none.is_empty(), "no statistics without bias correction");
+    assert_eq!(plain, table, "the correction changes biases only, not the calibration");
+
+    correct_biases(&model, &table, &means).unwrap();
+    for ((site, b0), (mean_site, mean)) in before.iter().zip(&means) {
+        assert_eq!(site, mean_site);
+        let name = &model.sites().get(*site).name;
+        let w = model.weight(*site).unwrap();
+        let fq = Quantizer::new(table.get(*site).unwrap(), Axis::First, Device::Cpu).fake_quant(w);
+        let b = model.bias(*site).unwrap();
+        assert!(!b.equal(b0), "{name}: bias unchanged");
+        // The mean output is the float layer's: Ŵ·m + b' = W·m + b0.
+        let m = mean.to_kind(Kind::Float);
+        let quantized = fq.mv(&m) + b;
+        let float = w.mv(&m) + b0;
+        let diff = (&quantized - &float).abs().max().double_value(&[]);
+        let scale = float.abs().max().double_value(&[]).max(1e-3);
+        // f32 products of 2–3 terms of this size: well within 1e-5 of the output's scale.
+        assert!(diff <= 1e-5 * scale, "{name}: mean outputs differ by {diff:e} (scale {scale:e})");
+    }
+}
+
+#[test]
+fn bias_correction_with_float_weights_is_refused() {
+    let exp = Experiment {
+        bias_correction: true,
+        float_sites: [fqvit_models::SiteGroup::Weights].into_iter().collect(),
+        ..Experiment::default()
+    };
+    let err = exp.validate().unwrap_err().to_string();
+    assert!(err.contains("bias-correction") && err.contains("float-sites"), "{err}");
+}
