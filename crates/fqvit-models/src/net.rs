@@ -10,17 +10,29 @@
 //! - [`Layers`]: the convolutions, linear layers, LayerNorms and softmaxes in forward order
 //!   ([`Quantizable::layers`](crate::Quantizable::layers)).
 //!
-//! So the simulation and the program agree on structure by construction. An op's own two forms
-//! (its tensor arithmetic and its program op) sit side by side on the layer that owns it.
+//! So the simulation and the program agree on structure by construction. An op particular to
+//! one family (ViT's embedding and heads, Swin's window attention) is a [`Leaf`]: its tensor
+//! arithmetic and its program op sit side by side on the type that owns it, and this module
+//! names no model.
 
 use fqvit_ops::softmax::LisBits;
 use fqvit_program::{Builder, Op, Value};
 use tch::{Kind, Tensor};
 
+use crate::Preprocess;
 use crate::mode::Mode;
 use crate::quant::{Act, Conv2d, Layer, LayerNorm, Linear};
 use crate::site::SiteTable;
-use crate::{Preprocess, swin, vit};
+
+/// An op with its two forms, owned by the model type that has it.
+pub(crate) trait Leaf {
+    /// The tensor arithmetic, in any mode.
+    fn forward(&self, x: &Tensor, mode: &mut Mode<'_>) -> Tensor;
+    /// The program op(s).
+    fn program(&self, b: &mut Builder, sites: &SiteTable, x: Value) -> Value;
+    /// The layers it holds, in forward order.
+    fn layers(&self) -> Vec<Layer<'_>>;
+}
 
 /// The ops a network is written in; `V` is what flows between them.
 pub(crate) trait Net<'m> {
@@ -31,18 +43,14 @@ pub(crate) trait Net<'m> {
     fn quantize_image(&mut self, site: Option<&'m Act>, x: &Self::V) -> Self::V;
     /// The patch convolution, flattened to tokens, onto `out`.
     fn patch_embed(&mut self, conv: &'m Conv2d, out: &'m Act, x: &Self::V) -> Self::V;
-    /// ViT's class token and position embedding.
-    fn embed(&mut self, embedding: &'m vit::Embedding, x: &Self::V) -> Self::V;
     /// A LayerNorm onto its out-site.
     fn layer_norm(&mut self, ln: &'m LayerNorm, x: &Self::V) -> Self::V;
     /// A LayerNorm onto its out-site, of token `index` only (the result has no token axis).
     fn token_layer_norm(&mut self, ln: &'m LayerNorm, x: &Self::V, index: usize) -> Self::V;
     /// A linear layer (then GELU) onto `out`.
     fn linear(&mut self, layer: &'m Linear, x: &Self::V, gelu: bool, out: &'m Act) -> Self::V;
-    /// ViT's heads: the qkv codes to the context, onto its site.
-    fn attention(&mut self, heads: &'m vit::Heads, qkv: &Self::V) -> Self::V;
-    /// Swin's shifted-window attention from the LayerNorm's codes to the projection's.
-    fn window_attention(&mut self, attn: &'m swin::WindowAttention, x: &Self::V) -> Self::V;
+    /// An op of one family ([`Leaf`]).
+    fn leaf(&mut self, op: &'m dyn Leaf, x: &Self::V) -> Self::V;
     /// Swin's 2 × 2 neighbours concatenated on channels.
     fn patch_merge(&mut self, resolution: i64, x: &Self::V) -> Self::V;
     /// `a + b` onto `out`.
@@ -71,10 +79,6 @@ impl<'m> Net<'m> for Sim<'_, '_> {
         out.forward(&x, self.mode)
     }
 
-    fn embed(&mut self, embedding: &'m vit::Embedding, x: &Tensor) -> Tensor {
-        embedding.forward(x, self.mode)
-    }
-
     fn layer_norm(&mut self, ln: &'m LayerNorm, x: &Tensor) -> Tensor {
         ln.forward_onto(x, self.mode)
     }
@@ -91,16 +95,19 @@ impl<'m> Net<'m> for Sim<'_, '_> {
         out.forward(&x, self.mode)
     }
 
-    fn attention(&mut self, heads: &'m vit::Heads, qkv: &Tensor) -> Tensor {
-        heads.forward(qkv, self.mode)
-    }
-
-    fn window_attention(&mut self, attn: &'m swin::WindowAttention, x: &Tensor) -> Tensor {
-        attn.forward_tokens(x, self.mode)
+    fn leaf(&mut self, op: &'m dyn Leaf, x: &Tensor) -> Tensor {
+        op.forward(x, self.mode)
     }
 
     fn patch_merge(&mut self, resolution: i64, x: &Tensor) -> Tensor {
-        swin::merge_patches(x, resolution)
+        // (B, L, C) → (B, L/4, 4C): each 2 × 2 neighbourhood as [x(0,0), x(1,0), x(0,1), x(1,1)].
+        let (b, _, c) = x.size3().expect("patch merging input is (B, L, C)");
+        let half = resolution / 2;
+        x.view([b, half, 2, half, 2, c]).permute([0, 1, 3, 4, 2, 5]).reshape([
+            b,
+            half * half,
+            4 * c,
+        ])
     }
 
     fn add(&mut self, a: &Tensor, b: &Tensor, out: &'m Act) -> Tensor {
@@ -166,10 +173,6 @@ impl<'m> Net<'m> for Program<'_> {
         self.b.push(op)
     }
 
-    fn embed(&mut self, embedding: &'m vit::Embedding, x: &Value) -> Value {
-        embedding.program(&mut self.b, self.sites, *x)
-    }
-
     fn layer_norm(&mut self, ln: &'m LayerNorm, x: &Value) -> Value {
         ln.program(&mut self.b, self.sites, *x)
     }
@@ -184,12 +187,8 @@ impl<'m> Net<'m> for Program<'_> {
         layer.program(&mut self.b, self.sites, *x, gelu, out.site())
     }
 
-    fn attention(&mut self, heads: &'m vit::Heads, qkv: &Value) -> Value {
-        heads.program(&mut self.b, self.sites, *qkv)
-    }
-
-    fn window_attention(&mut self, attn: &'m swin::WindowAttention, x: &Value) -> Value {
-        attn.program(&mut self.b, self.sites, *x)
+    fn leaf(&mut self, op: &'m dyn Leaf, x: &Value) -> Value {
+        op.program(&mut self.b, self.sites, *x)
     }
 
     fn patch_merge(&mut self, resolution: i64, x: &Value) -> Value {
@@ -222,8 +221,6 @@ impl<'m> Net<'m> for Layers<'m> {
         self.layers.push(Layer::Conv2d(conv));
     }
 
-    fn embed(&mut self, _: &'m vit::Embedding, _: &()) {}
-
     fn layer_norm(&mut self, ln: &'m LayerNorm, _: &()) {
         self.layers.push(Layer::LayerNorm(ln));
     }
@@ -236,12 +233,8 @@ impl<'m> Net<'m> for Layers<'m> {
         self.layers.push(Layer::Linear(layer));
     }
 
-    fn attention(&mut self, heads: &'m vit::Heads, _: &()) {
-        self.layers.push(Layer::Softmax(heads.softmax()));
-    }
-
-    fn window_attention(&mut self, attn: &'m swin::WindowAttention, _: &()) {
-        self.layers.extend(attn.layers());
+    fn leaf(&mut self, op: &'m dyn Leaf, _: &()) {
+        self.layers.extend(op.layers());
     }
 
     fn patch_merge(&mut self, _: i64, _: &()) {}

@@ -12,7 +12,7 @@ use tch::{Device, Tensor};
 use crate::Preprocess;
 use crate::common::{Mlp, act, act_renamed};
 use crate::mode::Mode;
-use crate::net::{self, Net, Sim};
+use crate::net::{self, Leaf, Net, Sim};
 use crate::quant::{Act, Classifier, Conv2d, Layer, LayerNorm, Linear, Quantizable, Softmax};
 use crate::site::{SiteId, SiteTable, TensorClass};
 use fqvit_program::{Builder, Op, Program, Value, windows};
@@ -101,7 +101,7 @@ impl Config {
 
 /// Window attention with the relative position bias (spec §8.2, 6 sites).
 #[derive(Debug)]
-pub(crate) struct WindowAttention {
+struct WindowAttention {
     qkv: Linear,
     qkv_out: Act,
     scores: Act,
@@ -196,48 +196,8 @@ impl WindowAttention {
         }
     }
 
-    /// Its layers: qkv, the softmax, the projection.
-    pub(crate) fn layers(&self) -> [Layer<'_>; 3] {
-        [Layer::Linear(&self.qkv), Layer::Softmax(&self.softmax), Layer::Linear(&self.proj)]
-    }
-
-    /// The integer form of [`WindowAttention::forward_tokens`]: qkv, one op for the roll,
-    /// windows, heads and their inverses, the projection.
-    pub(crate) fn program(&self, b: &mut Builder, sites: &SiteTable, input: Value) -> Value {
-        let name = |id: SiteId| sites.get(id).name.clone();
-        let qkv = self.qkv.program(b, sites, input, false, self.qkv_out.site());
-        let ctx = b.push(Op::WindowAttention {
-            input: qkv,
-            heads: self.num_heads as usize,
-            lis_bits: b.lis_bits(),
-            resolution: self.resolution as usize,
-            window: self.window as usize,
-            shift: self.shift as usize,
-            scores_site: name(self.scores.site()),
-            table: self.table_name.clone(),
-            table_site: name(self.table_out.site()),
-            biased_site: name(self.biased.site()),
-            out_site: name(self.context.site()),
-        });
-        self.proj.program(b, sites, ctx, false, self.proj_out.site())
-    }
-
-    /// The block's attention on the LayerNorm's codes `(B, L, C)` in token order: the cyclic
-    /// shift, the windows, [`WindowAttention::forward`], and back.
-    pub(crate) fn forward_tokens(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
-        let (b, l, c) = xs.size3().expect("Swin block input is (B, L, C)");
-        let (res, s) = (self.resolution, self.shift);
-        let h = xs.view([b, res, res, c]);
-        let h = if s > 0 { h.roll([-s, -s], [1, 2]) } else { h };
-        let windows = window_partition(&h, self.window);
-        let windows = self.forward(&windows, self.mask.as_ref(), mode);
-        let h = window_reverse(&windows, self.window, b, res, res);
-        let h = if s > 0 { h.roll([s, s], [1, 2]) } else { h };
-        h.view([b, l, c])
-    }
-
     /// Attention within windows `(B·nW, N, C)`; `mask` is `(nW, N, N)` for shifted windows.
-    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>, mode: &mut Mode<'_>) -> Tensor {
+    fn windows(&self, xs: &Tensor, mask: Option<&Tensor>, mode: &mut Mode<'_>) -> Tensor {
         let (b, n, c) = xs.size3().expect("window attention input is (B·nW, N, C)");
         let h = self.num_heads;
         let qkv = self.qkv_out.forward(&self.qkv.forward(xs, mode), mode);
@@ -261,6 +221,47 @@ impl WindowAttention {
         let x = attn.matmul(&v).transpose(1, 2).reshape([b, n, c]);
         let x = self.context.forward(&x, mode);
         self.proj_out.forward(&self.proj.forward(&x, mode), mode)
+    }
+}
+
+/// The block's attention from the LayerNorm's codes to the projection's.
+impl Leaf for WindowAttention {
+    fn layers(&self) -> Vec<Layer<'_>> {
+        vec![Layer::Linear(&self.qkv), Layer::Softmax(&self.softmax), Layer::Linear(&self.proj)]
+    }
+
+    /// qkv, one op for the roll, windows, heads and their inverses, the projection.
+    fn program(&self, b: &mut Builder, sites: &SiteTable, input: Value) -> Value {
+        let name = |id: SiteId| sites.get(id).name.clone();
+        let qkv = self.qkv.program(b, sites, input, false, self.qkv_out.site());
+        let ctx = b.push(Op::WindowAttention {
+            input: qkv,
+            heads: self.num_heads as usize,
+            lis_bits: b.lis_bits(),
+            resolution: self.resolution as usize,
+            window: self.window as usize,
+            shift: self.shift as usize,
+            scores_site: name(self.scores.site()),
+            table: self.table_name.clone(),
+            table_site: name(self.table_out.site()),
+            biased_site: name(self.biased.site()),
+            out_site: name(self.context.site()),
+        });
+        self.proj.program(b, sites, ctx, false, self.proj_out.site())
+    }
+
+    /// On the LayerNorm's codes `(B, L, C)` in token order: the cyclic shift, the windows,
+    /// attention within them, and back.
+    fn forward(&self, xs: &Tensor, mode: &mut Mode<'_>) -> Tensor {
+        let (b, l, c) = xs.size3().expect("Swin block input is (B, L, C)");
+        let (res, s) = (self.resolution, self.shift);
+        let h = xs.view([b, res, res, c]);
+        let h = if s > 0 { h.roll([-s, -s], [1, 2]) } else { h };
+        let windows = window_partition(&h, self.window);
+        let windows = self.windows(&windows, self.mask.as_ref(), mode);
+        let h = window_reverse(&windows, self.window, b, res, res);
+        let h = if s > 0 { h.roll([s, s], [1, 2]) } else { h };
+        h.view([b, l, c])
     }
 }
 
@@ -355,7 +356,7 @@ impl Block {
 
     fn run<'m, N: Net<'m>>(&'m self, n: &mut N, xs: &N::V) -> N::V {
         let h = n.layer_norm(&self.norm1, xs);
-        let a = n.window_attention(&self.attn, &h);
+        let a = n.leaf(&self.attn, &h);
         let x = n.add(xs, &a, &self.residual1);
         let h = n.layer_norm(&self.norm2, &x);
         let m = self.mlp.run(n, &h);
@@ -423,14 +424,6 @@ impl PatchMerging {
         let x = n.layer_norm(&self.norm, &x);
         n.linear(&self.reduction, &x, false, &self.out)
     }
-}
-
-/// `(B, L, C)` → `(B, L/4, 4C)`: each 2 × 2 neighbourhood of the `resolution`-sided grid as
-/// `[x(0,0), x(1,0), x(0,1), x(1,1)]`.
-pub(crate) fn merge_patches(xs: &Tensor, resolution: i64) -> Tensor {
-    let (b, _, c) = xs.size3().expect("patch merging input is (B, L, C)");
-    let half = resolution / 2;
-    xs.view([b, half, 2, half, 2, c]).permute([0, 1, 3, 4, 2, 5]).reshape([b, half * half, 4 * c])
 }
 
 #[derive(Debug)]

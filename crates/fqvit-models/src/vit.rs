@@ -7,7 +7,7 @@ use tch::{Device, Tensor};
 use crate::Preprocess;
 use crate::common::{Mlp, act};
 use crate::mode::Mode;
-use crate::net::{self, Net, Sim};
+use crate::net::{self, Leaf, Net, Sim};
 use crate::quant::{Act, Classifier, Conv2d, Layer, LayerNorm, Linear, Quantizable, Softmax};
 use crate::site::{SiteId, SiteTable, TensorClass};
 use fqvit_program::{Builder, Op, Program, Value};
@@ -98,7 +98,7 @@ struct Attention {
 
 /// The heads between qkv and the projection: scores, softmax and context, one program op.
 #[derive(Debug)]
-pub(crate) struct Heads {
+struct Heads {
     scores: Act,
     softmax: Softmax,
     context: Act,
@@ -147,19 +147,18 @@ impl Attention {
 
     fn run<'m, N: Net<'m>>(&'m self, n: &mut N, x: &N::V) -> N::V {
         let qkv = n.linear(&self.qkv, x, false, &self.qkv_out);
-        let ctx = n.attention(&self.heads, &qkv);
+        let ctx = n.leaf(&self.heads, &qkv);
         n.linear(&self.proj, &ctx, false, &self.proj_out)
     }
 }
 
-impl Heads {
-    /// Its softmax.
-    pub(crate) fn softmax(&self) -> &Softmax {
-        &self.softmax
+impl Leaf for Heads {
+    fn layers(&self) -> Vec<Layer<'_>> {
+        vec![Layer::Softmax(&self.softmax)]
     }
 
-    /// Its program op on the qkv codes.
-    pub(crate) fn program(&self, b: &mut Builder, sites: &SiteTable, qkv: Value) -> Value {
+    /// One op on the qkv codes.
+    fn program(&self, b: &mut Builder, sites: &SiteTable, qkv: Value) -> Value {
         let name = |id: SiteId| sites.get(id).name.clone();
         b.push(Op::Attention {
             input: qkv,
@@ -171,7 +170,7 @@ impl Heads {
     }
 
     /// `(B, N, 3C)` qkv to the context `(B, N, C)` on its site.
-    pub(crate) fn forward(&self, qkv: &Tensor, mode: &mut Mode<'_>) -> Tensor {
+    fn forward(&self, qkv: &Tensor, mode: &mut Mode<'_>) -> Tensor {
         let (b, n, c3) = qkv.size3().expect("attention input is (B, N, 3C)");
         let c = c3 / 3;
         let qkv =
@@ -245,7 +244,7 @@ impl Block {
 
 /// The class token and the position embedding, added onto the embedding's sites.
 #[derive(Debug)]
-pub(crate) struct Embedding {
+struct Embedding {
     cls_token: Tensor,
     pos_embed: Tensor,
     embed: Act,
@@ -253,9 +252,13 @@ pub(crate) struct Embedding {
     embed_sum: Act,
 }
 
-impl Embedding {
-    /// Its program op on the patch codes.
-    pub(crate) fn program(&self, b: &mut Builder, sites: &SiteTable, x: Value) -> Value {
+impl Leaf for Embedding {
+    fn layers(&self) -> Vec<Layer<'_>> {
+        Vec::new()
+    }
+
+    /// One op on the patch codes.
+    fn program(&self, b: &mut Builder, sites: &SiteTable, x: Value) -> Value {
         let name = |id: SiteId| sites.get(id).name.clone();
         b.push(Op::Embed {
             input: x,
@@ -268,7 +271,7 @@ impl Embedding {
     }
 
     /// `[cls, patches] + pos` of the patch tokens `(B, P, D)`.
-    pub(crate) fn forward(&self, x: &Tensor, mode: &mut Mode<'_>) -> Tensor {
+    fn forward(&self, x: &Tensor, mode: &mut Mode<'_>) -> Tensor {
         let cls = self.cls_token.expand([x.size()[0], -1, -1], false);
         let x = Tensor::cat(&[cls, x.shallow_clone()], 1);
         let x = self.embed.forward(&x, mode) + self.pos.forward(&self.pos_embed, mode);
@@ -381,7 +384,7 @@ impl Vit {
     fn run<'m, N: Net<'m>>(&'m self, n: &mut N, image: &N::V) -> N::V {
         let x = n.quantize_image(self.input.as_ref(), image);
         let x = n.patch_embed(&self.patch_proj, &self.patch_out, &x);
-        let mut x = n.embed(&self.embedding, &x);
+        let mut x = n.leaf(&self.embedding, &x);
         for (i, block) in self.blocks.iter().enumerate() {
             let _span = tracing::trace_span!("block", i).entered();
             x = block.run(n, &x);
