@@ -86,6 +86,12 @@ pub(crate) fn tidy() -> Result<()> {
     for dir in ["crates", "tests"] {
         scan_sources(&crate::project_root().join(dir), &mut problems)?;
     }
+    for entry in std::fs::read_dir(crate::project_root().join("crates"))? {
+        let src = entry?.path().join("src");
+        if src.is_dir() {
+            import_circles(&src, &mut problems)?;
+        }
+    }
     if !problems.is_empty() {
         bail!("tidy found {} problem(s):\n  {}", problems.len(), problems.join("\n  "));
     }
@@ -133,4 +139,128 @@ fn scan_sources(dir: &Path, problems: &mut Vec<String>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Files of one crate that import each other in a circle (`use crate::…`, `super::…`; test
+/// modules aside): ARCHITECTURE.md keeps each crate's files layered.
+fn import_circles(src: &Path, problems: &mut Vec<String>) -> Result<()> {
+    let mut files = Vec::new();
+    collect_rs(src, &mut files)?;
+    // Module path of each file: `a/b.rs` and `a/b/mod.rs` are `a::b`, `lib.rs` the root.
+    let mut modules: Vec<(String, String)> = Vec::new();
+    for path in files {
+        let rel = path.strip_prefix(src)?.with_extension("");
+        let mut parts: Vec<String> = rel.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+        if matches!(parts.last().map(String::as_str), Some("mod" | "lib" | "main")) {
+            parts.pop();
+        }
+        let text = std::fs::read_to_string(&path)?;
+        let text = text.split("#[cfg(test)]").next().unwrap_or_default().to_owned();
+        modules.push((parts.join("::"), text));
+    }
+    let index = |name: &str| modules.iter().position(|(m, _)| m == name);
+    let mut edges: Vec<Vec<usize>> = vec![Vec::new(); modules.len()];
+    for (i, (module, text)) in modules.iter().enumerate() {
+        let parent = module.rsplit_once("::").map_or("", |(p, _)| p);
+        for (prefix, base) in [("crate::", String::new()), ("super::", parent.to_owned())] {
+            for path in imported_paths(text, prefix) {
+                // The longest prefix of the path that is a file of this crate.
+                let segments: Vec<&str> = path.split("::").collect();
+                let target = (1..=segments.len()).rev().find_map(|k| {
+                    let name = segments[..k].join("::");
+                    let full = if base.is_empty() { name } else { format!("{base}::{name}") };
+                    index(&full)
+                });
+                let Some(j) = target else { continue };
+                let other = &modules[j].0;
+                let nested = other.is_empty()
+                    || module.starts_with(&format!("{other}::"))
+                    || other.starts_with(&format!("{module}::"));
+                if j != i && !nested && !edges[i].contains(&j) {
+                    edges[i].push(j);
+                }
+            }
+        }
+    }
+    // A circle is an edge back to a file on the current path.
+    let mut reported: Vec<Vec<usize>> = Vec::new();
+    fn walk(
+        at: usize,
+        path: &mut Vec<usize>,
+        edges: &[Vec<usize>],
+        reported: &mut Vec<Vec<usize>>,
+    ) {
+        for &next in &edges[at] {
+            if let Some(start) = path.iter().position(|&p| p == next) {
+                let mut circle = path[start..].to_vec();
+                circle.sort_unstable();
+                if !reported.contains(&circle) {
+                    reported.push(circle);
+                }
+            } else if path.len() < 8 {
+                path.push(next);
+                walk(next, path, edges, reported);
+                path.pop();
+            }
+        }
+    }
+    for start in 0..modules.len() {
+        walk(start, &mut vec![start], &edges, &mut reported);
+    }
+    for circle in reported {
+        let names: Vec<&str> = circle.iter().map(|&i| modules[i].0.as_str()).collect();
+        problems.push(format!("{}: files import each other in a circle: {names:?}", src.display()));
+    }
+    Ok(())
+}
+
+fn collect_rs(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_rs(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// The module paths after each `prefix` (`crate::` or `super::`), one per item of a brace group
+/// (`crate::{a, b::c}` gives `a` and `b::c`; a path keeps its lowercase segments only).
+fn imported_paths(text: &str, prefix: &str) -> Vec<String> {
+    let module_path = |s: &str| -> String {
+        s.split("::")
+            .map(str::trim)
+            .take_while(|seg| {
+                seg.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            })
+            .take_while(|seg| seg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            .collect::<Vec<_>>()
+            .join("::")
+    };
+    let mut out = Vec::new();
+    for (at, _) in text.match_indices(prefix) {
+        let rest = &text[at + prefix.len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            // The group's top-level items, up to its closing brace.
+            let (mut depth, mut item) = (0usize, String::new());
+            for c in group.chars() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => out.push(module_path(&std::mem::take(&mut item))),
+                    _ if depth == 0 => item.push(c),
+                    _ => {}
+                }
+            }
+            out.push(module_path(&item));
+        } else {
+            let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'));
+            out.push(module_path(&rest[..end.unwrap_or(rest.len())]));
+        }
+    }
+    out.retain(|p| !p.is_empty());
+    out
 }
