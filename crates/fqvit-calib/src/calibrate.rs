@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use fqvit_models::{
-    CalibrationSink, Classifier, Mode, QParamTable, SiteId, SiteTable, TensorClass,
+    CalibrationSink, Classifier, Mode, QParamTable, QuantOptions, SiteId, SiteTable, TensorClass,
 };
 use fqvit_observers::{Observer, build};
 use fqvit_ops::QParams;
@@ -64,6 +64,22 @@ impl Calibrator {
     /// Marks the next forward as the last batch: sites freeze as they are observed.
     pub fn set_last_batch(&mut self, last: bool) {
         self.last_batch = last;
+    }
+
+    /// One calibration batch of normalized `images` through `model`; with `last`, every site
+    /// freezes as it is observed.
+    pub fn batch(
+        &mut self,
+        model: &dyn Classifier,
+        images: &Tensor,
+        last: bool,
+        options: QuantOptions,
+    ) -> Result<()> {
+        self.set_last_batch(last);
+        // The logits of calibration batches are not used, as in the original.
+        let _logits =
+            tch::no_grad(|| model.forward(images, &mut Mode::Calibrate { sink: self, options }));
+        self.take_error()
     }
 
     /// The first error an observer raised, naming its site.
@@ -244,13 +260,8 @@ pub fn calibrate(
     let mut batch_index = 0;
     let mut skipped = Vec::new();
     for_each_batch(folder, &pp, cal.batch_size, device, BadImages::Fail, &mut skipped, |batch| {
-        sink.set_last_batch(batch_index + 1 == cal.iterations);
         tracing::info!(batch = batch_index + 1, of = cal.iterations, "calibrating");
-        // The logits of calibration batches are not used, as in the original.
-        let _logits = tch::no_grad(|| {
-            model.forward(&batch.images, &mut Mode::Calibrate { sink: &mut sink, options })
-        });
-        sink.take_error()?;
+        sink.batch(model, &batch.images, batch_index + 1 == cal.iterations, options)?;
         batch_index += 1;
         progress.inc(batch.samples.len() as u64);
         Ok(())

@@ -4,7 +4,7 @@
 use fqvit_calib::Calibrator;
 use fqvit_calib::calibrate::correct_biases;
 use fqvit_calib::experiment::Experiment;
-use fqvit_models::{Layer, Mode, QParamTable, Quantizable, vit};
+use fqvit_models::{Layer, QParamTable, Quantizable, vit};
 use fqvit_tensor::{Axis, Quantizer};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -35,13 +35,7 @@ fn calibrate(
     });
     let mut sink = Calibrator::new(model.sites(), exp).unwrap();
     for (i, batch) in batches.iter().enumerate() {
-        sink.set_last_batch(i + 1 == batches.len());
-        let _ = tch::no_grad(|| {
-            model.forward(
-                batch,
-                &mut Mode::Calibrate { sink: &mut sink, options: exp.quant_options() },
-            )
-        });
+        sink.batch(model, batch, i + 1 == batches.len(), exp.quant_options()).unwrap();
     }
     let means = sink.input_means();
     (sink.freeze().unwrap(), means)

@@ -54,13 +54,7 @@ fn batches(input: &Tensor) -> Vec<Tensor> {
 fn calibrate(model: &swin::Swin, exp: &Experiment, batches: &[Tensor]) -> QParamTable {
     let mut sink = Calibrator::new(model.sites(), exp).unwrap();
     for (i, batch) in batches.iter().enumerate() {
-        sink.set_last_batch(i + 1 == batches.len());
-        let _ = tch::no_grad(|| {
-            model.forward(
-                batch,
-                &mut Mode::Calibrate { sink: &mut sink, options: exp.quant_options() },
-            )
-        });
+        sink.batch(model, batch, i + 1 == batches.len(), exp.quant_options()).unwrap();
     }
     sink.freeze().unwrap()
 }

@@ -9,9 +9,9 @@ use crate::site::{SiteTable, TensorClass};
 /// fc1 → exact GELU → `mlp.hidden` → fc2 → `mlp.out` (spec §8.1 e; Swin's is the same).
 #[derive(Debug)]
 pub(crate) struct Mlp {
-    pub(crate) fc1: Linear,
+    fc1: Linear,
     hidden: Act,
-    pub(crate) fc2: Linear,
+    fc2: Linear,
     out: Act,
 }
 

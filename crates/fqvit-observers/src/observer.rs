@@ -23,10 +23,10 @@ pub fn build(cfg: &ObserverConfig, is_weight: bool) -> Result<Box<dyn Observer +
             return unsupported("is layer-wise only (it ranks all elements together)");
         }
         ObserverKind::Percentile => Box::new(Percentile { bit_type: cfg.bit_type, range: None }),
-        ObserverKind::Omse if channel_wise && is_weight => Box::new(WeightOmse {
+        ObserverKind::Omse if channel_wise && is_weight => Box::new(WeightOmse(Omse {
             minmax: MinMax::new(cfg.bit_type, cfg.granularity, true),
             last: None,
-        }),
+        })),
         ObserverKind::Omse if channel_wise => {
             return unsupported("is layer-wise only on activations");
         }
@@ -249,8 +249,8 @@ impl Observer for Omse {
         let bit_type = self.minmax.bit_type;
         let mut best = (1e10f32, None);
         tch::no_grad(|| -> Result<()> {
-            for i in 0..90 {
-                let f = (1.0 - f64::from(i) * 0.01) as f32;
+            for i in 0..OMSE_FACTORS {
+                let f = omse_factor(i);
                 let p = params_from_range(&[min[0] * f], &[max[0] * f], bit_type, false)?;
                 let score = candidate(&xs, p.scale[0], p.zero_point[0] as f32, bit_type)
                     .fake_quant_mse(&xs);
@@ -272,10 +272,7 @@ impl Observer for Omse {
 /// that channel's fake-quantized weights (the earliest on ties), so that a few large weights
 /// do not coarsen the grid of the rest: what matters at 4 bits.
 #[derive(Debug)]
-pub struct WeightOmse {
-    minmax: MinMax,
-    last: Option<Tensor>,
-}
+pub struct WeightOmse(Omse);
 
 /// The shrink factors OMSE tries, largest first.
 fn omse_factor(i: usize) -> f32 {
@@ -287,15 +284,14 @@ const OMSE_FACTORS: usize = 90;
 
 impl Observer for WeightOmse {
     fn update(&mut self, xs: &Tensor) -> Result<()> {
-        self.minmax.update_range(xs)?;
-        self.last = Some(xs.to_kind(Kind::Float));
-        Ok(())
+        self.0.update(xs)
     }
 
     fn finish(self: Box<Self>) -> Result<QParams> {
-        let (min, max) = self.minmax.range_values()?;
-        let w = self.last.ok_or(Error::Empty)?;
-        let bit_type = self.minmax.bit_type;
+        let Omse { minmax, last } = self.0;
+        let (min, max) = minmax.range_values()?;
+        let w = last.ok_or(Error::Empty)?;
+        let bit_type = minmax.bit_type;
         let rows = w.reshape([min.len() as i64, -1]);
         let mut best: Vec<(f32, f32)> = vec![(f32::INFINITY, 1.0); min.len()];
         tch::no_grad(|| -> Result<()> {
