@@ -324,10 +324,12 @@ fn quantize_then_eval_qparams_round_trips() {
         &["eval", "deit_tiny", &sample(), "--qparams", artifact.to_str().unwrap()],
         "calibrated for model vit_tiny, not deit_tiny",
     );
-    fails_with(
-        &["eval", "vit_tiny", &sample(), "--qparams", artifact.to_str().unwrap(), "--ptf"],
-        "--qparams carries its own quantization settings",
-    );
+    let data = sample();
+    for flag in [&["--ptf"][..], &["--weight-method", "omse"], &["--bias-correction"]] {
+        let mut cmd = vec!["eval", "vit_tiny", &data, "--qparams", artifact.to_str().unwrap()];
+        cmd.extend_from_slice(flag);
+        fails_with(&cmd, "--qparams carries its own quantization settings");
+    }
     let a = artifact.to_str().unwrap();
     fails_with(
         &["eval", "vit_tiny", &sample(), "--qparams", a, "--float-sites", "weights"],

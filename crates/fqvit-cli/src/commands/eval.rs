@@ -174,6 +174,8 @@ fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
         || q.lis
         || q.config.is_some()
         || q.quant_method.is_some()
+        || q.weight_method.is_some()
+        || q.bias_correction
         || q.attn_bits.is_some()
         || !q.ptf_sites.is_empty()
         || q.ptf_max_factor.is_some()
@@ -181,7 +183,7 @@ fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
         || q.holdout.is_some()
     {
         anyhow::bail!(
-            "--qparams carries its own quantization settings: drop --quant, --ptf, --lis, --quant-method, --attn-bits, --ptf-sites, --ptf-max-factor, --ptf-range, --holdout and --config"
+            "--qparams carries its own quantization settings: drop --quant, --ptf, --lis, --quant-method, --weight-method, --bias-correction, --attn-bits, --ptf-sites, --ptf-max-factor, --ptf-range, --holdout and --config"
         );
     }
     let explicit_weights = args.model.weights.is_some() || args.model.weights_dir.is_some();
