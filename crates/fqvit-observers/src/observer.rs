@@ -1,6 +1,7 @@
 //! MinMax, EMA, Percentile and OMSE (spec §3.3–§3.6), and [`build`].
 
 use fqvit_ops::{BitType, Granularity, QParams};
+use fqvit_tensor::{Axis, Quantizer};
 use tch::{Kind, Tensor};
 
 use crate::stats::{candidate, channel_max_min, max_min, params_from_range, values};
@@ -299,7 +300,7 @@ impl Observer for WeightOmse {
                 let f = omse_factor(i);
                 let shrunk = |v: &[f32]| v.iter().map(|x| x * f).collect::<Vec<f32>>();
                 let p = params_from_range(&shrunk(&min), &shrunk(&max), bit_type, true)?;
-                let err = values(&channel_error(&rows, &p.scale, bit_type))?;
+                let err = values(&channel_error(&rows, &p))?;
                 for (b, e) in best.iter_mut().zip(err) {
                     if e < b.0 {
                         *b = (e, f);
@@ -317,9 +318,9 @@ impl Observer for WeightOmse {
     }
 }
 
-/// Per row of `rows`, `Σ (x − s·clamp(round(x/s)))²` with the row's symmetric scale `s`.
-fn channel_error(rows: &Tensor, scale: &[f32], bit_type: BitType) -> Tensor {
-    let s = Tensor::from_slice(scale).to_device(rows.device()).view([-1, 1]);
-    let q = (rows / &s).round().clamp(f64::from(bit_type.lower()), f64::from(bit_type.upper()));
-    (q * &s - rows).square().sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
+/// Per row of `rows`, the squared error of its fake-quantization at `params` (one scale per
+/// row), as the quantized forward fake-quantizes weights.
+fn channel_error(rows: &Tensor, params: &QParams) -> Tensor {
+    let fq = Quantizer::new(params, Axis::First, rows.device()).fake_quant(rows);
+    (fq - rows).square().sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
 }
