@@ -120,6 +120,28 @@ fn contradictory_or_unknown_flags_are_refused_with_a_clear_message() {
         &with(&["--quant", "--ptf", "--lis", "--engine", "int", "--gemm-kernel", "vnni"]),
         "unknown GEMM kernel \"vnni\" (expected one of avx512-vnni, rten, avx2-pairs, loops)",
     );
+    fails_with(
+        &with(&["--quant", "--ptf", "--lis", "--isa", "avx2"]),
+        "--isa holds the integer engine's instruction set: add --engine int",
+    );
+    fails_with(
+        &with(&["--quant", "--ptf", "--lis", "--engine", "int", "--isa", "sse"]),
+        "invalid value 'sse' for '--isa <ISA>'",
+    );
+    fails_with(
+        &with(&[
+            "--quant",
+            "--ptf",
+            "--lis",
+            "--engine",
+            "int",
+            "--isa",
+            "avx2",
+            "--gemm-kernel",
+            "avx512-vnni",
+        ]),
+        "does not run the avx512-vnni GEMM kernel exactly with the avx2 instruction set",
+    );
     fails_with(&with(&["--on", "dev"]), "--on dev evaluates the train images that --holdout N");
     fails_with(
         &with(&["--quant", "--holdout", "500"]),

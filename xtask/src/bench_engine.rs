@@ -1,8 +1,8 @@
 //! `cargo xtask bench-engine`: the integer engine against libtorch fp32 and the simulation, per
 //! instruction set, as a markdown table. Each row is one `fqvit-cli bench --engine int` process
 //! (random weights), so its figures come from one run; the `avx2` rows hold libtorch, MKL and
-//! oneDNN to AVX2 and name the engine's AVX2 kernel, so an AVX-512 machine measures what an
-//! AVX2-only one runs. JSON in `target/bench-engine/`.
+//! oneDNN to AVX2 and the engine too (`--isa avx2`: its GEMM kernel and every loop), so an
+//! AVX-512 machine measures what an AVX2-only one runs. JSON in `target/bench-engine/`.
 
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -10,19 +10,27 @@ use serde_json::Value;
 use crate::ci::AVX2_ENV;
 use crate::{cargo, project_root, run};
 
-/// An instruction-set setting: its `--isas` name, its label, the engine's kernel, and the
+/// An instruction-set setting: its `--isas` name, its label, the engine's flags, and the
 /// environment.
 struct Isa {
     key: &'static str,
     label: &'static str,
-    kernel: Option<&'static str>,
+    engine: &'static [&'static str],
     env: &'static [(&'static str, &'static str)],
 }
 
+/// The engine held to AVX2, as libtorch is by [`AVX2_ENV`].
+pub(crate) const ENGINE_AVX2: &[&str] = &["--isa", "avx2"];
+
 const ISAS: [Isa; 3] = [
-    Isa { key: "native", label: "native", kernel: None, env: &[] },
-    Isa { key: "avx2", label: "AVX2", kernel: Some("avx2-pairs"), env: AVX2_ENV },
-    Isa { key: "loops", label: "AVX2, loops", kernel: Some("loops"), env: AVX2_ENV },
+    Isa { key: "native", label: "native", engine: &[], env: &[] },
+    Isa { key: "avx2", label: "AVX2", engine: ENGINE_AVX2, env: AVX2_ENV },
+    Isa {
+        key: "loops",
+        label: "AVX2, loops",
+        engine: &["--isa", "avx2", "--gemm-kernel", "loops"],
+        env: AVX2_ENV,
+    },
 ];
 
 /// One `fqvit-cli bench --engine int` process: its figures go to `json`, nothing to stdout.
@@ -31,8 +39,8 @@ pub(crate) struct Bench<'a> {
     pub(crate) batch: u32,
     pub(crate) iters: u32,
     pub(crate) env: &'a [(&'a str, &'a str)],
-    /// `--gemm-kernel`, when one is held.
-    pub(crate) kernel: Option<&'a str>,
+    /// The engine's flags (`--isa`, `--gemm-kernel`) where they are held.
+    pub(crate) engine: &'a [&'a str],
 }
 
 impl Bench<'_> {
@@ -48,10 +56,8 @@ impl Bench<'_> {
             // The figures come from the JSON file; the table goes to stdout alone.
             .stdout(std::process::Stdio::null())
             .arg("--json")
-            .arg(json);
-        if let Some(kernel) = self.kernel {
-            cmd.args(["--gemm-kernel", kernel]);
-        }
+            .arg(json)
+            .args(self.engine);
         cmd
     }
 }
@@ -85,7 +91,7 @@ pub(crate) fn bench_engine(
         for &batch in batches {
             for isa in ISAS.iter().filter(|i| isas.iter().any(|s| s == i.key)) {
                 let json = out_dir.join(format!("{model}.{batch}.{}.json", isa.key));
-                let bench = Bench { model, batch, iters, env: isa.env, kernel: isa.kernel };
+                let bench = Bench { model, batch, iters, env: isa.env, engine: isa.engine };
                 run(&mut bench.command(&cli, &json))?;
                 let v: Value = serde_json::from_str(
                     &std::fs::read_to_string(&json)

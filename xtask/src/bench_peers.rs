@@ -21,7 +21,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
-use crate::bench_engine::Bench;
+use crate::bench_engine::{Bench, ENGINE_AVX2};
 use crate::ci::AVX2_ENV;
 use crate::{cargo, project_root, run, setup};
 
@@ -159,9 +159,9 @@ pub(crate) fn bench_peers(opts: &Options) -> Result<()> {
             }
             let t = Instant::now();
             let json = out_dir.join(format!("{model}.{batch}.fqvit.json"));
-            // As `bench-engine`'s avx2 rows: our kernel held where libtorch's is.
-            let kernel = opts.avx2.then_some("avx2-pairs");
-            let bench = Bench { model, batch, iters: opts.iters, env, kernel };
+            // As `bench-engine`'s avx2 rows: the engine held where libtorch is.
+            let engine: &[&str] = if opts.avx2 { ENGINE_AVX2 } else { &[] };
+            let bench = Bench { model, batch, iters: opts.iters, env, engine };
             let mut cmd = bench.command(&cli, &json);
             run(&mut cmd)
                 .with_context(|| format!("fqvit-cli bench {model} --batch-size {batch}"))?;
@@ -256,7 +256,7 @@ fn our_accuracy(
         .arg("--json")
         .arg(&json);
     if opts.avx2 {
-        cmd.args(["--gemm-kernel", "avx2-pairs"]);
+        cmd.args(ENGINE_AVX2);
     }
     run(&mut cmd).context("fqvit-cli eval vit_tiny (our top-1)")?;
     let v = read_json(&json)?;
@@ -287,7 +287,7 @@ fn render(
     let cpu = first["cpu"].as_str().unwrap_or("unknown CPU");
     let threads = first["threads"].as_u64().unwrap_or(0);
     let held = if opts.avx2 {
-        "libtorch, MKL, oneDNN and our GEMM held to AVX2 (ORT's MLAS has no switch: native)"
+        "libtorch, MKL, oneDNN and our engine held to AVX2 (ORT's MLAS has no switch: native)"
     } else {
         "native ISA (nothing held to AVX2)"
     };

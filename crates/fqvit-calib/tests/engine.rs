@@ -9,7 +9,7 @@ use common::tiny::{
     calibrate_and_write, calibrated, calibrated_heads, images, images_of, integer_twin,
 };
 use fqvit_calib::Experiment;
-use fqvit_engine::{Engine, Error, Images, KernelKind, Options};
+use fqvit_engine::{Engine, Error, Images, Isa, KernelKind, Options};
 use fqvit_models::{Mode, Quantizable, Quantized, swin};
 use tch::Device;
 use tch::nn::VarStore;
@@ -66,32 +66,38 @@ fn integer_results_do_not_depend_on_threads() {
     assert_eq!(alone, one[40..50]);
 }
 
-/// Every GEMM kernel this CPU runs gives the same logits, and one it cannot run is refused.
+/// Every GEMM kernel this CPU runs, at every instruction set it has, gives the same logits, and
+/// one it cannot run is refused.
 #[test]
-fn integer_results_do_not_depend_on_the_gemm_kernel() {
+fn integer_results_do_not_depend_on_the_kernel_or_instruction_set() {
     let dir = tempfile::tempdir().unwrap();
     let c = calibrated_heads(dir.path(), false, 2, integer_twin());
     let (pixels, _) = images(&c.cfg, 6, 5);
     let reference = Engine::load(&c.path).unwrap().run(Images::Pixels(&pixels)).unwrap();
     let mut ran = Vec::new();
-    for kind in KernelKind::ALL {
-        match Engine::load_with(&c.path, Options { gemm: Some(kind) }) {
-            Ok(engine) => {
-                let logits = engine.run(Images::Pixels(&pixels)).unwrap();
-                assert_eq!(logits, reference, "{}", engine.gemm_kernel());
-                ran.push(kind);
-            }
-            Err(err) => {
-                let err = err.to_string();
-                assert!(err.contains(kind.name()) && err.contains("does not run"), "{err}");
+    for isa in Isa::ALL.into_iter().filter(|isa| isa.available()) {
+        for gemm in KernelKind::ALL.map(Some).into_iter().chain([None]) {
+            match Engine::load_with(&c.path, Options { gemm, isa }) {
+                Ok(engine) => {
+                    let logits = engine.run(Images::Pixels(&pixels)).unwrap();
+                    assert_eq!(logits, reference, "{}", engine.gemm_kernel());
+                    ran.push((gemm, isa));
+                }
+                Err(err) => {
+                    let err = err.to_string();
+                    let kind = gemm.expect("detection always finds a kernel");
+                    assert!(err.contains(kind.name()) && err.contains("does not run"), "{err}");
+                    assert!(err.contains(&format!("with the {isa} instruction set")), "{err}");
+                }
             }
         }
     }
     eprintln!("kernels run: {ran:?}");
-    assert!(ran.contains(&KernelKind::Loops), "{ran:?}");
+    assert!(ran.contains(&(Some(KernelKind::Loops), Isa::Scalar)), "{ran:?}");
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
-        assert!(ran.contains(&KernelKind::Avx2Pairs), "{ran:?}");
+        assert!(ran.contains(&(Some(KernelKind::Avx2Pairs), Isa::Avx2)), "{ran:?}");
+        assert!(!ran.contains(&(Some(KernelKind::Avx512Vnni), Isa::Avx2)), "{ran:?}");
     }
 }
 

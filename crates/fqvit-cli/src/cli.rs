@@ -170,11 +170,43 @@ pub(crate) struct BenchArgs {
     /// Also time the integer engine (`int_images_per_s`), in this process, on the same model.
     #[arg(long, value_enum, default_value_t = EngineArg::Sim)]
     pub(crate) engine: EngineArg,
+    #[command(flatten)]
+    pub(crate) int: EngineFlags,
+}
+
+/// How the integer engine runs; each flag needs `--engine int`. Every choice gives the same
+/// integers: they are for benchmarks and tests.
+#[derive(Args, Clone, Copy, Debug)]
+pub(crate) struct EngineFlags {
     /// With `--engine int`: the int8 GEMM kernel (`avx512-vnni`, `rten`, `avx2-pairs`,
-    /// `loops`); by default
-    /// the fastest this CPU runs exactly. All give the same integers.
+    /// `loops`); by default the fastest this CPU runs exactly within `--isa`.
     #[arg(long, value_name = "KERNEL")]
     pub(crate) gemm_kernel: Option<fqvit_engine::KernelKind>,
+    /// With `--engine int`: the widest instruction set the engine may use (default `native`);
+    /// `avx2` runs on any x86 CPU with AVX2 exactly what an AVX2-only CPU runs.
+    #[arg(long, value_enum)]
+    pub(crate) isa: Option<fqvit_engine::Isa>,
+}
+
+impl EngineFlags {
+    /// The engine's options, refusing a flag given without `--engine int` or a kernel this CPU
+    /// does not run.
+    pub(crate) fn options(self, engine: EngineArg) -> anyhow::Result<fqvit_engine::Options> {
+        if engine != EngineArg::Int {
+            if self.gemm_kernel.is_some() {
+                anyhow::bail!(
+                    "--gemm-kernel chooses the integer engine's GEMM kernel: add --engine int"
+                );
+            }
+            if self.isa.is_some() {
+                anyhow::bail!("--isa holds the integer engine's instruction set: add --engine int");
+            }
+        }
+        let options =
+            fqvit_engine::Options { gemm: self.gemm_kernel, isa: self.isa.unwrap_or_default() };
+        options.kernel()?;
+        Ok(options)
+    }
 }
 
 /// A value's spelling on the command line (clap's name of the variant; a test holds it equal to
@@ -357,11 +389,8 @@ pub(crate) struct EvalArgs {
     /// the first N val images, free-running and with each op fed the simulation's codes.
     #[arg(long, value_name = "N")]
     pub(crate) site_agreement: Option<usize>,
-    /// With `--engine int`: the int8 GEMM kernel (`avx512-vnni`, `rten`, `avx2-pairs`,
-    /// `loops`); by default
-    /// the fastest this CPU runs exactly. All give the same integers.
-    #[arg(long, value_name = "KERNEL")]
-    pub(crate) gemm_kernel: Option<fqvit_engine::KernelKind>,
+    #[command(flatten)]
+    pub(crate) int: EngineFlags,
 }
 
 #[derive(Args, Debug)]

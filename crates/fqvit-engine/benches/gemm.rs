@@ -25,7 +25,7 @@ fn codes(len: usize, seed: u64) -> Vec<u8> {
 
 #[divan::bench(args = SHAPES, consts = [0, 1, 2, 3])]
 fn kernel<const KIND: usize>(bencher: Bencher, (m, n, k): (usize, usize, usize)) {
-    let Some(kernel) = Kernel::new(KernelKind::ALL[KIND]) else {
+    let Some(kernel) = Kernel::new(KernelKind::ALL[KIND], fqvit_ops::Isa::Native) else {
         eprintln!("{} does not run on this CPU", KernelKind::ALL[KIND]);
         return;
     };

@@ -49,8 +49,8 @@ pub fn attn_v_reference(k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u32) -> V
 /// The fast path: the byte planes through the int8 GEMM. Same arguments and result as
 /// [`attn_v_reference`], and the kernel.
 pub fn attn_v(kernel: &Kernel, k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u32) -> Vec<i64> {
-    // Compiled for the detected instruction set: its loops are most of attention's time.
-    pulp::Arch::new().dispatch(|| attn_v_lanes(kernel, k, v, z, hd, k_max))
+    // Compiled for the kernel's instruction set: its loops are most of attention's time.
+    kernel.arch().dispatch(|| attn_v_lanes(kernel, k, v, z, hd, k_max))
 }
 
 #[inline(always)]
@@ -233,7 +233,7 @@ impl Attention {
     ) -> (Vec<u8>, Duration, Duration) {
         let d = qkv.len() / n / 3;
         let hd = d / self.heads;
-        let arch = pulp::Arch::new();
+        let arch = kernel.arch();
         let per_head: Vec<(Vec<u8>, Duration, Duration)> = (0..self.heads)
             .into_par_iter()
             .map(|h| {
@@ -274,7 +274,7 @@ impl Attention {
                     let mm = t.elapsed();
                     let t = Instant::now();
                     let mut k_codes = vec![0u16; n * n];
-                    log_int_softmax_with(&x, n, &self.lis, self.bits, &mut k_codes);
+                    log_int_softmax_with(kernel.isa(), &x, n, &self.lis, self.bits, &mut k_codes);
                     let sm = t.elapsed();
                     let t = Instant::now();
                     let sums = attn_v(kernel, &k_codes, &v, self.z, hd, self.k_max);

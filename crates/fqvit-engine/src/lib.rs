@@ -28,6 +28,7 @@ mod timings;
 use std::path::Path;
 
 pub use error::{Error, Result};
+pub use fqvit_ops::Isa;
 pub use gemm::KernelKind;
 pub use timings::Timings;
 
@@ -74,6 +75,35 @@ pub struct Options {
     /// The int8 GEMM kernel; `None` takes the fastest this CPU runs exactly. Every kernel gives
     /// the same integers: naming one is for tests and benchmarks (e.g. AVX2 on a VNNI machine).
     pub gemm: Option<KernelKind>,
+    /// The widest instruction set the loops (and the GEMM kernel) may use; the integers do not
+    /// depend on it: `Avx2` runs on an AVX-512 machine what an AVX2-only CPU runs.
+    pub isa: Isa,
+}
+
+impl Options {
+    /// The GEMM kernel these options name, refused by name where this CPU does not run it
+    /// exactly (a caller checks its flags with it before long work starts).
+    pub fn kernel(self) -> Result<gemm::Kernel> {
+        let Options { gemm, isa } = self;
+        if !isa.available() {
+            return Err(Error::Kernel(format!("this CPU does not run the {isa} instruction set")));
+        }
+        match gemm {
+            None => Ok(gemm::Kernel::detect(isa)),
+            Some(kind) => gemm::Kernel::new(kind, isa).ok_or_else(|| {
+                let runs: Vec<String> = gemm::Kernel::supported()
+                    .iter()
+                    .filter(|k| k.isa() == isa)
+                    .map(|k| k.kind().to_string())
+                    .collect();
+                Error::Kernel(format!(
+                    "this CPU does not run the {kind} GEMM kernel exactly with the {isa} \
+                     instruction set (it runs {})",
+                    runs.join(", ")
+                ))
+            }),
+        }
+    }
 }
 
 /// A loaded, compiled integer program.
@@ -100,19 +130,10 @@ impl Engine {
         Engine::load_with(path, Options::default())
     }
 
-    /// [`Engine::load`] with `options`; a GEMM kernel this CPU cannot run is refused by name.
+    /// [`Engine::load`] with `options`; a GEMM kernel or instruction set this CPU cannot run is
+    /// refused by name.
     pub fn load_with(path: &Path, options: Options) -> Result<Self> {
-        let kernel = match options.gemm {
-            None => gemm::Kernel::detect(),
-            Some(kind) => gemm::Kernel::new(kind).ok_or_else(|| {
-                let runs: Vec<String> =
-                    gemm::Kernel::supported().iter().map(|k| k.kind().to_string()).collect();
-                Error::Kernel(format!(
-                    "this CPU does not run the {kind} GEMM kernel exactly (it runs {})",
-                    runs.join(", ")
-                ))
-            })?,
-        };
+        let kernel = options.kernel()?;
         let art = Artifact::read(path)?;
         let bad = |reason: String| Error::from(art.bad(reason));
         if art.format_version() < FORMAT_VERSION {

@@ -60,7 +60,7 @@ fn layer_norm_fast(bencher: Bencher, shape: (usize, usize)) {
 fn layer_norm_integer(bencher: Bencher, shape: (usize, usize)) {
     let mut case = ln_case(shape);
     let ln = fqvit_ops::layer_norm::integer::IntegerLayerNorm::new(&ln_params(&case)).unwrap();
-    bencher.bench_local(|| ln.run(black_box(&case.codes), &mut case.out));
+    bencher.bench_local(|| ln.run(fqvit_ops::Isa::Native, black_box(&case.codes), &mut case.out));
 }
 
 #[divan::bench(args = LN_SHAPES)]

@@ -34,11 +34,13 @@
 
 pub mod bits;
 pub mod float;
+pub mod isa;
 pub mod layer_norm;
 pub mod qparams;
 pub mod rounding;
 pub mod softmax;
 
 pub use bits::{BitType, Bits};
+pub use isa::Isa;
 pub use qparams::{Granularity, PtfFactor, QParams, TensorClass};
 pub use rounding::{ChannelAxis, dequantize, fake_quantize_slice, quantize, quantize_slice};

@@ -1,8 +1,8 @@
 //! Property tests of the kernels (proptest; regressions are kept in `tests/*.proptest-regressions`).
 
-use fqvit_ops::PtfFactor;
 use fqvit_ops::layer_norm::{InScale, LayerNormParams, ptf_layer_norm, reference as ln_ref};
 use fqvit_ops::softmax::{self, dequantize_log2, reference as lis_ref};
+use fqvit_ops::{Isa, PtfFactor};
 use proptest::prelude::*;
 
 /// Rows of integer logits: (row length, codes in −255..=255 as `q − z` can be). Half the cases
@@ -29,7 +29,13 @@ proptest! {
     fn lis_fast_equals_reference((len, codes) in logit_rows(), s in scale(), bits in prop::sample::select(vec![2u32, 3, 4, 5, 8])) {
         let mut slow = vec![0u16; codes.len()];
         lis_ref::log_int_softmax(&codes, len, s, bits, &mut slow);
-        prop_assert_eq!(lis(&codes, len, s, bits), slow);
+        prop_assert_eq!(lis(&codes, len, s, bits), slow.clone());
+        let k = softmax::LisConstants::new(s);
+        for isa in Isa::ALL.into_iter().filter(|isa| isa.available()) {
+            let mut fast = vec![0u16; codes.len()];
+            softmax::log_int_softmax_with(isa, &codes, len, &k, bits, &mut fast);
+            prop_assert_eq!(&fast, &slow, "{}", isa);
+        }
         let logits: Vec<f32> = codes.iter().map(|&q| q as f32 * s).collect();
         let (mut fast_f, mut slow_f) = (vec![0u16; codes.len()], vec![0u16; codes.len()]);
         softmax::log_int_softmax_f32(&logits, len, s, bits, &mut fast_f);

@@ -287,7 +287,7 @@ impl IntLayerNorm {
             "integer LayerNorm: the input is not on its quantizer's uint8 grid"
         );
         let mut y = vec![0i32; x.len()];
-        integer.run(&codes, &mut y);
+        integer.run(fqvit_ops::Isa::Native, &codes, &mut y);
         let y: Vec<f32> = y.iter().map(|&v| v as f32).collect();
         Tensor::from_slice(&y).view(size.as_slice()).to_device(xs.device())
     }
@@ -308,7 +308,11 @@ impl IntLayerNorm {
         let mut y = vec![0i32; x.len()];
         match self.sqrt {
             StdSqrt::Exact => ptf_layer_norm_with(&codes, &params, Roots::Exact, &mut y),
-            StdSqrt::Integer => self.integer.as_ref().expect("prepared in new").run(&codes, &mut y),
+            StdSqrt::Integer => self.integer.as_ref().expect("prepared in new").run(
+                fqvit_ops::Isa::Native,
+                &codes,
+                &mut y,
+            ),
             StdSqrt::Libtorch => {
                 let mut var = crate::cpu::Owned::zeros(&size[..size.len() - 1]);
                 variance_terms(&codes, &params, var.as_mut_slice());

@@ -13,7 +13,7 @@ use crate::cli::{BenchArgs, EngineArg};
 
 pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     let name: ModelName = args.model.parse()?;
-    crate::commands::shared::check_gemm_kernel(args.engine, args.gemm_kernel)?;
+    let engine_options = args.int.options(args.engine)?;
     if let Some(path) = &args.json {
         crate::output::check_writable(path, "--json")?;
     }
@@ -50,9 +50,13 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
                 std::path::Path::new("random images"),
                 2 * args.batch_size as usize,
             )?;
-            let options = fqvit_engine::Options { gemm: args.gemm_kernel };
-            let engine =
-                crate::commands::shared::engine_via_artifact(&*model, &vs, &table, &prov, options)?;
+            let engine = crate::commands::shared::engine_via_artifact(
+                &*model,
+                &vs,
+                &table,
+                &prov,
+                engine_options,
+            )?;
             Some(engine.bench(args.batch_size as usize, args.iters)?)
         }
     };

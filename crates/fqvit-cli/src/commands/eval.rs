@@ -4,21 +4,19 @@ use anyhow::{Context, Result};
 use fqvit_calib::data::{BadImages, ImageFolder};
 use fqvit_calib::eval::{EvalOptions, EvalReport, Ties, evaluate, evaluate_with};
 use fqvit_calib::{Experiment, calibrate, calibration_set};
-use fqvit_engine::{Engine, Images, Options as EngineOptions};
+use fqvit_engine::{Engine, Images};
 use fqvit_models::{Mode, Quantized};
 use serde_json::json;
 use tch::Device;
 
 use crate::cli::{EngineArg, EvalArgs, EvalOn};
-use crate::commands::shared::{
-    Loaded, build_model, check_gemm_kernel, engine_via_artifact, load_model, progress,
-};
+use crate::commands::shared::{Loaded, build_model, engine_via_artifact, load_model, progress};
 
 pub(crate) fn run(args: EvalArgs) -> Result<()> {
     if let Some(path) = &args.json {
         crate::output::check_writable(path, "--json")?;
     }
-    check_gemm_kernel(args.engine, args.gemm_kernel)?;
+    args.int.options(args.engine)?;
     if args.site_agreement.is_some() && args.engine != EngineArg::Int {
         anyhow::bail!(
             "--site-agreement compares the integer engine with the simulation: add --engine int"
@@ -96,13 +94,7 @@ fn engine_after_calibration(
         &args.model.data,
         images,
     )?;
-    engine_via_artifact(
-        &*loaded.model,
-        &loaded.vs,
-        table,
-        &prov,
-        EngineOptions { gemm: args.gemm_kernel },
-    )
+    engine_via_artifact(&*loaded.model, &loaded.vs, table, &prov, args.int.options(args.engine)?)
 }
 
 /// What computes the logits.
@@ -217,7 +209,7 @@ fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
                 "--float-sites cannot be used with --engine int: the engine is integer only"
             )
         }
-        EngineArg::Int => Some(Engine::load_with(path, EngineOptions { gemm: args.gemm_kernel })?),
+        EngineArg::Int => Some(Engine::load_with(path, args.int.options(args.engine)?)?),
     };
     let runner = match &engine {
         Some(engine) => Runner::Engine { engine, sim: &quantized },

@@ -107,17 +107,6 @@ pub(crate) fn provenance(
     })
 }
 
-/// `--gemm-kernel` chooses the integer engine's kernel, so it needs `--engine int`.
-pub(crate) fn check_gemm_kernel(
-    engine: crate::cli::EngineArg,
-    gemm: Option<fqvit_engine::KernelKind>,
-) -> Result<()> {
-    if gemm.is_some() && engine != crate::cli::EngineArg::Int {
-        anyhow::bail!("--gemm-kernel chooses the integer engine's GEMM kernel: add --engine int");
-    }
-    Ok(())
-}
-
 /// Writes the artifact to a temporary file, exactly as `quantize` would, and loads the engine
 /// from it.
 pub(crate) fn engine_via_artifact(

@@ -19,6 +19,7 @@
 mod pairs;
 mod vnni;
 
+use fqvit_ops::Isa;
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmOptions, PackedBMatrix};
@@ -73,10 +74,13 @@ impl std::str::FromStr for KernelKind {
     }
 }
 
-/// The int8 kernel, made once per engine: detection asks the CPU (`cpuid`), which a hypervisor
-/// makes slow, and attention builds weight matrices per head.
+/// The int8 kernel and the instruction set of the loops around it, made once per engine:
+/// detection asks the CPU (`cpuid`), which a hypervisor makes slow, and attention builds weight
+/// matrices per head.
 pub struct Kernel {
     imp: Imp,
+    isa: Isa,
+    arch: Arch,
 }
 
 enum Imp {
@@ -87,43 +91,65 @@ enum Imp {
 }
 
 impl Kernel {
-    /// The fastest exact kernel this CPU runs: ours with AVX-512 VNNI, else rten's where it
-    /// multiplies bytes exactly with SIMD, else the AVX2 pairs, else rten's portable kernel or
-    /// the loops.
-    pub fn detect() -> Self {
+    /// The fastest exact kernel this CPU runs within `isa`: natively ours with AVX-512 VNNI,
+    /// else rten's where it multiplies bytes exactly with SIMD, else the AVX2 pairs, else
+    /// rten's portable kernel or the loops; the AVX2 pairs or the loops within AVX2; the loops
+    /// at `Scalar`.
+    pub fn detect(isa: Isa) -> Self {
+        let with = |imp| Kernel { imp, isa, arch: isa.arch() };
+        let pairs = if isa == Isa::Scalar { None } else { pairs::available() };
+        if isa != Isa::Native {
+            return with(pairs.map_or(Imp::Loops, Imp::Avx2Pairs));
+        }
         if let Some(v) = vnni::available() {
-            return Kernel { imp: Imp::Vnni(v) };
+            return with(Imp::Vnni(v));
         }
         let exec = GemmExecutor::<u8, i8, i32>::new();
         // rten-gemm 0.25's name for its portable kernel (pinned with the crate's version).
         let rten_simd = !exec.may_saturate() && exec.kernel_name() != "generic-u8i8i32";
         if rten_simd {
-            return Kernel { imp: Imp::Rten(exec) };
+            return with(Imp::Rten(exec));
         }
-        if let Some(v3) = pairs::available() {
-            return Kernel { imp: Imp::Avx2Pairs(v3) };
+        if let Some(v3) = pairs {
+            return with(Imp::Avx2Pairs(v3));
         }
-        let imp = if exec.may_saturate() { Imp::Loops } else { Imp::Rten(exec) };
-        Kernel { imp }
+        with(if exec.may_saturate() { Imp::Loops } else { Imp::Rten(exec) })
     }
 
-    /// The kernel `kind`, if this CPU runs it exactly.
-    pub fn new(kind: KernelKind) -> Option<Self> {
+    /// The kernel `kind` with the loops within `isa`, if this CPU runs it exactly there (rten
+    /// chooses its own instruction set, so it runs only natively).
+    pub fn new(kind: KernelKind, isa: Isa) -> Option<Self> {
         let imp = match kind {
-            KernelKind::Avx512Vnni => Imp::Vnni(vnni::available()?),
-            KernelKind::Rten => {
+            KernelKind::Avx512Vnni if isa == Isa::Native => Imp::Vnni(vnni::available()?),
+            KernelKind::Rten if isa == Isa::Native => {
                 let exec = GemmExecutor::<u8, i8, i32>::new();
                 Imp::Rten((!exec.may_saturate()).then_some(exec)?)
             }
-            KernelKind::Avx2Pairs => Imp::Avx2Pairs(pairs::available()?),
+            KernelKind::Avx2Pairs if isa != Isa::Scalar => Imp::Avx2Pairs(pairs::available()?),
             KernelKind::Loops => Imp::Loops,
+            _ => return None,
         };
-        Some(Kernel { imp })
+        Some(Kernel { imp, isa, arch: isa.arch() })
     }
 
-    /// Every kernel this CPU runs exactly (for tests and benchmarks).
+    /// Every kernel this CPU runs exactly, at every instruction set it has (for tests and
+    /// benchmarks).
     pub fn supported() -> Vec<Self> {
-        KernelKind::ALL.into_iter().filter_map(Kernel::new).collect()
+        Isa::ALL
+            .into_iter()
+            .filter(|isa| isa.available())
+            .flat_map(|isa| KernelKind::ALL.into_iter().filter_map(move |k| Kernel::new(k, isa)))
+            .collect()
+    }
+
+    /// The instruction set the loops around the GEMM are held to.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// What those loops dispatch on.
+    pub fn arch(&self) -> Arch {
+        self.arch
     }
 
     /// Which kernel this is.
@@ -136,13 +162,17 @@ impl Kernel {
         }
     }
 
-    /// The kernel's name, with rten's own kernel name.
+    /// The kernel's name, with rten's own kernel name, and the loops' cap where there is one.
     pub fn name(&self) -> String {
-        match &self.imp {
+        let name = match &self.imp {
             Imp::Vnni(_) => "fqvit AVX-512 VNNI".into(),
             Imp::Rten(exec) => format!("rten-gemm {}", exec.kernel_name()),
             Imp::Avx2Pairs(_) => "fqvit AVX2 16-bit pairs".into(),
             Imp::Loops => "fqvit widening loops".into(),
+        };
+        match self.isa {
+            Isa::Native => name,
+            isa => format!("{name}, loops {isa}"),
         }
     }
 }
@@ -198,8 +228,8 @@ impl Weights {
         w
     }
 
-    /// [`Weights::new`], keeping the codes beside rten's packing, for [`gemm_reference`] and
-    /// [`gemm_loops`] on the same weights.
+    /// [`Weights::new`], keeping the codes beside the kernel's packing, for [`gemm_reference`]
+    /// on the same weights.
     ///
     /// # Panics
     /// As [`Weights::new`].
@@ -371,7 +401,7 @@ fn block(kernel: &Kernel, a: &[u8], w: &Weights, rows: &mut Vec<u32>, out: &mut 
         (Imp::Avx2Pairs(v3), Packing::Pairs(packed)) => {
             pairs::block(*v3, a, packed, w.n, w.k, rows, out)
         }
-        (Imp::Loops, Packing::None) => Arch::new().dispatch(Block { a, w, out }),
+        (Imp::Loops, Packing::None) => kernel.arch.dispatch(Block { a, w, out }),
         _ => panic!("gemm: weights prepared for another kernel than {}", kernel.name()),
     }
 }
@@ -402,18 +432,6 @@ pub fn gemm(kernel: &Kernel, a: &[u8], w: &Weights, out: &mut [i32]) {
         return block(kernel, a, w, &mut Vec::new(), out);
     }
     for_each_rows(a, w.k, w.n, out, |s, a, out| block(kernel, a, w, &mut s.rows, out));
-}
-
-/// The widening loops alone, rows in parallel, each task computing 1 × 4 blocks of dot
-/// products in loops compiled for the detected instruction set (AVX-512 VNNI/AVX2 widening
-/// multiply-adds).
-pub fn gemm_loops(a: &[u8], w: &Weights, out: &mut [i32]) {
-    let m = check(a, w, out);
-    if m == 0 || w.n == 0 {
-        return;
-    }
-    let arch = Arch::new();
-    for_each_rows(a, w.k, w.n, out, |_, a, out| arch.dispatch(Block { a, w, out }));
 }
 
 struct Block<'a> {
@@ -525,6 +543,11 @@ mod tests {
         }
         let err = "vnni".parse::<KernelKind>().unwrap_err();
         assert!(err.contains("rten, avx2-pairs, loops"), "{err}");
-        assert_eq!(Kernel::new(KernelKind::Loops).map(|k| k.kind()), Some(KernelKind::Loops));
+        for isa in Isa::ALL {
+            let loops = Kernel::new(KernelKind::Loops, isa).map(|k| k.kind());
+            assert_eq!(loops, Some(KernelKind::Loops));
+            assert!(Kernel::new(KernelKind::Avx512Vnni, Isa::Avx2).is_none());
+            assert!(Kernel::new(KernelKind::Avx2Pairs, Isa::Scalar).is_none());
+        }
     }
 }

@@ -53,11 +53,10 @@ pub(crate) fn add_consts(
     })
 }
 
-/// Rows in tasks of about 16 K codes, each compiled for the detected instruction set.
-pub(crate) fn add(c: &AddConsts, a: &[u8], b: &[u8], out: &mut [u8]) {
+/// Rows in tasks of about 16 K codes, each compiled for `arch`.
+pub(crate) fn add(arch: pulp::Arch, c: &AddConsts, a: &[u8], b: &[u8], out: &mut [u8]) {
     let ch = c.zo.len();
     let task = ch * (16384 / ch.max(1)).max(1);
-    let arch = pulp::Arch::new();
     out.par_chunks_mut(task).zip(a.par_chunks(task).zip(b.par_chunks(task))).for_each(
         |(o, (a, b))| {
             arch.dispatch(|| {

@@ -506,7 +506,7 @@ pub(crate) fn execute(
                 });
                 let pos_b: Vec<u8> = pos.iter().copied().cycle().take(e.len()).collect();
                 let mut out = vec![0u8; e.len()];
-                add(consts, &e, &pos_b, &mut out);
+                add(kernel.arch(), consts, &e, &pos_b, &mut out);
                 timings.add("add", t);
                 (Val::Codes(out), rows)
             }
@@ -514,7 +514,7 @@ pub(crate) fn execute(
                 let v = inputs[0];
                 let x = codes(&vals[v]);
                 let mut y = vec![0i32; x.len()];
-                ln.run(x, &mut y);
+                ln.run(kernel.isa(), x, &mut y);
                 let out = y
                     .par_iter()
                     .map(|&y| clamp_code(i64::from(y) + i64::from(*z_out), *hi))
@@ -577,7 +577,7 @@ pub(crate) fn execute(
             Compiled::Add(consts) => {
                 let (a, b) = (inputs[0], inputs[1]);
                 let mut out = vec![0u8; codes(&vals[a]).len()];
-                add(consts, codes(&vals[a]), codes(&vals[b]), &mut out);
+                add(kernel.arch(), consts, codes(&vals[a]), codes(&vals[b]), &mut out);
                 timings.add("add", t);
                 (Val::Codes(out), rows_of[a])
             }

@@ -47,6 +47,7 @@ use super::reference::{round_shift, saturate_i32, zero_variance_code};
 use rayon::prelude::*;
 
 use super::{LayerNormParams, MAX_CHANNELS};
+use crate::Isa;
 
 /// One channel's constants, read from the lanes ([`IntegerLayerNorm::channel`]).
 #[derive(Clone, Copy, Debug)]
@@ -200,19 +201,20 @@ impl IntegerLayerNorm {
         }
     }
 
-    /// The output codes `y` (not clamped) of tokens of `C` uint8 codes, tokens in parallel.
+    /// The output codes `y` (not clamped) of tokens of `C` uint8 codes, tokens in parallel, the
+    /// channel loops vectorised up to `isa` (the codes do not depend on it).
     ///
     /// # Panics
     /// If `codes` and `out` are not the same whole number of tokens.
     #[track_caller]
-    pub fn run(&self, codes: &[u8], out: &mut [i32]) {
-        self.run_with(codes, out, true);
+    pub fn run(&self, isa: Isa, codes: &[u8], out: &mut [i32]) {
+        self.run_with(codes, out, Some(isa.arch()));
     }
 
-    /// [`run`](Self::run) with every channel in the general form (`lanes = false`): the
-    /// reference the lanes are tested against.
+    /// [`run`](Self::run) with the vector lanes on `lanes`, or with every channel in the
+    /// general form (`None`): the reference the lanes are tested against.
     #[track_caller]
-    fn run_with(&self, codes: &[u8], out: &mut [i32], lanes: bool) {
+    fn run_with(&self, codes: &[u8], out: &mut [i32], lanes: Option<pulp::Arch>) {
         let c = self.flat.len();
         assert!(
             codes.len().is_multiple_of(c) && codes.len() == out.len(),
@@ -221,13 +223,12 @@ impl IntegerLayerNorm {
             out.len()
         );
         let task = c * super::fast::TOKENS_PER_TASK;
-        let arch = pulp::Arch::new();
         codes.par_chunks(task).zip(out.par_chunks_mut(task)).for_each_init(
             || (vec![0i64; c], vec![0i64; c]),
             |(x, flags), (codes, out)| {
                 for (token, y) in codes.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
                     let Some(tok) = self.token(token, x, y) else { continue };
-                    if lanes && tok.sigma1.abs() < 1 << 31 {
+                    if let Some(arch) = lanes.filter(|_| tok.sigma1.abs() < 1 << 31) {
                         arch.dispatch(Lanes { ln: self, tok, x, y, flags });
                         for (i, _) in flags.iter().enumerate().filter(|&(_, &f)| f != 0) {
                             y[i] = self.channel(i).code(x[i], tok);
@@ -442,7 +443,7 @@ mod tests {
             })
             .collect();
         let (mut a, mut b) = (vec![0; codes.len()], vec![0; codes.len()]);
-        ln.run(&codes, &mut a);
+        ln.run(Isa::Native, &codes, &mut a);
         ptf_layer_norm(&codes, &p, &mut b);
         let differ = a.iter().zip(&b).filter(|(a, b)| a != b).count();
         let max = a.iter().zip(&b).map(|(a, b)| (a - b).abs()).max().unwrap();
@@ -457,7 +458,7 @@ mod tests {
         let run = |codes: &[u8], gamma: &[f32], beta: &[f32], factors: &[PtfFactor], out: f32| {
             let p = LayerNormParams { out_scale: out, ..params(gamma, beta, factors) };
             let (mut a, mut b) = (vec![0; codes.len()], vec![0; codes.len()]);
-            IntegerLayerNorm::new(&p).unwrap().run(codes, &mut a);
+            IntegerLayerNorm::new(&p).unwrap().run(Isa::Native, codes, &mut a);
             ptf_layer_norm(codes, &p, &mut b);
             (a, b)
         };
@@ -482,7 +483,7 @@ mod tests {
         let p =
             LayerNormParams { zero_point: 0, out_scale: 0.05, ..params(&gamma, &beta, &factors) };
         let (mut a, mut b) = (vec![0; c], vec![0; c]);
-        IntegerLayerNorm::new(&p).unwrap().run(&codes, &mut a);
+        IntegerLayerNorm::new(&p).unwrap().run(Isa::Native, &codes, &mut a);
         ptf_layer_norm(&codes, &p, &mut b);
         assert!(a.iter().zip(&b).all(|(a, b)| (a - b).abs() <= 1), "{:?} {:?}", &a[..4], &b[..4]);
         // Mixed shifts 0..=7 with extreme codes, tiny and large output scales.
@@ -499,7 +500,7 @@ mod tests {
         }
     }
 
-    /// The SIMD lanes give the general form's codes: ordinary channels and tokens, and every
+    /// The SIMD lanes give the general form's codes at every instruction set this CPU has: ordinary channels and tokens, and every
     /// case the lanes leave to it (γ = 0, |β/s_out| ≥ 128, N clamped at 0 or 31, means of
     /// 2^7 and more in units of s_min).
     #[test]
@@ -542,10 +543,13 @@ mod tests {
                     _ => 77,
                 })
                 .collect();
-            let (mut a, mut b) = (vec![0; codes.len()], vec![0; codes.len()]);
-            ln.run_with(&codes, &mut a, true);
-            ln.run_with(&codes, &mut b, false);
-            assert_eq!(a, b, "case {case}");
+            let mut b = vec![0; codes.len()];
+            ln.run_with(&codes, &mut b, None);
+            for isa in Isa::ALL.into_iter().filter(|isa| isa.available()) {
+                let mut a = vec![0; codes.len()];
+                ln.run(isa, &codes, &mut a);
+                assert_eq!(a, b, "case {case}, {isa}");
+            }
         }
     }
 

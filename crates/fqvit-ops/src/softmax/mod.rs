@@ -18,6 +18,7 @@ pub mod reference;
 
 use rayon::prelude::*;
 
+use crate::Isa;
 use fast::Rows;
 use reference::{COEF, X0};
 
@@ -156,16 +157,18 @@ fn check_row_args(n_in: usize, n_out: usize, row_len: usize, bits: u32) {
 #[track_caller]
 pub fn log_int_softmax(codes: &[i32], row_len: usize, scale: f32, bits: u32, out: &mut [u16]) {
     check_integer_scale(scale);
-    log_int_softmax_with(codes, row_len, &LisConstants::new(scale), bits, out);
+    log_int_softmax_with(Isa::Native, codes, row_len, &LisConstants::new(scale), bits, out);
 }
 
 /// [`log_int_softmax`] with the constants of its scale prepared once ([`LisConstants::new`] of
-/// a scale of at least [`MIN_SCALE`]), as an integer runtime holds them.
+/// a scale of at least [`MIN_SCALE`]), as an integer runtime holds them, the row loops
+/// vectorised up to `isa` (the codes do not depend on it).
 ///
 /// # Panics
 /// As [`log_int_softmax`], and if `k` is not the constants of such a scale (`I_c ≥ 2^22`).
 #[track_caller]
 pub fn log_int_softmax_with(
+    isa: Isa,
     codes: &[i32],
     row_len: usize,
     k: &LisConstants,
@@ -179,8 +182,8 @@ pub fn log_int_softmax_with(
     );
     check_row_args(codes.len(), out.len(), row_len, bits);
     let task = row_len * fast::ELEMENTS_PER_TASK.div_ceil(row_len);
-    // The widest instruction set the CPU has, so the row loops vectorise (see `lis_row`).
-    let arch = pulp::Arch::new();
+    // Compiled for `isa`, so the row loops vectorise (see `lis_row`).
+    let arch = isa.arch();
     codes.par_chunks(task).zip(out.par_chunks_mut(task)).for_each_init(
         || vec![0f64; row_len],
         |e, (rows, out)| arch.dispatch(Rows { rows, k, bits, e, out }),
