@@ -43,15 +43,5 @@ pub(crate) fn dyadic(r: f64, err: &impl Fn(String) -> Error) -> Result<Dyadic> {
 /// A site's input scale for the integer LayerNorm and PTF dense inputs: `fqvit-ops`' own
 /// [`InScale`], borrowing the grid's factors.
 pub(crate) fn ln_scale(g: &Grid, c: usize) -> Result<InScale<'_>, String> {
-    match &g.ptf {
-        None if g.scale.len() == 1 => Ok(InScale::Layer(g.scale[0])),
-        None => Err(format!("input site {} is channel-wise without PTF factors", g.name)),
-        // The artifact's reader checked one factor per channel and scales `base · 2^α`.
-        Some(factors) if factors.len() == c => {
-            Ok(InScale::Ptf { base: g.scale[0] / factors[0].multiplier() as f32, factors })
-        }
-        Some(factors) => {
-            Err(format!("input site {} has {} PTF factors for {c} channels", g.name, factors.len()))
-        }
-    }
+    InScale::of(&g.scale, g.ptf.as_deref(), c).map_err(|e| format!("input site {}: {e}", g.name))
 }

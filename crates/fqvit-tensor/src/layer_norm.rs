@@ -92,8 +92,8 @@ struct Host {
     /// The input scale of every channel (tiled), to recover the codes.
     scales: Vec<f32>,
     zero_point: i32,
-    /// PTF factors (tiled) and their base, or `None` for one input scale.
-    ptf: Option<(f32, Vec<PtfFactor>)>,
+    /// PTF factors (tiled), or `None` for one input scale.
+    ptf: Option<Vec<PtfFactor>>,
     gamma: Vec<f32>,
     beta: Vec<f32>,
     out_scale: f32,
@@ -101,11 +101,10 @@ struct Host {
 
 impl Host {
     fn params(&self) -> LayerNormParams<'_> {
+        let scales = if self.ptf.is_some() { &self.scales[..] } else { &self.scales[..1] };
         LayerNormParams {
-            in_scale: match &self.ptf {
-                Some((base, factors)) => InScale::Ptf { base: *base, factors },
-                None => InScale::Layer(self.scales[0]),
-            },
+            in_scale: InScale::of(scales, self.ptf.as_deref(), self.gamma.len())
+                .expect("tiled to the channels in new"),
             zero_point: self.zero_point,
             gamma: &self.gamma,
             beta: &self.beta,
@@ -155,8 +154,7 @@ impl IntLayerNorm {
         let host_scales: Vec<f32> =
             scales.iter().copied().cycle().take(tile(input.expand)).collect();
         let ptf = input.params.ptf.as_ref().filter(|_| scales.len() > 1).map(|f| {
-            let f: Vec<PtfFactor> = f.iter().copied().cycle().take(tile(input.expand)).collect();
-            (host_scales[0] / f32::from(1u8 << f[0].get()), f)
+            f.iter().copied().cycle().take(tile(input.expand)).collect::<Vec<PtfFactor>>()
         });
         let in_scale = Tensor::from_slice(&host_scales).to_device(device);
         let s_min = in_scale.min();

@@ -46,6 +46,49 @@ pub enum InScale<'a> {
     },
 }
 
+/// Why a quantizer's scales are not a LayerNorm input scale.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum InScaleError {
+    /// Several scales without PTF factors.
+    #[error("{0} scales without PTF factors (a LayerNorm input is layer-wise or PTF)")]
+    ChannelWise(usize),
+    /// PTF factors, scales and channels that do not match.
+    #[error("{factors} PTF factors and {scales} scales for {channels} channels")]
+    Count {
+        /// PTF factors.
+        factors: usize,
+        /// Scales.
+        scales: usize,
+        /// Channels of the LayerNorm.
+        channels: usize,
+    },
+}
+
+impl<'a> InScale<'a> {
+    /// The input scale of a quantizer with `scales` and, for a PTF one, `factors` (its
+    /// `scale[c] = base · 2^α_c`, as [`QParams`](crate::QParams) holds them), over `channels`.
+    ///
+    /// # Errors
+    /// Several scales without factors, or counts that differ from `channels`.
+    pub fn of(
+        scales: &[f32],
+        factors: Option<&'a [PtfFactor]>,
+        channels: usize,
+    ) -> Result<Self, InScaleError> {
+        match factors {
+            None if scales.len() == 1 => Ok(InScale::Layer(scales[0])),
+            None => Err(InScaleError::ChannelWise(scales.len())),
+            Some(factors) if factors.len() == channels && scales.len() == channels => {
+                let base = scales[0] / factors[0].multiplier() as f32;
+                Ok(InScale::Ptf { base, factors })
+            }
+            Some(factors) => {
+                Err(InScaleError::Count { factors: factors.len(), scales: scales.len(), channels })
+            }
+        }
+    }
+}
+
 impl InScale<'_> {
     /// `s_min` and each channel's shift `α_c − α_min`.
     fn min_and_shifts(&self, n_channels: usize) -> (f32, Vec<u32>) {
