@@ -3,9 +3,10 @@
 //! `crates/fqvit-bench` (`cargo bench -p fqvit-bench`).
 
 use divan::{Bencher, black_box};
-use fqvit_ops::PtfFactor;
+use fqvit_ops::{Isa, PtfFactor};
 use fqvit_ops::layer_norm::{InScale, LayerNormParams, ptf_layer_norm, reference as ln_ref};
-use fqvit_ops::softmax::{log_int_softmax, log_int_softmax_f32, reference as lis_ref};
+use fqvit_ops::softmax::{LisConstants, log_int_softmax_f32, log_int_softmax_with};
+use fqvit_ops::softmax::reference as lis_ref;
 
 fn main() {
     divan::main();
@@ -55,12 +56,13 @@ fn layer_norm_fast(bencher: Bencher, shape: (usize, usize)) {
     });
 }
 
-/// The integer-only LayerNorm (integer σ and factors), constants prepared outside the loop.
-#[divan::bench(args = LN_SHAPES)]
-fn layer_norm_integer(bencher: Bencher, shape: (usize, usize)) {
+/// The integer-only LayerNorm (integer σ and factors), constants prepared outside the loop, at
+/// each instruction set (`Isa::ALL`: native, AVX2, scalar).
+#[divan::bench(args = LN_SHAPES, consts = [0, 1, 2])]
+fn layer_norm_integer<const ISA: usize>(bencher: Bencher, shape: (usize, usize)) {
     let mut case = ln_case(shape);
     let ln = fqvit_ops::layer_norm::integer::IntegerLayerNorm::new(&ln_params(&case)).unwrap();
-    bencher.bench_local(|| ln.run(fqvit_ops::Isa::Native, black_box(&case.codes), &mut case.out));
+    bencher.bench_local(|| ln.run(Isa::ALL[ISA], black_box(&case.codes), &mut case.out));
 }
 
 #[divan::bench(args = LN_SHAPES)]
@@ -77,11 +79,14 @@ fn lis_codes((rows, len): (usize, usize)) -> Vec<i32> {
     (0..rows * len).map(|i| (i * 7919 % 255) as i32 - 128).collect()
 }
 
-#[divan::bench(args = LIS_SHAPES)]
-fn softmax_fast(bencher: Bencher, shape: (usize, usize)) {
+/// Integer Log-Int-Softmax at each instruction set (`Isa::ALL`: native, AVX2, scalar).
+#[divan::bench(args = LIS_SHAPES, consts = [0, 1, 2])]
+fn softmax_fast<const ISA: usize>(bencher: Bencher, shape: (usize, usize)) {
     let codes = lis_codes(shape);
     let mut out = vec![0u16; codes.len()];
-    bencher.bench_local(|| log_int_softmax(black_box(&codes), shape.1, 0.05, 4, &mut out));
+    let k = LisConstants::new(0.05);
+    let isa = Isa::ALL[ISA];
+    bencher.bench_local(|| log_int_softmax_with(isa, black_box(&codes), shape.1, &k, 4, &mut out));
 }
 
 #[divan::bench(args = LIS_SHAPES)]

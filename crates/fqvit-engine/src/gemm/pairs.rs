@@ -73,13 +73,16 @@ pub(super) fn block(
     rows: &mut Vec<u32>,
     out: &mut [i32],
 ) {
-    // Each row's codes as u32 pairs, zero-extended to i16 (the activation operand).
+    // Each row's codes zero-extended to i16, a zero after an odd row: in memory these are the
+    // u32 pairs of `pair` (little-endian), written as u16 so that the widening vectorises.
+    let kp = k.div_ceil(2);
     rows.clear();
-    for row in a.chunks_exact(k) {
-        rows.extend(
-            row.chunks(2)
-                .map(|two| pair(i16::from(two[0]), i16::from(two.get(1).copied().unwrap_or(0)))),
-        );
+    rows.resize(a.len() / k * kp, 0);
+    let wide: &mut [u16] = pulp::bytemuck::cast_slice_mut(rows.as_mut_slice());
+    for (row, wide) in a.chunks_exact(k).zip(wide.chunks_exact_mut(2 * kp)) {
+        for (w, &x) in wide.iter_mut().zip(row) {
+            *w = u16::from(x);
+        }
     }
     <V3 as pulp::Simd>::vectorize(v3, Task { v3, rows, w, n, out });
 }
