@@ -97,8 +97,8 @@ enum Cmd {
         /// Batch sizes.
         #[arg(long, value_delimiter = ',', default_value = "32,1")]
         batches: Vec<u32>,
-        /// Settings: native (this CPU's kernels), avx2 (libtorch, MKL, oneDNN and the engine's
-        /// kernel held to AVX2), loops (AVX2, the engine's widening loops).
+        /// Settings: native (this CPU's kernels), avx2 (libtorch, MKL, oneDNN and the engine held
+        /// to AVX2, `--isa avx2`), loops (AVX2, the engine's widening loops).
         #[arg(long, value_delimiter = ',', default_value = "native,avx2")]
         isas: Vec<String>,
         /// Timed forwards per mode.
@@ -130,7 +130,7 @@ enum Cmd {
         /// Skip the top-1 table (the slow part).
         #[arg(long, overrides_with = "accuracy")]
         no_accuracy: bool,
-        /// native, or avx2: libtorch, MKL and oneDNN (and our GEMM) held to AVX2 for the whole run.
+        /// native, or avx2: libtorch, MKL and oneDNN (and our engine, `--isa avx2`) held to AVX2 for the whole run.
         #[arg(long, value_parser = ["native", "avx2"], default_value = "native")]
         env: String,
         /// Use `target/release/fqvit-cli` as it is (no `cargo build --release -p fqvit-cli`).
