@@ -10,7 +10,7 @@ use tch::nn::{Init, Path};
 use tch::{Device, Tensor};
 
 use crate::Preprocess;
-use crate::common::{Mlp, act, act_renamed};
+use crate::common::{Block, BlockAt, Mixer, act, act_renamed};
 use crate::mode::Mode;
 use crate::net::{self, Leaf, Net, Sim};
 use crate::quant::{Act, Classifier, Conv2d, Layer, LayerNorm, Linear, Quantizable, Softmax};
@@ -300,67 +300,10 @@ fn window_reverse(windows: &Tensor, window: i64, b: i64, h: i64, w: i64) -> Tens
         .reshape([b, h, w, c])
 }
 
-#[derive(Debug)]
-struct Block {
-    norm1: LayerNorm,
-    attn: WindowAttention,
-    residual1: Act,
-    norm2: LayerNorm,
-    mlp: Mlp,
-    residual2: Act,
-}
-
-/// Where a block sits.
-struct BlockAt {
-    stage: usize,
-    index: usize,
-    dim: i64,
-    heads: i64,
-    last_q: SiteId,
-}
-
-impl Block {
-    fn new(p: &Path<'_>, sites: &mut SiteTable, cfg: &Config, at: &BlockAt) -> Self {
-        let (d, o) = (at.dim, format!("layers.{}.blocks.{}", at.stage, at.index));
-        let resolution = cfg.resolution(at.stage);
-        let (window, shift) = cfg.window(at.stage);
-        let shift = if at.index % 2 == 1 { shift } else { 0 };
-        let norm1_out = act(sites, &o, "norm1_out", "qact1", TensorClass::Activation, d);
-        let ln = |name: &str| format!("{o}.{name}");
-        let norm1 = LayerNorm::new(
-            &(p / "norm1"),
-            ln("norm1"),
-            ln("norm1"),
-            d,
-            cfg.eps,
-            at.last_q,
-            norm1_out.site(),
-        );
-        let grid = Grid { resolution, window, shift };
-        let attn = WindowAttention::new(&(p / "attn"), sites, &o, d, at.heads, grid);
-        let residual1 = act(sites, &o, "residual1", "qact2", TensorClass::LayerNormInput, d);
-        let norm2_out = act(sites, &o, "norm2_out", "qact3", TensorClass::Activation, d);
-        let norm2 = LayerNorm::new(
-            &(p / "norm2"),
-            ln("norm2"),
-            ln("norm2"),
-            d,
-            cfg.eps,
-            residual1.site(),
-            norm2_out.site(),
-        );
-        let mlp = Mlp::new(&(p / "mlp"), sites, &o, d, d * cfg.mlp_ratio);
-        let residual2 = act(sites, &o, "residual2", "qact4", TensorClass::LayerNormInput, d);
-        Block { norm1, attn, residual1, norm2, mlp, residual2 }
-    }
-
-    fn run<'m, N: Net<'m>>(&'m self, n: &mut N, xs: &N::V) -> N::V {
-        let h = n.layer_norm(&self.norm1, xs);
-        let a = n.leaf(&self.attn, &h);
-        let x = n.add(xs, &a, &self.residual1);
-        let h = n.layer_norm(&self.norm2, &x);
-        let m = self.mlp.run(n, &h);
-        n.add(&x, &m, &self.residual2)
+/// Window attention mixes a block's tokens as one leaf op.
+impl Mixer for WindowAttention {
+    fn run<'m, N: Net<'m>>(&'m self, n: &mut N, x: &N::V) -> N::V {
+        n.leaf(self, x)
     }
 }
 
@@ -429,7 +372,7 @@ impl PatchMerging {
 #[derive(Debug)]
 struct Stage {
     downsample: Option<PatchMerging>,
-    blocks: Vec<Block>,
+    blocks: Vec<Block<WindowAttention>>,
 }
 
 /// A Swin classifier with its quantization sites.
@@ -491,10 +434,26 @@ impl Swin {
                 merge
             });
             let mut blocks = Vec::with_capacity(cfg.depths[stage]);
+            let (resolution, (window, shift)) = (cfg.resolution(stage), cfg.window(stage));
             for index in 0..cfg.depths[stage] {
-                let at = BlockAt { stage, index, dim, heads: cfg.num_heads[stage], last_q };
-                let block = Block::new(&(&sp / "blocks" / index), s, cfg, &at);
-                last_q = block.residual2.site();
+                let (bp, prefix) =
+                    (&sp / "blocks" / index, format!("layers.{stage}.blocks.{index}"));
+                let at = BlockAt {
+                    p: &bp,
+                    prefix: &prefix,
+                    dim,
+                    hidden: dim * cfg.mlp_ratio,
+                    eps: cfg.eps,
+                    last_q,
+                };
+                // Every second block shifts its windows.
+                let grid =
+                    Grid { resolution, window, shift: if index % 2 == 1 { shift } else { 0 } };
+                let heads = cfg.num_heads[stage];
+                let block = Block::new(s, &at, |s| {
+                    WindowAttention::new(&(&bp / "attn"), s, &prefix, dim, heads, grid)
+                });
+                last_q = block.out_site();
                 blocks.push(block);
             }
             stages.push(Stage { downsample, blocks });

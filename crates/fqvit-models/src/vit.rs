@@ -5,7 +5,7 @@ use tch::nn::{Init, Path};
 use tch::{Device, Tensor};
 
 use crate::Preprocess;
-use crate::common::{Mlp, act};
+use crate::common::{Block, BlockAt, Mixer, act};
 use crate::mode::Mode;
 use crate::net::{self, Leaf, Net, Sim};
 use crate::quant::{Act, Classifier, Conv2d, Layer, LayerNorm, Linear, Quantizable, Softmax};
@@ -144,7 +144,9 @@ impl Attention {
         };
         Attention { qkv, qkv_out, heads, proj, proj_out }
     }
+}
 
+impl Mixer for Attention {
     fn run<'m, N: Net<'m>>(&'m self, n: &mut N, x: &N::V) -> N::V {
         let qkv = n.linear(&self.qkv, x, false, &self.qkv_out);
         let ctx = n.leaf(&self.heads, &qkv);
@@ -182,63 +184,6 @@ impl Leaf for Heads {
         let attn = self.softmax.forward(&attn, mode);
         let x = attn.matmul(&v).transpose(1, 2).reshape([b, n, c]);
         self.context.forward(&x, mode)
-    }
-}
-
-#[derive(Debug)]
-struct Block {
-    norm1: LayerNorm,
-    attn: Attention,
-    residual1: Act,
-    norm2: LayerNorm,
-    mlp: Mlp,
-    residual2: Act,
-}
-
-impl Block {
-    fn new(
-        p: &Path<'_>,
-        sites: &mut SiteTable,
-        index: usize,
-        cfg: &Config,
-        last_q: SiteId,
-    ) -> Self {
-        let (d, o) = (cfg.embed_dim, format!("blocks.{index}"));
-        let norm1_out = act(sites, &o, "norm1_out", "qact1", TensorClass::Activation, d);
-        let ln = |name: &str| format!("{o}.{name}");
-        let norm1 = LayerNorm::new(
-            &(p / "norm1"),
-            ln("norm1"),
-            ln("norm1"),
-            d,
-            cfg.eps,
-            last_q,
-            norm1_out.site(),
-        );
-        let attn = Attention::new(&(p / "attn"), sites, &o, cfg);
-        let residual1 = act(sites, &o, "residual1", "qact2", TensorClass::LayerNormInput, d);
-        let norm2_out = act(sites, &o, "norm2_out", "qact3", TensorClass::Activation, d);
-        let norm2 = LayerNorm::new(
-            &(p / "norm2"),
-            ln("norm2"),
-            ln("norm2"),
-            d,
-            cfg.eps,
-            residual1.site(),
-            norm2_out.site(),
-        );
-        let mlp = Mlp::new(&(p / "mlp"), sites, &o, d, d * cfg.mlp_ratio);
-        let residual2 = act(sites, &o, "residual2", "qact4", TensorClass::LayerNormInput, d);
-        Block { norm1, attn, residual1, norm2, mlp, residual2 }
-    }
-
-    fn run<'m, N: Net<'m>>(&'m self, n: &mut N, xs: &N::V) -> N::V {
-        let h = n.layer_norm(&self.norm1, xs);
-        let a = self.attn.run(n, &h);
-        let x = n.add(xs, &a, &self.residual1);
-        let h = n.layer_norm(&self.norm2, &x);
-        let m = self.mlp.run(n, &h);
-        n.add(&x, &m, &self.residual2)
     }
 }
 
@@ -289,7 +234,7 @@ pub struct Vit {
     patch_proj: Conv2d,
     patch_out: Act,
     embedding: Embedding,
-    blocks: Vec<Block>,
+    blocks: Vec<Block<Attention>>,
     norm: LayerNorm,
     head: Linear,
     logits: Act,
@@ -320,12 +265,20 @@ impl Vit {
         let embed = act(s, "", "embed", "qact_embed", TensorClass::Activation, d);
         let pos = act(s, "", "pos_embed", "qact_pos", TensorClass::Activation, d);
         let embed_sum = act(s, "", "embed_sum", "qact1", TensorClass::LayerNormInput, d);
-        let mut blocks: Vec<Block> = Vec::with_capacity(cfg.depth);
+        let mut blocks: Vec<Block<Attention>> = Vec::with_capacity(cfg.depth);
         for i in 0..cfg.depth {
-            let last_q = blocks.last().map_or(embed_sum.site(), |b| b.residual2.site());
-            blocks.push(Block::new(&(p / "blocks" / i), s, i, cfg, last_q));
+            let (bp, prefix) = (p / "blocks" / i, format!("blocks.{i}"));
+            let at = BlockAt {
+                p: &bp,
+                prefix: &prefix,
+                dim: d,
+                hidden: d * cfg.mlp_ratio,
+                eps: cfg.eps,
+                last_q: blocks.last().map_or(embed_sum.site(), Block::out_site),
+            };
+            blocks.push(Block::new(s, &at, |s| Attention::new(&(&bp / "attn"), s, &prefix, cfg)));
         }
-        let last_q = blocks.last().map_or(embed_sum.site(), |b| b.residual2.site());
+        let last_q = blocks.last().map_or(embed_sum.site(), Block::out_site);
         let norm_out = act(s, "", "norm_out", "qact2", TensorClass::Activation, d);
         let norm = LayerNorm::new(
             &(p / "norm"),

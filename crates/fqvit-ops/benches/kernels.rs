@@ -3,10 +3,10 @@
 //! `crates/fqvit-bench` (`cargo bench -p fqvit-bench`).
 
 use divan::{Bencher, black_box};
-use fqvit_ops::{Isa, PtfFactor};
 use fqvit_ops::layer_norm::{InScale, LayerNormParams, ptf_layer_norm, reference as ln_ref};
-use fqvit_ops::softmax::{LisConstants, log_int_softmax_f32, log_int_softmax_with};
 use fqvit_ops::softmax::reference as lis_ref;
+use fqvit_ops::softmax::{LisConstants, log_int_softmax_f32, log_int_softmax_with};
+use fqvit_ops::{Isa, PtfFactor};
 
 fn main() {
     divan::main();
