@@ -280,12 +280,18 @@ pub fn calibrate(
 /// Bias correction: each linear layer's bias `b ← b − (Ŵ − W)·E[x]` in place, so that its mean
 /// output over the calibration inputs is the float layer's despite the weights' rounding
 /// (`Ŵ` as the quantized forward fake-quantizes `W`).
+///
+/// # Errors
+/// [`Error::BiasCorrection`] naming the first site whose correction is not finite; then no bias
+/// has changed.
 pub fn correct_biases(
     model: &dyn Classifier,
     table: &QParamTable,
     means: &[(SiteId, Tensor)],
 ) -> Result<()> {
     let sites = model.sites();
+    // Every correction first, so that a refusal leaves every bias as it was.
+    let mut deltas = Vec::with_capacity(means.len());
     for (site, mean) in means {
         let (Some(w), Some(b), Some(p)) =
             (model.weight(*site), model.bias(*site), table.get(*site))
@@ -297,16 +303,17 @@ pub fn correct_biases(
             let fq = Quantizer::new(p, Axis::First, w.device()).fake_quant(w);
             (fq - w).to_kind(Kind::Double).mv(&mean.to_device(w.device()))
         });
-        let finite = delta.isfinite().all().int64_value(&[]) == 1;
-        if !finite {
-            return Err(Error::Observer {
+        if delta.isfinite().all().int64_value(&[]) != 1 {
+            return Err(Error::BiasCorrection {
                 site: name.clone(),
-                reason: "its bias correction is not finite (NaN inputs or weights)".into(),
+                reason: "the correction is not finite (NaN inputs or weights)".into(),
             });
         }
-        let mut b = b.shallow_clone();
+        deltas.push((name, b.shallow_clone(), delta));
+    }
+    for (name, mut b, delta) in deltas {
         let _corrected = tch::no_grad(|| b.f_sub_(&delta.to_kind(b.kind())))
-            .map_err(|e| Error::Observer { site: name.clone(), reason: e.to_string() })?;
+            .map_err(|e| Error::BiasCorrection { site: name.clone(), reason: e.to_string() })?;
         tracing::debug!(site = %name, max = delta.abs().max().double_value(&[]), "bias corrected");
     }
     Ok(())

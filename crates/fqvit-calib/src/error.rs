@@ -54,6 +54,14 @@ pub enum Error {
         /// What the observer said.
         reason: String,
     },
+    /// `--bias-correction` could not correct a site's bias (a non-finite correction).
+    #[error("bias correction failed at site {site}: {reason}")]
+    BiasCorrection {
+        /// The site's dotted name.
+        site: String,
+        /// What failed.
+        reason: String,
+    },
     /// The integer engine refused an artifact or its input.
     #[error("integer engine: {0}")]
     Engine(fqvit_engine::Error),

@@ -89,3 +89,24 @@ fn bias_correction_with_float_weights_is_refused() {
     let err = exp.validate().unwrap_err().to_string();
     assert!(err.contains("bias-correction") && err.contains("float-sites"), "{err}");
 }
+
+#[test]
+fn a_non_finite_correction_is_refused_naming_the_site() {
+    let exp = Experiment { bias_correction: true, ..Experiment::default() };
+    let (_vs, model) = tiny();
+    let (table, mut means) = calibrate(&model, &exp);
+    let (site, mean) = &mut means[1];
+    let _ = mean.fill_(f64::NAN);
+    let name = model.sites().get(*site).name.clone();
+    let biases = |model: &vit::Vit| -> Vec<Tensor> {
+        means.iter().map(|(s, _)| model.bias(*s).unwrap().copy()).collect()
+    };
+    let before = biases(&model);
+    let err = correct_biases(&model, &table, &means).unwrap_err().to_string();
+    assert!(err.contains("bias correction failed at site") && err.contains(&name), "{err}");
+    let after = biases(&model);
+    assert!(
+        before.iter().zip(&after).all(|(a, b)| a.equal(b)),
+        "a bias changed before the refusal"
+    );
+}
