@@ -71,7 +71,19 @@ fn integer_results_do_not_depend_on_threads() {
 #[test]
 fn integer_results_do_not_depend_on_the_kernel_or_instruction_set() {
     let dir = tempfile::tempdir().unwrap();
-    let c = calibrated_heads(dir.path(), false, 2, integer_twin());
+    // fc2 reads GELU's PTF codes too: byte planes, or whole 16-bit values with the AVX2 pairs.
+    let ptf_hidden = Experiment {
+        ptf_sites: [fqvit_models::SiteGroup::MlpHidden].into_iter().collect(),
+        ptf_max_factor: fqvit_ops::PtfFactor::MAX,
+        ..integer_twin()
+    };
+    for (heads, exp) in [(2, integer_twin()), (4, ptf_hidden)] {
+        let c = calibrated_heads(dir.path(), false, heads, exp);
+        every_kernel_gives_the_same_logits(&c);
+    }
+}
+
+fn every_kernel_gives_the_same_logits(c: &common::tiny::Calibrated) {
     let (pixels, _) = images(&c.cfg, 6, 5);
     let reference = Engine::load(&c.path).unwrap().run(Images::Pixels(&pixels)).unwrap();
     let mut ran = Vec::new();

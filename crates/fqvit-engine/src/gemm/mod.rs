@@ -322,6 +322,8 @@ pub struct Scratch {
     pub bytes: Vec<u8>,
     /// More bytes for the caller.
     pub bytes2: Vec<u8>,
+    /// 16-bit values for the caller ([`Scratch::gemm_wide`]'s rows).
+    pub wide: Vec<u16>,
     rows: Vec<u32>,
 }
 
@@ -338,6 +340,24 @@ impl Scratch {
         resize(&mut self.acc2, a.len() / w.k.max(1) * w.n);
         block(kernel, a, w, &mut self.rows, &mut self.acc2);
         &mut self.acc2
+    }
+}
+
+impl Scratch {
+    /// `acc = a · wᵀ` for rows of 16-bit values below 2^15, with the kernels whose operands
+    /// are 16 bits wide (the AVX2 pairs); `None` with any other (the caller splits the values
+    /// into byte planes then). The caller bounds the sums: `K · max(a) · 128 < 2^31`.
+    ///
+    /// # Panics
+    /// As [`Scratch::gemm`].
+    pub fn gemm_wide(&mut self, kernel: &Kernel, a: &[u16], w: &Weights) -> Option<&mut [i32]> {
+        let (Imp::Avx2Pairs(v3), Packing::Pairs(packed)) = (&kernel.imp, &w.packed) else {
+            return None;
+        };
+        assert_eq!(a.len() % w.k, 0, "gemm: {} input values are not rows of {}", a.len(), w.k);
+        resize(&mut self.acc, a.len() / w.k * w.n);
+        pairs::block_wide(*v3, a, packed, w.n, w.k, &mut self.rows, &mut self.acc);
+        Some(&mut self.acc)
     }
 }
 
@@ -517,6 +537,45 @@ mod tests {
                 let mut y = vec![1; m * n];
                 gemm(kernel, &a, &w, &mut y);
                 prop_assert_eq!(&x, &y, "{}", kernel.name());
+            }
+        }
+    }
+
+    /// Rows of 16-bit values (a PTF input's shifted codes) through the kernels that take them
+    /// whole equal the i64 sums; the others decline.
+    #[test]
+    fn wide_rows_equal_the_reference() {
+        let mut s = 0x5851_f42d_4c95_7f2d_u64;
+        let mut next = move || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s >> 33
+        };
+        for kernel in Kernel::supported() {
+            for (m, n, k) in [(1, 1, 1), (5, 17, 33), (30, 40, 255), (49, 16, 8)] {
+                // K · 2^15 · 128 < 2^31: any values below 2^15.
+                let a: Vec<u16> = (0..m * k).map(|_| (next() % (1 << 15)) as u16).collect();
+                let wc: Vec<i8> = (0..n * k).map(|_| next() as u8 as i8).collect();
+                let w = Weights::with_codes(&kernel, wc, n, k);
+                let mut scratch = Scratch::default();
+                let Some(got) = scratch.gemm_wide(&kernel, &a, &w) else {
+                    assert_ne!(kernel.kind(), KernelKind::Avx2Pairs);
+                    continue;
+                };
+                for (i, row) in a.chunks_exact(k).enumerate() {
+                    for c in 0..n {
+                        let want: i64 = row
+                            .iter()
+                            .zip(w.row(c))
+                            .map(|(&x, &y)| i64::from(x) * i64::from(y))
+                            .sum();
+                        assert_eq!(
+                            i64::from(got[i * n + c]),
+                            want,
+                            "{} ({m}, {n}, {k})",
+                            kernel.name()
+                        );
+                    }
+                }
             }
         }
     }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::gelu::{Buckets, ColumnTables, FRACTION_BITS, GeluTable};
-use crate::gemm::{Kernel, Scratch, Weights, for_each_rows};
+use crate::gemm::{Kernel, KernelKind, Scratch, Weights, for_each_rows};
 use crate::grid::Grid;
 use crate::load::{dyadic, ln_scale};
 use crate::requant::{Columns, MAX_COLUMN_SHIFT, clamp_code};
@@ -96,6 +96,9 @@ pub(crate) struct Dense {
     /// A PTF input's `2^shift_k` per input channel (`shift_k ≤ 7`, so `code · 2^shift_k` fits
     /// u16).
     powers: Option<Vec<u16>>,
+    /// Whether a PTF input's sums stay within i32 whole (`K · 255 · max 2^shift_k · 128 <
+    /// 2^31`), so that a kernel with 16-bit operands takes the shifted codes in one product.
+    wide_fits: bool,
     epilogue: Epilogue,
 }
 
@@ -104,9 +107,30 @@ pub(crate) struct Dense {
 struct Epilogues<'a> {
     dense: &'a Dense,
     acc: &'a [i32],
-    /// A PTF input's upper byte plane: the accumulator is `acc + 256·hi`.
-    hi: Option<&'a [i32]>,
+    sums: Sums<'a>,
     out: &'a mut [u8],
+}
+
+/// Which products [`Dense::gemm_shifted`] ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shifted {
+    /// Every `v` below 256: the lower plane alone.
+    Low,
+    /// Both byte planes.
+    Planes,
+    /// One product of the whole `v`.
+    Wide,
+}
+
+/// What the accumulators hold.
+#[derive(Clone, Copy)]
+enum Sums<'a> {
+    /// Sums of u8 codes: `|den·acc| < 2^29` (`MAX_K_DEN`).
+    Codes,
+    /// A PTF input's lower byte plane, with the upper one: the sum is `acc + 256·hi`.
+    Planes(&'a [i32]),
+    /// A PTF input's whole shifted codes (`Dense::wide_fits`): `acc` is the sum.
+    Wide,
 }
 
 impl pulp::WithSimd for Epilogues<'_> {
@@ -114,24 +138,28 @@ impl pulp::WithSimd for Epilogues<'_> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
-        let Epilogues { dense: d, acc, hi, out } = self;
+        let Epilogues { dense: d, acc, sums, out } = self;
         let n = d.w.n;
         let den = d.input.den;
         let (mut x, mut t) = (vec![0i32; n], vec![0i64; n]);
         for (r, (o, acc)) in out.chunks_exact_mut(n).zip(acc.chunks_exact(n)).enumerate() {
-            match hi {
-                None => {
+            match sums {
+                Sums::Codes => {
                     // |den·acc| < 2^29 (`MAX_K_DEN`).
                     x.iter_mut().zip(acc).for_each(|(x, &a)| *x = a * den as i32);
                     d.columns.row(&x, &mut t);
                 }
-                Some(hi) => {
+                Sums::Planes(_) | Sums::Wide => {
                     // `den·(acc + 256·hi)` where it is below 2^30 on the whole row (as it is
                     // on real data), else the exact i128 form.
-                    let hi = &hi[r * n..][..n];
+                    let hi = match sums {
+                        Sums::Planes(hi) => Some(&hi[r * n..][..n]),
+                        _ => None,
+                    };
                     let mut big = 0u64;
-                    for ((x, &a), &h) in x.iter_mut().zip(acc).zip(hi) {
-                        let v = (i64::from(a) + (i64::from(h) << 8)) * den;
+                    for (j, (x, &a)) in x.iter_mut().zip(acc).enumerate() {
+                        let h = hi.map_or(0, |hi| i64::from(hi[j]));
+                        let v = (i64::from(a) + (h << 8)) * den;
                         big |= v.unsigned_abs();
                         *x = v as i32;
                     }
@@ -267,8 +295,11 @@ pub(crate) fn compile(
         shift.push(d.shift);
     }
     let columns = Columns::new(&m, &c, &shift).expect("every column was checked");
-    let powers = input.shifts.as_ref().map(|s| s.iter().map(|&s| 1u16 << s).collect());
-    Ok(Dense { w, input, m, c, shift, columns, powers, epilogue })
+    let powers: Option<Vec<u16>> =
+        input.shifts.as_ref().map(|s| s.iter().map(|&s| 1u16 << s).collect());
+    let widest = powers.as_ref().and_then(|p| p.iter().max()).map_or(0, |&p| u64::from(p));
+    let wide_fits = (k as u64) * 255 * widest * 128 < 1 << 31;
+    Ok(Dense { w, input, m, c, shift, columns, powers, wide_fits, epilogue })
 }
 
 impl Dense {
@@ -298,16 +329,21 @@ impl Dense {
                     s.gemm(kernel, a, &self.w);
                     macs.fetch_add(a.len() as u64 * n as u64, Relaxed);
                     let t1 = Instant::now();
-                    arch.dispatch(Epilogues { dense: self, acc: &s.acc, hi: None, out });
+                    arch.dispatch(Epilogues { dense: self, acc: &s.acc, sums: Sums::Codes, out });
                     epilogue_ns.fetch_add(nanos(t1.elapsed()), Relaxed);
                     gemm_ns.fetch_add(nanos(t1 - t0), Relaxed);
                 }
                 Some(powers) => {
-                    let any_hi = self.gemm_shifted(kernel, s, a, powers);
-                    macs.fetch_add((1 + u64::from(any_hi)) * a.len() as u64 * n as u64, Relaxed);
+                    let shifted = self.gemm_shifted(kernel, s, a, powers);
+                    let products = 1 + u64::from(shifted == Shifted::Planes);
+                    macs.fetch_add(products * a.len() as u64 * n as u64, Relaxed);
                     let t1 = Instant::now();
-                    let hi = any_hi.then_some(&s.acc2[..]);
-                    arch.dispatch(Epilogues { dense: self, acc: &s.acc, hi, out });
+                    let sums = match shifted {
+                        Shifted::Low => Sums::Codes,
+                        Shifted::Planes => Sums::Planes(&s.acc2[..]),
+                        Shifted::Wide => Sums::Wide,
+                    };
+                    arch.dispatch(Epilogues { dense: self, acc: &s.acc, sums, out });
                     epilogue_ns.fetch_add(nanos(t1.elapsed()), Relaxed);
                     gemm_ns.fetch_add(nanos(t1 - t0), Relaxed);
                 }
@@ -322,11 +358,28 @@ impl Dense {
         out
     }
 
-    /// A PTF input: `v = code · 2^shift_k < 2^15` is split into byte planes `v = lo + 256·hi`,
-    /// each through the u8 × i8 GEMM with the same weights (`hi` only where some `v ≥ 256` in
-    /// the task's rows), into `acc` and `acc2`; whether `hi` was needed.
-    fn gemm_shifted(&self, kernel: &Kernel, s: &mut Scratch, a: &[u8], powers: &[u16]) -> bool {
+    /// A PTF input, `v = code · 2^shift_k < 2^15`: with a kernel of 16-bit operands, where the
+    /// sums fit i32 (`wide_fits`), one product of `v` into `acc`; else `v` split into byte
+    /// planes `v = lo + 256·hi`, each through the u8 × i8 GEMM with the same weights (`hi`
+    /// only where some `v ≥ 256` in the task's rows), into `acc` and `acc2`.
+    fn gemm_shifted(&self, kernel: &Kernel, s: &mut Scratch, a: &[u8], powers: &[u16]) -> Shifted {
         let k = self.w.k;
+        if self.wide_fits && kernel.kind() == KernelKind::Avx2Pairs {
+            let mut wide = std::mem::take(&mut s.wide);
+            wide.clear();
+            wide.resize(a.len(), 0);
+            kernel.arch().dispatch(|| {
+                for (row, wide) in a.chunks_exact(k).zip(wide.chunks_exact_mut(k)) {
+                    for ((w, &q), &p) in wide.iter_mut().zip(row).zip(powers) {
+                        *w = u16::from(q) * p;
+                    }
+                }
+            });
+            let ran = s.gemm_wide(kernel, &wide, &self.w).is_some();
+            s.wide = wide;
+            assert!(ran, "gemm: the AVX2 pair kernel takes 16-bit rows");
+            return Shifted::Wide;
+        }
         let (mut lo, mut hi) = (std::mem::take(&mut s.bytes), std::mem::take(&mut s.bytes2));
         lo.resize(a.len(), 0);
         hi.resize(a.len(), 0);
@@ -350,15 +403,15 @@ impl Dense {
             s.gemm2(kernel, &hi, &self.w);
         }
         (s.bytes, s.bytes2) = (lo, hi);
-        any_hi
+        if any_hi { Shifted::Planes } else { Shifted::Low }
     }
 
-    /// One row's `t` from a PTF input's planes, `acc = lo + 256·hi`: `|acc| ≤ 128 · 32,640 · K
-    /// < 2^36` (K ≤ 2^14), so `den·acc·m + c` is formed in i128.
-    fn wide_row(&self, lo: &[i32], hi: &[i32], t: &mut [i64]) {
+    /// One row's `t` from a PTF input's sums, `acc = lo + 256·hi` (`hi` 0 for whole sums):
+    /// `|acc| ≤ 128 · 32,640 · K < 2^36` (K ≤ 2^14), so `den·acc·m + c` is formed in i128.
+    fn wide_row(&self, lo: &[i32], hi: Option<&[i32]>, t: &mut [i64]) {
         let den = i128::from(self.input.den);
         for (j, t) in t.iter_mut().enumerate() {
-            let acc = i64::from(lo[j]) + (i64::from(hi[j]) << 8);
+            let acc = i64::from(lo[j]) + (hi.map_or(0, |hi| i64::from(hi[j])) << 8);
             let v = den * i128::from(acc) * i128::from(self.m[j]) + i128::from(self.c[j]);
             // Beyond ±2^40 every code is saturated already: clamping keeps the code and leaves
             // room for the zero point.
@@ -375,7 +428,6 @@ fn nanos(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gemm::KernelKind;
     use crate::requant::round_shift;
 
     /// The vector epilogue of a PTF input equals the i128 form on rows whose `acc + 256·hi` fits
@@ -402,6 +454,7 @@ mod tests {
             c: c.clone(),
             shift: shift.clone(),
             powers: Some(vec![1; k]),
+            wide_fits: true,
             epilogue: Epilogue::Requant { zero_point: zero_point.clone(), hi: 255 },
         };
         // Rows 0–2 small (the vector path), rows 3–5 with some |acc| ≥ 2^30 (the fallback).
@@ -414,12 +467,8 @@ mod tests {
             .collect();
         for isa in fqvit_ops::Isa::ALL.into_iter().filter(|isa| isa.available()) {
             let mut out = vec![0u8; rows * n];
-            isa.arch().dispatch(Epilogues {
-                dense: &dense,
-                acc: &lo,
-                hi: Some(&hi),
-                out: &mut out,
-            });
+            let sums = Sums::Planes(&hi);
+            isa.arch().dispatch(Epilogues { dense: &dense, acc: &lo, sums, out: &mut out });
             for i in 0..rows * n {
                 let j = i % n;
                 let acc = i128::from(lo[i]) + (i128::from(hi[i]) << 8);
@@ -428,6 +477,25 @@ mod tests {
                 assert_eq!(out[i], want, "{isa}: row {} column {j}: acc {acc}", i / n);
             }
             assert!(out.iter().any(|&q| q != 0 && q != 255));
+            // Whole sums (one product of the shifted codes): rows 0–2 in the lanes, rows 3–5
+            // with |acc| ≥ 2^30 through the fallback.
+            let whole: Vec<i32> = (0..rows * n)
+                .map(|i| match (i / n < 3, hi[i] >= 0) {
+                    (true, _) => lo[i],
+                    (false, true) => hi[i] + (1 << 30),
+                    (false, false) => hi[i] - (1 << 30),
+                })
+                .collect();
+            let mut out = vec![0u8; rows * n];
+            let sums = Sums::Wide;
+            isa.arch().dispatch(Epilogues { dense: &dense, acc: &whole, sums, out: &mut out });
+            for i in 0..rows * n {
+                let j = i % n;
+                let acc = i128::from(whole[i]);
+                let t = round_shift(acc * i128::from(m[j]) + i128::from(c[j]), shift[j]);
+                let want = (t + i128::from(zero_point[j])).clamp(0, 255) as u8;
+                assert_eq!(out[i], want, "{isa}, whole sums: row {} column {j}: acc {acc}", i / n);
+            }
         }
         // Both paths were taken.
         let big = |r: usize| {
