@@ -355,8 +355,9 @@ impl Scratch {
             return None;
         };
         assert_eq!(a.len() % w.k, 0, "gemm: {} input values are not rows of {}", a.len(), w.k);
+        debug_assert!(a.iter().all(|&x| x < 1 << 15), "gemm: 16-bit rows take values below 2^15");
         resize(&mut self.acc, a.len() / w.k * w.n);
-        pairs::block_wide(*v3, a, packed, w.n, w.k, &mut self.rows, &mut self.acc);
+        pairs::block(*v3, a, packed, w.n, w.k, &mut self.rows, &mut self.acc);
         Some(&mut self.acc)
     }
 }

@@ -63,49 +63,30 @@ pub(super) fn available() -> Option<V3> {
 }
 
 /// `out[i][c] = Σ_k a[i][k] · w[c][k]` for the rows `a` `(m, k)` and `w` packed, on this
-/// thread; `rows` is scratch for the rows widened to i16 pairs.
-pub(super) fn block(
+/// thread; `rows` is scratch for the rows widened to i16 pairs. `a` holds u8 codes, or 16-bit
+/// values below 2^15 (non-negative i16 operands: a PTF input's shifted codes, `|a·w + a'·w'| <
+/// 2^23`, each row's sum bounded within i32 by the caller).
+pub(super) fn block<T: Copy + Into<u16>>(
     v3: V3,
-    a: &[u8],
+    a: &[T],
     w: &Packed,
     n: usize,
     k: usize,
     rows: &mut Vec<u32>,
     out: &mut [i32],
 ) {
-    widen(a, k, rows, u16::from);
-    <V3 as pulp::Simd>::vectorize(v3, Task { v3, rows, w, n, out });
-}
-
-/// [`block`] on rows of 16-bit values below 2^15 (non-negative i16 operands; a PTF input's
-/// shifted codes): `|a·w + a'·w'| < 2^23`, and the caller bounds each row's sum within i32.
-pub(super) fn block_wide(
-    v3: V3,
-    a: &[u16],
-    w: &Packed,
-    n: usize,
-    k: usize,
-    rows: &mut Vec<u32>,
-    out: &mut [i32],
-) {
-    debug_assert!(a.iter().all(|&x| x < 1 << 15));
-    widen(a, k, rows, |x| x);
-    <V3 as pulp::Simd>::vectorize(v3, Task { v3, rows, w, n, out });
-}
-
-/// Each row's values as i16, a zero after an odd row: in memory these are the u32 pairs of
-/// `pair` (x86 is little-endian), written as u16 so that the widening vectorises.
-#[inline(always)]
-fn widen<T: Copy>(a: &[T], k: usize, rows: &mut Vec<u32>, to_u16: impl Fn(T) -> u16) {
+    // Each row's values as i16, a zero after an odd row: in memory these are the u32 pairs of
+    // `pair` (x86 is little-endian), written as u16 so that the widening vectorises.
     let kp = k.div_ceil(2);
     rows.clear();
     rows.resize(a.len() / k * kp, 0);
     let wide: &mut [u16] = pulp::bytemuck::cast_slice_mut(rows.as_mut_slice());
     for (row, wide) in a.chunks_exact(k).zip(wide.chunks_exact_mut(2 * kp)) {
         for (w, &x) in wide.iter_mut().zip(row) {
-            *w = to_u16(x);
+            *w = x.into();
         }
     }
+    <V3 as pulp::Simd>::vectorize(v3, Task { v3, rows, w, n, out });
 }
 
 struct Task<'a> {
