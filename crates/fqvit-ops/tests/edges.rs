@@ -217,3 +217,23 @@ fn mismatched_inputs_panic_at_the_entry_with_a_message() {
     let msg = panic_message(|| softmax::log_int_softmax(&[0; 4], 4, f32::NAN, 4, &mut [0; 4]));
     assert!(msg.contains("scale NaN"), "{msg}");
 }
+
+/// A quantizer's scales become a LayerNorm input scale by one rule, and what does not fit is
+/// refused by count.
+#[test]
+fn in_scale_of_a_quantizer() {
+    use fqvit_ops::layer_norm::InScaleError;
+    let f = |a: u8| PtfFactor::try_from(a).unwrap();
+    assert!(matches!(InScale::of(&[0.5], None, 4), Ok(InScale::Layer(s)) if s == 0.5));
+    let factors = [f(1), f(0), f(3)];
+    let Ok(InScale::Ptf { base, factors: got }) = InScale::of(&[0.2, 0.1, 0.8], Some(&factors), 3)
+    else {
+        panic!("a PTF quantizer's scales");
+    };
+    assert_eq!((base, got), (0.1, &factors[..]));
+    assert_eq!(InScale::of(&[0.1, 0.2], None, 2).unwrap_err(), InScaleError::ChannelWise(2));
+    assert_eq!(InScale::of(&[], None, 2).unwrap_err(), InScaleError::ChannelWise(0));
+    let err = InScale::of(&[0.1, 0.2], Some(&factors), 3).unwrap_err();
+    assert_eq!(err.to_string(), "3 PTF factors and 2 scales for 3 channels");
+    assert!(InScale::of(&[], Some(&[]), 0).is_err());
+}

@@ -69,7 +69,7 @@ impl<'a> InScale<'a> {
     /// `scale[c] = base · 2^α_c`, as [`QParams`](crate::QParams) holds them), over `channels`.
     ///
     /// # Errors
-    /// Several scales without factors, or counts that differ from `channels`.
+    /// Several (or no) scales without factors, or counts that differ from `channels` (or none).
     pub fn of(
         scales: &[f32],
         factors: Option<&'a [PtfFactor]>,
@@ -78,7 +78,9 @@ impl<'a> InScale<'a> {
         match factors {
             None if scales.len() == 1 => Ok(InScale::Layer(scales[0])),
             None => Err(InScaleError::ChannelWise(scales.len())),
-            Some(factors) if factors.len() == channels && scales.len() == channels => {
+            Some(factors)
+                if channels > 0 && factors.len() == channels && scales.len() == channels =>
+            {
                 let base = scales[0] / factors[0].multiplier() as f32;
                 Ok(InScale::Ptf { base, factors })
             }
