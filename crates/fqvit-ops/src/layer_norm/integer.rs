@@ -227,7 +227,12 @@ impl IntegerLayerNorm {
             || (vec![0i64; c], vec![0i64; c]),
             |(x, flags), (codes, out)| {
                 for (token, y) in codes.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
-                    let Some(tok) = self.token(token, x, y) else { continue };
+                    // The statistics compiled for the lanes' instruction set too.
+                    let tok = match lanes {
+                        Some(arch) => arch.dispatch(Stats { ln: self, token, x, y }),
+                        None => self.token(token, x, y),
+                    };
+                    let Some(tok) = tok else { continue };
                     if let Some(arch) = lanes.filter(|_| tok.sigma1.abs() < 1 << 31) {
                         arch.dispatch(Lanes { ln: self, tok, x, y, flags });
                         for (i, _) in flags.iter().enumerate().filter(|&(_, &f)| f != 0) {
@@ -249,9 +254,12 @@ impl IntegerLayerNorm {
     fn token(&self, token: &[u8], x: &mut [i64], y: &mut [i32]) -> Option<Token> {
         let (mut s1, mut s2) = (0i64, 0i64);
         for ((x, &q), &shift) in x.iter_mut().zip(token).zip(&self.shifts) {
-            *x = i64::from((i32::from(q) - self.zero_point) << shift);
-            s1 += *x;
-            s2 += *x * *x;
+            // |x| < 2^15 (a uint8 code shifted by at most 7), so x² < 2^30 is an i32 product,
+            // which vectorises where an i64 one would not (AVX2 has no 64-bit multiply).
+            let xi = (i32::from(q) - self.zero_point) << shift;
+            *x = i64::from(xi);
+            s1 += i64::from(xi);
+            s2 += i64::from(xi * xi);
         }
         let n = self.flat.len() as i64;
         // 0 ≤ D ≤ C·S2 < 2^62 (|x| < 2^15, C ≤ 2^16).
@@ -325,6 +333,23 @@ struct Lanes<'a> {
     x: &'a [i64],
     y: &'a mut [i32],
     flags: &'a mut [i64],
+}
+
+/// One token's statistics ([`IntegerLayerNorm::token`]) for [`pulp::Arch::dispatch`].
+struct Stats<'a> {
+    ln: &'a IntegerLayerNorm,
+    token: &'a [u8],
+    x: &'a mut [i64],
+    y: &'a mut [i32],
+}
+
+impl pulp::WithSimd for Stats<'_> {
+    type Output = Option<Token>;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> Option<Token> {
+        self.ln.token(self.token, self.x, self.y)
+    }
 }
 
 impl pulp::WithSimd for Lanes<'_> {
