@@ -16,14 +16,15 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     if let Some(path) = &args.json {
         crate::output::check_writable(path, "--json")?;
     }
-    args.int.options(args.engine)?;
+    // Checked once, before any work; the engine is built with these.
+    let engine_options = args.int.options(args.engine)?;
     if args.site_agreement.is_some() && args.engine != EngineArg::Int {
         anyhow::bail!(
             "--site-agreement compares the integer engine with the simulation: add --engine int"
         );
     }
     if let Some(path) = &args.qparams {
-        return eval_artifact(&args, path);
+        return eval_artifact(&args, path, engine_options);
     }
     if !args.quant.quant && args.quant.config.is_none() {
         for (set, flag) in [(args.quant.ptf, "--ptf"), (args.quant.lis, "--lis")] {
@@ -50,9 +51,14 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
         eprintln!("calibrated on {} images in {:.1} s", stats.images, stats.seconds);
         let engine = match args.engine {
             EngineArg::Sim => None,
-            EngineArg::Int => {
-                Some(engine_after_calibration(&args, &loaded, &exp, &table, stats.images)?)
-            }
+            EngineArg::Int => Some(engine_after_calibration(
+                &args,
+                &loaded,
+                &exp,
+                &table,
+                stats.images,
+                engine_options,
+            )?),
         };
         (Some(Quantized::new(&*loaded.model, table, exp.quant_options())?), Some(stats), engine)
     } else {
@@ -82,6 +88,7 @@ fn engine_after_calibration(
     exp: &Experiment,
     table: &fqvit_models::QParamTable,
     images: usize,
+    options: fqvit_engine::Options,
 ) -> Result<Engine> {
     let weights = loaded.weights.as_deref().context("--engine int needs float weights")?;
     let sha = fqvit_models::weights::sha256_file(weights)?;
@@ -94,7 +101,7 @@ fn engine_after_calibration(
         &args.model.data,
         images,
     )?;
-    engine_via_artifact(&*loaded.model, &loaded.vs, table, &prov, args.int.options(args.engine)?)
+    engine_via_artifact(&*loaded.model, &loaded.vs, table, &prov, options)
 }
 
 /// What computes the logits.
@@ -159,7 +166,11 @@ fn engine_forward(engine: &Engine, images: &tch::Tensor) -> fqvit_calib::Result<
 }
 
 /// `eval --qparams`: the model, its weights and its parameters all come from the artifact.
-fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
+fn eval_artifact(
+    args: &EvalArgs,
+    path: &std::path::Path,
+    options: fqvit_engine::Options,
+) -> Result<()> {
     let q = &args.quant;
     if q.quant
         || q.ptf
@@ -209,7 +220,7 @@ fn eval_artifact(args: &EvalArgs, path: &std::path::Path) -> Result<()> {
                 "--float-sites cannot be used with --engine int: the engine is integer only"
             )
         }
-        EngineArg::Int => Some(Engine::load_with(path, args.int.options(args.engine)?)?),
+        EngineArg::Int => Some(Engine::load_with(path, options)?),
     };
     let runner = match &engine {
         Some(engine) => Runner::Engine { engine, sim: &quantized },
