@@ -12,7 +12,9 @@
 //!   [`FORMAT_VERSION`], metadata that is not the provenance's JSON;
 //! - Log-Int-Softmax bits outside [`fqvit_ops::softmax::BITS`], or program attention ops
 //!   whose width differs from the provenance's;
-//! - per site: a repeated name, bits outside 2..=8, a bit type that disagrees with its width,
+//! - per site: a repeated name, bits outside 2..=8 (2..=15 for the residual stream, the
+//!   LayerNorm inputs, whose PTF factors stay within `15 − bits`), a bit type that disagrees
+//!   with its width,
 //!   signedness or class (weights are signed, activations unsigned), scales that are not
 //!   finite and positive or not one per channel where a site needs that, zero points outside
 //!   the code range, PTF factors out of range or whose scales are not `base · 2^α` with one
@@ -406,6 +408,16 @@ impl Artifact {
         let err = |reason: String| self.bad(format!("site {site}: {reason}"));
         let bits = Bits::try_from(info.bits).map_err(|e| err(e.to_string()))?;
         let bit_type = BitType { bits, signed: info.signed };
+        // Only the residual stream, the LayerNorm inputs, is stored wider than bytes.
+        if !bits.fits_byte() && info.class != TensorClass::LayerNormInput {
+            return Err(err(format!(
+                "a {} site of {} bits: only layer-norm-input sites (the residual stream) are \
+                 wider than {}",
+                info.class.as_str(),
+                bits.get(),
+                Bits::BYTE.get()
+            )));
+        }
         if info.bit_type != bit_type.name() {
             return Err(err(format!(
                 "bit_type {} disagrees with bits {} and signed {}",
@@ -458,6 +470,14 @@ impl Artifact {
                     .map(PtfFactor::try_from)
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| err(e.to_string()))?;
+                if let Some(a) = f.iter().find(|a| a.cap(bits) != **a) {
+                    return Err(err(format!(
+                        "PTF factor {} takes {}-bit codes beyond 2^15 (at most {})",
+                        a.get(),
+                        bits.get(),
+                        a.cap(bits).get()
+                    )));
+                }
                 if n != c || zero_point.len() != 1 {
                     return Err(err(format!(
                         "PTF needs one scale per channel and one zero point, not {n} and {}",

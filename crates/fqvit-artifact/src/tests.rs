@@ -160,8 +160,25 @@ fn every_site_field_is_checked() {
         let s = m["sites"][1].clone();
         m["sites"].as_array_mut().unwrap().push(s);
     });
-    refused("site act: 9 bits is out of range: code widths are 2..=8", |_, m| {
-        m["sites"][1]["bits"] = 9.into()
+    refused("site act: 16 bits is out of range: code widths are 2..=15", |_, m| {
+        m["sites"][1]["bits"] = 16.into()
+    });
+    refused("site act: a activation site of 9 bits: only layer-norm-input sites", |_, m| {
+        m["sites"][1]["bits"] = 9.into();
+        m["sites"][1]["bit_type"] = "uint9".into();
+    });
+    refused("site fc: a weight site of 12 bits", |_, m| {
+        m["sites"][0]["bits"] = 12.into();
+        m["sites"][0]["bit_type"] = "int12".into();
+    });
+    // The residual stream may be wider, with PTF factors up to 15 − bits.
+    let wide = |m: &mut Value, bits: u8| {
+        m["sites"][2]["bits"] = bits.into();
+        m["sites"][2]["bit_type"] = format!("uint{bits}").into();
+    };
+    read_edited(|_, m| wide(m, 12)).expect("12-bit residual codes with factors up to 3");
+    refused("site res: PTF factor 3 takes 13-bit codes beyond 2^15 (at most 2)", |_, m| {
+        wide(m, 13)
     });
     refused("site act: bit_type uint6 disagrees with bits 8", |_, m| {
         m["sites"][1]["bit_type"] = "uint6".into();

@@ -43,6 +43,7 @@ fn integer_layer_norm(bencher: Bencher, (tokens, channels): (i64, i64)) {
     let params = LayerNormParams {
         in_scale: InScale::Ptf { base: 0.01, factors: &factors },
         zero_point: 120,
+        bits: fqvit_ops::Bits::BYTE,
         gamma: &gamma,
         beta: &beta,
         out_scale: 0.03,

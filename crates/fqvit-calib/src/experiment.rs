@@ -141,6 +141,11 @@ pub struct Experiment {
     pub weight_bits: u8,
     /// Activation bits (uint8); also the uniform softmax's bits without LIS.
     pub activation_bits: u8,
+    /// Bits of the residual stream, the LayerNorm inputs (`--residual-bits`, TOML
+    /// `residual-bits`; the activation bits when unset, as in the original): up to 15, since
+    /// the integer LayerNorm and residual add take codes below 2^15; their PTF factors are
+    /// capped at `15 − bits` ([`PtfFactor::cap`]).
+    pub residual_bits: Option<u8>,
     /// Log2 code bits of LIS (`--attn-bits`: 4 for "8/8/4", 8 for "8/8/8 with LIS").
     pub attn_bits: LisBits,
     /// Run LIS in the last calibration batch once its input scale is known, as the original
@@ -189,6 +194,7 @@ impl Default for Experiment {
             bias_correction: false,
             weight_bits: 8,
             activation_bits: 8,
+            residual_bits: None,
             attn_bits: LisBits::FOUR,
             lis_in_last_calibration_batch: true,
             layer_norm_sqrt: StdSqrt::Libtorch,
@@ -214,9 +220,17 @@ impl Experiment {
         for (name, bits) in
             [("weight-bits", self.weight_bits), ("activation-bits", self.activation_bits)]
         {
-            if Bits::try_from(bits).is_err() {
-                return bad(format!("{name} = {bits}: code widths are 2..=8"));
+            if !Bits::try_from(bits).is_ok_and(Bits::fits_byte) {
+                return bad(format!(
+                    "{name} = {bits}: codes stored in bytes are 2..={} bits wide",
+                    Bits::BYTE.get()
+                ));
             }
+        }
+        if let Some(bits) = self.residual_bits
+            && let Err(e) = Bits::try_from(bits)
+        {
+            return bad(format!("residual-bits = {bits}: {e}"));
         }
         if self.activation_granularity == ActGranularity::ChannelWise
             && matches!(self.quant_method, Method::Percentile | Method::Omse)
@@ -276,15 +290,19 @@ impl Experiment {
         let class = site.class;
         let bits = |b: u8| Bits::try_from(b).expect("validated");
         let act = BitType { bits: bits(self.activation_bits), signed: false };
+        let residual = BitType { bits: self.residual_bits(), signed: false };
         let granularity = match self.activation_granularity {
             ActGranularity::LayerWise => Granularity::LayerWise,
             ActGranularity::ChannelWise => Granularity::ChannelWise,
         };
         let method =
             ObserverConfig { kind: self.quant_method.observer(), bit_type: act, granularity };
-        let ptf = ObserverConfig {
-            kind: ObserverKind::Ptf { max_factor: self.ptf_max_factor, range: self.ptf_range },
-            bit_type: act,
+        let ptf = |bit_type: BitType| ObserverConfig {
+            kind: ObserverKind::Ptf {
+                max_factor: self.ptf_max_factor.cap(bit_type.bits),
+                range: self.ptf_range,
+            },
+            bit_type,
             granularity: Granularity::ChannelWise,
         };
         Some(match class {
@@ -293,16 +311,22 @@ impl Experiment {
                 bit_type: BitType { bits: bits(self.weight_bits), signed: true },
                 granularity: Granularity::ChannelWise,
             },
-            TensorClass::Activation if self.ptf_sites.contains(site) => ptf,
+            TensorClass::Activation if self.ptf_sites.contains(site) => ptf(act),
             TensorClass::Activation => method,
-            TensorClass::LayerNormInput if self.ptf => ptf,
-            TensorClass::LayerNormInput => method,
+            TensorClass::LayerNormInput if self.ptf => ptf(residual),
+            TensorClass::LayerNormInput => ObserverConfig { bit_type: residual, ..method },
             TensorClass::Softmax if self.lis => return None,
             // The softmax quantizer is layer-wise in every configuration of the original.
             TensorClass::Softmax => {
                 ObserverConfig { granularity: Granularity::LayerWise, ..method }
             }
         })
+    }
+
+    /// The width of the residual stream's codes (validated).
+    pub fn residual_bits(&self) -> Bits {
+        let bits = self.residual_bits.unwrap_or(self.activation_bits);
+        Bits::try_from(bits).expect("validated")
     }
 
     /// The integer paths of the quantized model.
@@ -345,6 +369,9 @@ impl Experiment {
         }
         if self.ptf_range != PtfRange::MinMax {
             s.push_str(&format!(" (ptf range {})", self.ptf_range.as_str()));
+        }
+        if let Some(bits) = self.residual_bits {
+            s.push_str(&format!(" (residual {bits}-bit)"));
         }
         if !self.float_sites.is_empty() {
             let groups: Vec<&str> = self.float_sites.iter().map(|g| g.as_str()).collect();

@@ -109,9 +109,23 @@ fn the_groups_name_the_sites_the_original_groups() {
     assert!("fc2".parse::<SiteGroup>().unwrap_err().contains("known: weights, residual"));
 }
 
+/// Calibrates `model` with `exp` on two seeded batches of two random images.
+fn calibrate(model: &fqvit_models::vit::Vit, exp: &Experiment) -> fqvit_models::QParamTable {
+    let mut sink = fqvit_calib::Calibrator::new(model.sites(), exp).unwrap();
+    let batches = fqvit_testkit::seeded(5, || {
+        [0, 1].map(|_| Tensor::randn([2, 3, 224, 224], (Kind::Float, tch::Device::Cpu)))
+    });
+    for (last, x) in [false, true].into_iter().zip(batches) {
+        sink.set_last_batch(last);
+        let options = exp.quant_options();
+        let _ =
+            tch::no_grad(|| model.forward(&x, &mut Mode::Calibrate { sink: &mut sink, options }));
+    }
+    sink.freeze().unwrap()
+}
+
 #[test]
 fn ptf_site_groups_calibrate_with_power_of_two_factors() {
-    use fqvit_calib::Calibrator;
     let (_vs, model) = common::vit_tiny();
     let exp = Experiment {
         ptf_sites: [SiteGroup::MlpOut].into_iter().collect(),
@@ -122,17 +136,7 @@ fn ptf_site_groups_calibrate_with_power_of_two_factors() {
         },
         ..Experiment::default()
     };
-    let mut sink = Calibrator::new(model.sites(), &exp).unwrap();
-    let batches = fqvit_testkit::seeded(5, || {
-        [0, 1].map(|_| Tensor::randn([2, 3, 224, 224], (Kind::Float, tch::Device::Cpu)))
-    });
-    for (last, x) in [false, true].into_iter().zip(batches) {
-        sink.set_last_batch(last);
-        let options = exp.quant_options();
-        let _ =
-            tch::no_grad(|| model.forward(&x, &mut Mode::Calibrate { sink: &mut sink, options }));
-    }
-    let table = sink.freeze().unwrap();
+    let table = calibrate(&model, &exp);
     for (id, site) in model.sites().iter() {
         let Some(p) = table.get(id) else { continue };
         let ptf = p.ptf.is_some();
@@ -149,5 +153,81 @@ fn ptf_site_groups_calibrate_with_power_of_two_factors() {
         let bad = Experiment { ptf_sites: [g].into_iter().collect(), ..Experiment::default() };
         let err = bad.validate().unwrap_err().to_string();
         assert!(err.contains(&format!("ptf-sites = {g}")), "{err}");
+    }
+}
+
+/// `residual-bits`: the LayerNorm inputs get codes of that width with PTF factors capped at
+/// `15 − bits`, every other activation keeps its bytes, and the quantized forward runs the
+/// integer LayerNorm on the wide codes (every square root, the integer one included).
+#[test]
+fn a_wider_residual_stream_calibrates_and_runs_on_its_grid() {
+    use fqvit_calib::experiment::{Calibration, StdSqrt};
+    let (_vs, model) = common::vit_tiny();
+    let exp = Experiment {
+        residual_bits: Some(12),
+        ptf_max_factor: fqvit_ops::PtfFactor::MAX,
+        ptf_sites: [SiteGroup::MlpOut].into_iter().collect(),
+        calibration: Calibration { batch_size: 2, iterations: 2, ..Default::default() },
+        ..Experiment::default()
+    };
+    exp.validate().unwrap();
+    assert!(exp.label().contains("(residual 12-bit)"), "{}", exp.label());
+    let table = calibrate(&model, &exp);
+    let mut residual = Vec::new();
+    for (id, site) in model.sites().iter() {
+        let Some(p) = table.get(id) else { continue };
+        let bits = p.bit_type.bits.get();
+        let max_factor = p.ptf.iter().flatten().map(|f| f.get()).max();
+        match site.class {
+            TensorClass::LayerNormInput => {
+                assert_eq!(bits, 12, "{}", site.name);
+                assert!(max_factor.is_some_and(|a| a <= 3), "{}: {max_factor:?}", site.name);
+                residual.push((site.original.clone(), p.clone()));
+            }
+            TensorClass::Weight => assert_eq!(bits, 8, "{}", site.name),
+            _ => {
+                assert_eq!(bits, 8, "{}", site.name);
+                if SiteGroup::MlpOut.contains(site) {
+                    assert!(max_factor.is_some_and(|a| a <= 7), "{}", site.name);
+                }
+            }
+        }
+    }
+    assert_eq!(residual.len(), 25);
+    let x = fqvit_testkit::seeded(3, || {
+        Tensor::randn([2, 3, 224, 224], (Kind::Float, tch::Device::Cpu))
+    });
+    for sqrt in StdSqrt::ALL {
+        let options = Experiment { layer_norm_sqrt: sqrt, ..exp }.quant_options();
+        let q = Quantized::new(&model, table.clone(), options).unwrap();
+        let mut record = Record::default();
+        let logits = tch::no_grad(|| {
+            model.forward(&x, &mut Mode::Quantized { state: &q, probe: Some(&mut record) })
+        });
+        assert!(bool::try_from(logits.isfinite().all()).unwrap(), "{}", sqrt.as_str());
+        // The residual sites' outputs are on their 12-bit grids, using more than 256 codes.
+        for (module, p) in &residual {
+            let (_, out) = &record.0[module];
+            let out = out.as_ref().expect("an output");
+            let q = fqvit_tensor::Quantizer::new(p, fqvit_tensor::Axis::Last, tch::Device::Cpu);
+            let codes = q.codes(out);
+            assert!(q.fake_quant(out).equal(out), "{module}: on its grid");
+            let (lo, hi) = (codes.min().int64_value(&[]), codes.max().int64_value(&[]));
+            assert!(lo >= 0 && hi <= 4095, "{module}: codes {lo}..={hi}");
+            assert!(hi - lo > 255, "{module}: codes {lo}..={hi} span more than a byte");
+        }
+    }
+    for (bad, needle) in [
+        (
+            Experiment { residual_bits: Some(16), ..exp },
+            "residual-bits = 16: 16 bits is out of range",
+        ),
+        (
+            Experiment { activation_bits: 9, ..exp },
+            "activation-bits = 9: codes stored in bytes are 2..=8",
+        ),
+    ] {
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains(needle), "{err}");
     }
 }

@@ -238,6 +238,7 @@ fn swin_only_steps_follow_the_spec_equations() {
     let params = LayerNormParams {
         in_scale: InScale::Ptf { base, factors: &factors },
         zero_point: p_in.zero_point[0],
+        bits: fqvit_ops::Bits::BYTE,
         gamma: &gamma,
         beta: &beta,
         out_scale: p_out.scale[0],

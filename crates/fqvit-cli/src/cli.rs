@@ -296,6 +296,10 @@ pub(crate) struct QuantArgs {
     /// mean input over the calibration images.
     #[arg(long)]
     pub(crate) bias_correction: bool,
+    /// Bits of the residual stream, the LayerNorm inputs [default: the activation bits]:
+    /// 2..=15; PTF factors there are capped at 15 − bits.
+    #[arg(long)]
+    pub(crate) residual_bits: Option<u8>,
     /// Log2 code bits of Log-Int-Softmax [default: 4].
     /// (2..=8; needs --lis).
     #[arg(long)]

@@ -56,6 +56,9 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
     if !args.ptf_sites.is_empty() {
         exp.ptf_sites = args.ptf_sites.iter().copied().collect();
     }
+    if let Some(bits) = args.residual_bits {
+        exp.residual_bits = Some(bits);
+    }
     if let Some(k) = args.ptf_max_factor {
         exp.ptf_max_factor = k;
     }
@@ -80,6 +83,7 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
         ("--float-sites", !args.float_sites.is_empty()),
         ("--ptf-sites", !args.ptf_sites.is_empty()),
         ("--ptf-max-factor", args.ptf_max_factor.is_some()),
+        ("--residual-bits", args.residual_bits.is_some()),
         ("--ptf-range", args.ptf_range.is_some()),
     ]
     .into_iter()

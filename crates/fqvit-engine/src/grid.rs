@@ -21,6 +21,14 @@ impl Grid {
         let p = art
             .params(site)
             .ok_or_else(|| art.bad(format!("has no parameters for site {site}")))?;
+        if !p.bit_type.bits.fits_byte() {
+            return Err(art
+                .bad(format!(
+                    "site {site} has {}-bit codes: the engine runs byte codes only",
+                    p.bit_type.bits.get()
+                ))
+                .into());
+        }
         Ok(Grid {
             name: site.to_owned(),
             bit_type: p.bit_type,

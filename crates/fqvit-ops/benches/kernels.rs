@@ -40,6 +40,7 @@ fn ln_params(case: &LnCase) -> LayerNormParams<'_> {
     LayerNormParams {
         in_scale: InScale::Ptf { base: 0.01, factors: &case.factors },
         zero_point: 120,
+        bits: fqvit_ops::Bits::BYTE,
         gamma: &case.gamma,
         beta: &case.beta,
         out_scale: 0.03,

@@ -2,24 +2,39 @@
 
 use std::fmt;
 
-/// A code width in bits, `2..=8`.
+/// A code width in bits, `2..=15`.
+///
+/// Weights and most activations are stored in bytes (`2..=8`, [`Bits::fits_byte`]); only the
+/// residual stream, which the integer LayerNorm and residual add read, may be wider: its codes
+/// minus the zero point, shifted by a PTF factor `α ≤ 15 − bits` ([`crate::PtfFactor::cap`]),
+/// stay below 2^15.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Bits(u8);
 
 impl Bits {
+    /// The widest code: unsigned 15-bit codes minus their zero point stay below 2^15.
+    pub const MAX: Bits = Bits(15);
+    /// The widest code stored in a byte.
+    pub const BYTE: Bits = Bits(8);
+
     /// The width as a number.
     pub const fn get(self) -> u8 {
         self.0
     }
+
+    /// Whether the codes are stored in a byte (int8 / uint8).
+    pub const fn fits_byte(self) -> bool {
+        self.0 <= Bits::BYTE.0
+    }
 }
 
-/// The error of a width outside `2..=8`.
+/// The error of a width outside `2..=15`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BitsOutOfRange(pub u8);
 
 impl fmt::Display for BitsOutOfRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} bits is out of range: code widths are 2..=8", self.0)
+        write!(f, "{} bits is out of range: code widths are 2..={}", self.0, Bits::MAX.0)
     }
 }
 
@@ -28,7 +43,7 @@ impl std::error::Error for BitsOutOfRange {}
 impl TryFrom<u8> for Bits {
     type Error = BitsOutOfRange;
     fn try_from(bits: u8) -> Result<Self, Self::Error> {
-        if (2..=8).contains(&bits) { Ok(Bits(bits)) } else { Err(BitsOutOfRange(bits)) }
+        if (2..=Bits::MAX.0).contains(&bits) { Ok(Bits(bits)) } else { Err(BitsOutOfRange(bits)) }
     }
 }
 
@@ -76,5 +91,50 @@ impl BitType {
 impl fmt::Display for BitType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.name())
+    }
+}
+
+/// The storage of unsigned activation codes: a byte, or two for the residual stream's wider
+/// codes ([`Bits::MAX`]).
+pub trait Code: Copy + Default + Send + Sync + 'static {
+    /// The widest codes the type holds here.
+    const BITS: Bits;
+    /// The code as an integer.
+    fn int(self) -> i32;
+    /// An integer-valued float in the type's range, as a code.
+    fn from_f32(q: f32) -> Self;
+    /// `v` clamped to `0..=hi` (`hi` at most the type's largest code).
+    fn saturate(v: i64, hi: Self) -> Self;
+}
+
+impl Code for u8 {
+    #[inline(always)]
+    fn from_f32(q: f32) -> u8 {
+        q as u8
+    }
+    const BITS: Bits = Bits::BYTE;
+    #[inline(always)]
+    fn int(self) -> i32 {
+        i32::from(self)
+    }
+    #[inline(always)]
+    fn saturate(v: i64, hi: u8) -> u8 {
+        v.clamp(0, i64::from(hi)) as u8
+    }
+}
+
+impl Code for u16 {
+    #[inline(always)]
+    fn from_f32(q: f32) -> u16 {
+        q as u16
+    }
+    const BITS: Bits = Bits::MAX;
+    #[inline(always)]
+    fn int(self) -> i32 {
+        i32::from(self)
+    }
+    #[inline(always)]
+    fn saturate(v: i64, hi: u16) -> u16 {
+        v.clamp(0, i64::from(hi)) as u16
     }
 }

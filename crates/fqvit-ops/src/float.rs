@@ -11,6 +11,8 @@
 
 use rayon::prelude::*;
 
+use crate::bits::{Bits, Code};
+
 use crate::softmax::LisConstants;
 use crate::softmax::reference::N;
 
@@ -113,33 +115,37 @@ impl pulp::WithSimd for FakeQuant<'_> {
     }
 }
 
-/// The uint8 codes of a fake-quantized activation, channels last: `q = round(x / s_c) + z`
+/// The codes of `bits` of a fake-quantized activation, channels last: `q = round(x / s_c) + z`
 /// (the integer LayerNorm's `round(X / s)`, plus the zero point). Returns whether every code
-/// is in `0..=255` (otherwise `out` holds saturated values).
+/// is in `0..2^bits` (otherwise `out` holds saturated values).
 ///
 /// # Panics
-/// If `xs` and `out` differ in length or are not whole rows of `scales.len()`.
+/// If `xs` and `out` differ in length or are not whole rows of `scales.len()`, or `bits` does
+/// not fit `C`.
 #[track_caller]
-pub fn codes_u8(xs: &[f32], scales: &[f32], zero: i32, out: &mut [u8]) -> bool {
-    assert_eq!(xs.len(), out.len(), "codes_u8: input and output lengths differ");
+pub fn codes<C: Code>(xs: &[f32], scales: &[f32], zero: i32, bits: Bits, out: &mut [C]) -> bool {
+    assert_eq!(xs.len(), out.len(), "codes: input and output lengths differ");
+    assert!(bits <= C::BITS, "codes: {}-bit codes in {}-bit storage", bits.get(), C::BITS.get());
     let c = scales.len();
-    assert!(c >= 1 && xs.len().is_multiple_of(c), "codes_u8: {c} scales for {}", xs.len());
+    assert!(c >= 1 && xs.len().is_multiple_of(c), "codes: {c} scales for {}", xs.len());
     let chunk = CHUNK.div_ceil(c) * c;
+    let hi = ((1u32 << bits.get()) - 1) as f32;
     let arch = pulp::Arch::new();
     xs.par_chunks(chunk)
         .zip(out.par_chunks_mut(chunk))
-        .map(|(xs, out)| arch.dispatch(Codes { xs, scales, zero: zero as f32, out }))
+        .map(|(xs, out)| arch.dispatch(Codes { xs, scales, zero: zero as f32, hi, out }))
         .reduce(|| true, |a, b| a & b)
 }
 
-struct Codes<'a> {
+struct Codes<'a, C> {
     xs: &'a [f32],
     scales: &'a [f32],
     zero: f32,
-    out: &'a mut [u8],
+    hi: f32,
+    out: &'a mut [C],
 }
 
-impl pulp::WithSimd for Codes<'_> {
+impl<C: Code> pulp::WithSimd for Codes<'_, C> {
     type Output = bool;
 
     #[inline(always)]
@@ -149,8 +155,8 @@ impl pulp::WithSimd for Codes<'_> {
         for (o, x) in self.out.chunks_exact_mut(c).zip(self.xs.chunks_exact(c)) {
             for ((o, &x), &s) in o.iter_mut().zip(x).zip(self.scales) {
                 let q = (x / s).round_ties_even() + self.zero;
-                in_range &= (0.0..=255.0).contains(&q);
-                *o = q.clamp(0.0, 255.0) as u8;
+                in_range &= (0.0..=self.hi).contains(&q);
+                *o = C::from_f32(q.clamp(0.0, self.hi));
             }
         }
         in_range

@@ -40,7 +40,7 @@ pub mod qparams;
 pub mod rounding;
 pub mod softmax;
 
-pub use bits::{BitType, Bits};
+pub use bits::{BitType, Bits, Code};
 pub use isa::Isa;
 pub use qparams::{Granularity, PtfFactor, QParams, TensorClass};
 pub use rounding::{ChannelAxis, dequantize, fake_quantize_slice, quantize, quantize_slice};

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::bits::BitType;
+use crate::bits::{BitType, Bits};
 
 /// One scale and zero point for the whole tensor, or one per channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -74,6 +74,14 @@ impl PtfFactor {
     /// `2^α` ∈ {1, 2, …, 128}.
     pub const fn multiplier(self) -> i32 {
         1 << self.0
+    }
+
+    /// This largest factor, lowered so that codes of `bits` shifted by it stay below 2^15
+    /// (`(2^bits − 1) · 2^α < 2^15` ⇔ `bits + α ≤ 15`), the integer LayerNorm's and the residual
+    /// add's bound: unchanged for bytes (8 + 7), 3 for 12-bit codes.
+    pub const fn cap(self, bits: Bits) -> PtfFactor {
+        let room = Bits::MAX.get() - bits.get();
+        if self.0 < room { self } else { PtfFactor(room) }
     }
 }
 

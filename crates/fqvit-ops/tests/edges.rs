@@ -39,6 +39,7 @@ fn check_ln(
     let params = LayerNormParams {
         in_scale: InScale::Ptf { base, factors: &factors },
         zero_point,
+        bits: fqvit_ops::Bits::BYTE,
         gamma: &gamma,
         beta: &beta,
         out_scale,
@@ -95,6 +96,7 @@ fn ln_multipliers_just_below_powers_of_two() {
         let params = LayerNormParams {
             in_scale: InScale::Layer(0.02),
             zero_point: 128,
+            bits: fqvit_ops::Bits::BYTE,
             gamma: &gamma,
             beta: &beta,
             out_scale,
@@ -118,12 +120,13 @@ fn ln_zero_variance_gives_beta_over_out_scale() {
     let params = LayerNormParams {
         in_scale: InScale::Layer(0.1),
         zero_point: 5,
+        bits: fqvit_ops::Bits::BYTE,
         gamma: &gamma,
         beta: &beta,
         out_scale: 0.1,
     };
     let mut y = [0i32; 3];
-    ptf_layer_norm(&[9, 9, 9], &params, &mut y);
+    ptf_layer_norm(&[9u8, 9, 9], &params, &mut y);
     assert_eq!(y, [3, -6, 0]);
 }
 
@@ -201,14 +204,15 @@ fn mismatched_inputs_panic_at_the_entry_with_a_message() {
     let params = LayerNormParams {
         in_scale: InScale::Layer(0.1),
         zero_point: 0,
+        bits: fqvit_ops::Bits::BYTE,
         gamma: &gamma,
         beta: &beta,
         out_scale: 0.1,
     };
-    let msg = panic_message(|| ptf_layer_norm(&[0; 4], &params, &mut [0; 4]));
+    let msg = panic_message(|| ptf_layer_norm(&[0u8; 4], &params, &mut [0; 4]));
     assert!(msg.contains("β has 3 channels"), "{msg}");
     let params = LayerNormParams { beta: &gamma, ..params };
-    let msg = panic_message(|| ptf_layer_norm(&[0; 6], &params, &mut [0; 6]));
+    let msg = panic_message(|| ptf_layer_norm(&[0u8; 6], &params, &mut [0; 6]));
     assert!(msg.contains("not whole tokens"), "{msg}");
     let msg = panic_message(|| softmax::log_int_softmax(&[0; 6], 4, 0.1, 4, &mut [0; 6]));
     assert!(msg.contains("not whole rows"), "{msg}");

@@ -100,6 +100,7 @@ fn ptf_layer_norm_matches_every_code_exactly() {
         let params = LayerNormParams {
             in_scale: InScale::Ptf { base, factors: &factors },
             zero_point,
+            bits: fqvit_ops::Bits::BYTE,
             gamma: &g("weight").f32,
             beta: &g("bias").f32,
             out_scale,

@@ -112,6 +112,7 @@ impl LnCase {
         LayerNormParams {
             in_scale: InScale::Ptf { base: self.base, factors: &self.factors },
             zero_point: self.zero_point,
+            bits: fqvit_ops::Bits::BYTE,
             gamma: &self.gamma,
             beta: &self.beta,
             out_scale: self.out_scale,
@@ -214,4 +215,108 @@ proptest! {
             }
         }
     }
+}
+
+/// A LayerNorm on wide codes (the residual stream at `bits` > 8, [`fqvit_ops::Bits::MAX`]):
+/// codes below 2^bits in u16, PTF factors up to `15 − bits`.
+#[derive(Debug, Clone)]
+struct WideCase {
+    bits: fqvit_ops::Bits,
+    codes: Vec<u16>,
+    case: LnCase,
+}
+
+fn wide_ln_case() -> impl Strategy<Value = WideCase> {
+    (9u8..=15, ln_case_wide(), any::<u64>()).prop_map(|(bits, mut case, seed)| {
+        let bits = fqvit_ops::Bits::try_from(bits).unwrap();
+        let cap = PtfFactor::MAX.cap(bits);
+        let hi = (1u64 << bits.get()) - 1;
+        let mut s = seed;
+        let mut next = || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s >> 33
+        };
+        // Codes at both ends of the range as well as between.
+        let codes = (0..case.codes.len())
+            .map(|_| match next() % 4 {
+                0 => 0,
+                1 => hi as u16,
+                _ => (next() % (hi + 1)) as u16,
+            })
+            .collect();
+        case.zero_point = (next() % (hi + 1)) as i32;
+        for f in &mut case.factors {
+            *f = PtfFactor::try_from(f.get().min(cap.get())).unwrap();
+        }
+        WideCase { bits, codes, case }
+    })
+}
+
+proptest! {
+    /// Wide codes: the fast kernel equals the reference, and the integer-only LayerNorm follows
+    /// the exact float path (σ exact in both up to the integer root's 2^−29: equal codes but
+    /// where a value lies that close to a rounding boundary, at most one step apart).
+    #[test]
+    fn ln_on_wide_codes_equals_reference(w in wide_ln_case()) {
+        let params = LayerNormParams { bits: w.bits, ..w.case.params() };
+        let mut fast = vec![0i32; w.codes.len()];
+        let mut slow = vec![0i32; w.codes.len()];
+        ptf_layer_norm(&w.codes, &params, &mut fast);
+        ln_ref::ptf_layer_norm(&w.codes, &params, &mut slow);
+        prop_assert_eq!(&fast, &slow);
+        let integer = fqvit_ops::layer_norm::integer::IntegerLayerNorm::new(&params).unwrap();
+        for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+            let mut y = vec![0i32; w.codes.len()];
+            integer.run(isa, &w.codes, &mut y);
+            for (a, b) in y.iter().zip(&slow) {
+                prop_assert!((a - b).abs() <= 1, "{} against {}", a, b);
+            }
+        }
+    }
+
+    /// Byte codes give the same outputs stored as bytes or in u16.
+    #[test]
+    fn ln_does_not_depend_on_the_code_storage(case in ln_case_wide()) {
+        let wide: Vec<u16> = case.codes.iter().map(|&q| u16::from(q)).collect();
+        let mut y = vec![0i32; wide.len()];
+        ptf_layer_norm(&wide, &case.params(), &mut y);
+        prop_assert_eq!(y, run_ln(&case));
+    }
+}
+
+#[test]
+fn ln_refuses_shifts_that_take_wide_codes_beyond_2_15() {
+    let factors = [PtfFactor::default(), PtfFactor::try_from(4).unwrap()];
+    let (gamma, beta) = ([1.0f32; 2], [0.0f32; 2]);
+    let params = LayerNormParams {
+        in_scale: InScale::Ptf { base: 0.1, factors: &factors },
+        zero_point: 2048,
+        bits: fqvit_ops::Bits::try_from(12).unwrap(),
+        gamma: &gamma,
+        beta: &beta,
+        out_scale: 0.05,
+    };
+    let err = std::panic::catch_unwind(|| ptf_layer_norm(&[0u16, 4095], &params, &mut [0; 2]))
+        .unwrap_err();
+    let msg = err.downcast_ref::<String>().unwrap();
+    assert!(msg.contains("PTF shifts above 3 take 12-bit codes beyond 2^15"), "{msg}");
+    let err =
+        std::panic::catch_unwind(|| ptf_layer_norm(&[0u8, 255], &params, &mut [0; 2])).unwrap_err();
+    let msg = err.downcast_ref::<String>().unwrap();
+    assert!(msg.contains("12-bit codes do not fit 8-bit storage"), "{msg}");
+}
+
+#[test]
+fn ptf_factors_are_capped_so_shifted_codes_stay_below_2_15() {
+    for bits in 2..=15u8 {
+        let b = fqvit_ops::Bits::try_from(bits).unwrap();
+        let cap = PtfFactor::MAX.cap(b);
+        assert!(((1u32 << bits) - 1) << cap.get() < 1 << 15, "{bits} bits, factor {cap:?}");
+        if cap < PtfFactor::MAX {
+            assert!(((1u32 << bits) - 1) << (cap.get() + 1) >= 1 << 15, "{bits}: the largest");
+        }
+        assert_eq!(PtfFactor::ORIGINAL_MAX.cap(b), PtfFactor::ORIGINAL_MAX.min(cap));
+    }
+    assert_eq!(PtfFactor::MAX.cap(fqvit_ops::Bits::BYTE), PtfFactor::MAX);
+    assert!(fqvit_ops::Bits::try_from(16).is_err() && fqvit_ops::Bits::try_from(1).is_err());
 }

@@ -2,7 +2,7 @@
 
 use fqvit_ops::layer_norm::integer::{IntegerLayerNorm, PrepareError};
 use fqvit_ops::layer_norm::{InScale, LayerNormParams, Roots, ptf_layer_norm_with, variance_terms};
-use fqvit_ops::{PtfFactor, QParams};
+use fqvit_ops::{Bits, Code, PtfFactor, QParams};
 use tch::{Device, Kind, Tensor};
 
 /// How σ's square root is taken.
@@ -92,6 +92,8 @@ struct Host {
     /// The input scale of every channel (tiled), to recover the codes.
     scales: Vec<f32>,
     zero_point: i32,
+    /// The input codes' width.
+    bits: Bits,
     /// PTF factors (tiled), or `None` for one input scale.
     ptf: Option<Vec<PtfFactor>>,
     gamma: Vec<f32>,
@@ -106,6 +108,7 @@ impl Host {
             in_scale: InScale::of(scales, self.ptf.as_deref(), self.gamma.len())
                 .expect("tiled to the channels in new"),
             zero_point: self.zero_point,
+            bits: self.bits,
             gamma: &self.gamma,
             beta: &self.beta,
             out_scale: self.out_scale,
@@ -173,6 +176,7 @@ impl IntLayerNorm {
             // One per channel, also for a layer-wise input.
             scales: host_scales.iter().copied().cycle().take(channels as usize).collect(),
             zero_point: input.params.zero_point[0],
+            bits: input.params.bit_type.bits,
             ptf,
             gamma: to_host(&gamma),
             beta: to_host(&beta),
@@ -201,8 +205,8 @@ impl IntLayerNorm {
     /// The output codes `y` (not clamped) of the fake-quantized input `X` `(…, C)`, as float32,
     /// in libtorch operations (any device).
     pub fn codes(&self, xs: &Tensor) -> Tensor {
-        if let Some(integer) = &self.integer {
-            return self.integer_codes(integer, xs);
+        if self.integer.is_some() {
+            return self.integer_codes(xs);
         }
         self.codes_with_root(xs, &|var: &Tensor| match self.sqrt {
             StdSqrt::Libtorch | StdSqrt::Integer => var.sqrt(),
@@ -256,7 +260,7 @@ impl IntLayerNorm {
 
     /// The output `y · s_out`, what the original returns.
     ///
-    /// A contiguous float32 CPU input whose codes `round(X / s) + z` are uint8 takes
+    /// A contiguous float32 CPU input whose codes `round(X / s) + z` are on its grid takes
     /// `fqvit_ops::layer_norm` (three passes instead of about twenty-five libtorch operations),
     /// with σ's root from libtorch's `sqrt` of the radicands laid out as the original's
     /// (`(…)`, contiguous: libtorch takes vector and scalar paths by position) or exact.
@@ -267,8 +271,9 @@ impl IntLayerNorm {
     /// The codes of [`StdSqrt::Integer`], computed on the CPU and returned on `xs`'s device.
     ///
     /// # Panics
-    /// If the input's codes `round(X / s) + z` are not uint8 (not the quantizer's output).
-    fn integer_codes(&self, integer: &IntegerLayerNorm, xs: &Tensor) -> Tensor {
+    /// If the input's codes `round(X / s) + z` are not codes of the input's width (not the
+    /// quantizer's output).
+    fn integer_codes(&self, xs: &Tensor) -> Tensor {
         let size = xs.size();
         assert_eq!(
             size.last().copied(),
@@ -278,16 +283,47 @@ impl IntLayerNorm {
         );
         let cpu = xs.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
         let x = crate::cpu::slice(&cpu).expect("a contiguous float32 CPU tensor");
-        let h = &self.host;
-        let mut codes = vec![0u8; x.len()];
-        assert!(
-            fqvit_ops::float::codes_u8(x, &h.scales, h.zero_point, &mut codes),
-            "integer LayerNorm: the input is not on its quantizer's uint8 grid"
-        );
-        let mut y = vec![0i32; x.len()];
-        integer.run(fqvit_ops::Isa::Native, &codes, &mut y);
+        let y = self.host_codes(x, &size).unwrap_or_else(|| {
+            panic!(
+                "integer LayerNorm: the input is not on its quantizer's {}-bit grid",
+                self.host.bits.get()
+            )
+        });
         let y: Vec<f32> = y.iter().map(|&v| v as f32).collect();
         Tensor::from_slice(&y).view(size.as_slice()).to_device(xs.device())
+    }
+
+    /// The output codes `y` of `fqvit_ops::layer_norm` on the host, or `None` where the input's
+    /// codes `round(X / s) + z` are not codes of the input's width.
+    fn host_codes(&self, x: &[f32], size: &[i64]) -> Option<Vec<i32>> {
+        if self.host.bits.fits_byte() {
+            self.host_codes_in::<u8>(x, size)
+        } else {
+            self.host_codes_in::<u16>(x, size)
+        }
+    }
+
+    fn host_codes_in<C: Code>(&self, x: &[f32], size: &[i64]) -> Option<Vec<i32>> {
+        let h = &self.host;
+        let mut codes = vec![C::default(); x.len()];
+        if !fqvit_ops::float::codes(x, &h.scales, h.zero_point, h.bits, &mut codes) {
+            return None;
+        }
+        let params = h.params();
+        let mut y = vec![0i32; x.len()];
+        match (self.sqrt, &self.integer) {
+            (_, Some(integer)) => integer.run(fqvit_ops::Isa::Native, &codes, &mut y),
+            (StdSqrt::Exact, None) => ptf_layer_norm_with(&codes, &params, Roots::Exact, &mut y),
+            (StdSqrt::Libtorch | StdSqrt::Integer, None) => {
+                let mut var = crate::cpu::Owned::zeros(&size[..size.len() - 1]);
+                variance_terms(&codes, &params, var.as_mut_slice());
+                let roots = var.tensor().sqrt();
+                let roots =
+                    crate::cpu::slice(&roots).expect("a new float32 CPU tensor is contiguous");
+                ptf_layer_norm_with(&codes, &params, Roots::Given(roots), &mut y);
+            }
+        }
+        Some(y)
     }
 
     fn forward_cpu(&self, xs: &Tensor) -> Option<Tensor> {
@@ -297,31 +333,9 @@ impl IntLayerNorm {
         if c != self.channels as usize {
             return None;
         }
-        let h = &self.host;
-        let mut codes = vec![0u8; x.len()];
-        if !fqvit_ops::float::codes_u8(x, &h.scales, h.zero_point, &mut codes) {
-            return None;
-        }
-        let params = h.params();
-        let mut y = vec![0i32; x.len()];
-        match self.sqrt {
-            StdSqrt::Exact => ptf_layer_norm_with(&codes, &params, Roots::Exact, &mut y),
-            StdSqrt::Integer => self.integer.as_ref().expect("prepared in new").run(
-                fqvit_ops::Isa::Native,
-                &codes,
-                &mut y,
-            ),
-            StdSqrt::Libtorch => {
-                let mut var = crate::cpu::Owned::zeros(&size[..size.len() - 1]);
-                variance_terms(&codes, &params, var.as_mut_slice());
-                let roots = var.tensor().sqrt();
-                let roots =
-                    crate::cpu::slice(&roots).expect("a new float32 CPU tensor is contiguous");
-                ptf_layer_norm_with(&codes, &params, Roots::Given(roots), &mut y);
-            }
-        }
+        let y = self.host_codes(x, &size)?;
         let mut out = crate::cpu::Owned::zeros(&size);
-        fqvit_ops::float::dequantize_i32(&y, h.out_scale, out.as_mut_slice());
+        fqvit_ops::float::dequantize_i32(&y, self.host.out_scale, out.as_mut_slice());
         Some(out.into_tensor())
     }
 }

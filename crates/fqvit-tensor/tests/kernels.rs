@@ -74,6 +74,7 @@ impl Case {
         let params = LayerNormParams {
             in_scale,
             zero_point: self.zero_point,
+            bits: fqvit_ops::Bits::BYTE,
             gamma: &self.gamma,
             beta: &self.beta,
             out_scale: self.out_scale,

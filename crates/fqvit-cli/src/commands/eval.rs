@@ -182,11 +182,12 @@ fn eval_artifact(
         || q.attn_bits.is_some()
         || !q.ptf_sites.is_empty()
         || q.ptf_max_factor.is_some()
+        || q.residual_bits.is_some()
         || q.ptf_range.is_some()
         || q.holdout.is_some()
     {
         anyhow::bail!(
-            "--qparams carries its own quantization settings: drop --quant, --ptf, --lis, --quant-method, --weight-method, --bias-correction, --attn-bits, --ptf-sites, --ptf-max-factor, --ptf-range, --holdout and --config"
+            "--qparams carries its own quantization settings: drop --quant, --ptf, --lis, --quant-method, --weight-method, --bias-correction, --attn-bits, --ptf-sites, --ptf-max-factor, --residual-bits, --ptf-range, --holdout and --config"
         );
     }
     let explicit_weights = args.model.weights.is_some() || args.model.weights_dir.is_some();

@@ -251,6 +251,7 @@ pub(crate) fn compile(art: &Artifact, program: &Program, kernel: &Kernel) -> Res
                 let params = LayerNormParams {
                     in_scale,
                     zero_point: gin.zero_point[0],
+                    bits: gin.bit_type.bits,
                     gamma: &gamma,
                     beta: &beta,
                     out_scale: go.scale[0],

@@ -9,6 +9,7 @@ use super::LayerNormParams;
 use super::reference::{TokenStats, channel_code, token_stats, var_term, zero_variance_code};
 #[cfg(doc)]
 use super::reference::{get_mn, round_shift};
+use crate::bits::Code;
 
 /// Tokens per rayon task: a few microseconds of work, so the task overhead stays small.
 pub(super) const TOKENS_PER_TASK: usize = 16;
@@ -23,8 +24,8 @@ const B_LIMIT_F64: f64 = 4_503_599_627_370_496.0;
 
 /// A run of tokens for [`pulp::Arch::dispatch`], whose `with_simd` is inlined into code
 /// compiled for the detected instruction set (a closure would not be).
-pub(super) struct Tokens<'a, 'p> {
-    pub(super) codes: &'a [u8],
+pub(super) struct Tokens<'a, 'p, C> {
+    pub(super) codes: &'a [C],
     /// Each token's root of σ's radicand, when the caller took them.
     pub(super) roots: Option<&'a [f32]>,
     pub(super) factors: &'a [i32],
@@ -34,7 +35,7 @@ pub(super) struct Tokens<'a, 'p> {
     pub(super) y: &'a mut [i32],
 }
 
-impl pulp::WithSimd for Tokens<'_, '_> {
+impl<C: Code> pulp::WithSimd for Tokens<'_, '_, C> {
     type Output = ();
 
     #[inline(always)]
@@ -50,15 +51,15 @@ impl pulp::WithSimd for Tokens<'_, '_> {
 
 /// A run of tokens whose radicands `C·Σx² − (Σx)²` [`variance_terms`](super::variance_terms)
 /// computes.
-pub(super) struct Radicands<'a> {
-    pub(super) codes: &'a [u8],
+pub(super) struct Radicands<'a, C> {
+    pub(super) codes: &'a [C],
     pub(super) factors: &'a [i32],
     pub(super) zero_point: i32,
     pub(super) x: &'a mut [i32],
     pub(super) out: &'a mut [f32],
 }
 
-impl pulp::WithSimd for Radicands<'_> {
+impl<C: Code> pulp::WithSimd for Radicands<'_, C> {
     type Output = ();
 
     #[inline(always)]
@@ -73,14 +74,14 @@ impl pulp::WithSimd for Radicands<'_> {
 
 /// `x_c = (q_c − z)·2^(α_c − α_min)` into `x`, and the exact `Σx`, `Σx²`.
 #[inline(always)]
-fn token_sums(token: &[u8], factors: &[i32], zero_point: i32, x: &mut [i32]) -> (i64, i64) {
+fn token_sums<C: Code>(token: &[C], factors: &[i32], zero_point: i32, x: &mut [i32]) -> (i64, i64) {
     let (mut sum, mut sum_sq) = (0i64, 0i64);
     for ((x, token), factors) in
         x.chunks_mut(SUM_BLOCK).zip(token.chunks(SUM_BLOCK)).zip(factors.chunks(SUM_BLOCK))
     {
         let (mut block_sum, mut block_sum_sq) = (0i32, 0i64);
         for ((xc, &q), &factor) in x.iter_mut().zip(token).zip(factors) {
-            *xc = (i32::from(q) - zero_point) * factor;
+            *xc = (q.int() - zero_point) * factor;
             block_sum += *xc;
             block_sum_sq += i64::from(*xc * *xc);
         }
@@ -91,8 +92,8 @@ fn token_sums(token: &[u8], factors: &[i32], zero_point: i32, x: &mut [i32]) -> 
 }
 
 #[inline(always)]
-fn layer_norm_token(
-    token: &[u8],
+fn layer_norm_token<C: Code>(
+    token: &[C],
     root: Option<f32>,
     factors: &[i32],
     s_min: f32,

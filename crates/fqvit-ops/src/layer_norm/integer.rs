@@ -12,8 +12,8 @@
 //! 1. `D = C·S2 − S1²` exactly in i64 (`0 ≤ D ≤ C·S2 < 2^62`, see [`super`]); `D = 0` is the
 //!    zero-variance token, `round(β_c/s_out)`.
 //! 2. `d = D · 4^t` with the even shift that puts `d` in `[2^60, 2^62)`, `r = ⌊√d⌋ ∈ [2^30,
-//!    2^31)`, so `√D ≈ r · 2^−t` within a relative 2^−30. uint8 codes shifted by up to 7 give
-//!    `D = C²·Var(x) ≤ C²·(255·2^7/2)² < 2^60`, so `1 ≤ t ≤ 30`; `t = −1` (two low bits
+//!    2^31)`, so `√D ≈ r · 2^−t` within a relative 2^−30. codes of `b` bits shifted by up to
+//!    `15 − b` span less than 2^15, so `D = C²·Var(x) < C²·2^28 ≤ 2^60`, so `1 ≤ t ≤ 30`; `t = −1` (two low bits
 //!    dropped) is there for the bound `D < 2^62` alone.
 //! 3. `inv = ⌊2^62 / r⌋ ∈ (2^31, 2^32]`, taken as `inv' · 2^e` with `inv' ∈ [2^31, 2^32)`:
 //!    `1/√D ≈ inv' · 2^(t + e − 62)` within a relative 2^−29.
@@ -48,6 +48,7 @@ use rayon::prelude::*;
 
 use super::{LayerNormParams, MAX_CHANNELS};
 use crate::Isa;
+use crate::bits::Code;
 
 /// One channel's constants, read from the lanes ([`IntegerLayerNorm::channel`]).
 #[derive(Clone, Copy, Debug)]
@@ -66,6 +67,8 @@ struct Channel {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IntegerLayerNorm {
     zero_point: i32,
+    /// The input codes' width.
+    bits: crate::Bits,
     /// `α_c − α_min`.
     shifts: Vec<u32>,
     /// The zero-variance codes `round(β_c/s_out)`.
@@ -132,12 +135,14 @@ impl IntegerLayerNorm {
     #[track_caller]
     #[allow(clippy::float_arithmetic)]
     pub fn new(params: &LayerNormParams<'_>) -> Result<Self, PrepareError> {
-        let c = params.check(params.gamma.len(), params.gamma.len());
+        // The storage type does not matter here; `run` takes any code of `params.bits`.
+        let c = params.check::<u16>(params.gamma.len(), params.gamma.len());
         debug_assert!(c <= MAX_CHANNELS);
         let (_, shifts) = params.in_scale.min_and_shifts(c);
         let out = f64::from(params.out_scale);
         let mut ln = IntegerLayerNorm {
             zero_point: params.zero_point,
+            bits: params.bits,
             shifts,
             flat: Vec::with_capacity(c),
             lane_mant: Vec::with_capacity(c),
@@ -201,21 +206,28 @@ impl IntegerLayerNorm {
         }
     }
 
-    /// The output codes `y` (not clamped) of tokens of `C` uint8 codes, tokens in parallel, the
+    /// The output codes `y` (not clamped) of tokens of `C` codes, tokens in parallel, the
     /// channel loops vectorised up to `isa` (the codes do not depend on it).
     ///
     /// # Panics
-    /// If `codes` and `out` are not the same whole number of tokens.
+    /// If `codes` and `out` are not the same whole number of tokens, or the prepared width does
+    /// not fit `C`.
     #[track_caller]
-    pub fn run(&self, isa: Isa, codes: &[u8], out: &mut [i32]) {
+    pub fn run<C: Code>(&self, isa: Isa, codes: &[C], out: &mut [i32]) {
         self.run_with(codes, out, Some(isa.arch()));
     }
 
     /// [`run`](Self::run) with the vector lanes on `lanes`, or with every channel in the
     /// general form (`None`): the reference the lanes are tested against.
     #[track_caller]
-    fn run_with(&self, codes: &[u8], out: &mut [i32], lanes: Option<pulp::Arch>) {
+    fn run_with<C: Code>(&self, codes: &[C], out: &mut [i32], lanes: Option<pulp::Arch>) {
         let c = self.flat.len();
+        assert!(
+            self.bits <= C::BITS,
+            "integer LayerNorm: {}-bit codes do not fit {}-bit storage",
+            self.bits.get(),
+            C::BITS.get()
+        );
         assert!(
             codes.len().is_multiple_of(c) && codes.len() == out.len(),
             "integer LayerNorm: {} codes and room for {} are not tokens of {c}",
@@ -251,12 +263,12 @@ impl IntegerLayerNorm {
     /// The token's `x` and shared values, or `None` when its codes are all equal (then `y`
     /// holds the zero-variance codes).
     #[inline(always)]
-    fn token(&self, token: &[u8], x: &mut [i64], y: &mut [i32]) -> Option<Token> {
+    fn token<C: Code>(&self, token: &[C], x: &mut [i64], y: &mut [i32]) -> Option<Token> {
         let (mut s1, mut s2) = (0i64, 0i64);
         for ((x, &q), &shift) in x.iter_mut().zip(token).zip(&self.shifts) {
-            // |x| < 2^15 (a uint8 code shifted by at most 7), so x² < 2^30 is an i32 product,
+            // |x| < 2^15 (a b-bit code shifted by at most 15 − b), so x² < 2^30 is an i32 product,
             // which vectorises where an i64 one would not (AVX2 has no 64-bit multiply).
-            let xi = (i32::from(q) - self.zero_point) << shift;
+            let xi = (q.int() - self.zero_point) << shift;
             *x = i64::from(xi);
             s1 += i64::from(xi);
             s2 += i64::from(xi * xi);
@@ -336,14 +348,14 @@ struct Lanes<'a> {
 }
 
 /// One token's statistics ([`IntegerLayerNorm::token`]) for [`pulp::Arch::dispatch`].
-struct Stats<'a> {
+struct Stats<'a, C> {
     ln: &'a IntegerLayerNorm,
-    token: &'a [u8],
+    token: &'a [C],
     x: &'a mut [i64],
     y: &'a mut [i32],
 }
 
-impl pulp::WithSimd for Stats<'_> {
+impl<C: Code> pulp::WithSimd for Stats<'_, C> {
     type Output = Option<Token>;
 
     #[inline(always)]
@@ -442,6 +454,7 @@ mod tests {
         LayerNormParams {
             in_scale: InScale::Ptf { base: 0.01, factors },
             zero_point: 120,
+            bits: crate::Bits::BYTE,
             gamma,
             beta,
             out_scale: 0.03,
@@ -554,6 +567,7 @@ mod tests {
             let p = LayerNormParams {
                 in_scale: InScale::Ptf { base: 0.01, factors: &factors },
                 zero_point: (next() % 256) as i32,
+                bits: crate::Bits::BYTE,
                 gamma: &gamma,
                 beta: &beta,
                 out_scale: out,

@@ -1,7 +1,7 @@
 //! Integer LayerNorm with Power-of-Two-Factor input scales (spec §6; paper §3.3, appendix A.1).
 //!
-//! Input: uint8 codes `q` (tokens × C) with zero point `z` and per-channel scales
-//! `s_c = base · 2^α_c`. Output: integer codes `y` with `y · s_out ≈ LayerNorm(x)`:
+//! Input: unsigned codes `q` of `b` bits (tokens × C; bytes, or `u16` for a wider residual
+//! stream, [`Code`]) with zero point `z` and per-channel scales `s_c = base · 2^α_c`. Output: integer codes `y` with `y · s_out ≈ LayerNorm(x)`:
 //!
 //! 1. `x_c = (q_c − z) · 2^(α_c − α_min)`, integers in units of `s_min = base · 2^α_min`;
 //! 2. `μ = s_min·Σx/C`, `σ = (s_min/C)·sqrt(C·Σx² − (Σx)²)` (population std, no eps);
@@ -9,9 +9,9 @@
 //! 4. `B_c = round((β_c − γ_c·μ/σ) / s_out · 2^N_c)`;
 //! 5. `y_c = round((±M_c·x_c + B_c) / 2^N_c)`, half to even, not clamped.
 //!
-//! Integer bounds (checked at entry): `|q − z| ≤ 255` and `2^(α−α_min) ≤ 128`
-//! ([`PtfFactor::MAX`]) give `|x| ≤ 32,640 < 2^15` (i32; 2040 with the original's factors up
-//! to 8); Σx and Σx² are i64, and `C·Σx² ≤ C² · 2^30` stays below 2^63 for `C ≤ 2^16`;
+//! Integer bounds (checked at entry): `|q − z| < 2^b` and `α − α_min ≤ 15 − b`
+//! ([`PtfFactor::cap`]; 7 for bytes) give `|x| < 2^15` (i32; 2040 with the original's uint8
+//! codes and factors up to 8); Σx and Σx² are i64, and `C·Σx² ≤ C² · 2^30` stays below 2^63 for `C ≤ 2^16`;
 //! `|M·x| ≤ 255 · 32,640 < 2^23` (i32); `B` is i64, saturating only at `|B| ≥ 2^63`; `y`
 //! saturates to the i32 range.
 //!
@@ -24,6 +24,8 @@ pub mod reference;
 
 use rayon::prelude::*;
 
+use crate::Bits;
+use crate::bits::Code;
 use crate::qparams::PtfFactor;
 use fast::Tokens;
 
@@ -112,6 +114,9 @@ pub struct LayerNormParams<'a> {
     pub in_scale: InScale<'a>,
     /// Input zero point (it cancels in `x − μ`, but the codes are relative to it).
     pub zero_point: i32,
+    /// The input codes' width `b`: the zero point is below `2^b`, and the PTF shifts
+    /// `α_c − α_min` at most `15 − b`, so that shifted codes stay below 2^15.
+    pub bits: Bits,
     /// γ, length C.
     pub gamma: &'a [f32],
     /// β, length C.
@@ -121,9 +126,9 @@ pub struct LayerNormParams<'a> {
 }
 
 impl LayerNormParams<'_> {
-    /// Checks the preconditions and returns C.
+    /// Checks the preconditions for codes of type `C` and returns C.
     #[track_caller]
-    fn check(&self, n_codes: usize, n_out: usize) -> usize {
+    fn check<C: Code>(&self, n_codes: usize, n_out: usize) -> usize {
         let n_channels = self.gamma.len();
         assert!(
             (1..=MAX_CHANNELS).contains(&n_channels),
@@ -150,10 +155,22 @@ impl LayerNormParams<'_> {
         if let InScale::Layer(s) = self.in_scale {
             assert!(s > 0.0 && s.is_finite(), "ptf_layer_norm: in-scale {s} is not positive");
         }
+        let bits = self.bits.get();
         assert!(
-            (0..=255).contains(&self.zero_point),
-            "ptf_layer_norm: zero point {} is not a uint8 code",
+            self.bits <= C::BITS,
+            "ptf_layer_norm: {bits}-bit codes do not fit {}-bit storage",
+            C::BITS.get()
+        );
+        assert!(
+            (0..1 << bits).contains(&self.zero_point),
+            "ptf_layer_norm: zero point {} is not a {bits}-bit code",
             self.zero_point
+        );
+        let (_, shifts) = self.in_scale.min_and_shifts(n_channels);
+        let room = u32::from(Bits::MAX.get() - bits);
+        assert!(
+            shifts.iter().all(|&s| s <= room),
+            "ptf_layer_norm: PTF shifts above {room} take {bits}-bit codes beyond 2^15"
         );
         assert!(
             self.out_scale > 0.0 && self.out_scale.is_finite(),
@@ -170,27 +187,29 @@ impl LayerNormParams<'_> {
     }
 }
 
-/// Integer LayerNorm over tokens of C uint8 codes, rows in parallel (the fast path).
+/// Integer LayerNorm over tokens of C codes, rows in parallel (the fast path).
 ///
 /// Gives exactly the codes of [`reference::ptf_layer_norm`].
 ///
 /// # Panics
 /// If γ or β is empty or longer than [`MAX_CHANNELS`], their lengths or the number of PTF
-/// factors differ, a scale is not positive and finite, the zero point is not in `0..=255`, or
-/// `codes` and `out` are not the same whole number of tokens.
+/// factors differ, a scale is not positive and finite, the zero point is not a code of
+/// `params.bits` (which must fit `C`), a PTF shift exceeds `15 − bits`, or `codes` and `out`
+/// are not the same whole number of tokens.
 ///
 /// # Examples
 /// ```
+/// use fqvit_ops::Bits;
 /// use fqvit_ops::layer_norm::{InScale, LayerNormParams, ptf_layer_norm};
 /// let gamma = [1.0; 4];
 /// let beta = [0.0; 4];
-/// let params = LayerNormParams { in_scale: InScale::Layer(0.1), zero_point: 128, gamma: &gamma, beta: &beta, out_scale: 0.05 };
+/// let params = LayerNormParams { in_scale: InScale::Layer(0.1), zero_point: 128, bits: Bits::BYTE, gamma: &gamma, beta: &beta, out_scale: 0.05 };
 /// let mut y = [0; 4];
-/// ptf_layer_norm(&[118, 128, 128, 138], &params, &mut y);
+/// ptf_layer_norm(&[118u8, 128, 128, 138], &params, &mut y);
 /// assert_eq!(y, [-28, 0, 0, 28]); // ±√2 / 0.05
 /// ```
 #[track_caller]
-pub fn ptf_layer_norm(codes: &[u8], params: &LayerNormParams<'_>, out: &mut [i32]) {
+pub fn ptf_layer_norm<C: Code>(codes: &[C], params: &LayerNormParams<'_>, out: &mut [i32]) {
     ptf_layer_norm_with(codes, params, Roots::Exact, out);
 }
 
@@ -209,13 +228,13 @@ pub enum Roots<'a> {
 /// # Panics
 /// As [`ptf_layer_norm`], and if `Roots::Given` does not have one root per token.
 #[track_caller]
-pub fn ptf_layer_norm_with(
-    codes: &[u8],
+pub fn ptf_layer_norm_with<C: Code>(
+    codes: &[C],
     params: &LayerNormParams<'_>,
     roots: Roots<'_>,
     out: &mut [i32],
 ) {
-    let n_channels = params.check(codes.len(), out.len());
+    let n_channels = params.check::<C>(codes.len(), out.len());
     let roots = match roots {
         Roots::Exact => None,
         Roots::Given(r) => {
@@ -250,8 +269,8 @@ pub fn ptf_layer_norm_with(
 /// # Panics
 /// As [`ptf_layer_norm`], with `out` one value per token.
 #[track_caller]
-pub fn variance_terms(codes: &[u8], params: &LayerNormParams<'_>, out: &mut [f32]) {
-    let n_channels = params.check(codes.len(), codes.len());
+pub fn variance_terms<C: Code>(codes: &[C], params: &LayerNormParams<'_>, out: &mut [f32]) {
+    let n_channels = params.check::<C>(codes.len(), codes.len());
     assert_eq!(
         out.len() * n_channels,
         codes.len(),

@@ -5,6 +5,7 @@
 //! is exact for Σx but not always for Σx²); μ, σ and A are float32 in the original's order.
 
 use super::LayerNormParams;
+use crate::bits::Code;
 
 /// `get_MN`: the dyadic approximation `|A| ≈ M / 2^N` with an 8-bit mantissa.
 ///
@@ -122,11 +123,11 @@ pub(crate) fn saturate_i32(v: i64) -> i32 {
 /// # Panics
 /// As [`ptf_layer_norm`](super::ptf_layer_norm).
 #[track_caller]
-pub fn ptf_layer_norm(codes: &[u8], params: &LayerNormParams<'_>, out: &mut [i32]) {
-    let n_channels = params.check(codes.len(), out.len());
+pub fn ptf_layer_norm<C: Code>(codes: &[C], params: &LayerNormParams<'_>, out: &mut [i32]) {
+    let n_channels = params.check::<C>(codes.len(), out.len());
     let (s_min, shifts) = params.in_scale.min_and_shifts(n_channels);
     for (token, y) in codes.chunks_exact(n_channels).zip(out.chunks_exact_mut(n_channels)) {
-        let x = |c: usize| (i32::from(token[c]) - params.zero_point) << shifts[c];
+        let x = |c: usize| (token[c].int() - params.zero_point) << shifts[c];
         let (mut sum, mut sum_sq) = (0i64, 0i64);
         for c in 0..n_channels {
             let xc = i64::from(x(c));
