@@ -26,7 +26,7 @@ pub struct Agreement {
     /// Codes equal.
     pub equal: usize,
     /// max |engine − simulation|.
-    pub max_delta: u8,
+    pub max_delta: u16,
 }
 
 impl Agreement {
@@ -93,7 +93,7 @@ impl Probe for SimOutputs<'_> {
 
 /// Compares the simulation's codes with the engine's.
 struct Compare<'a> {
-    sim: &'a HashMap<&'a str, Vec<u8>>,
+    sim: &'a HashMap<&'a str, Vec<u16>>,
     forced: bool,
     out: Vec<Agreement>,
     /// Engine sites the simulation has no codes of that length for.
@@ -101,7 +101,7 @@ struct Compare<'a> {
 }
 
 impl Observer for Compare<'_> {
-    fn codes(&mut self, _: usize, site: &str, codes: &[u8]) -> Option<Vec<u8>> {
+    fn codes(&mut self, _: usize, site: &str, codes: &[u16]) -> Option<Vec<u16>> {
         let Some(sim) = self.sim.get(site).filter(|s| s.len() == codes.len()) else {
             self.missing.push(site.to_owned());
             return None;
@@ -147,12 +147,14 @@ pub fn site_agreement(
     let _ = tch::no_grad(|| {
         model.forward(images, &mut Mode::Quantized { state: quantized, probe: Some(&mut probe) })
     });
-    let sim: HashMap<&str, Vec<u8>> = engine
+    let sim: HashMap<&str, Vec<u16>> = engine
         .sites()
         .filter_map(|site| {
             let (q, ys) = probe.outputs.get(site)?;
-            let c = q.codes(ys).to_kind(Kind::Uint8).contiguous().view(-1);
-            Some(Vec::<u8>::try_from(&c).map(|c| (site, c)))
+            let c = q.codes(ys).to_kind(Kind::Int).contiguous().view(-1);
+            Some(
+                Vec::<i32>::try_from(&c).map(|c| (site, c.into_iter().map(|q| q as u16).collect())),
+            )
         })
         .collect::<std::result::Result<_, _>>()?;
     let mut sim = sim;
@@ -198,7 +200,7 @@ fn windowed_sites(program: &Program) -> Vec<(&str, Vec<usize>)> {
 }
 
 /// Window-ordered codes of `batch` images back in token order.
-fn token_order(codes: &[u8], tokens: &[usize], batch: usize) -> Vec<u8> {
+fn token_order(codes: &[u16], tokens: &[usize], batch: usize) -> Vec<u16> {
     let per = codes.len() / batch.max(1);
     let c = per / tokens.len().max(1);
     codes.chunks_exact(per).flat_map(|x| windows::scatter(x, tokens, c)).collect()

@@ -77,7 +77,9 @@ fn integer_results_do_not_depend_on_the_kernel_or_instruction_set() {
         ptf_max_factor: fqvit_ops::PtfFactor::MAX,
         ..integer_twin()
     };
-    for (heads, exp) in [(2, integer_twin()), (4, ptf_hidden)] {
+    // A 12-bit residual stream: u16 codes through the adds and LayerNorms.
+    let wide = Experiment { residual_bits: Some(12), ..integer_twin() };
+    for (heads, exp) in [(2, integer_twin()), (4, ptf_hidden), (2, wide)] {
         let c = calibrated_heads(dir.path(), false, heads, exp);
         every_kernel_gives_the_same_logits(&c);
     }
@@ -133,6 +135,17 @@ fn bad_artifacts_and_inputs_are_refused_by_name() {
     assert!(matches!(err, Error::Input(_)), "{err}");
     let err = engine.run(Images::Normalized(&vec![0.123f32; 3 * 32 * 32])).unwrap_err().to_string();
     assert!(err.contains("not a normalized 8-bit pixel"), "{err}");
+
+    // Swin's patch merging writes the residual stream from a linear layer, whose epilogue
+    // writes bytes: a wider residual stream there is refused by name.
+    let (.., path, _) =
+        calibrated_swin(dir.path(), Experiment { residual_bits: Some(12), ..integer_twin() });
+    let err = Engine::load(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("writes 12-bit codes on site layers.1.downsample.out")
+            && err.contains("only residual adds and the embedding"),
+        "{err}"
+    );
 }
 
 /// Each engine op fed the simulation's codes computes what the simulation's op computes from
@@ -142,7 +155,8 @@ fn bad_artifacts_and_inputs_are_refused_by_name() {
 /// factor of two. Free-running, the differences add up along the network (printed). The same
 /// holds with the options beyond the original (`configs/fqvit_plus_8_8_4.toml`: PTF on GELU's
 /// and fc2's outputs, factors up to 7, the symmetric PTF range, the percentile observer), and
-/// at 6/6/4 and 4/8/4, where every op computes at its sites' widths.
+/// at 6/6/4 and 4/8/4, where every op computes at its sites' widths, and with a 12-bit
+/// residual stream.
 #[test]
 fn each_engine_op_follows_the_simulation_on_the_simulations_codes() {
     use fqvit_calib::agreement::{render, site_agreement};
@@ -160,12 +174,17 @@ fn each_engine_op_follows_the_simulation_on_the_simulations_codes() {
     // weights, 4-bit weights).
     let w6a6 = Experiment { activation_bits: 6, weight_bits: 6, ..integer_twin() };
     let w4a8 = Experiment { weight_bits: 4, ..integer_twin() };
+    // A residual stream wider than a byte (u16 codes in the engine's adds and LayerNorms).
+    let plus_r12 = Experiment { residual_bits: Some(12), ..plus };
+    let w6a6_r12 = Experiment { residual_bits: Some(12), ..w6a6 };
     for (input_quant, heads, exp) in [
         (true, 2, integer_twin()),
         (false, 4, integer_twin()),
         (false, 4, plus),
         (true, 2, w6a6),
         (false, 4, w4a8),
+        (false, 4, plus_r12),
+        (true, 2, w6a6_r12),
     ] {
         let c = calibrated_heads(dir.path(), input_quant, heads, exp);
         if exp.ptf_max_factor > fqvit_ops::PtfFactor::ORIGINAL_MAX {
@@ -209,7 +228,7 @@ fn each_engine_op_follows_the_simulation_on_the_simulations_codes() {
 /// A small Swin (the timm fixture's variant's geometry, twice as wide: 4 stages, windows of 4
 /// shifted by 2 in stages 0 and 1, one window in stages 2 and 3) with random weights,
 /// calibrated and written as an artifact.
-fn calibrated_swin(dir: &Path) -> (swin::Swin, Quantized, PathBuf, swin::Config) {
+fn calibrated_swin(dir: &Path, exp: Experiment) -> (swin::Swin, Quantized, PathBuf, swin::Config) {
     let cfg =
         swin::Config { embed_dim: 16, num_heads: [1, 2, 2, 4], ..swin::Config::test_variant() };
     let (vs, model) = fqvit_testkit::seeded(11, || {
@@ -231,7 +250,7 @@ fn calibrated_swin(dir: &Path) -> (swin::Swin, Quantized, PathBuf, swin::Config)
         });
     }
     let path = dir.join("tiny-swin.safetensors");
-    let quantized = calibrate_and_write(&model, &vs, integer_twin(), 64, &path);
+    let quantized = calibrate_and_write(&model, &vs, exp, 64, &path);
     std::mem::forget(vs); // the model's tensors point into it
     (model, quantized, path, cfg)
 }
@@ -243,7 +262,7 @@ fn calibrated_swin(dir: &Path) -> (swin::Swin, Quantized, PathBuf, swin::Config)
 fn swin_runs_in_integers_and_each_op_follows_the_simulation() {
     use fqvit_calib::agreement::{render, site_agreement};
     let dir = tempfile::tempdir().unwrap();
-    let (model, quantized, path, cfg) = calibrated_swin(dir.path());
+    let (model, quantized, path, cfg) = calibrated_swin(dir.path(), integer_twin());
     let engine = Engine::load(&path).unwrap();
     let (pixels, x) = images_of(64, cfg.preprocess, 13, 8);
     let both = site_agreement(&model, &quantized, &engine, &x).unwrap();

@@ -178,8 +178,9 @@ impl Windows {
         let nn = self.n * self.n;
         for (x, &t) in x.iter_mut().zip(&self.table[h * nn..][..nn]) {
             let t = i64::from(t) - i64::from(self.z_t);
-            let sum = add_codes(i64::from(*x), self.m_a, t, self.m_t, self.z_b, self.hi_b);
-            *x = i32::from(sum) - self.z_b;
+            let hi = i64::from(self.hi_b);
+            let sum = add_codes(i64::from(*x), self.m_a, t, self.m_t, self.z_b, hi);
+            *x = sum as i32 - self.z_b;
         }
         if let Some(mask) = &self.mask {
             for (x, &m) in x.iter_mut().zip(&mask[w * nn..][..nn]) {

@@ -11,7 +11,8 @@ pub(crate) struct Grid {
     pub(crate) scale: Vec<f32>,
     pub(crate) zero_point: Vec<i32>,
     pub(crate) ptf: Option<Vec<PtfFactor>>,
-    /// Its code type: activations are unsigned, of up to 8 bits.
+    /// Its code type: activations are unsigned, of up to 8 bits but for the residual stream
+    /// (up to 15, the reader checked; `ops::compile` checks which ops read and write them).
     pub(crate) bit_type: BitType,
 }
 
@@ -21,14 +22,6 @@ impl Grid {
         let p = art
             .params(site)
             .ok_or_else(|| art.bad(format!("has no parameters for site {site}")))?;
-        if !p.bit_type.bits.fits_byte() {
-            return Err(art
-                .bad(format!(
-                    "site {site} has {}-bit codes: the engine runs byte codes only",
-                    p.bit_type.bits.get()
-                ))
-                .into());
-        }
         Ok(Grid {
             name: site.to_owned(),
             bit_type: p.bit_type,
@@ -38,9 +31,21 @@ impl Grid {
         })
     }
 
-    /// Its largest code: activation sites are unsigned (the reader checked), of 2 to 8 bits.
+    /// Its largest code, for a site of bytes (`ops::compile` checks that the op writing it
+    /// writes bytes).
     pub(crate) fn hi(&self) -> u8 {
+        debug_assert!(self.bytes(), "site {} is wider than a byte", self.name);
         self.bit_type.upper() as u8
+    }
+
+    /// Its largest code, for any site (unsigned, up to 15 bits: the reader checked).
+    pub(crate) fn hi_wide(&self) -> u16 {
+        self.bit_type.upper() as u16
+    }
+
+    /// Whether its codes are bytes.
+    pub(crate) fn bytes(&self) -> bool {
+        self.bit_type.bits.fits_byte()
     }
 
     /// Whether the site has one scale and zero point.

@@ -64,9 +64,10 @@ pub enum Images<'a> {
 /// codes, every op is checked on the simulation's inputs (as `fqvit-models`' `Probe` does with
 /// the original's tensors).
 pub trait Observer {
-    /// Codes `(B, rows, cols)` that op `op` put on `site`. `Some` replaces them for the ops
-    /// after it (same length).
-    fn codes(&mut self, op: usize, site: &str, codes: &[u8]) -> Option<Vec<u8>>;
+    /// Codes `(B, rows, cols)` that op `op` put on `site` (bytes, or up to 15 bits on the
+    /// residual stream, all given as u16). `Some` replaces them for the ops after it (same
+    /// length, codes of the site's width).
+    fn codes(&mut self, op: usize, site: &str, codes: &[u16]) -> Option<Vec<u16>>;
 }
 
 /// How [`Engine::load_with`] compiles a program.

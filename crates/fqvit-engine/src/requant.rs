@@ -146,16 +146,17 @@ pub(crate) fn clamp_code(v: i64, hi: u8) -> u8 {
 
 /// The sum of two summands less their zero points, `a` and `b`, with their multipliers onto
 /// the sum's grid (`ops::add`): `clamp(round((a·m_a + b·m_b) / 2^ADD_SHIFT) + z_o, 0, hi)`;
-/// `|v| = |a·m_a + b·m_b| ≤ 2 · 255 · 2^50 < 2^59`. As in [`Columns`], the rounding shift is a
+/// `|v| = |a·m_a + b·m_b| < 2^61` (checked where the constants are made: `2 · 255 · 2^50 <
+/// 2^59` for bytes). As in [`Columns`], the rounding shift is a
 /// logical one on `v + 2^62 > 0`, whose quotient differs from `v`'s by an even number, so that
 /// the add vectorises on AVX2 too (it has no 64-bit arithmetic shift).
 #[inline(always)]
-pub(crate) fn add_codes(a: i64, m_a: i64, b: i64, m_b: i64, z_o: i32, hi: u8) -> u8 {
+pub(crate) fn add_codes(a: i64, m_a: i64, b: i64, m_b: i64, z_o: i32, hi: i64) -> i64 {
     let u = (a * m_a + b * m_b + (1 << 62)) as u64;
     let parity = (u >> ADD_SHIFT) & 1;
     let t =
         ((u + (1 << (ADD_SHIFT - 1)) - 1 + parity) >> ADD_SHIFT) as i64 - (1 << (62 - ADD_SHIFT));
-    clamp_code(t + i64::from(z_o), hi)
+    (t + i64::from(z_o)).clamp(0, hi)
 }
 
 #[allow(clippy::float_arithmetic)]
@@ -205,8 +206,19 @@ mod tests {
                 let target = ((a * m_a) >> 30 << 30) + (1 << 29) - a * m_a;
                 if target % b == 0 && (0..1 << 50).contains(&(target / b)) { target / b } else { m_b }
             } else { m_b };
-            let want = clamp_code(round_shift_i64(a * m_a + b * m_b, ADD_SHIFT) + i64::from(z), 255);
+            let want = i64::from(clamp_code(round_shift_i64(a * m_a + b * m_b, ADD_SHIFT) + i64::from(z), 255));
             prop_assert_eq!(add_codes(a, m_a, b, m_b, z, 255), want);
+        }
+
+        /// The same on the residual stream's wide codes, up to the bound `|a·m_a + b·m_b| <
+        /// 2^61` that `ops::add` checks.
+        #[test]
+        fn add_codes_round_like_round_shift_on_wide_codes(
+            a in -32767i64..=32767, b in -32767i64..=32767, m_a in 0i64..(1 << 45),
+            m_b in 0i64..(1 << 45), z in 0i32..32768, hi in 256i64..32768,
+        ) {
+            let want = (round_shift_i64(a * m_a + b * m_b, ADD_SHIFT) + i64::from(z)).clamp(0, hi);
+            prop_assert_eq!(add_codes(a, m_a, b, m_b, z, hi), want);
         }
 
         /// The vector form equals the branch-free scalar rounding on every column.

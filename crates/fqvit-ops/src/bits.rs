@@ -103,6 +103,8 @@ pub trait Code: Copy + Default + Send + Sync + 'static {
     fn int(self) -> i32;
     /// An integer-valued float in the type's range, as a code.
     fn from_f32(q: f32) -> Self;
+    /// An integer in the type's range, as a code.
+    fn from_code(q: i64) -> Self;
     /// `v` clamped to `0..=hi` (`hi` at most the type's largest code).
     fn saturate(v: i64, hi: Self) -> Self;
 }
@@ -110,6 +112,10 @@ pub trait Code: Copy + Default + Send + Sync + 'static {
 impl Code for u8 {
     #[inline(always)]
     fn from_f32(q: f32) -> u8 {
+        q as u8
+    }
+    #[inline(always)]
+    fn from_code(q: i64) -> u8 {
         q as u8
     }
     const BITS: Bits = Bits::BYTE;
@@ -126,6 +132,10 @@ impl Code for u8 {
 impl Code for u16 {
     #[inline(always)]
     fn from_f32(q: f32) -> u16 {
+        q as u16
+    }
+    #[inline(always)]
+    fn from_code(q: i64) -> u16 {
         q as u16
     }
     const BITS: Bits = Bits::MAX;

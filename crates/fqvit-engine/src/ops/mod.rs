@@ -9,7 +9,7 @@ use fqvit_artifact::Artifact;
 use fqvit_ops::layer_norm::integer::IntegerLayerNorm;
 use fqvit_ops::layer_norm::{LayerNormParams, MAX_CHANNELS};
 use fqvit_ops::softmax::LisBits;
-use fqvit_ops::{dequantize, quantize};
+use fqvit_ops::{Code, dequantize, quantize};
 use fqvit_program::{Op, Program};
 use rayon::prelude::*;
 
@@ -134,6 +134,7 @@ pub(crate) fn compile(art: &Artifact, program: &Program, kernel: &Kernel) -> Res
                     .into())
             })
         };
+        check_widths(art, op, &grids).map_err(err)?;
         let (compiled, shape, grid) = match op {
             Op::Image { size, .. } => (Compiled::Image, (3, size * size), None),
             Op::QuantizeImage { input, site } => {
@@ -409,6 +410,36 @@ pub(crate) fn compile(art: &Artifact, program: &Program, kernel: &Kernel) -> Res
     Ok(Built { ops: out, classes })
 }
 
+/// Codes wider than a byte are the residual stream's: only the ops that move or add it and the
+/// LayerNorms that read it take them, and only residual adds (the embedding's too) make them.
+fn check_widths(art: &Artifact, op: &Op, grids: &[Option<Grid>]) -> Result<(), String> {
+    let (reads, writes) = match op {
+        Op::LayerNorm { .. } => (true, false),
+        Op::Add { .. } | Op::PatchMerge { .. } | Op::SelectToken { .. } => (true, true),
+        Op::Embed { .. } => (false, true),
+        _ => (false, false),
+    };
+    let wide = op.inputs().into_iter().find_map(|v| {
+        grids[v].as_ref().filter(|g| !g.bytes()).map(|g| (g.bit_type.bits, g.name.as_str()))
+    });
+    if !reads && let Some((bits, site)) = wide {
+        return Err(format!(
+            "reads the {}-bit codes of site {site}: only LayerNorms, residual adds, patch \
+             merging and token selection take codes wider than a byte",
+            bits.get()
+        ));
+    }
+    let out = op.out_site().and_then(|site| Some((art.params(site)?.bit_type.bits, site)));
+    if !writes && let Some((bits, site)) = out.filter(|(bits, _)| !bits.fits_byte()) {
+        return Err(format!(
+            "writes {}-bit codes on site {site}: only residual adds and the embedding write \
+             codes wider than a byte",
+            bits.get()
+        ));
+    }
+    Ok(())
+}
+
 /// ViT's unquantized image: `(p/255 − m)/s = (p − 255m) / (255s)`, one map for all channels,
 /// with `2·255·m` an integer.
 #[allow(clippy::float_arithmetic)] // load time
@@ -426,13 +457,120 @@ fn image_grid(n: &fqvit_program::Normalize) -> Option<InGrid> {
 /// A value at run time.
 enum Val {
     Codes(Vec<u8>),
+    /// The residual stream's codes wider than a byte.
+    Wide(Vec<u16>),
     Logits(Vec<f32>),
 }
 
 fn codes(v: &Option<Val>) -> &[u8] {
     match v {
         Some(Val::Codes(c)) => c,
+        _ => unreachable!("the program was checked: inputs are earlier byte code values"),
+    }
+}
+
+/// Shows op `i`'s codes on `site` to the observer and takes its replacement, if any.
+fn observe(obs: &mut dyn crate::Observer, i: usize, site: &str, val: Val) -> Result<Val> {
+    let shown: Vec<u16> = match &val {
+        Val::Codes(c) => c.iter().map(|&q| u16::from(q)).collect(),
+        Val::Wide(c) => c.clone(),
+        Val::Logits(_) => return Ok(val),
+    };
+    let Some(r) = obs.codes(i, site, &shown) else { return Ok(val) };
+    let bad = |what: String| {
+        Error::Input(format!("the observer replaced the codes of op {i} ({site}) with {what}"))
+    };
+    if r.len() != shown.len() {
+        return Err(bad(format!("{} codes instead of {}", r.len(), shown.len())));
+    }
+    match val {
+        Val::Codes(_) => r
+            .iter()
+            .map(|&q| u8::try_from(q).map_err(|_| bad(format!("code {q}, beyond a byte"))))
+            .collect::<Result<_>>()
+            .map(Val::Codes),
+        _ => Ok(Val::Wide(r)),
+    }
+}
+
+/// Codes of either width.
+#[derive(Clone, Copy)]
+enum Stream<'a> {
+    Bytes(&'a [u8]),
+    Wide(&'a [u16]),
+}
+
+fn stream(v: &Option<Val>) -> Stream<'_> {
+    match v {
+        Some(Val::Codes(c)) => Stream::Bytes(c),
+        Some(Val::Wide(c)) => Stream::Wide(c),
         _ => unreachable!("the program was checked: inputs are earlier code values"),
+    }
+}
+
+impl Stream<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Stream::Bytes(c) => c.len(),
+            Stream::Wide(c) => c.len(),
+        }
+    }
+}
+
+/// Code storage that can be a value.
+trait Stored: Code {
+    fn val(codes: Vec<Self>) -> Val;
+}
+
+impl Stored for u8 {
+    fn val(codes: Vec<u8>) -> Val {
+        Val::Codes(codes)
+    }
+}
+
+impl Stored for u16 {
+    fn val(codes: Vec<u16>) -> Val {
+        Val::Wide(codes)
+    }
+}
+
+/// A residual sum into bytes or wide codes, as its constants say.
+fn add_into<A: Code, B: Code>(arch: pulp::Arch, consts: &AddConsts, a: &[A], b: &[B]) -> Val {
+    if consts.wide() {
+        let mut out = vec![0u16; a.len()];
+        add(arch, consts, a, b, &mut out);
+        Val::Wide(out)
+    } else {
+        let mut out = vec![0u8; a.len()];
+        add(arch, consts, a, b, &mut out);
+        Val::Codes(out)
+    }
+}
+
+/// `rows` rows of `cols` codes copied from `x`: `pick(r)` is the source row of row `r`.
+fn gather<C: Stored>(
+    x: &[C],
+    cols: usize,
+    rows: usize,
+    pick: impl Fn(usize) -> usize + Sync,
+) -> Val {
+    let mut out = vec![C::default(); rows * cols];
+    out.par_chunks_mut(cols).enumerate().for_each(|(r, o)| {
+        o.copy_from_slice(&x[pick(r) * cols..][..cols]);
+    });
+    C::val(out)
+}
+
+/// [`gather`] on codes of either width.
+fn gather_stream(
+    x: Stream<'_>,
+    cols: usize,
+    rows: usize,
+    pick: impl Fn(usize) -> usize + Sync,
+) -> Val {
+    match x {
+        Stream::Bytes(x) => gather(x, cols, rows, pick),
+        Stream::Wide(x) => gather(x, cols, rows, pick),
     }
 }
 
@@ -506,16 +644,18 @@ pub(crate) fn execute(
                     }
                 });
                 let pos_b: Vec<u8> = pos.iter().copied().cycle().take(e.len()).collect();
-                let mut out = vec![0u8; e.len()];
-                add(kernel.arch(), consts, &e, &pos_b, &mut out);
+                let out = add_into(kernel.arch(), consts, &e, &pos_b);
                 timings.add("add", t);
-                (Val::Codes(out), rows)
+                (out, rows)
             }
             Compiled::LayerNorm { ln, z_out, hi } => {
                 let v = inputs[0];
-                let x = codes(&vals[v]);
+                let x = stream(&vals[v]);
                 let mut y = vec![0i32; x.len()];
-                ln.run(kernel.isa(), x, &mut y);
+                match x {
+                    Stream::Bytes(x) => ln.run(kernel.isa(), x, &mut y),
+                    Stream::Wide(x) => ln.run(kernel.isa(), x, &mut y),
+                }
                 let out = y
                     .par_iter()
                     .map(|&y| clamp_code(i64::from(y) + i64::from(*z_out), *hi))
@@ -541,19 +681,19 @@ pub(crate) fn execute(
             }
             Compiled::PatchMerge { resolution: res } => {
                 let v = inputs[0];
-                let x = codes(&vals[v]);
+                let x = stream(&vals[v]);
                 let (half, c) = (res / 2, x.len() / batch / (res * res));
-                let mut out = vec![0u8; x.len()];
-                out.par_chunks_mut(4 * c).enumerate().for_each(|(r, o)| {
-                    let (b, t) = (r / (half * half), r % (half * half));
+                // Output row r is part r % 4 of merged token r / 4: the 2 × 2 neighbours in
+                // the order (0, 0), (1, 0), (0, 1), (1, 1).
+                let pick = |r: usize| {
+                    let (m, k) = (r / 4, r % 4);
+                    let (b, t) = (m / (half * half), m % (half * half));
                     let (y, x0) = (2 * (t / half), 2 * (t % half));
-                    for (k, (dy, dx)) in [(0, 0), (1, 0), (0, 1), (1, 1)].into_iter().enumerate() {
-                        let src = (b * res + y + dy) * res + x0 + dx;
-                        o[k * c..][..c].copy_from_slice(&x[src * c..][..c]);
-                    }
-                });
+                    (b * res + y + k % 2) * res + x0 + k / 2
+                };
+                let out = gather_stream(x, c, x.len() / c, pick);
                 timings.add("other", t);
-                (Val::Codes(out), rows_of[v] / 4)
+                (out, rows_of[v] / 4)
             }
             Compiled::MeanTokens { m, z_in, z_out, hi } => {
                 let v = inputs[0];
@@ -577,19 +717,24 @@ pub(crate) fn execute(
             }
             Compiled::Add(consts) => {
                 let (a, b) = (inputs[0], inputs[1]);
-                let mut out = vec![0u8; codes(&vals[a]).len()];
-                add(kernel.arch(), consts, codes(&vals[a]), codes(&vals[b]), &mut out);
+                let arch = kernel.arch();
+                let out = match (stream(&vals[a]), stream(&vals[b])) {
+                    (Stream::Bytes(x), Stream::Bytes(y)) => add_into(arch, consts, x, y),
+                    (Stream::Bytes(x), Stream::Wide(y)) => add_into(arch, consts, x, y),
+                    (Stream::Wide(x), Stream::Bytes(y)) => add_into(arch, consts, x, y),
+                    (Stream::Wide(x), Stream::Wide(y)) => add_into(arch, consts, x, y),
+                };
                 timings.add("add", t);
-                (Val::Codes(out), rows_of[a])
+                (out, rows_of[a])
             }
             Compiled::SelectToken { index } => {
                 let v = inputs[0];
-                let x = codes(&vals[v]);
-                let per = x.len() / batch;
-                let c = per / rows_of[v];
-                let out = (0..batch).flat_map(|b| x[b * per + index * c..][..c].to_vec()).collect();
+                let x = stream(&vals[v]);
+                let rows = rows_of[v];
+                let c = x.len() / batch / rows;
+                let out = gather_stream(x, c, batch, |b| b * rows + index);
                 timings.add("other", t);
-                (Val::Codes(out), 1)
+                (out, 1)
             }
             Compiled::Output { scale, zero_point } => {
                 let x = codes(&vals[inputs[0]]);
@@ -602,19 +747,9 @@ pub(crate) fn execute(
                 (Val::Logits(logits), 1)
             }
         };
-        let val = match (val, program.ops[i].out_site(), observer.as_deref_mut()) {
-            (Val::Codes(c), Some(site), Some(obs)) => match obs.codes(i, site, &c) {
-                Some(r) if r.len() == c.len() => Val::Codes(r),
-                Some(r) => {
-                    return Err(Error::Input(format!(
-                        "the observer replaced {} codes of op {i} ({site}) with {}",
-                        c.len(),
-                        r.len()
-                    )));
-                }
-                None => Val::Codes(c),
-            },
-            (val, ..) => val,
+        let val = match (program.ops[i].out_site(), observer.as_deref_mut()) {
+            (Some(site), Some(obs)) => observe(obs, i, site, val)?,
+            _ => val,
         };
         vals.push(Some(val));
         rows_of.push(rows);
