@@ -282,8 +282,12 @@ pub(crate) fn compile(
         if bias16.is_nan() || bias16.abs() >= 2f64.powi(100) {
             return Err(err(format!("{layer}.bias[{j}]: {} is {steps:e} accumulator steps", b[j])));
         }
-        let cj = crate::requant::round_shift(bias16 as i128 * i128::from(d.m), 16)
-            - zp_term * i128::from(d.m);
+        // |bias16| < 2^100 times m may pass i128: checked (a damaged bias, found by the
+        // mutation test).
+        let cj = (bias16 as i128)
+            .checked_mul(i128::from(d.m))
+            .map(|v| crate::requant::round_shift(v, 16) - zp_term * i128::from(d.m))
+            .unwrap_or(i128::MAX);
         if cj.abs() >= 1i128 << 61 || d.shift > MAX_COLUMN_SHIFT {
             return Err(err(format!(
                 "{layer}.bias[{j}]: {} ({steps:e} accumulator steps) or its requantization (2^-{}) is out of the i64 range",
