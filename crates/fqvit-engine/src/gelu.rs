@@ -205,7 +205,7 @@ impl ColumnTables {
     /// The codes of a row's fixed-point inputs `t`, as [`Buckets::code`] of each column's table;
     /// inline it into a `pulp` dispatch to vectorise it.
     #[inline(always)]
-    pub(crate) fn row(&self, t: &[i64], out: &mut [u8]) {
+    pub(crate) fn row<O: fqvit_ops::Code>(&self, t: &[i64], out: &mut [O]) {
         let last = self.entries.len() - 1;
         let bounds = self.base.iter().zip(&self.span).zip(self.log2_width.iter().zip(&self.start));
         for ((o, &t), ((&base, &span), (&log2, &start))) in out.iter_mut().zip(t).zip(bounds) {
@@ -213,7 +213,9 @@ impl ColumnTables {
             // `min` proves the index in range, so the load needs no check (and vectorises).
             let e = self.entries[(start as usize + (r >> log2) as usize).min(last)];
             let offset = (r as u32) & ((1 << log2) - 1);
-            *o = (if offset >= e & 0xffff { e >> 24 } else { e >> 16 }) as u8;
+            *o = O::from_code(i64::from(
+                (if offset >= e & 0xffff { e >> 24 } else { e >> 16 }) as u8,
+            ));
         }
     }
 

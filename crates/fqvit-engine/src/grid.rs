@@ -17,8 +17,21 @@ pub(crate) struct Grid {
 }
 
 impl Grid {
-    /// The grid of `site`, as the artifact's reader checked it.
+    /// The grid of `site`, whose codes must be bytes (where the engine takes nothing wider).
     pub(crate) fn read(art: &Artifact, site: &str) -> Result<Self> {
+        let g = Grid::read_any(art, site)?;
+        if !g.bytes() {
+            let bits = g.bit_type.bits.get();
+            return Err(art
+                .bad(format!("site {site} has {bits}-bit codes where bytes are read"))
+                .into());
+        }
+        Ok(g)
+    }
+
+    /// The grid of `site`, as the artifact's reader checked it: bytes, or up to 15 bits on the
+    /// residual stream (for the ops that write it, `ops::check_widths`).
+    pub(crate) fn read_any(art: &Artifact, site: &str) -> Result<Self> {
         let p = art
             .params(site)
             .ok_or_else(|| art.bad(format!("has no parameters for site {site}")))?;
@@ -31,8 +44,7 @@ impl Grid {
         })
     }
 
-    /// Its largest code, for a site of bytes (`ops::compile` checks that the op writing it
-    /// writes bytes).
+    /// Its largest code, for a site of bytes ([`Grid::read`]).
     pub(crate) fn hi(&self) -> u8 {
         debug_assert!(self.bytes(), "site {} is wider than a byte", self.name);
         self.bit_type.upper() as u8

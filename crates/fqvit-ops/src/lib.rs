@@ -3,8 +3,9 @@
 //! The bottom of the fqvit workspace: plain Rust (rayon, no libtorch), usable alone. It holds
 //! the kernels that make FQ-ViT *fully* quantized (Lin et al., IJCAI 2022):
 //!
-//! - [`layer_norm::ptf_layer_norm`]: LayerNorm on uint8 codes whose channels carry
-//!   Power-of-Two-Factor scales (paper §3.3);
+//! - [`layer_norm::ptf_layer_norm`]: LayerNorm on unsigned codes (bytes, or [`Code`] `u16`
+//!   for a residual stream wider than a byte) whose channels carry Power-of-Two-Factor scales
+//!   (paper §3.3);
 //! - [`softmax::log_int_softmax`]: softmax whose output is a log2 code (paper §3.4);
 //!
 //! and the quantization vocabulary the other crates share: [`BitType`], [`QParams`],

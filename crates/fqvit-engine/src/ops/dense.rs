@@ -9,9 +9,10 @@ use crate::gelu::{Buckets, ColumnTables, FRACTION_BITS, GeluTable};
 use crate::gemm::{Kernel, KernelKind, Scratch, Weights, for_each_rows};
 use crate::grid::Grid;
 use crate::load::{dyadic, ln_scale};
-use crate::requant::{Columns, MAX_COLUMN_SHIFT, clamp_code};
+use crate::requant::{Columns, MAX_COLUMN_SHIFT};
 use crate::timings::Timings;
 use fqvit_artifact::Artifact;
+use fqvit_ops::Code;
 use fqvit_ops::layer_norm::InScale;
 
 /// The input side of a dense layer: real input = `scale · (code − zp_num / den)`, with the
@@ -57,8 +58,9 @@ impl InGrid {
 /// What a dense layer does with its requantized accumulator `t`.
 #[derive(Debug)]
 enum Epilogue {
-    /// `t` is on the out-site's grid: `clamp(t + z_o, 0, hi)`.
-    Requant { zero_point: Vec<i32>, hi: u8 },
+    /// `t` is on the out-site's grid: `clamp(t + z_o, 0, hi)` (bytes, or the residual
+    /// stream's wider codes).
+    Requant { zero_point: Vec<i32>, hi: u16 },
     /// `t` is on GELU's fixed-point grid: its thresholds give the code. Onto a PTF site,
     /// column `j`'s `t` is on the grid of its own scale, with its own thresholds (one table per
     /// distinct factor).
@@ -104,11 +106,11 @@ pub(crate) struct Dense {
 
 /// The dense epilogue over whole rows, compiled for the detected instruction set: the
 /// requantization in vector lanes ([`Columns`]), then the codes.
-struct Epilogues<'a> {
+struct Epilogues<'a, O> {
     dense: &'a Dense,
     acc: &'a [i32],
     sums: Sums<'a>,
-    out: &'a mut [u8],
+    out: &'a mut [O],
 }
 
 /// Which products [`Dense::gemm_shifted`] ran.
@@ -133,7 +135,7 @@ enum Sums<'a> {
     Wide,
 }
 
-impl pulp::WithSimd for Epilogues<'_> {
+impl<O: Code> pulp::WithSimd for Epilogues<'_, O> {
     type Output = ();
 
     #[inline(always)]
@@ -172,8 +174,9 @@ impl pulp::WithSimd for Epilogues<'_> {
             }
             match &d.epilogue {
                 Epilogue::Requant { zero_point, hi } => {
+                    let hi = i64::from(*hi);
                     for ((o, &t), &z) in o.iter_mut().zip(&t).zip(zero_point) {
-                        *o = clamp_code(t + i64::from(z), *hi);
+                        *o = O::from_code((t + i64::from(z)).clamp(0, hi));
                     }
                 }
                 Epilogue::Gelu { tables } => tables.row(&t, o),
@@ -215,7 +218,8 @@ pub(crate) fn compile(
     }
     let ws = art.f32(&format!("{layer}.scale"), Some(&[n]))?;
     let b = if bias { art.f32(&format!("{layer}.bias"), Some(&[n]))? } else { vec![0.0; n] };
-    let go = Grid::read(art, out_site)?;
+    // GELU writes bytes; a plain layer may write the residual stream (`ops::check_widths`).
+    let go = if gelu { Grid::read(art, out_site)? } else { Grid::read_any(art, out_site)? };
     if !go.fits(n) {
         return Err(err(format!("site {out_site} does not fit {n} channels")));
     }
@@ -255,7 +259,7 @@ pub(crate) fn compile(
     } else {
         let zero_point = (0..n).map(|j| go.zero_point(j)).collect();
         (
-            Epilogue::Requant { zero_point, hi: go.hi() },
+            Epilogue::Requant { zero_point, hi: go.hi_wide() },
             (0..n).map(|j| f64::from(go.scale(j))).collect(),
         )
     };
@@ -318,10 +322,16 @@ impl Dense {
 
     /// `rows × K` codes to `rows × N` codes: each parallel task runs its rows' GEMM and
     /// epilogue while the accumulators are in cache.
-    pub(crate) fn run(&self, kernel: &Kernel, a: &[u8], timings: &mut Timings) -> Vec<u8> {
+    /// Whether it writes codes wider than a byte (onto the residual stream).
+    pub(crate) fn wide(&self) -> bool {
+        matches!(self.epilogue, Epilogue::Requant { hi, .. } if hi > u16::from(u8::MAX))
+    }
+
+    /// The output codes of input rows `a`, in `O` (u16 where [`wide`](Self::wide)).
+    pub(crate) fn run<O: Code>(&self, kernel: &Kernel, a: &[u8], timings: &mut Timings) -> Vec<O> {
         let (n, k) = (self.w.n, self.w.k);
         let rows = a.len() / k;
-        let mut out = vec![0u8; rows * n];
+        let mut out = vec![O::default(); rows * n];
         let (gemm_ns, epilogue_ns, macs) =
             (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
         let arch = kernel.arch();

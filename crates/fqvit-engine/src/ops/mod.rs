@@ -207,7 +207,7 @@ pub(crate) fn compile(art: &Artifact, program: &Program, kernel: &Kernel) -> Res
                 layer_wise(&gin, "input")?;
                 let ge = Grid::read(art, embed_site)?;
                 let gp = Grid::read(art, pos_site)?;
-                let go = Grid::read(art, out_site)?;
+                let go = Grid::read_any(art, out_site)?;
                 for g in [&ge, &gp, &go] {
                     if !g.fits(d) {
                         return Err(err(format!("site {} does not fit {d} channels", g.name)));
@@ -269,7 +269,7 @@ pub(crate) fn compile(art: &Artifact, program: &Program, kernel: &Kernel) -> Res
                 let spec = LayerRef { name: layer, shape: &[n, k], bias: *bias };
                 let dense = dense::compile(kernel, art, &spec, in_grid, out_site, *gelu)
                     .map_err(|e| wrap(e, &err))?;
-                (Compiled::Linear { dense }, (rows, n), Some(Grid::read(art, out_site)?))
+                (Compiled::Linear { dense }, (rows, n), Some(Grid::read_any(art, out_site)?))
             }
             Op::Attention { input, heads, lis_bits, scores_site, out_site } => {
                 let lis_bits = lis(lis_bits)?;
@@ -374,7 +374,7 @@ pub(crate) fn compile(art: &Artifact, program: &Program, kernel: &Kernel) -> Res
                 let (Some(ga), Some(gb)) = (ga, gb) else {
                     return Err(err("a summand has no grid".into()));
                 };
-                let go = Grid::read(art, out_site)?;
+                let go = Grid::read_any(art, out_site)?;
                 for g in [&ga, &gb, &go] {
                     if !g.fits(c) {
                         return Err(err(format!("site {} does not fit {c} channels", g.name)));
@@ -416,7 +416,10 @@ fn check_widths(art: &Artifact, op: &Op, grids: &[Option<Grid>]) -> Result<(), S
     let (reads, writes) = match op {
         Op::LayerNorm { .. } => (true, false),
         Op::Add { .. } | Op::PatchMerge { .. } | Op::SelectToken { .. } => (true, true),
+        // A linear layer onto the residual stream (Swin's patch-merging reduction); GELU's
+        // output is an activation of bytes (the reader allows no other).
         Op::Embed { .. } => (false, true),
+        Op::Linear { gelu, .. } => (false, !gelu),
         _ => (false, false),
     };
     let wide = op.inputs().into_iter().find_map(|v| {
@@ -432,8 +435,8 @@ fn check_widths(art: &Artifact, op: &Op, grids: &[Option<Grid>]) -> Result<(), S
     let out = op.out_site().and_then(|site| Some((art.params(site)?.bit_type.bits, site)));
     if !writes && let Some((bits, site)) = out.filter(|(bits, _)| !bits.fits_byte()) {
         return Err(format!(
-            "writes {}-bit codes on site {site}: only residual adds and the embedding write \
-             codes wider than a byte",
+            "writes {}-bit codes on site {site}: only residual adds, the embedding and linear \
+             layers write codes wider than a byte",
             bits.get()
         ));
     }
@@ -665,7 +668,13 @@ pub(crate) fn execute(
             }
             Compiled::Linear { dense } => {
                 let v = inputs[0];
-                (Val::Codes(dense.run(kernel, codes(&vals[v]), timings)), rows_of[v])
+                let x = codes(&vals[v]);
+                let out = if dense.wide() {
+                    Val::Wide(dense.run(kernel, x, timings))
+                } else {
+                    Val::Codes(dense.run(kernel, x, timings))
+                };
+                (out, rows_of[v])
             }
             Compiled::Attention(att) => {
                 let v = inputs[0];
