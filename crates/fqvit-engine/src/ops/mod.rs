@@ -9,7 +9,7 @@ use fqvit_artifact::Artifact;
 use fqvit_ops::layer_norm::integer::IntegerLayerNorm;
 use fqvit_ops::layer_norm::{LayerNormParams, MAX_CHANNELS};
 use fqvit_ops::softmax::LisBits;
-use fqvit_ops::{Code, dequantize, quantize};
+use fqvit_ops::{dequantize, quantize};
 use fqvit_program::{Op, Program};
 use rayon::prelude::*;
 
@@ -19,12 +19,14 @@ use crate::gemm::Kernel;
 use crate::grid::Grid;
 mod add;
 mod dense;
+mod values;
 
 use crate::load::{check_layer_wise, dyadic, ln_scale, wrap};
 use crate::requant::{Dyadic, clamp_code};
 use crate::timings::Timings;
-use add::{AddConsts, add, add_consts};
+use add::{AddConsts, add_consts};
 use dense::{Dense, InGrid, LayerRef};
+use values::{Stream, Val, add_into, codes, gather_stream, observe, stream};
 
 /// One compiled op.
 #[derive(Debug)]
@@ -411,13 +413,12 @@ pub(crate) fn compile(art: &Artifact, program: &Program, kernel: &Kernel) -> Res
 }
 
 /// Codes wider than a byte are the residual stream's: only the ops that move or add it and the
-/// LayerNorms that read it take them, and only residual adds (the embedding's too) make them.
+/// LayerNorms take them, and only the ops that make it write them (the embedding, residual adds,
+/// and a plain linear layer, Swin's patch-merging reduction; GELU's output is bytes).
 fn check_widths(art: &Artifact, op: &Op, grids: &[Option<Grid>]) -> Result<(), String> {
     let (reads, writes) = match op {
         Op::LayerNorm { .. } => (true, false),
         Op::Add { .. } | Op::PatchMerge { .. } | Op::SelectToken { .. } => (true, true),
-        // A linear layer onto the residual stream (Swin's patch-merging reduction); GELU's
-        // output is an activation of bytes (the reader allows no other).
         Op::Embed { .. } => (false, true),
         Op::Linear { gelu, .. } => (false, !gelu),
         _ => (false, false),
@@ -455,126 +456,6 @@ fn image_grid(n: &fqvit_program::Normalize) -> Option<InGrid> {
         den: 2,
         shifts: None,
     })
-}
-
-/// A value at run time.
-enum Val {
-    Codes(Vec<u8>),
-    /// The residual stream's codes wider than a byte.
-    Wide(Vec<u16>),
-    Logits(Vec<f32>),
-}
-
-fn codes(v: &Option<Val>) -> &[u8] {
-    match v {
-        Some(Val::Codes(c)) => c,
-        _ => unreachable!("the program was checked: inputs are earlier byte code values"),
-    }
-}
-
-/// Shows op `i`'s codes on `site` to the observer and takes its replacement, if any.
-fn observe(obs: &mut dyn crate::Observer, i: usize, site: &str, val: Val) -> Result<Val> {
-    let shown: Vec<u16> = match &val {
-        Val::Codes(c) => c.iter().map(|&q| u16::from(q)).collect(),
-        Val::Wide(c) => c.clone(),
-        Val::Logits(_) => return Ok(val),
-    };
-    let Some(r) = obs.codes(i, site, &shown) else { return Ok(val) };
-    let bad = |what: String| {
-        Error::Input(format!("the observer replaced the codes of op {i} ({site}) with {what}"))
-    };
-    if r.len() != shown.len() {
-        return Err(bad(format!("{} codes instead of {}", r.len(), shown.len())));
-    }
-    match val {
-        Val::Codes(_) => r
-            .iter()
-            .map(|&q| u8::try_from(q).map_err(|_| bad(format!("code {q}, beyond a byte"))))
-            .collect::<Result<_>>()
-            .map(Val::Codes),
-        _ => Ok(Val::Wide(r)),
-    }
-}
-
-/// Codes of either width.
-#[derive(Clone, Copy)]
-enum Stream<'a> {
-    Bytes(&'a [u8]),
-    Wide(&'a [u16]),
-}
-
-fn stream(v: &Option<Val>) -> Stream<'_> {
-    match v {
-        Some(Val::Codes(c)) => Stream::Bytes(c),
-        Some(Val::Wide(c)) => Stream::Wide(c),
-        _ => unreachable!("the program was checked: inputs are earlier code values"),
-    }
-}
-
-impl Stream<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Stream::Bytes(c) => c.len(),
-            Stream::Wide(c) => c.len(),
-        }
-    }
-}
-
-/// Code storage that can be a value.
-trait Stored: Code {
-    fn val(codes: Vec<Self>) -> Val;
-}
-
-impl Stored for u8 {
-    fn val(codes: Vec<u8>) -> Val {
-        Val::Codes(codes)
-    }
-}
-
-impl Stored for u16 {
-    fn val(codes: Vec<u16>) -> Val {
-        Val::Wide(codes)
-    }
-}
-
-/// A residual sum into bytes or wide codes, as its constants say.
-fn add_into<A: Code, B: Code>(arch: pulp::Arch, consts: &AddConsts, a: &[A], b: &[B]) -> Val {
-    if consts.wide() {
-        let mut out = vec![0u16; a.len()];
-        add(arch, consts, a, b, &mut out);
-        Val::Wide(out)
-    } else {
-        let mut out = vec![0u8; a.len()];
-        add(arch, consts, a, b, &mut out);
-        Val::Codes(out)
-    }
-}
-
-/// `rows` rows of `cols` codes copied from `x`: `pick(r)` is the source row of row `r`.
-fn gather<C: Stored>(
-    x: &[C],
-    cols: usize,
-    rows: usize,
-    pick: impl Fn(usize) -> usize + Sync,
-) -> Val {
-    let mut out = vec![C::default(); rows * cols];
-    out.par_chunks_mut(cols).enumerate().for_each(|(r, o)| {
-        o.copy_from_slice(&x[pick(r) * cols..][..cols]);
-    });
-    C::val(out)
-}
-
-/// [`gather`] on codes of either width.
-fn gather_stream(
-    x: Stream<'_>,
-    cols: usize,
-    rows: usize,
-    pick: impl Fn(usize) -> usize + Sync,
-) -> Val {
-    match x {
-        Stream::Bytes(x) => gather(x, cols, rows, pick),
-        Stream::Wide(x) => gather(x, cols, rows, pick),
-    }
 }
 
 /// The program (what each op reads, each op's site), the last op to read each value, and the
