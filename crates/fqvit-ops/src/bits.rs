@@ -105,46 +105,27 @@ pub trait Code: Copy + Default + Send + Sync + 'static {
     fn from_f32(q: f32) -> Self;
     /// An integer in the type's range, as a code.
     fn from_code(q: i64) -> Self;
-    /// `v` clamped to `0..=hi` (`hi` at most the type's largest code).
-    fn saturate(v: i64, hi: Self) -> Self;
 }
 
-impl Code for u8 {
-    #[inline(always)]
-    fn from_f32(q: f32) -> u8 {
-        q as u8
-    }
-    #[inline(always)]
-    fn from_code(q: i64) -> u8 {
-        q as u8
-    }
-    const BITS: Bits = Bits::BYTE;
-    #[inline(always)]
-    fn int(self) -> i32 {
-        i32::from(self)
-    }
-    #[inline(always)]
-    fn saturate(v: i64, hi: u8) -> u8 {
-        v.clamp(0, i64::from(hi)) as u8
-    }
+macro_rules! code {
+    ($t:ty, $bits:expr) => {
+        impl Code for $t {
+            const BITS: Bits = $bits;
+            #[inline(always)]
+            fn int(self) -> i32 {
+                i32::from(self)
+            }
+            #[inline(always)]
+            fn from_f32(q: f32) -> $t {
+                q as $t
+            }
+            #[inline(always)]
+            fn from_code(q: i64) -> $t {
+                q as $t
+            }
+        }
+    };
 }
 
-impl Code for u16 {
-    #[inline(always)]
-    fn from_f32(q: f32) -> u16 {
-        q as u16
-    }
-    #[inline(always)]
-    fn from_code(q: i64) -> u16 {
-        q as u16
-    }
-    const BITS: Bits = Bits::MAX;
-    #[inline(always)]
-    fn int(self) -> i32 {
-        i32::from(self)
-    }
-    #[inline(always)]
-    fn saturate(v: i64, hi: u16) -> u16 {
-        v.clamp(0, i64::from(hi)) as u16
-    }
-}
+code!(u8, Bits::BYTE);
+code!(u16, Bits::MAX);
