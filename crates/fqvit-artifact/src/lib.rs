@@ -411,10 +411,10 @@ impl Artifact {
         // Only the residual stream, the LayerNorm inputs, is stored wider than bytes.
         if !bits.fits_byte() && info.class != TensorClass::LayerNormInput {
             return Err(err(format!(
-                "a {} site of {} bits: only layer-norm-input sites (the residual stream) are \
-                 wider than {}",
-                info.class.as_str(),
+                "{} bits on a site of class {}: only layer-norm-input sites (the residual \
+                 stream) are wider than {}",
                 bits.get(),
+                info.class.as_str(),
                 Bits::BYTE.get()
             )));
         }

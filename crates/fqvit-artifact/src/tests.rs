@@ -163,11 +163,14 @@ fn every_site_field_is_checked() {
     refused("site act: 16 bits is out of range: code widths are 2..=15", |_, m| {
         m["sites"][1]["bits"] = 16.into()
     });
-    refused("site act: a activation site of 9 bits: only layer-norm-input sites", |_, m| {
-        m["sites"][1]["bits"] = 9.into();
-        m["sites"][1]["bit_type"] = "uint9".into();
-    });
-    refused("site fc: a weight site of 12 bits", |_, m| {
+    refused(
+        "site act: 9 bits on a site of class activation: only layer-norm-input sites",
+        |_, m| {
+            m["sites"][1]["bits"] = 9.into();
+            m["sites"][1]["bit_type"] = "uint9".into();
+        },
+    );
+    refused("site fc: 12 bits on a site of class weight", |_, m| {
         m["sites"][0]["bits"] = 12.into();
         m["sites"][0]["bit_type"] = "int12".into();
     });

@@ -12,9 +12,9 @@
 //! 1. `D = C·S2 − S1²` exactly in i64 (`0 ≤ D ≤ C·S2 < 2^62`, see [`super`]); `D = 0` is the
 //!    zero-variance token, `round(β_c/s_out)`.
 //! 2. `d = D · 4^t` with the even shift that puts `d` in `[2^60, 2^62)`, `r = ⌊√d⌋ ∈ [2^30,
-//!    2^31)`, so `√D ≈ r · 2^−t` within a relative 2^−30. codes of `b` bits shifted by up to
-//!    `15 − b` span less than 2^15, so `D = C²·Var(x) < C²·2^28 ≤ 2^60`, so `1 ≤ t ≤ 30`; `t = −1` (two low bits
-//!    dropped) is there for the bound `D < 2^62` alone.
+//!    2^31)`, so `√D ≈ r · 2^−t` within a relative 2^−30. Codes of `b` bits shifted by up
+//!    to `15 − b` span less than 2^15, so `D = C²·Var(x) < C²·2^28 ≤ 2^60` and `1 ≤ t ≤ 30`;
+//!    `t = −1` (two low bits dropped) is there for the bound `D < 2^62` alone.
 //! 3. `inv = ⌊2^62 / r⌋ ∈ (2^31, 2^32]`, taken as `inv' · 2^e` with `inv' ∈ [2^31, 2^32)`:
 //!    `1/√D ≈ inv' · 2^(t + e − 62)` within a relative 2^−29.
 //! 4. `σ1 = ⌊S1 · 2^24 / C⌋`, the mean with 24 fractional bits (`|S1| < 2^31`).

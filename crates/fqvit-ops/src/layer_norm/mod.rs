@@ -1,7 +1,8 @@
 //! Integer LayerNorm with Power-of-Two-Factor input scales (spec §6; paper §3.3, appendix A.1).
 //!
 //! Input: unsigned codes `q` of `b` bits (tokens × C; bytes, or `u16` for a wider residual
-//! stream, [`Code`]) with zero point `z` and per-channel scales `s_c = base · 2^α_c`. Output: integer codes `y` with `y · s_out ≈ LayerNorm(x)`:
+//! stream, [`Code`]) with zero point `z` and per-channel scales `s_c = base · 2^α_c`. Output:
+//! integer codes `y` with `y · s_out ≈ LayerNorm(x)`:
 //!
 //! 1. `x_c = (q_c − z) · 2^(α_c − α_min)`, integers in units of `s_min = base · 2^α_min`;
 //! 2. `μ = s_min·Σx/C`, `σ = (s_min/C)·sqrt(C·Σx² − (Σx)²)` (population std, no eps);
@@ -11,7 +12,8 @@
 //!
 //! Integer bounds (checked at entry): `|q − z| < 2^b` and `α − α_min ≤ 15 − b`
 //! ([`PtfFactor::cap`]; 7 for bytes) give `|x| < 2^15` (i32; 2040 with the original's uint8
-//! codes and factors up to 8); Σx and Σx² are i64, and `C·Σx² ≤ C² · 2^30` stays below 2^63 for `C ≤ 2^16`;
+//! codes and factors up to 8); Σx and Σx² are i64, and `C·Σx² ≤ C² · 2^30` stays below 2^63
+//! for `C ≤ 2^16`;
 //! `|M·x| ≤ 255 · 32,640 < 2^23` (i32); `B` is i64, saturating only at `|B| ≥ 2^63`; `y`
 //! saturates to the i32 range.
 //!
