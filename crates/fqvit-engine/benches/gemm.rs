@@ -14,13 +14,8 @@ const SHAPES: [(usize, usize, usize); 5] =
     [(197, 576, 192), (197, 768, 192), (6304, 768, 192), (197, 3072, 768), (197, 197, 64)];
 
 fn codes(len: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed;
-    (0..len)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (s >> 56) as u8
-        })
-        .collect()
+    let mut next = fqvit_testkit::lcg(seed);
+    (0..len).map(|_| (next() >> 56) as u8).collect()
 }
 
 #[divan::bench(args = SHAPES, consts = [0, 1, 2, 3])]

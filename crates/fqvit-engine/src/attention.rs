@@ -465,11 +465,8 @@ mod tests {
             n in 0usize..40, hd in 1usize..20, k_max in prop_oneof![Just(15u32), Just(30), 0u32..31],
             z in 0i32..256, rare in 1u32..64, seed in any::<u64>(),
         ) {
-            let mut s = seed;
-            let mut next = || {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                (s >> 33) as u32
-            };
+            let mut lcg = fqvit_testkit::lcg(seed);
+            let mut next = move || (lcg() >> 33) as u32;
             // Codes up to k_max + 2, so that dropped ones occur; one in `rare` drawn from the
             // whole range, the others within 7 of k_max (so the upper planes go sparse).
             let k: Vec<u16> = (0..n * n)

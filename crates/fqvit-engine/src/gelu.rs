@@ -267,14 +267,13 @@ mod tests {
             SITES.iter().map(|&(s, z)| Buckets::new(&GeluTable::new(s, z, 255)).unwrap()).collect();
         let which: Vec<u8> = (0..23).map(|j| (j * 3 % 5) as u8).collect();
         let tables = ColumnTables::new(&buckets, &which);
-        let mut s = 7u64;
+        let mut next = fqvit_testkit::lcg(7);
         let mut out = vec![0u8; which.len()];
         for round in 0..2000 {
             let t: Vec<i64> = (0..which.len())
                 .map(|_| {
-                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                     let span = [1i64 << 18, 1 << 24, 1 << 40][round % 3];
-                    (s >> 20) as i64 % span - span / 2
+                    (next() >> 20) as i64 % span - span / 2
                 })
                 .collect();
             tables.row(&t, &mut out);

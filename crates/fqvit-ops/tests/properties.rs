@@ -231,11 +231,8 @@ fn wide_ln_case() -> impl Strategy<Value = WideCase> {
         let bits = fqvit_ops::Bits::try_from(bits).unwrap();
         let cap = PtfFactor::MAX.cap(bits);
         let hi = (1u64 << bits.get()) - 1;
-        let mut s = seed;
-        let mut next = || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            s >> 33
-        };
+        let mut lcg = fqvit_testkit::lcg(seed);
+        let mut next = move || lcg() >> 33;
         // Codes at both ends of the range as well as between.
         let codes = (0..case.codes.len())
             .map(|_| match next() % 4 {

@@ -8,6 +8,7 @@
 //!   numbers another test drew in between; nextest runs each test in its own process and hid
 //!   this. A test that seeds goes through `seeded`, and so does every draw in its binary
 //!   (`cargo xtask tidy` refuses `manual_seed` elsewhere).
+//! - [`lcg`]: a seeded 64-bit generator for test data that is the same on every machine.
 
 use std::path::PathBuf;
 
@@ -27,6 +28,18 @@ pub fn shared_dir() -> PathBuf {
         );
     }
     dir
+}
+
+/// A 64-bit linear congruential generator (Knuth's MMIX constants) seeded with `seed`: each
+/// call returns the next state; callers take its high bits (`next() >> 33`), the low ones
+/// being weak.
+pub fn lcg(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed;
+    move || {
+        state =
+            state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        state
+    }
 }
 
 /// Runs `draw` with libtorch's global generator seeded with `seed`, while no other test of this

@@ -505,10 +505,10 @@ mod tests {
 
     /// Codes from a seed, with the extremes (0, 255, −128, 127) often.
     fn codes(seed: u64, len: usize) -> Vec<u8> {
-        let mut s = seed;
+        let mut next = fqvit_testkit::lcg(seed);
         (0..len)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let s = next();
                 match (s >> 60) as u8 {
                     0 => 0,
                     1 => 255,
@@ -546,11 +546,8 @@ mod tests {
     /// whole equal the i64 sums; the others decline.
     #[test]
     fn wide_rows_equal_the_reference() {
-        let mut s = 0x5851_f42d_4c95_7f2d_u64;
-        let mut next = move || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            s >> 33
-        };
+        let mut lcg = fqvit_testkit::lcg(0x5851_f42d_4c95_7f2d);
+        let mut next = move || lcg() >> 33;
         for kernel in Kernel::supported() {
             for (m, n, k) in [(1, 1, 1), (5, 17, 33), (30, 40, 255), (49, 16, 8)] {
                 // K · 2^15 · 128 < 2^31: any values below 2^15.

@@ -320,14 +320,13 @@ impl Dense {
         self.w.bytes() + 24 * self.w.n + table
     }
 
-    /// `rows × K` codes to `rows × N` codes: each parallel task runs its rows' GEMM and
-    /// epilogue while the accumulators are in cache.
     /// Whether it writes codes wider than a byte (onto the residual stream).
     pub(crate) fn wide(&self) -> bool {
         matches!(self.epilogue, Epilogue::Requant { hi, .. } if hi > u16::from(u8::MAX))
     }
 
-    /// The output codes of input rows `a`, in `O` (u16 where [`wide`](Self::wide)).
+    /// `rows × K` codes to `rows × N` codes in `O` (u16 where [`wide`](Self::wide)): each
+    /// parallel task runs its rows' GEMM and epilogue while the accumulators are in cache.
     pub(crate) fn run<O: Code>(&self, kernel: &Kernel, a: &[u8], timings: &mut Timings) -> Vec<O> {
         let (n, k) = (self.w.n, self.w.k);
         let rows = a.len() / k;
@@ -451,11 +450,8 @@ mod tests {
         let (n, k, rows) = (37, 5, 6);
         let kernel = Kernel::new(KernelKind::Loops, fqvit_ops::Isa::Native).expect("everywhere");
         let w = Weights::new(&kernel, vec![1; n * k], n, k);
-        let mut s = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            s >> 16
-        };
+        let mut lcg = fqvit_testkit::lcg(0x9e37_79b9_7f4a_7c15);
+        let mut next = move || lcg() >> 16;
         let m: Vec<i64> = (0..n).map(|_| (1 << 30) + (next() % (1 << 30)) as i64).collect();
         let c: Vec<i64> = (0..n).map(|_| (next() % (1 << 50)) as i64 - (1 << 49)).collect();
         let shift: Vec<u32> = (0..n).map(|_| 40 + (next() % 20) as u32).collect();

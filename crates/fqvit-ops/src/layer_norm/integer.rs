@@ -473,13 +473,8 @@ mod tests {
             (0..c).map(|i| PtfFactor::try_from((i % 4) as u8).unwrap()).collect();
         let p = params(&gamma, &beta, &factors);
         let ln = IntegerLayerNorm::new(&p).unwrap();
-        let mut s = 7u64;
-        let codes: Vec<u8> = (0..c * 200)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                (s >> 57) as u8 + 60
-            })
-            .collect();
+        let mut next = fqvit_testkit::lcg(7);
+        let codes: Vec<u8> = (0..c * 200).map(|_| (next() >> 57) as u8 + 60).collect();
         let (mut a, mut b) = (vec![0; codes.len()], vec![0; codes.len()]);
         ln.run(Isa::Native, &codes, &mut a);
         ptf_layer_norm(&codes, &p, &mut b);
@@ -543,11 +538,8 @@ mod tests {
     /// 2^7 and more in units of s_min).
     #[test]
     fn lanes_equal_the_general_form() {
-        let mut s = 0x5eed_u64;
-        let mut next = move || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            s >> 33
-        };
+        let mut lcg = fqvit_testkit::lcg(0x5eed);
+        let mut next = move || lcg() >> 33;
         for case in 0..400 {
             let c = 1 + (next() % 96) as usize;
             let out = [1e-4f32, 0.01, 0.05, 3.0, 1e3][(next() % 5) as usize];
