@@ -16,7 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use fqvit_ops::softmax::{LisConstants, log_int_softmax_with};
+use fqvit_ops::softmax::{LisConstants, log_int_softmax_local};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -46,39 +46,121 @@ pub fn attn_v_reference(k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u32) -> V
     out
 }
 
+/// The sums of `attn · v`: i32 where [`fits_i32`] allows (4-bit codes on up to 255 tokens),
+/// otherwise i64.
+pub trait Acc:
+    Copy
+    + Default
+    + From<i32>
+    + Into<i64>
+    + std::ops::Add<Output = Self>
+    + std::ops::AddAssign
+    + std::ops::Mul<Output = Self>
+    + std::ops::Shl<u32, Output = Self>
+{
+}
+
+impl Acc for i32 {}
+impl Acc for i64 {}
+
+/// Whether every sum of `attn · v` over `n` tokens, and every partial sum the fast path forms,
+/// fits i32: each token's term `2^e · (v − z)` is at most `2^K · 255` in magnitude, and the
+/// first plane's zero-point split (`Σ p·(v − 128)` and `(128 − z)·Σ p`, `p ≤ 128`) adds at most
+/// `128 · 383` per token, so `n · (255 · 2^K + 128 · 383) < 2^31` bounds them all (`n ≤ 255`
+/// at `K = 15`, 4-bit codes).
+pub fn fits_i32(n: usize, k_max: u32) -> bool {
+    k_max < 24 && (n as u64).saturating_mul((255u64 << k_max) + 128 * 383) < 1 << 31
+}
+
 /// The fast path: the byte planes through the int8 GEMM. Same arguments and result as
 /// [`attn_v_reference`], and the kernel.
 pub fn attn_v(kernel: &Kernel, k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u32) -> Vec<i64> {
+    let n = v.len() / hd.max(1);
+    let mut s = AttnVScratch::default();
     // Compiled for the kernel's instruction set: its loops are most of attention's time.
-    kernel.arch().dispatch(|| attn_v_lanes(kernel, k, v, z, hd, k_max))
+    if fits_i32(n, k_max) {
+        let mut out = vec![0i32; n * hd];
+        kernel.arch().dispatch(|| attn_v_lanes(kernel, k, v, z, hd, k_max, &mut s, &mut out));
+        out.into_iter().map(i64::from).collect()
+    } else {
+        let mut out = vec![0i64; n * hd];
+        kernel.arch().dispatch(|| attn_v_lanes(kernel, k, v, z, hd, k_max, &mut s, &mut out));
+        out
+    }
+}
+
+/// Buffers of [`attn_v_lanes`] kept across calls.
+#[derive(Debug, Default)]
+pub struct AttnVScratch {
+    p: Vec<u8>,
+    row_sums: Vec<i64>,
+    upper: Vec<u32>,
+    vz: Vec<i32>,
+    g: Vec<i32>,
+}
+
+/// `v` emptied and refilled with `len` defaults, keeping its allocation.
+fn refill<T: Clone + Default>(v: &mut Vec<T>, len: usize) {
+    v.clear();
+    v.resize(len, T::default());
 }
 
 #[inline(always)]
-fn attn_v_lanes(kernel: &Kernel, k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u32) -> Vec<i64> {
+#[allow(clippy::too_many_arguments)]
+fn attn_v_lanes<A: Acc>(
+    kernel: &Kernel,
+    k: &[u16],
+    v: &[u8],
+    z: i32,
+    hd: usize,
+    k_max: u32,
+    s: &mut AttnVScratch,
+    out: &mut [A],
+) {
     assert!(k_max <= 30, "attn·v: {k_max} fixed-point bits");
     let n = v.len() / hd.max(1);
     assert_eq!(k.len(), n * n, "attn·v: {} probabilities for {n} tokens", k.len());
+    assert_eq!(out.len(), n * hd, "attn·v: room for {} sums of {n} × {hd}", out.len());
     if n == 0 || hd == 0 {
-        return vec![0; n * hd];
+        return;
     }
-    let planes = k_max as usize / 8 + 1;
-    // e = k_max − k ≥ 8: the entries of the planes above the first.
-    let upper = |kc: u16| u32::from(kc) + 8 <= k_max;
-    let sparse = planes > 1 && k.iter().filter(|&&kc| upper(kc)).count() * 16 <= n * n;
-    let planes = if sparse { 1 } else { planes };
-    // Plane b of row i holds 2^(e − 8b) where e lies in [8b, 8b + 8), else 0: one branch-free
-    // pass per plane, which also sums each row (at most n · 128).
-    let mut p = vec![0u8; planes * n * n];
-    let mut row_sums = vec![0i64; planes * n];
-    for (b, (plane, sums)) in
-        p.chunks_exact_mut(n * n).zip(row_sums.chunks_exact_mut(n)).enumerate()
+    // The upper planes' entries: e = k_max − k in [8, k_max] (e wraps above k_max for the
+    // dropped codes k > k_max).
+    let is_upper = |e: u32| (8..=k_max).contains(&e);
+    // Plane 0 holds 2^e where e < 8, else 0: one branch-free pass, which also sums each row
+    // (at most n · 128) and counts its upper entries.
+    refill(&mut s.p, n * n);
+    refill(&mut s.row_sums, n);
+    refill(&mut s.upper, n);
+    for (((plane, k), sum), upper) in
+        s.p.chunks_exact_mut(n).zip(k.chunks_exact(n)).zip(&mut s.row_sums).zip(&mut s.upper)
     {
+        let (mut total, mut count) = (0u32, 0u32);
+        for (p, &kc) in plane.iter_mut().zip(k) {
+            let e = k_max.wrapping_sub(u32::from(kc));
+            // In u32 lanes: x86 has no byte shifts.
+            let w = if e < 8 { 1u32 << e } else { 0 };
+            *p = w as u8;
+            total += w;
+            count += u32::from(is_upper(e));
+        }
+        (*sum, *upper) = (i64::from(total), count);
+    }
+    // With 4-bit codes the upper planes are mostly empty, as probabilities sum to about 1:
+    // when at most one entry in 16 lies there, they are added as shifts instead.
+    let uppers: u64 = s.upper.iter().map(|&c| u64::from(c)).sum();
+    let planes = if uppers * 16 <= (n * n) as u64 { 1 } else { k_max as usize / 8 + 1 };
+    s.p.resize(planes * n * n, 0);
+    s.row_sums.resize(planes * n, 0);
+    for b in 1..planes {
+        // Plane b of row i holds 2^(e − 8b) where e lies in [8b, 8b + 8), else 0.
         let low = 8 * b as u32;
+        let plane = &mut s.p[b * n * n..][..n * n];
+        let sums = &mut s.row_sums[b * n..][..n];
         for ((plane, k), sum) in plane.chunks_exact_mut(n).zip(k.chunks_exact(n)).zip(sums) {
             let mut total = 0u32;
             for (p, &kc) in plane.iter_mut().zip(k) {
                 let e = k_max.wrapping_sub(u32::from(kc)).wrapping_sub(low);
-                // In u32 lanes: x86 has no byte shifts.
                 let w = if e < 8 { 1u32 << e } else { 0 };
                 *p = w as u8;
                 total += w;
@@ -93,30 +175,34 @@ fn attn_v_lanes(kernel: &Kernel, k: &[u16], v: &[u8], z: i32, hd: usize, k_max: 
             w[e * n + j] = (i32::from(x) - 128) as i8;
         }
     }
-    let mut g = vec![0i32; planes * n * hd];
-    gemm_local(kernel, &p, &Weights::new(kernel, w, hd, n), &mut g);
-    let zero_point = 128 - i64::from(z);
-    let mut out = vec![0i64; n * hd];
-    for (b, (plane, sums)) in g.chunks_exact(n * hd).zip(row_sums.chunks_exact(n)).enumerate() {
+    refill(&mut s.g, planes * n * hd);
+    gemm_local(kernel, &s.p, &Weights::new(kernel, w, hd, n), &mut s.g);
+    let zero_point = A::from(128 - z);
+    for (b, (plane, sums)) in s.g.chunks_exact(n * hd).zip(s.row_sums.chunks_exact(n)).enumerate() {
         for ((o, g), &sum) in out.chunks_exact_mut(hd).zip(plane.chunks_exact(hd)).zip(sums) {
-            let row = zero_point * sum;
-            for (o, &x) in o.iter_mut().zip(g) {
-                *o += (i64::from(x) + row) << (8 * b);
+            // `sum ≤ n · 128`, within i32 for any supported row.
+            let row = zero_point * A::from(sum as i32);
+            if b == 0 {
+                o.iter_mut().zip(g).for_each(|(o, &x)| *o = A::from(x) + row);
+            } else {
+                o.iter_mut().zip(g).for_each(|(o, &x)| *o += (A::from(x) + row) << (8 * b as u32));
             }
         }
     }
-    if sparse {
-        let z = i64::from(z);
-        for (o, k) in out.chunks_exact_mut(hd).zip(k.chunks_exact(n)) {
-            for (row, &kc) in v.chunks_exact(hd).zip(k).filter(|&(_, &kc)| upper(kc)) {
-                let e = k_max - u32::from(kc);
-                for (o, &x) in o.iter_mut().zip(row) {
-                    *o += (i64::from(x) - z) << e;
+    if planes == 1 && uppers > 0 {
+        refill(&mut s.vz, n * hd);
+        s.vz.iter_mut().zip(v).for_each(|(o, &x)| *o = i32::from(x) - z);
+        for ((o, k), _) in
+            out.chunks_exact_mut(hd).zip(k.chunks_exact(n)).zip(&s.upper).filter(|(_, c)| **c > 0)
+        {
+            for (row, &kc) in s.vz.chunks_exact(hd).zip(k) {
+                let e = k_max.wrapping_sub(u32::from(kc));
+                if is_upper(e) {
+                    o.iter_mut().zip(row).for_each(|(o, &x)| *o += A::from(x) << e);
                 }
             }
         }
     }
-    out
 }
 
 /// Multi-head attention compiled from an `attention` or `window-attention` op.
@@ -137,7 +223,7 @@ pub(crate) struct Attention {
     /// Fixed-point bits of the probabilities `2^-k` in `attn · v`.
     pub(crate) k_max: u32,
     pub(crate) m_ctx: Vec<Dyadic>,
-    /// `m_scores` in vector form over a row of `n` scores, where its shift allows.
+    /// `m_scores` in vector form (one column, shared by every score), where its shift allows.
     pub(crate) score_columns: Option<Columns>,
     /// `m_ctx` in vector form, one per head, where its shifts allow.
     pub(crate) ctx_columns: Option<Vec<Columns>>,
@@ -192,183 +278,202 @@ impl Windows {
     }
 }
 
+/// One head's work for [`pulp::Arch::dispatch`], whose `with_simd` is inlined into code
+/// compiled for the detected instruction set (a closure's body would not be).
+struct Head<'a, I> {
+    att: &'a Attention,
+    kernel: &'a Kernel,
+    s: &'a mut HeadScratch,
+    rows: I,
+    n: usize,
+    hd: usize,
+    h: usize,
+    window: Option<usize>,
+}
+
+impl<'a, 'b, I: Iterator<Item = &'b [u8]>> pulp::WithSimd for Head<'a, I> {
+    type Output = (Vec<u8>, Duration, Duration);
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> Self::Output {
+        let Head { att, kernel, s, rows, n, hd, h, window } = self;
+        att.head(kernel, s, rows, n, hd, h, window)
+    }
+}
+
+/// Buffers one thread reuses across the heads it runs.
+#[derive(Debug, Default)]
+struct HeadScratch {
+    q: Vec<u8>,
+    k: Vec<i8>,
+    v: Vec<u8>,
+    sq: Vec<i64>,
+    sk: Vec<i64>,
+    raw: Vec<i32>,
+    x: Vec<i32>,
+    codes: Vec<u16>,
+    av: AttnVScratch,
+    sums32: Vec<i32>,
+    sums64: Vec<i64>,
+}
+
 impl Attention {
-    /// `(N, 3D)` qkv codes of one image to `(N, D)` context codes, with the time spent in
-    /// matmuls and in the softmax (summed over threads).
+    /// `(batch · N, 3D)` qkv codes of `batch` images of `n` tokens to `(batch · N, D)` context
+    /// codes, with the time spent in matmuls and in the softmax (summed over threads). Every
+    /// head of every image (and window) is a task of its own, so that a batch of one still
+    /// keeps both cores busy.
     pub(crate) fn run(
         &self,
         kernel: &Kernel,
         qkv: &[u8],
+        batch: usize,
         n: usize,
     ) -> (Vec<u8>, Duration, Duration) {
-        let Some(win) = &self.windows else { return self.heads_of(kernel, qkv, n, None) };
-        let (c3, wn) = (qkv.len() / n, win.n);
-        let d = c3 / 3;
-        let per_window: Vec<(Vec<u8>, Duration, Duration)> = (0..n / wn)
+        let c3 = qkv.len() / (batch * n).max(1);
+        let (d, heads) = (c3 / 3, self.heads);
+        let hd = d / heads;
+        // Tokens per task, and the grid token of each task's row.
+        let (wn, tokens) = match &self.windows {
+            Some(win) => (win.n, Some(win.tokens.as_slice())),
+            None => (n, None),
+        };
+        let windows = n / wn;
+        let token = |w: usize, r: usize| tokens.map_or(r, |t| t[w * wn + r]);
+        let per_task: Vec<(Vec<u8>, Duration, Duration)> = (0..batch * windows * heads)
             .into_par_iter()
-            .map(|w| {
-                let mut x = Vec::with_capacity(wn * c3);
-                for &t in &win.tokens[w * wn..][..wn] {
-                    x.extend_from_slice(&qkv[t * c3..][..c3]);
-                }
-                self.heads_of(kernel, &x, wn, Some(w))
+            .map_init(HeadScratch::default, |s, task| {
+                let (b, w, h) = (task / (windows * heads), task / heads % windows, task % heads);
+                let image = &qkv[b * n * c3..][..n * c3];
+                let rows = (0..wn).map(|r| &image[token(w, r) * c3..][..c3]);
+                let window = self.windows.as_ref().map(|_| w);
+                let task = Head { att: self, kernel, s, rows, n: wn, hd, h, window };
+                kernel.arch().dispatch(task)
             })
             .collect();
-        let (mut mm, mut sm) = (Duration::ZERO, Duration::ZERO);
-        let mut windowed = Vec::with_capacity(n * d);
-        for (ctx, a, b) in per_window {
-            windowed.extend_from_slice(&ctx);
-            mm += a;
-            sm += b;
-        }
-        (fqvit_program::windows::scatter(&windowed, &win.tokens, d), mm, sm)
-    }
-
-    /// Every head of `n` tokens (an image, or window `window` of Swin's).
-    fn heads_of(
-        &self,
-        kernel: &Kernel,
-        qkv: &[u8],
-        n: usize,
-        window: Option<usize>,
-    ) -> (Vec<u8>, Duration, Duration) {
-        let d = qkv.len() / n / 3;
-        let hd = d / self.heads;
-        let arch = kernel.arch();
-        let per_head: Vec<(Vec<u8>, Duration, Duration)> = (0..self.heads)
-            .into_par_iter()
-            .map(|h| {
-                arch.dispatch(|| {
-                    let t = Instant::now();
-                    // One pass over the tokens: q, k − 128 as int8 "weights" (so that the
-                    // u8 × i8 GEMM takes q·kᵀ: Σ(q − z)(k − z) = Σ q·(k − 128) + (128 − z)·Σq
-                    // − z·Σk + hd·z², each term below 2^31 in magnitude for hd < 2^15), v, and
-                    // the row sums of q and k.
-                    let (mut q, mut k, mut v) =
-                        (vec![0u8; n * hd], vec![0i8; n * hd], vec![0u8; n * hd]);
-                    let (mut sq, mut sk) = (vec![0i64; n], vec![0i64; n]);
-                    let sum = |x: &[u8]| x.iter().map(|&x| u32::from(x)).sum::<u32>();
-                    for (i, token) in qkv.chunks_exact(3 * d).enumerate() {
-                        let part = |p: usize| &token[p * d + h * hd..][..hd];
-                        let (qi, ki) = (part(0), part(1));
-                        q[i * hd..][..hd].copy_from_slice(qi);
-                        for (k, &x) in k[i * hd..][..hd].iter_mut().zip(ki) {
-                            *k = (x ^ 0x80) as i8;
-                        }
-                        v[i * hd..][..hd].copy_from_slice(part(2));
-                        (sq[i], sk[i]) = (i64::from(sum(qi)), i64::from(sum(ki)));
-                    }
-                    let mut raw = vec![0i32; n * n];
-                    gemm_local(kernel, &q, &Weights::new(kernel, k, n, hd), &mut raw);
-                    let mut x = vec![0i32; n * n];
-                    arch.dispatch(Scores {
-                        att: self,
-                        raw: &raw,
-                        sq: &sq,
-                        sk: &sk,
-                        hd,
-                        out: &mut x,
-                    });
-                    if let (Some(win), Some(w)) = (&self.windows, window) {
-                        win.bias_and_mask(h, w, &mut x);
-                    }
-                    let mm = t.elapsed();
-                    let t = Instant::now();
-                    let mut k_codes = vec![0u16; n * n];
-                    log_int_softmax_with(kernel.isa(), &x, n, &self.lis, self.bits, &mut k_codes);
-                    let sm = t.elapsed();
-                    let t = Instant::now();
-                    let sums = attn_v(kernel, &k_codes, &v, self.z, hd, self.k_max);
-                    let mut out = vec![0u8; n * hd];
-                    arch.dispatch(Context { att: self, h, hd, sums: &sums, out: &mut out });
-                    (out, mm + t.elapsed(), sm)
-                })
-            })
-            .collect();
-        let mut out = vec![0u8; n * d];
+        let mut out = vec![0u8; batch * n * d];
         let (mut mm_all, mut sm_all) = (Duration::ZERO, Duration::ZERO);
-        for (h, (codes, mm, sm)) in per_head.into_iter().enumerate() {
-            for i in 0..n {
-                out[i * d + h * hd..][..hd].copy_from_slice(&codes[i * hd..][..hd]);
+        for (task, (codes, mm, sm)) in per_task.into_iter().enumerate() {
+            let (b, w, h) = (task / (windows * heads), task / heads % windows, task % heads);
+            for (r, codes) in codes.chunks_exact(hd).enumerate() {
+                out[(b * n + token(w, r)) * d + h * hd..][..hd].copy_from_slice(codes);
             }
             mm_all += mm;
             sm_all += sm;
         }
         (out, mm_all, sm_all)
     }
-}
 
-/// One head's score requantization: `Σ(q − z)(k − z)` from the raw `Σ q·(k − 128)` and the row
-/// sums, onto the scores site, less its zero point. `|Σ(q − z)(k − z)| ≤ 255²·hd < 2^31`, so
-/// [`Dyadic::apply_small`] holds it.
-struct Scores<'a> {
-    att: &'a Attention,
-    raw: &'a [i32],
-    sq: &'a [i64],
-    sk: &'a [i64],
-    hd: usize,
-    out: &'a mut [i32],
-}
-
-impl pulp::WithSimd for Scores<'_> {
-    type Output = ();
-
+    /// Head `h` of the `n` qkv rows `rows` (an image's tokens, or window `window` of Swin's):
+    /// its `(n, hd)` context codes, the time in matmuls and in the softmax.
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) {
-        let Scores { att, raw, sq, sk, hd, out } = self;
+    #[allow(clippy::too_many_arguments)]
+    fn head<'a>(
+        &self,
+        kernel: &Kernel,
+        s: &mut HeadScratch,
+        rows: impl Iterator<Item = &'a [u8]>,
+        n: usize,
+        hd: usize,
+        h: usize,
+        window: Option<usize>,
+    ) -> (Vec<u8>, Duration, Duration) {
+        let t = Instant::now();
+        let d = hd * self.heads;
+        // One pass over the tokens: q, k − 128 as int8 "weights" (so that the u8 × i8 GEMM
+        // takes q·kᵀ: Σ(q − z)(k − z) = Σ q·(k − 128) + (128 − z)·Σq − z·Σk + hd·z², each term
+        // below 2^31 in magnitude for hd < 2^15), v, and the row sums of q and k.
+        refill(&mut s.q, n * hd);
+        refill(&mut s.k, n * hd);
+        refill(&mut s.v, n * hd);
+        refill(&mut s.sq, n);
+        refill(&mut s.sk, n);
+        let sum = |x: &[u8]| x.iter().map(|&x| u32::from(x)).sum::<u32>();
+        for (i, token) in rows.enumerate() {
+            let part = |p: usize| &token[p * d + h * hd..][..hd];
+            let (qi, ki) = (part(0), part(1));
+            s.q[i * hd..][..hd].copy_from_slice(qi);
+            for (k, &x) in s.k[i * hd..][..hd].iter_mut().zip(ki) {
+                *k = (x ^ 0x80) as i8;
+            }
+            s.v[i * hd..][..hd].copy_from_slice(part(2));
+            (s.sq[i], s.sk[i]) = (i64::from(sum(qi)), i64::from(sum(ki)));
+        }
+        refill(&mut s.raw, n * n);
+        gemm_local(
+            kernel,
+            &s.q,
+            &Weights::new(kernel, std::mem::take(&mut s.k), n, hd),
+            &mut s.raw,
+        );
+        refill(&mut s.x, n * n);
+        self.scores(&s.raw, &s.sq, &s.sk, hd, &mut s.x);
+        if let (Some(win), Some(w)) = (&self.windows, window) {
+            win.bias_and_mask(h, w, &mut s.x);
+        }
+        let mm = t.elapsed();
+        let t = Instant::now();
+        refill(&mut s.codes, n * n);
+        log_int_softmax_local(kernel.isa(), &s.x, n, &self.lis, self.bits, &mut s.codes);
+        let sm = t.elapsed();
+        let t = Instant::now();
+        let mut out = vec![0u8; n * hd];
+        if fits_i32(n, self.k_max) {
+            refill(&mut s.sums32, n * hd);
+            attn_v_lanes(kernel, &s.codes, &s.v, self.z, hd, self.k_max, &mut s.av, &mut s.sums32);
+            self.context(h, hd, &s.sums32, &mut out);
+        } else {
+            refill(&mut s.sums64, n * hd);
+            attn_v_lanes(kernel, &s.codes, &s.v, self.z, hd, self.k_max, &mut s.av, &mut s.sums64);
+            self.context(h, hd, &s.sums64, &mut out);
+        }
+        (out, mm + t.elapsed(), sm)
+    }
+
+    /// One head's score requantization: `Σ(q − z)(k − z)` from the raw `Σ q·(k − 128)` and
+    /// the row sums, onto the scores site, less its zero point. `|Σ(q − z)(k − z)| ≤ 255²·hd <
+    /// 2^31`, so [`Dyadic::apply_small`] holds it.
+    #[inline(always)]
+    fn scores(&self, raw: &[i32], sq: &[i64], sk: &[i64], hd: usize, out: &mut [i32]) {
         let n = sk.len();
-        let z = i64::from(att.z);
+        let z = i64::from(self.z);
         let constant = hd as i64 * z * z;
-        let (m, z_a) = (att.m_scores, i64::from(att.z_a));
-        let columns = att.score_columns.as_ref().filter(|c| c.len() == n);
-        let (mut s, mut t) = (vec![0i32; n], vec![0i64; n]);
+        let (m, z_a) = (self.m_scores, i64::from(self.z_a));
+        let hi = i64::from(self.hi_a);
         for ((x, raw), &sq) in out.chunks_exact_mut(n).zip(raw.chunks_exact(n)).zip(sq) {
             let row = (128 - z) * sq + constant;
-            for ((s, &r), &sk) in s.iter_mut().zip(raw).zip(sk) {
-                *s = (i64::from(r) + row - z * sk) as i32;
-            }
-            match columns {
-                Some(columns) => columns.row(&s, &mut t),
-                None => t.iter_mut().zip(&s).for_each(|(t, &s)| *t = m.apply_small(i64::from(s))),
-            }
-            for (x, &t) in x.iter_mut().zip(&t) {
-                *x = (clamp_code(t + z_a, att.hi_a) as i32) - att.z_a;
+            let scores = x.iter_mut().zip(raw).zip(sk);
+            match self.score_columns.as_ref().map(Columns::first) {
+                Some(c) => scores.for_each(|((x, &r), &sk)| {
+                    let t = c.apply((i64::from(r) + row - z * sk) as i32);
+                    *x = ((t + z_a).clamp(0, hi) - z_a) as i32;
+                }),
+                None => scores.for_each(|((x, &r), &sk)| {
+                    let t = m.apply_small(i64::from(r) + row - z * sk);
+                    *x = ((t + z_a).clamp(0, hi) - z_a) as i32;
+                }),
             }
         }
     }
-}
 
-/// One head's context requantization: `Σ_j 2^(K − k_ij)(v_j − z)` onto the context site. Rows
-/// whose sums lie below 2^30 (all, with 4-bit Log-Int-Softmax: `N · 2^15 · 255 < 2^30` for
-/// `N ≤ 128`, and in practice far more) go through vector lanes, others through i128.
-struct Context<'a> {
-    att: &'a Attention,
-    h: usize,
-    hd: usize,
-    sums: &'a [i64],
-    out: &'a mut [u8],
-}
-
-impl pulp::WithSimd for Context<'_> {
-    type Output = ();
-
+    /// One head's context requantization: `Σ_j 2^(K − k_ij)(v_j − z)` onto the context site.
+    /// Rows whose sums lie below 2^31 (all, with 4-bit Log-Int-Softmax, [`fits_i32`]) go
+    /// through vector lanes, others through i128.
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) {
-        let Context { att, h, hd, sums, out } = self;
-        let (m, z) = (&att.m_ctx[h * hd..][..hd], &att.z_c[h * hd..][..hd]);
-        let columns = att.ctx_columns.as_ref().map(|c| &c[h]);
+    fn context<A: Acc>(&self, h: usize, hd: usize, sums: &[A], out: &mut [u8]) {
+        let (m, z) = (&self.m_ctx[h * hd..][..hd], &self.z_c[h * hd..][..hd]);
+        let columns = self.ctx_columns.as_ref().map(|c| &c[h]);
         let (mut x, mut t) = (vec![0i32; hd], vec![0i64; hd]);
         for (o, row) in out.chunks_exact_mut(hd).zip(sums.chunks_exact(hd)) {
-            let big = row.iter().fold(0u64, |b, &a| b | a.unsigned_abs());
+            let big = row.iter().fold(0u64, |b, &a| b | a.into().unsigned_abs());
             match columns {
-                Some(columns) if big < 1 << 30 => {
-                    x.iter_mut().zip(row).for_each(|(x, &a)| *x = a as i32);
+                Some(columns) if big < 1 << 31 => {
+                    x.iter_mut().zip(row).for_each(|(x, &a)| *x = a.into() as i32);
                     columns.row(&x, &mut t);
                 }
-                _ => t.iter_mut().zip(row).zip(m).for_each(|((t, &a), m)| *t = m.apply(a)),
+                _ => t.iter_mut().zip(row).zip(m).for_each(|((t, &a), m)| *t = m.apply(a.into())),
             }
             for ((o, &t), &z) in o.iter_mut().zip(&t).zip(z) {
-                *o = clamp_code(t + i64::from(z), att.hi_c);
+                *o = clamp_code(t + i64::from(z), self.hi_c);
             }
         }
     }
@@ -424,8 +529,7 @@ pub(crate) fn compile(
         .map(|c| dyadic(s * 2f64.powi(-(k_max as i32)) / f64::from(gc.scale(c)), err))
         .collect::<Result<_>>()?;
     let m_scores = small(dyadic(s * s * head_scale / f64::from(ga.scale[0]), err)?, err)?;
-    let score_columns =
-        Columns::new(&vec![m_scores.m; n], &vec![0; n], &vec![m_scores.shift; n]).ok();
+    let score_columns = Columns::new(&[m_scores.m], &[0], &[m_scores.shift]).ok();
     let hd = d / heads;
     let ctx_columns = (0..heads)
         .map(|h| {
@@ -487,13 +591,46 @@ mod tests {
 
     #[test]
     fn extremes_hold() {
-        // Every weight the largest, every value the farthest from the zero point.
-        let (n, hd) = (300, 8);
-        for kernel in Kernel::supported() {
-            for (v, z) in [(255u8, 0), (0, 255)] {
-                let out = attn_v(&kernel, &vec![0; n * n], &vec![v; n * hd], z, hd, 30);
-                let want = ((i64::from(v) - i64::from(z)) * (n as i64)) << 30;
-                assert!(out.iter().all(|&x| x == want), "{}", kernel.name());
+        // Every weight the largest, every value the farthest from the zero point: in i64 (30
+        // fixed-point bits), and in i32 on the most tokens it holds at 4-bit codes' 15.
+        assert!(fits_i32(255, 15) && !fits_i32(256, 15) && !fits_i32(2, 30));
+        for (n, k_max) in [(300, 30), (255, 15)] {
+            let hd = 8;
+            for kernel in Kernel::supported() {
+                for (v, z) in [(255u8, 0), (0, 255)] {
+                    let out = attn_v(&kernel, &vec![0; n * n], &vec![v; n * hd], z, hd, k_max);
+                    let want = ((i64::from(v) - i64::from(z)) * (n as i64)) << k_max;
+                    assert!(out.iter().all(|&x| x == want), "{} n {n}", kernel.name());
+                }
+            }
+        }
+    }
+
+    /// One scratch serves heads of any size in turn, each sum as the reference's, on both
+    /// sides of the i32 bound (sparse upper planes, then dense ones).
+    #[test]
+    fn scratch_is_reused_across_heads() {
+        let mut next = fqvit_testkit::lcg(5);
+        let mut s = AttnVScratch::default();
+        for (n, hd, k_max, upper_every) in [(197, 64, 15, 40), (49, 32, 15, 2), (60, 16, 30, 3)] {
+            let k: Vec<u16> = (0..n * n)
+                .map(|i| {
+                    if i % upper_every == 0 { (next() % 8) as u16 } else { 8 + (next() % 9) as u16 }
+                })
+                .collect();
+            let v: Vec<u8> = (0..n * hd).map(|_| (next() >> 56) as u8).collect();
+            let want = attn_v_reference(&k, &v, 37, hd, k_max);
+            for kernel in Kernel::supported() {
+                let got: Vec<i64> = if fits_i32(n, k_max) {
+                    let mut out = vec![0i32; n * hd];
+                    attn_v_lanes(&kernel, &k, &v, 37, hd, k_max, &mut s, &mut out);
+                    out.into_iter().map(i64::from).collect()
+                } else {
+                    let mut out = vec![0i64; n * hd];
+                    attn_v_lanes(&kernel, &k, &v, 37, hd, k_max, &mut s, &mut out);
+                    out
+                };
+                assert_eq!(got, want, "{} n {n} hd {hd}", kernel.name());
             }
         }
     }

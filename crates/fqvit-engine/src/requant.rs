@@ -115,11 +115,6 @@ impl Columns {
         })
     }
 
-    /// Columns.
-    pub(crate) fn len(&self) -> usize {
-        self.m.len()
-    }
-
     /// `t[j]` for the row `x` (`x[j]` the column's value, `|x| < 2^31`); inline it into a
     /// `pulp` dispatch to vectorise it.
     #[inline(always)]
@@ -128,11 +123,48 @@ impl Columns {
         for (((&x, t), ((&m, &c), (&half, &s))), &o) in
             x.iter().zip(t.iter_mut()).zip(consts).zip(&self.offset)
         {
-            let u = (i64::from(x) * i64::from(m) + c) as u64;
-            let parity = (u >> s) & 1;
-            *t = ((u + half + parity) >> s) as i64 - o;
+            *t = lane(x, m, c, half, s, o);
         }
     }
+
+    /// Column 0, for a requantization shared by every column (a one-column `Columns`).
+    pub(crate) fn first(&self) -> Lane {
+        Lane {
+            m: self.m[0],
+            c: self.c[0],
+            half: self.half[0],
+            s: self.shift[0],
+            offset: self.offset[0],
+        }
+    }
+}
+
+/// One column of [`Columns`], its constants held by value so that a loop keeps them in
+/// registers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Lane {
+    m: i32,
+    c: i64,
+    half: u64,
+    s: u64,
+    offset: i64,
+}
+
+impl Lane {
+    /// `t` for `x`; inline it into a `pulp` dispatch to vectorise the caller's loop.
+    #[inline(always)]
+    pub(crate) fn apply(self, x: i32) -> i64 {
+        lane(x, self.m, self.c, self.half, self.s, self.offset)
+    }
+}
+
+/// One column of [`Columns`]: `x·m + c` shifted right by `s` with rounding half to even, from
+/// `c + 2^62`, `2^(s−1) − 1` and `2^(62 − s)`.
+#[inline(always)]
+fn lane(x: i32, m: i32, c: i64, half: u64, s: u64, offset: i64) -> i64 {
+    let u = (i64::from(x) * i64::from(m) + c) as u64;
+    let parity = (u >> s) & 1;
+    ((u + half + parity) >> s) as i64 - offset
 }
 
 /// Fraction bits of the residual multipliers: ratios below 2^20 keep `255 · m < 2^58`.

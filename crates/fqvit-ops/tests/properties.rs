@@ -35,6 +35,8 @@ proptest! {
             let mut fast = vec![0u16; codes.len()];
             softmax::log_int_softmax_with(isa, &codes, len, &k, bits, &mut fast);
             prop_assert_eq!(&fast, &slow, "{}", isa);
+            softmax::log_int_softmax_local(isa, &codes, len, &k, bits, &mut fast);
+            prop_assert_eq!(&fast, &slow, "{} on one thread", isa);
         }
         let logits: Vec<f32> = codes.iter().map(|&q| q as f32 * s).collect();
         let (mut fast_f, mut slow_f) = (vec![0u16; codes.len()], vec![0u16; codes.len()]);

@@ -3,7 +3,7 @@
 //! Activations are u8 codes `(B, rows, cols)` on their site's grid (the image: rows = 3
 //! channels, cols = pixels). Integer bounds per op are stated where the op is prepared.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use fqvit_artifact::Artifact;
 use fqvit_ops::layer_norm::integer::IntegerLayerNorm;
@@ -560,13 +560,8 @@ pub(crate) fn execute(
             Compiled::Attention(att) => {
                 let v = inputs[0];
                 let (x, n) = (codes(&vals[v]), rows_of[v]);
-                // Images and their heads in parallel (3 heads alone leave one of 2 cores idle
-                // half the time).
-                let per_image: Vec<(Vec<u8>, Duration, Duration)> =
-                    x.par_chunks(x.len() / batch).map(|x| att.run(kernel, x, n)).collect();
-                let threads = per_image.iter().map(|(_, mm, sm)| (*mm, *sm));
-                timings.split("attention-matmul", "softmax", t.elapsed(), threads);
-                let out = per_image.into_iter().flat_map(|(codes, ..)| codes).collect();
+                let (out, mm, sm) = att.run(kernel, x, batch, n);
+                timings.split("attention-matmul", "softmax", t.elapsed(), [(mm, sm)].into_iter());
                 (Val::Codes(out), n)
             }
             Compiled::PatchMerge { resolution: res } => {

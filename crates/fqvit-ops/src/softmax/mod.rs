@@ -61,6 +61,16 @@ impl LisConstants {
     }
 }
 
+/// Constants of a scale of at least [`MIN_SCALE`] (`I_c < 2^22`), the integer path's bound.
+#[track_caller]
+fn check_constants(k: &LisConstants) {
+    assert!(
+        (0..1 << 22).contains(&k.ic),
+        "log_int_softmax: I_c = {} is not the constant of a scale of at least 2^-10",
+        k.ic
+    );
+}
+
 /// The integer path's bound (module docs); the float path computes in float32 and has none.
 #[track_caller]
 fn check_integer_scale(scale: f32) {
@@ -175,11 +185,7 @@ pub fn log_int_softmax_with(
     bits: u32,
     out: &mut [u16],
 ) {
-    assert!(
-        (0..1 << 22).contains(&k.ic),
-        "log_int_softmax: I_c = {} is not the constant of a scale of at least 2^-10",
-        k.ic
-    );
+    check_constants(k);
     check_row_args(codes.len(), out.len(), row_len, bits);
     let task = row_len * fast::ELEMENTS_PER_TASK.div_ceil(row_len);
     // Compiled for `isa`, so the row loops vectorise (see `lis_row`).
@@ -188,6 +194,26 @@ pub fn log_int_softmax_with(
         || vec![0f64; row_len],
         |e, (rows, out)| arch.dispatch(Rows { rows, k, bits, e, out }),
     );
+}
+
+/// [`log_int_softmax_with`] on the calling thread, for callers that run in parallel already
+/// (an integer runtime's attention heads); the same codes.
+///
+/// # Panics
+/// As [`log_int_softmax_with`].
+#[track_caller]
+pub fn log_int_softmax_local(
+    isa: Isa,
+    codes: &[i32],
+    row_len: usize,
+    k: &LisConstants,
+    bits: u32,
+    out: &mut [u16],
+) {
+    check_constants(k);
+    check_row_args(codes.len(), out.len(), row_len, bits);
+    let e = &mut vec![0f64; row_len];
+    isa.arch().dispatch(Rows { rows: codes, k, bits, e, out });
 }
 
 /// Log-Int-Softmax on float logits with the original's float32 semantics
