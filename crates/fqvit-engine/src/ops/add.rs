@@ -90,25 +90,40 @@ pub(crate) fn add<A: Code, B: Code, O: Code>(
     debug_assert!(O::BITS.get() >= 16 - c.hi.leading_zeros() as u8, "the sum fits its storage");
     let ch = c.zo.len();
     let task = ch * (16384 / ch.max(1)).max(1);
-    let hi = i64::from(c.hi);
-    out.par_chunks_mut(task).zip(a.par_chunks(task).zip(b.par_chunks(task))).for_each(
-        |(o, (a, b))| {
-            arch.dispatch(|| {
-                let rows = o.chunks_exact_mut(ch).zip(a.chunks_exact(ch).zip(b.chunks_exact(ch)));
-                for (o, (a, b)) in rows {
-                    let zs = c.za.iter().zip(&c.zb).zip(&c.zo);
-                    let ms = c.ma.iter().zip(&c.mb);
-                    for (((o, (&a, &b)), ((&za, &zb), &zo)), (&ma, &mb)) in
-                        o.iter_mut().zip(a.iter().zip(b)).zip(zs).zip(ms)
-                    {
-                        let a = i64::from(a.int()) - i64::from(za);
-                        let b = i64::from(b.int()) - i64::from(zb);
-                        *o = O::from_code(add_codes(a, ma, b, mb, zo, hi));
-                    }
-                }
-            })
-        },
-    );
+    out.par_chunks_mut(task)
+        .zip(a.par_chunks(task).zip(b.par_chunks(task)))
+        .for_each(|(out, (a, b))| arch.dispatch(Rows { c, a, b, out }));
+}
+
+/// A task's rows for [`pulp::Arch::dispatch`], whose `with_simd` is inlined into code compiled
+/// for the detected instruction set (a closure's body need not be).
+struct Rows<'a, A, B, O> {
+    c: &'a AddConsts,
+    a: &'a [A],
+    b: &'a [B],
+    out: &'a mut [O],
+}
+
+impl<A: Code, B: Code, O: Code> pulp::WithSimd for Rows<'_, A, B, O> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let Rows { c, a, b, out } = self;
+        let (ch, hi) = (c.zo.len(), i64::from(c.hi));
+        let rows = out.chunks_exact_mut(ch).zip(a.chunks_exact(ch).zip(b.chunks_exact(ch)));
+        for (o, (a, b)) in rows {
+            let zs = c.za.iter().zip(&c.zb).zip(&c.zo);
+            let ms = c.ma.iter().zip(&c.mb);
+            for (((o, (&a, &b)), ((&za, &zb), &zo)), (&ma, &mb)) in
+                o.iter_mut().zip(a.iter().zip(b)).zip(zs).zip(ms)
+            {
+                let a = i64::from(a.int()) - i64::from(za);
+                let b = i64::from(b.int()) - i64::from(zb);
+                *o = O::from_code(add_codes(a, ma, b, mb, zo, hi));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

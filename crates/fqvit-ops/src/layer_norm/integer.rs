@@ -75,7 +75,7 @@ pub struct IntegerLayerNorm {
     flat: Vec<i32>,
     /// Each channel's constants ([`Channel`]) as lanes for `Lanes`; `lane_ok` is 0 where a
     /// channel always takes the general form (γ_c = 0, or `|b_c| ≥ 2^31`).
-    lane_mant: Vec<u64>,
+    lane_mant: Vec<u32>,
     lane_exp: Vec<i64>,
     lane_beta: Vec<i64>,
     lane_sign: Vec<i64>,
@@ -176,7 +176,7 @@ impl IntegerLayerNorm {
                 (if g > 0.0 { 1 } else { -1 }, mant, exp)
             };
             ln.flat.push(flat);
-            ln.lane_mant.push(mant);
+            ln.lane_mant.push(mant as u32);
             ln.lane_exp.push(i64::from(exp));
             ln.lane_beta.push(beta);
             ln.lane_sign.push(sign);
@@ -192,7 +192,7 @@ impl IntegerLayerNorm {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.flat.len() * (4 + 5 * 8) + 4 * self.shifts.len()
+        self.flat.len() * (4 + 4 + 4 * 8) + 4 * self.shifts.len()
     }
 
     /// Channel `i`'s constants for the general form.
@@ -200,7 +200,7 @@ impl IntegerLayerNorm {
     fn channel(&self, i: usize) -> Channel {
         Channel {
             sign: self.lane_sign[i] as i8,
-            mant: self.lane_mant[i],
+            mant: u64::from(self.lane_mant[i]),
             exp: self.lane_exp[i] as i32,
             beta: self.lane_beta[i],
         }
@@ -370,7 +370,11 @@ impl pulp::WithSimd for Lanes<'_> {
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
         let Lanes { ln, tok, x, y, flags } = self;
-        let (inv, xt, sigma1) = (tok.inv, i64::from(tok.xt), tok.sigma1);
+        // Every product below is of two 32-bit operands (one instruction in vector lanes; a
+        // 64-bit multiply is several, and none on AVX2): `inv' < 2^32`, `mant < 2^32`,
+        // `A24 < 2^32`, `|σ1| < 2^31`, `M < 2^8`, `|x| < 2^15`.
+        let (inv, xt) = (u64::from(tok.inv as u32), i64::from(tok.xt));
+        let (sigma1_abs, sigma1_neg) = (tok.sigma1.unsigned_abs() & 0xffff_ffff, tok.sigma1 < 0);
         let consts = ln
             .lane_mant
             .iter()
@@ -381,18 +385,25 @@ impl pulp::WithSimd for Lanes<'_> {
             y.iter_mut().zip(flags.iter_mut()).zip(x).zip(consts)
         {
             // Q ∈ [2^62, 2^64): ⌊log2 Q⌋ = 62 + hi.
-            let q = mant * inv;
+            let q = u64::from(mant) * inv;
             let hi = (q >> 63) as i64;
             let n_raw = -55 - hi - exp - xt;
             *f = i64::from(!(0..=31).contains(&n_raw)) | (1 - ok);
             let n = n_raw.clamp(0, 31);
             // s = 55 + hi: M = Q >> s, A24 = Q >> (s − 24) < 2^32.
-            let m = (q >> (55 + hi)) as i64;
-            let a24 = (q >> (31 + hi)) as i64;
-            let term = (a24.wrapping_mul(sigma1)) >> 24;
-            let v = (beta << n).wrapping_sub(sign.wrapping_mul(term));
+            let m = (q >> (55 + hi)) as i32;
+            let a24 = (q >> (31 + hi)) & 0xffff_ffff;
+            // ⌊A24·σ1 / 2^24⌋ from the unsigned product P = A24·|σ1| < 2^63: ⌊P/2^24⌋, or
+            // −⌈P/2^24⌉ for σ1 < 0.
+            let p = a24 * sigma1_abs;
+            let term =
+                if sigma1_neg { -(((p + 0xff_ffff) >> 24) as i64) } else { (p >> 24) as i64 };
+            // ±v as (v ^ neg) − neg, neg = −1 where γ_c < 0 (sign 0 lanes are flagged).
+            let neg = sign >> 63;
+            let v = (beta << n).wrapping_sub((term ^ neg) - neg);
             let b = round_half_even(v, 24);
-            let yv = round_half_even((sign * m * x).wrapping_add(b), n);
+            let mx = i64::from(m) * i64::from(x as i32);
+            let yv = round_half_even(((mx ^ neg) - neg).wrapping_add(b), n);
             *y = yv.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32;
         }
     }
