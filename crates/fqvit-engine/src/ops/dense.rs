@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::gelu::{Buckets, ColumnTables, FRACTION_BITS, GeluTable};
+use crate::gelu::{Buckets, ColumnTables, FRACTION_BITS, GeluTable, Lanes};
 use crate::gemm::{Kernel, KernelKind, Scratch, Weights, for_each_rows};
 use crate::grid::Grid;
 use crate::load::{dyadic, ln_scale};
@@ -63,8 +63,8 @@ enum Epilogue {
     Requant { zero_point: Vec<i32>, hi: u16 },
     /// `t` is on GELU's fixed-point grid: its thresholds give the code. Onto a PTF site,
     /// column `j`'s `t` is on the grid of its own scale, with its own thresholds (one table per
-    /// distinct factor).
-    Gelu { tables: ColumnTables },
+    /// distinct factor), looked up in the widest vector lanes the kernel's ISA runs.
+    Gelu { tables: ColumnTables, lanes: Lanes },
 }
 
 impl Epilogue {
@@ -143,7 +143,7 @@ impl<O: Code> pulp::WithSimd for Epilogues<'_, O> {
         let Epilogues { dense: d, acc, sums, out } = self;
         let n = d.w.n;
         let den = d.input.den;
-        let (mut x, mut t) = (vec![0i32; n], vec![0i64; n]);
+        let (mut x, mut t, mut codes) = (vec![0i32; n], vec![0i64; n], vec![0u8; n]);
         for (r, (o, acc)) in out.chunks_exact_mut(n).zip(acc.chunks_exact(n)).enumerate() {
             match sums {
                 Sums::Codes => {
@@ -179,7 +179,10 @@ impl<O: Code> pulp::WithSimd for Epilogues<'_, O> {
                         *o = O::from_code((t + i64::from(z)).clamp(0, hi));
                     }
                 }
-                Epilogue::Gelu { tables } => tables.row(&t, o),
+                Epilogue::Gelu { tables, lanes } => {
+                    tables.row_lanes(*lanes, &t, &mut codes);
+                    o.iter_mut().zip(&codes).for_each(|(o, &c)| *o = O::from_code(i64::from(c)));
+                }
             }
         }
     }
@@ -234,7 +237,7 @@ pub(crate) fn compile(
         let delta = |j: usize| f64::from(go.scale(j)) / f64::from(1u32 << FRACTION_BITS);
         if go.layer_wise() {
             let tables = ColumnTables::new(&[buckets(go.scale[0])?], &vec![0; n]);
-            (Epilogue::Gelu { tables }, vec![delta(0); n])
+            (Epilogue::Gelu { tables, lanes: Lanes::of(kernel.arch()) }, vec![delta(0); n])
         } else {
             // PTF: one table per distinct scale (factor), shared zero point.
             if go.ptf.is_none() || go.zero_point.len() != 1 {
@@ -254,7 +257,10 @@ pub(crate) fn compile(
             }
             let tables = scales.iter().map(|&s| buckets(s)).collect::<Result<Vec<_>>>()?;
             let tables = ColumnTables::new(&tables, &which);
-            (Epilogue::Gelu { tables }, (0..n).map(delta).collect())
+            (
+                Epilogue::Gelu { tables, lanes: Lanes::of(kernel.arch()) },
+                (0..n).map(delta).collect(),
+            )
         }
     } else {
         let zero_point = (0..n).map(|j| go.zero_point(j)).collect();
@@ -314,7 +320,7 @@ impl Dense {
     /// Bytes of constants held: the weights, the per-column multipliers and the GELU tables.
     pub(crate) fn bytes(&self) -> usize {
         let table = match &self.epilogue {
-            Epilogue::Gelu { tables } => tables.bytes(),
+            Epilogue::Gelu { tables, .. } => tables.bytes(),
             Epilogue::Requant { .. } => 0,
         };
         self.w.bytes() + 24 * self.w.n + table

@@ -10,7 +10,11 @@
 //! buckets no wider than the closest two thresholds, so that each holds at most one threshold
 //! and a code is one load and one compare. Both give the same code for every `t` (tested).
 //! A layer's tables (one, or one per PTF factor) sit in one array ([`ColumnTables`]), so that a
-//! row's lookups compile to vector gathers.
+//! row's lookups are vector gathers ([`lanes`]).
+
+mod lanes;
+
+pub(crate) use lanes::Lanes;
 
 /// Fixed-point sub-steps per hidden-code step.
 pub(crate) const FRACTION_BITS: u32 = 16;
@@ -171,7 +175,7 @@ impl Buckets {
 }
 
 /// The [`Buckets`] of every column of a layer (one table, or one per PTF factor) in one array,
-/// with each column's bounds beside it, so that a row's lookups compile to vector gathers.
+/// with each column's bounds beside it, so that a row's lookups are vector gathers.
 #[derive(Clone, Debug)]
 pub(crate) struct ColumnTables {
     entries: Vec<u32>,
@@ -202,15 +206,22 @@ impl ColumnTables {
         }
     }
 
-    /// The codes of a row's fixed-point inputs `t`, as [`Buckets::code`] of each column's table;
-    /// inline it into a `pulp` dispatch to vectorise it.
-    #[inline(always)]
+    /// The codes of a row's fixed-point inputs `t`, as [`Buckets::code`] of each column's table
+    /// (the reference of [`ColumnTables::row_lanes`]).
+    #[cfg(test)]
     pub(crate) fn row<O: fqvit_ops::Code>(&self, t: &[i64], out: &mut [O]) {
+        self.row_from(0, t, out);
+    }
+
+    /// [`row`](Self::row) for the columns from `first` on.
+    fn row_from<O: fqvit_ops::Code>(&self, first: usize, t: &[i64], out: &mut [O]) {
         let last = self.entries.len() - 1;
         let bounds = self.base.iter().zip(&self.span).zip(self.log2_width.iter().zip(&self.start));
-        for ((o, &t), ((&base, &span), (&log2, &start))) in out.iter_mut().zip(t).zip(bounds) {
+        for ((o, &t), ((&base, &span), (&log2, &start))) in
+            out.iter_mut().zip(t).zip(bounds.skip(first))
+        {
             let r = (t - base).clamp(0, span);
-            // `min` proves the index in range, so the load needs no check (and vectorises).
+            // `min` keeps the index in the table, as the vector lanes' clamp does.
             let e = self.entries[(start as usize + (r >> log2) as usize).min(last)];
             let offset = (r as u32) & ((1 << log2) - 1);
             *o = O::from_code(i64::from(
@@ -279,6 +290,15 @@ mod tests {
             tables.row(&t, &mut out);
             for (j, (&t, &o)) in t.iter().zip(&out).enumerate() {
                 assert_eq!(o, buckets[usize::from(which[j])].code(t), "column {j}, t {t}");
+            }
+            // Every instruction set's lanes, on the whole row and on a prefix (the tail).
+            for isa in fqvit_ops::Isa::ALL.into_iter().filter(|isa| isa.available()) {
+                let lanes = Lanes::of(isa.arch());
+                for len in [which.len(), 13 + round % 7] {
+                    let mut fast = vec![0u8; len];
+                    tables.row_lanes(lanes, &t[..len], &mut fast);
+                    assert_eq!(fast, out[..len], "{isa}, {len} columns, round {round}");
+                }
             }
         }
     }
