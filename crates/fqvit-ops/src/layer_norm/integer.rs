@@ -246,9 +246,11 @@ impl IntegerLayerNorm {
                     };
                     let Some(tok) = tok else { continue };
                     if let Some(arch) = lanes.filter(|_| tok.sigma1.abs() < 1 << 31) {
-                        arch.dispatch(Lanes { ln: self, tok, x, y, flags });
-                        for (i, _) in flags.iter().enumerate().filter(|&(_, &f)| f != 0) {
-                            y[i] = self.channel(i).code(x[i], tok);
+                        // The scan for flagged channels only where the lanes flagged one.
+                        if arch.dispatch(Lanes { ln: self, tok, x, y, flags }) {
+                            for (i, _) in flags.iter().enumerate().filter(|&(_, &f)| f != 0) {
+                                y[i] = self.channel(i).code(x[i], tok);
+                            }
                         }
                     } else {
                         for (i, (y, &x)) in y.iter_mut().zip(x.iter()).enumerate() {
@@ -365,16 +367,18 @@ impl<C: Code> pulp::WithSimd for Stats<'_, C> {
 }
 
 impl pulp::WithSimd for Lanes<'_> {
-    type Output = ();
+    /// Whether any channel is flagged.
+    type Output = bool;
 
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) {
+    fn with_simd<S: pulp::Simd>(self, _: S) -> bool {
         let Lanes { ln, tok, x, y, flags } = self;
         // Every product below is of two 32-bit operands (one instruction in vector lanes; a
         // 64-bit multiply is several, and none on AVX2): `inv' < 2^32`, `mant < 2^32`,
         // `A24 < 2^32`, `|σ1| < 2^31`, `M < 2^8`, `|x| < 2^15`.
         let (inv, xt) = (u64::from(tok.inv as u32), i64::from(tok.xt));
         let (sigma1_abs, sigma1_neg) = (tok.sigma1.unsigned_abs() & 0xffff_ffff, tok.sigma1 < 0);
+        let mut any = 0i64;
         let consts = ln
             .lane_mant
             .iter()
@@ -389,6 +393,7 @@ impl pulp::WithSimd for Lanes<'_> {
             let hi = (q >> 63) as i64;
             let n_raw = -55 - hi - exp - xt;
             *f = i64::from(!(0..=31).contains(&n_raw)) | (1 - ok);
+            any |= *f;
             let n = n_raw.clamp(0, 31);
             // s = 55 + hi: M = Q >> s, A24 = Q >> (s − 24) < 2^32.
             let m = (q >> (55 + hi)) as i32;
@@ -406,6 +411,7 @@ impl pulp::WithSimd for Lanes<'_> {
             let yv = round_half_even(((mx ^ neg) - neg).wrapping_add(b), n);
             *y = yv.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32;
         }
+        any != 0
     }
 }
 
