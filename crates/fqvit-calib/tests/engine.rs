@@ -66,6 +66,28 @@ fn integer_results_do_not_depend_on_threads() {
     assert_eq!(alone, one[40..50]);
 }
 
+/// An image alone on two threads splits each head's query rows into tasks (65 tokens, one
+/// head: two chunks); four images on one thread do not. Both give the same logits.
+#[test]
+fn attention_split_into_query_rows_gives_the_same_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = common::tiny::calibrated_model(
+        dir.path(),
+        common::tiny::sized(false, 1, 128),
+        integer_twin(),
+    );
+    let engine = Engine::load(&c.path).unwrap();
+    let (pixels, _) = images(&c.cfg, 3, 4);
+    let pool = |threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    let batch = pool(1).install(|| engine.run(Images::Pixels(&pixels)).unwrap());
+    let per = pixels.len() / 4;
+    for i in 0..4 {
+        let image = &pixels[i * per..(i + 1) * per];
+        let alone = pool(2).install(|| engine.run(Images::Pixels(image)).unwrap());
+        assert_eq!(alone, batch[i * 10..(i + 1) * 10], "image {i}");
+    }
+}
+
 /// Every GEMM kernel this CPU runs, at every instruction set it has, gives the same logits, and
 /// one it cannot run is refused.
 #[test]

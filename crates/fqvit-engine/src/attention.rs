@@ -28,10 +28,11 @@ use crate::requant::{Columns, add_codes, clamp_code};
 use fqvit_artifact::Artifact;
 use fqvit_ops::softmax::{LisBits, MAX_ROW, MIN_SCALE};
 
-/// The reference: `out[i·hd + e] = Σ_j (v[j·hd + e] − z) << (k_max − k[i·n + j])`.
+/// The reference: `out[i·hd + e] = Σ_j (v[j·hd + e] − z) << (k_max − k[i·n + j])`, for the
+/// query rows `i` of `k` over the `n` tokens of `v`.
 pub fn attn_v_reference(k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u32) -> Vec<i64> {
     let n = v.len() / hd.max(1);
-    let mut out = vec![0i64; n * hd];
+    let mut out = vec![0i64; k.len() / n.max(1) * hd];
     for (i, o) in out.chunks_exact_mut(hd.max(1)).enumerate() {
         for (j, &kc) in k[i * n..][..n].iter().enumerate() {
             let kc = u32::from(kc);
@@ -76,14 +77,15 @@ pub fn fits_i32(n: usize, k_max: u32) -> bool {
 /// [`attn_v_reference`], and the kernel.
 pub fn attn_v(kernel: &Kernel, k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u32) -> Vec<i64> {
     let n = v.len() / hd.max(1);
+    let rows = k.len() / n.max(1);
     let mut s = AttnVScratch::default();
     // Compiled for the kernel's instruction set: its loops are most of attention's time.
     if fits_i32(n, k_max) {
-        let mut out = vec![0i32; n * hd];
+        let mut out = vec![0i32; rows * hd];
         kernel.arch().dispatch(|| attn_v_lanes(kernel, k, v, z, hd, k_max, &mut s, &mut out));
         out.into_iter().map(i64::from).collect()
     } else {
-        let mut out = vec![0i64; n * hd];
+        let mut out = vec![0i64; rows * hd];
         kernel.arch().dispatch(|| attn_v_lanes(kernel, k, v, z, hd, k_max, &mut s, &mut out));
         out
     }
@@ -119,9 +121,10 @@ fn attn_v_lanes<A: Acc>(
 ) {
     assert!(k_max <= 30, "attn·v: {k_max} fixed-point bits");
     let n = v.len() / hd.max(1);
-    assert_eq!(k.len(), n * n, "attn·v: {} probabilities for {n} tokens", k.len());
-    assert_eq!(out.len(), n * hd, "attn·v: room for {} sums of {n} × {hd}", out.len());
-    if n == 0 || hd == 0 {
+    let rows = k.len() / n.max(1);
+    assert_eq!(k.len(), rows * n, "attn·v: {} probabilities for {n} tokens", k.len());
+    assert_eq!(out.len(), rows * hd, "attn·v: room for {} sums of {rows} × {hd}", out.len());
+    if rows == 0 || hd == 0 {
         return;
     }
     // The upper planes' entries: e = k_max − k in [8, k_max] (e wraps above k_max for the
@@ -129,9 +132,9 @@ fn attn_v_lanes<A: Acc>(
     let is_upper = |e: u32| (8..=k_max).contains(&e);
     // Plane 0 holds 2^e where e < 8, else 0: one branch-free pass, which also sums each row
     // (at most n · 128) and counts its upper entries.
-    refill(&mut s.p, n * n);
-    refill(&mut s.row_sums, n);
-    refill(&mut s.upper, n);
+    refill(&mut s.p, rows * n);
+    refill(&mut s.row_sums, rows);
+    refill(&mut s.upper, rows);
     for (((plane, k), sum), upper) in
         s.p.chunks_exact_mut(n).zip(k.chunks_exact(n)).zip(&mut s.row_sums).zip(&mut s.upper)
     {
@@ -149,14 +152,14 @@ fn attn_v_lanes<A: Acc>(
     // With 4-bit codes the upper planes are mostly empty, as probabilities sum to about 1:
     // when at most one entry in 16 lies there, they are added as shifts instead.
     let uppers: u64 = s.upper.iter().map(|&c| u64::from(c)).sum();
-    let planes = if uppers * 16 <= (n * n) as u64 { 1 } else { k_max as usize / 8 + 1 };
-    s.p.resize(planes * n * n, 0);
-    s.row_sums.resize(planes * n, 0);
+    let planes = if uppers * 16 <= (rows * n) as u64 { 1 } else { k_max as usize / 8 + 1 };
+    s.p.resize(planes * rows * n, 0);
+    s.row_sums.resize(planes * rows, 0);
     for b in 1..planes {
         // Plane b of row i holds 2^(e − 8b) where e lies in [8b, 8b + 8), else 0.
         let low = 8 * b as u32;
-        let plane = &mut s.p[b * n * n..][..n * n];
-        let sums = &mut s.row_sums[b * n..][..n];
+        let plane = &mut s.p[b * rows * n..][..rows * n];
+        let sums = &mut s.row_sums[b * rows..][..rows];
         for ((plane, k), sum) in plane.chunks_exact_mut(n).zip(k.chunks_exact(n)).zip(sums) {
             let mut total = 0u32;
             for (p, &kc) in plane.iter_mut().zip(k) {
@@ -175,10 +178,12 @@ fn attn_v_lanes<A: Acc>(
             w[e * n + j] = (i32::from(x) - 128) as i8;
         }
     }
-    refill(&mut s.g, planes * n * hd);
+    refill(&mut s.g, planes * rows * hd);
     gemm_local(kernel, &s.p, &Weights::new(kernel, w, hd, n), &mut s.g);
     let zero_point = A::from(128 - z);
-    for (b, (plane, sums)) in s.g.chunks_exact(n * hd).zip(s.row_sums.chunks_exact(n)).enumerate() {
+    for (b, (plane, sums)) in
+        s.g.chunks_exact(rows * hd).zip(s.row_sums.chunks_exact(rows)).enumerate()
+    {
         for ((o, g), &sum) in out.chunks_exact_mut(hd).zip(plane.chunks_exact(hd)).zip(sums) {
             // `sum ≤ n · 128`, within i32 for any supported row.
             let row = zero_point * A::from(sum as i32);
@@ -258,18 +263,18 @@ pub(crate) struct Windows {
 }
 
 impl Windows {
-    /// Head `h`'s scores `x` (less their zero point) of window `w` plus the bias, on the biased
-    /// site less its zero point, then masked.
-    fn bias_and_mask(&self, h: usize, w: usize, x: &mut [i32]) {
-        let nn = self.n * self.n;
-        for (x, &t) in x.iter_mut().zip(&self.table[h * nn..][..nn]) {
+    /// Head `h`'s scores `x` (less their zero point) of window `w`, query rows from `r0` on,
+    /// plus the bias, on the biased site less its zero point, then masked.
+    fn bias_and_mask(&self, h: usize, w: usize, r0: usize, x: &mut [i32]) {
+        let (nn, from, len) = (self.n * self.n, r0 * self.n, x.len());
+        for (x, &t) in x.iter_mut().zip(&self.table[h * nn + from..][..len]) {
             let t = i64::from(t) - i64::from(self.z_t);
             let hi = i64::from(self.hi_b);
             let sum = add_codes(i64::from(*x), self.m_a, t, self.m_t, self.z_b, hi);
             *x = sum as i32 - self.z_b;
         }
         if let Some(mask) = &self.mask {
-            for (x, &m) in x.iter_mut().zip(&mask[w * nn..][..nn]) {
+            for (x, &m) in x.iter_mut().zip(&mask[w * nn + from..][..len]) {
                 if m {
                     *x += self.mask_steps;
                 }
@@ -286,6 +291,7 @@ struct Head<'a, I> {
     s: &'a mut HeadScratch,
     rows: I,
     n: usize,
+    queries: std::ops::Range<usize>,
     hd: usize,
     h: usize,
     window: Option<usize>,
@@ -296,8 +302,8 @@ impl<'a, 'b, I: Iterator<Item = &'b [u8]>> pulp::WithSimd for Head<'a, I> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) -> Self::Output {
-        let Head { att, kernel, s, rows, n, hd, h, window } = self;
-        att.head(kernel, s, rows, n, hd, h, window)
+        let Head { att, kernel, s, rows, n, queries, hd, h, window } = self;
+        att.head(kernel, s, rows, n, queries, hd, h, window)
     }
 }
 
@@ -320,8 +326,10 @@ struct HeadScratch {
 impl Attention {
     /// `(batch · N, 3D)` qkv codes of `batch` images of `n` tokens to `(batch · N, D)` context
     /// codes, with the time spent in matmuls and in the softmax (summed over threads). Every
-    /// head of every image (and window) is a task of its own, so that a batch of one still
-    /// keeps both cores busy.
+    /// head of every image (and window) is a task of its own, its query rows split further
+    /// where there are fewer than two tasks a thread (ViT-Tiny's three heads at batch 1: two
+    /// chunks each, six tasks), so that the threads stay busy; each chunk packs its head's keys
+    /// and values again, which more chunks would not repay (measured).
     pub(crate) fn run(
         &self,
         kernel: &Kernel,
@@ -332,29 +340,39 @@ impl Attention {
         let c3 = qkv.len() / (batch * n).max(1);
         let (d, heads) = (c3 / 3, self.heads);
         let hd = d / heads;
-        // Tokens per task, and the grid token of each task's row.
+        // Tokens per window, and the grid token of each window's row.
         let (wn, tokens) = match &self.windows {
             Some(win) => (win.n, Some(win.tokens.as_slice())),
             None => (n, None),
         };
         let windows = n / wn;
         let token = |w: usize, r: usize| tokens.map_or(r, |t| t[w * wn + r]);
-        let per_task: Vec<(Vec<u8>, Duration, Duration)> = (0..batch * windows * heads)
+        let units = batch * windows * heads;
+        // At least 32 query rows a task.
+        let chunks =
+            (2 * rayon::current_num_threads()).div_ceil(units.max(1)).clamp(1, (wn / 32).max(1));
+        // Task t: image b, window w, head h, query rows of chunk c.
+        let split = |t: usize| {
+            let (u, c) = (t / chunks, t % chunks);
+            let (b, w, h) = (u / (windows * heads), u / heads % windows, u % heads);
+            (b, w, h, c * wn / chunks..(c + 1) * wn / chunks)
+        };
+        let per_task: Vec<(Vec<u8>, Duration, Duration)> = (0..units * chunks)
             .into_par_iter()
-            .map_init(HeadScratch::default, |s, task| {
-                let (b, w, h) = (task / (windows * heads), task / heads % windows, task % heads);
+            .map_init(HeadScratch::default, |s, t| {
+                let (b, w, h, queries) = split(t);
                 let image = &qkv[b * n * c3..][..n * c3];
                 let rows = (0..wn).map(|r| &image[token(w, r) * c3..][..c3]);
                 let window = self.windows.as_ref().map(|_| w);
-                let task = Head { att: self, kernel, s, rows, n: wn, hd, h, window };
+                let task = Head { att: self, kernel, s, rows, n: wn, queries, hd, h, window };
                 kernel.arch().dispatch(task)
             })
             .collect();
         let mut out = vec![0u8; batch * n * d];
         let (mut mm_all, mut sm_all) = (Duration::ZERO, Duration::ZERO);
-        for (task, (codes, mm, sm)) in per_task.into_iter().enumerate() {
-            let (b, w, h) = (task / (windows * heads), task / heads % windows, task % heads);
-            for (r, codes) in codes.chunks_exact(hd).enumerate() {
+        for (t, (codes, mm, sm)) in per_task.into_iter().enumerate() {
+            let (b, w, h, queries) = split(t);
+            for (r, codes) in queries.zip(codes.chunks_exact(hd)) {
                 out[(b * n + token(w, r)) * d + h * hd..][..hd].copy_from_slice(codes);
             }
             mm_all += mm;
@@ -363,8 +381,9 @@ impl Attention {
         (out, mm_all, sm_all)
     }
 
-    /// Head `h` of the `n` qkv rows `rows` (an image's tokens, or window `window` of Swin's):
-    /// its `(n, hd)` context codes, the time in matmuls and in the softmax.
+    /// Head `h` of the `n` qkv rows `rows` (an image's tokens, or window `window` of Swin's),
+    /// for the query rows `queries`: their `(queries, hd)` context codes, the time in matmuls
+    /// and in the softmax.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn head<'a>(
@@ -373,56 +392,63 @@ impl Attention {
         s: &mut HeadScratch,
         rows: impl Iterator<Item = &'a [u8]>,
         n: usize,
+        queries: std::ops::Range<usize>,
         hd: usize,
         h: usize,
         window: Option<usize>,
     ) -> (Vec<u8>, Duration, Duration) {
         let t = Instant::now();
         let d = hd * self.heads;
-        // One pass over the tokens: q, k − 128 as int8 "weights" (so that the u8 × i8 GEMM
-        // takes q·kᵀ: Σ(q − z)(k − z) = Σ q·(k − 128) + (128 − z)·Σq − z·Σk + hd·z², each term
-        // below 2^31 in magnitude for hd < 2^15), v, and the row sums of q and k.
-        refill(&mut s.q, n * hd);
+        let m = queries.len();
+        // One pass over the tokens: q (the query rows), k − 128 as int8 "weights" (so that the
+        // u8 × i8 GEMM takes q·kᵀ: Σ(q − z)(k − z) = Σ q·(k − 128) + (128 − z)·Σq − z·Σk +
+        // hd·z², each term below 2^31 in magnitude for hd < 2^15), v, and the row sums of q
+        // and k.
+        refill(&mut s.q, m * hd);
         refill(&mut s.k, n * hd);
         refill(&mut s.v, n * hd);
-        refill(&mut s.sq, n);
+        refill(&mut s.sq, m);
         refill(&mut s.sk, n);
         let sum = |x: &[u8]| x.iter().map(|&x| u32::from(x)).sum::<u32>();
         for (i, token) in rows.enumerate() {
             let part = |p: usize| &token[p * d + h * hd..][..hd];
-            let (qi, ki) = (part(0), part(1));
-            s.q[i * hd..][..hd].copy_from_slice(qi);
+            let ki = part(1);
             for (k, &x) in s.k[i * hd..][..hd].iter_mut().zip(ki) {
                 *k = (x ^ 0x80) as i8;
             }
             s.v[i * hd..][..hd].copy_from_slice(part(2));
-            (s.sq[i], s.sk[i]) = (i64::from(sum(qi)), i64::from(sum(ki)));
+            s.sk[i] = i64::from(sum(ki));
+            if queries.contains(&i) {
+                let (qi, r) = (part(0), i - queries.start);
+                s.q[r * hd..][..hd].copy_from_slice(qi);
+                s.sq[r] = i64::from(sum(qi));
+            }
         }
-        refill(&mut s.raw, n * n);
+        refill(&mut s.raw, m * n);
         gemm_local(
             kernel,
             &s.q,
             &Weights::new(kernel, std::mem::take(&mut s.k), n, hd),
             &mut s.raw,
         );
-        refill(&mut s.x, n * n);
+        refill(&mut s.x, m * n);
         self.scores(&s.raw, &s.sq, &s.sk, hd, &mut s.x);
         if let (Some(win), Some(w)) = (&self.windows, window) {
-            win.bias_and_mask(h, w, &mut s.x);
+            win.bias_and_mask(h, w, queries.start, &mut s.x);
         }
         let mm = t.elapsed();
         let t = Instant::now();
-        refill(&mut s.codes, n * n);
+        refill(&mut s.codes, m * n);
         log_int_softmax_local(kernel.isa(), &s.x, n, &self.lis, self.bits, &mut s.codes);
         let sm = t.elapsed();
         let t = Instant::now();
-        let mut out = vec![0u8; n * hd];
+        let mut out = vec![0u8; m * hd];
         if fits_i32(n, self.k_max) {
-            refill(&mut s.sums32, n * hd);
+            refill(&mut s.sums32, m * hd);
             attn_v_lanes(kernel, &s.codes, &s.v, self.z, hd, self.k_max, &mut s.av, &mut s.sums32);
             self.context(h, hd, &s.sums32, &mut out);
         } else {
-            refill(&mut s.sums64, n * hd);
+            refill(&mut s.sums64, m * hd);
             attn_v_lanes(kernel, &s.codes, &s.v, self.z, hd, self.k_max, &mut s.av, &mut s.sums64);
             self.context(h, hd, &s.sums64, &mut out);
         }
@@ -583,8 +609,12 @@ mod tests {
                 .collect();
             let v: Vec<u8> = (0..n * hd).map(|_| next() as u8).collect();
             let want = attn_v_reference(&k, &v, z, hd, k_max);
+            // A task's query rows alone: the first `rows` of them.
+            let rows = (next() as usize) % (n + 1);
             for kernel in Kernel::supported() {
                 prop_assert_eq!(attn_v(&kernel, &k, &v, z, hd, k_max), want.clone(), "{}", kernel.name());
+                let part = attn_v(&kernel, &k[..rows * n], &v, z, hd, k_max);
+                prop_assert_eq!(&part[..], &want[..rows * hd], "{} rows {}", kernel.name(), rows);
             }
         }
     }

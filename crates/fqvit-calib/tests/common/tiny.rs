@@ -10,8 +10,13 @@ use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
 pub fn config(input_quant: bool, num_heads: i64) -> vit::Config {
+    sized(input_quant, num_heads, 32)
+}
+
+/// [`config`] for images of side `img_size` (patches of 16).
+pub fn sized(input_quant: bool, num_heads: i64, img_size: i64) -> vit::Config {
     let base = if input_quant { vit::Config::deit_tiny() } else { vit::Config::vit_tiny() };
-    vit::Config { embed_dim: 64, depth: 2, num_heads, img_size: 32, num_classes: 10, ..base }
+    vit::Config { embed_dim: 64, depth: 2, num_heads, img_size, num_classes: 10, ..base }
 }
 
 /// Random 8-bit images and their normalization as the data pipeline computes it.
@@ -53,7 +58,12 @@ pub fn calibrated(dir: &Path, input_quant: bool, exp: Experiment) -> Calibrated 
 }
 
 pub fn calibrated_heads(dir: &Path, input_quant: bool, heads: i64, exp: Experiment) -> Calibrated {
-    let cfg = config(input_quant, heads);
+    calibrated_model(dir, config(input_quant, heads), exp)
+}
+
+/// [`calibrated`] with the model `cfg`.
+pub fn calibrated_model(dir: &Path, cfg: vit::Config, exp: Experiment) -> Calibrated {
+    let (input_quant, heads) = (cfg.input_quant, cfg.num_heads);
     let (vs, model) = fqvit_testkit::seeded(7, || {
         let vs = VarStore::new(Device::Cpu);
         let model = vit::Vit::new(&vs.root(), &cfg);
@@ -68,7 +78,7 @@ pub fn calibrated_heads(dir: &Path, input_quant: bool, heads: i64, exp: Experime
             });
         }
     }
-    let path = dir.join(format!("tiny-{input_quant}-{heads}.safetensors"));
+    let path = dir.join(format!("tiny-{input_quant}-{heads}-{}.safetensors", cfg.img_size));
     let quantized = calibrate_and_write(&model, &vs, exp, cfg.img_size as usize, &path);
     std::mem::forget(vs); // the model's tensors point into it
     Calibrated { model, quantized, path, cfg }
