@@ -90,6 +90,11 @@ fn contradictory_or_unknown_flags_are_refused_with_a_clear_message() {
     fails_with(&with(&["--quant-method", "omse"]), "--quant-method needs --quant");
     fails_with(&with(&["--layer-norm-sqrt", "exact"]), "--layer-norm-sqrt needs --quant");
     fails_with(&with(&["--float-sites", "mlp-out"]), "--float-sites needs --quant");
+    fails_with(&with(&["--reparam-norm-out"]), "--reparam-norm-out needs --quant");
+    fails_with(
+        &with(&["--quant", "--ptf", "--reparam-norm-out", "--ptf-sites", "norm-out"]),
+        "reparam-norm-out balances norm-out's channels",
+    );
     fails_with(
         &with(&["--quant", "--float-sites", "fc2"]),
         "unknown site group `fc2`; known: weights, residual",
@@ -347,7 +352,12 @@ fn quantize_then_eval_qparams_round_trips() {
         "calibrated for model vit_tiny, not deit_tiny",
     );
     let data = sample();
-    for flag in [&["--ptf"][..], &["--weight-method", "omse"], &["--bias-correction"]] {
+    for flag in [
+        &["--ptf"][..],
+        &["--weight-method", "omse"],
+        &["--bias-correction"],
+        &["--reparam-norm-out"],
+    ] {
         let mut cmd = vec!["eval", "vit_tiny", &data, "--qparams", artifact.to_str().unwrap()];
         cmd.extend_from_slice(flag);
         fails_with(&cmd, "--qparams carries its own quantization settings");

@@ -15,6 +15,7 @@ use tch::{Device, Kind, Tensor};
 use crate::data::{BadImages, ImageFolder, for_each_batch};
 use crate::error::{Error, Result};
 use crate::experiment::{CalibOrder, Experiment};
+use crate::reparam::NormOutRanges;
 
 enum Slot {
     /// Not observed in this experiment.
@@ -256,9 +257,28 @@ pub fn calibrate(
     let options = exp.quant_options();
     let cal = exp.calibration;
     let pp = model.preprocess();
-    progress.set_length(folder.samples().len() as u64);
-    let mut batch_index = 0;
+    let passes = if exp.reparam_norm_out { 2 } else { 1 };
+    progress.set_length(passes * folder.samples().len() as u64);
     let mut skipped = Vec::new();
+    if exp.reparam_norm_out {
+        let mut ranges = NormOutRanges::new(model);
+        for_each_batch(
+            folder,
+            &pp,
+            cal.batch_size,
+            device,
+            BadImages::Fail,
+            &mut skipped,
+            |batch| {
+                ranges.batch(model, &batch.images, options);
+                progress.inc(batch.samples.len() as u64);
+                Ok(())
+            },
+        )?;
+        let folded = ranges.fold(model, exp.activation_bits)?;
+        tracing::info!(layer_norms = folded, "norm-out reparameterized");
+    }
+    let mut batch_index = 0;
     for_each_batch(folder, &pp, cal.batch_size, device, BadImages::Fail, &mut skipped, |batch| {
         tracing::info!(batch = batch_index + 1, of = cal.iterations, "calibrating");
         sink.batch(model, &batch.images, batch_index + 1 == cal.iterations, options)?;

@@ -62,6 +62,14 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
+    /// `reparam-norm-out` could not reparameterize a LayerNorm output.
+    #[error("reparam-norm-out at site {site}: {reason}")]
+    Reparam {
+        /// The LayerNorm's output site.
+        site: String,
+        /// What failed.
+        reason: String,
+    },
     /// The integer engine refused an artifact or its input.
     #[error("integer engine: {0}")]
     Engine(fqvit_engine::Error),

@@ -137,6 +137,11 @@ pub struct Experiment {
     /// (`--bias-correction`; fqvit+): `b ← b − (Ŵ − W)·E[x]`, `E[x]` the layer's mean input
     /// over the calibration images. The bias then enters the integer forms as any bias does.
     pub bias_correction: bool,
+    /// Reparameterize the block LayerNorms' outputs before calibration (`--reparam-norm-out`;
+    /// fqvit+, RepQ-ViT's scale reparameterization): a first float pass takes each channel's
+    /// range, and γ, β and the next linear layer absorb per-channel scales and shifts so that a
+    /// layer-wise grid acts as a per-channel one ([`crate::reparam`]).
+    pub reparam_norm_out: bool,
     /// Weight bits (int8).
     pub weight_bits: u8,
     /// Activation bits (uint8); also the uniform softmax's bits without LIS.
@@ -192,6 +197,7 @@ impl Default for Experiment {
             activation_granularity: ActGranularity::LayerWise,
             weight_method: WeightMethod::Minmax,
             bias_correction: false,
+            reparam_norm_out: false,
             weight_bits: 8,
             activation_bits: 8,
             residual_bits: None,
@@ -256,6 +262,22 @@ impl Experiment {
                  keeps the weights in float: there is none to correct"
                     .into(),
             );
+        }
+        if self.reparam_norm_out {
+            for (group, set) in [("ptf-sites", &self.ptf_sites), ("float-sites", &self.float_sites)]
+            {
+                if set.has(SiteGroup::NormOut) {
+                    return bad(format!(
+                        "reparam-norm-out balances norm-out's channels for one layer-wise grid; {group} = norm-out takes that grid away"
+                    ));
+                }
+            }
+            if self.activation_granularity == ActGranularity::ChannelWise {
+                return bad(
+                    "reparam-norm-out folds per-channel grids into a layer-wise one; activation-granularity = \"channel-wise\" has them already"
+                        .into(),
+                );
+            }
         }
         if self.ptf_sites.is_empty() && !self.ptf {
             if self.ptf_max_factor != PtfFactor::ORIGINAL_MAX {
@@ -359,6 +381,9 @@ impl Experiment {
         }
         if self.bias_correction {
             s.push_str(" (bias correction)");
+        }
+        if self.reparam_norm_out {
+            s.push_str(" (reparam norm-out)");
         }
         if !self.ptf_sites.is_empty() {
             let groups: Vec<&str> = self.ptf_sites.iter().map(|g| g.as_str()).collect();

@@ -296,6 +296,11 @@ pub(crate) struct QuantArgs {
     /// mean input over the calibration images.
     #[arg(long)]
     pub(crate) bias_correction: bool,
+    /// Reparameterize the block LayerNorms' outputs (RepQ-ViT): a first float pass over the
+    /// calibration images takes each channel's range, and γ, β and the next linear layer absorb
+    /// per-channel scales so that norm-out's layer-wise grid acts as a per-channel one.
+    #[arg(long)]
+    pub(crate) reparam_norm_out: bool,
     /// Bits of the residual stream, the LayerNorm inputs [default: the activation bits]:
     /// 2..=15; PTF factors there are capped at 15 − bits.
     #[arg(long)]

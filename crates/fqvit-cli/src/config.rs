@@ -36,6 +36,7 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
         exp.weight_method = m;
     }
     exp.bias_correction |= args.bias_correction;
+    exp.reparam_norm_out |= args.reparam_norm_out;
     if let Some(bits) = args.attn_bits {
         anyhow::ensure!(
             exp.lis,
@@ -77,6 +78,7 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
         ("--quant-method", args.quant_method.is_some()),
         ("--weight-method", args.weight_method.is_some()),
         ("--bias-correction", args.bias_correction),
+        ("--reparam-norm-out", args.reparam_norm_out),
         ("--attn-bits", args.attn_bits.is_some()),
         ("--layer-norm-sqrt", args.layer_norm_sqrt.is_some()),
         ("--lis-input", args.lis_input.is_some()),

@@ -93,6 +93,18 @@ pub fn calibrate_and_write(
     side: usize,
     path: &Path,
 ) -> Quantized {
+    if exp.reparam_norm_out {
+        // The first pass, on the same two batches.
+        let mut ranges = fqvit_calib::reparam::NormOutRanges::new(model);
+        for seed in [1, 2] {
+            ranges.batch(
+                model,
+                &images_of(side, model.preprocess(), seed, 8).1,
+                exp.quant_options(),
+            );
+        }
+        ranges.fold(model, exp.activation_bits).unwrap();
+    }
     let mut sink = Calibrator::new(model.sites(), &exp).unwrap();
     for (i, seed) in [1, 2].into_iter().enumerate() {
         sink.set_last_batch(i == 1);

@@ -179,6 +179,7 @@ fn eval_artifact(
         || q.quant_method.is_some()
         || q.weight_method.is_some()
         || q.bias_correction
+        || q.reparam_norm_out
         || q.attn_bits.is_some()
         || !q.ptf_sites.is_empty()
         || q.ptf_max_factor.is_some()
@@ -187,7 +188,7 @@ fn eval_artifact(
         || q.holdout.is_some()
     {
         anyhow::bail!(
-            "--qparams carries its own quantization settings: drop --quant, --ptf, --lis, --quant-method, --weight-method, --bias-correction, --attn-bits, --ptf-sites, --ptf-max-factor, --residual-bits, --ptf-range, --holdout and --config"
+            "--qparams carries its own quantization settings: drop --quant, --ptf, --lis, --quant-method, --weight-method, --bias-correction, --reparam-norm-out, --attn-bits, --ptf-sites, --ptf-max-factor, --residual-bits, --ptf-range, --holdout and --config"
         );
     }
     let explicit_weights = args.model.weights.is_some() || args.model.weights_dir.is_some();

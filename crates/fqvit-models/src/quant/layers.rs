@@ -212,6 +212,44 @@ impl LayerNorm {
         LayerNorm { weight, bias, eps, in_site, out_site, in_expand: 1, prefix, original }
     }
 
+    /// Its output site.
+    pub fn out_site(&self) -> SiteId {
+        self.out_site
+    }
+
+    /// Reparameterizes output channel `c` as `(x_c + shift_c)/scale_c` and `next`, the linear
+    /// layer that reads it, so that `next`'s output is unchanged (RepQ-ViT's reparameterization
+    /// of post-LayerNorm activations): `γ ← γ/scale`, `β ← (β + shift)/scale`, `W[:, c] ←
+    /// W[:, c]·scale_c`, `b ← b − W·shift` with the old `W`. In float64, then stored in the
+    /// parameters' kind, in place.
+    ///
+    /// # Errors
+    /// When `next` has no bias, or a shape does not fit.
+    pub fn fold_into(
+        &self,
+        next: &Linear,
+        scale: &Tensor,
+        shift: &Tensor,
+    ) -> Result<(), tch::TchError> {
+        let bias = next.bias.as_ref().ok_or_else(|| {
+            tch::TchError::Kind(format!("{}: the next layer has no bias", self.prefix))
+        })?;
+        tch::no_grad(|| {
+            let d = |t: &Tensor| t.to_kind(tch::Kind::Double);
+            let (scale, shift) = (d(scale), d(shift));
+            let w = d(&next.weight);
+            let gamma = d(&self.weight).f_div(&scale)?;
+            let beta = (d(&self.bias) + &shift).f_div(&scale)?;
+            let weight = w.f_mul(&scale.unsqueeze(0))?;
+            let b = d(bias).f_sub(&w.f_mv(&shift)?)?;
+            self.weight.shallow_clone().f_copy_(&gamma.to_kind(self.weight.kind()))?;
+            self.bias.shallow_clone().f_copy_(&beta.to_kind(self.bias.kind()))?;
+            next.weight.shallow_clone().f_copy_(&weight.to_kind(next.weight.kind()))?;
+            bias.shallow_clone().f_copy_(&b.to_kind(bias.kind()))?;
+            Ok(())
+        })
+    }
+
     /// Which sites it reads its scales from.
     pub(crate) fn wiring(&self) -> Wiring {
         Wiring {
