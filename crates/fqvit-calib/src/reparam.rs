@@ -5,7 +5,7 @@
 //! linear layer that reads it (qkv, fc1); with the per-channel grid `s_c = (max_c − min_c)/(2^b
 //! − 1)`, `z_c = −min_c/s_c` and their means `s̃`, `z̃`, the LayerNorm's output channel `c`
 //! becomes `(x_c + s_c·(z_c − z̃))/(s_c/s̃)` and the linear layer absorbs the inverse
-//! ([`fqvit_models::LayerNorm::fold_into`]), so the float network is unchanged (to rounding)
+//! ([`fqvit_models::quant::LayerNorm::fold_into`]), so the float network is unchanged (to rounding)
 //! while a layer-wise grid on the new outputs acts as the per-channel one on the old. The
 //! model's parameters change in place; the calibration that follows, the weights' quantization,
 //! the artifact and the integer engine see only ordinary γ, β, W and b.

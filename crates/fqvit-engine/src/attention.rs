@@ -49,7 +49,7 @@ pub fn attn_v_reference(k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u32) -> V
 
 /// The sums of `attn · v`: i32 where [`fits_i32`] allows (4-bit codes on up to 255 tokens),
 /// otherwise i64.
-pub trait Acc:
+pub(crate) trait Acc:
     Copy
     + Default
     + From<i32>
@@ -93,7 +93,7 @@ pub fn attn_v(kernel: &Kernel, k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u3
 
 /// Buffers of [`attn_v_lanes`] kept across calls.
 #[derive(Debug, Default)]
-pub struct AttnVScratch {
+pub(crate) struct AttnVScratch {
     p: Vec<u8>,
     row_sums: Vec<i64>,
     upper: Vec<u32>,
