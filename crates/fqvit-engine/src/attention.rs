@@ -79,7 +79,8 @@ pub fn attn_v(kernel: &Kernel, k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u3
     let n = v.len() / hd.max(1);
     let rows = k.len() / n.max(1);
     let mut s = AttnVScratch::default();
-    // Compiled for the kernel's instruction set: its loops are most of attention's time.
+    // The engine calls `attn_v_lanes` from its head tasks (`Head`, compiled for the ISA); this
+    // entry serves the property tests.
     if fits_i32(n, k_max) {
         let mut out = vec![0i32; rows * hd];
         kernel.arch().dispatch(|| attn_v_lanes(kernel, k, v, z, hd, k_max, &mut s, &mut out));

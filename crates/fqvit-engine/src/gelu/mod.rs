@@ -209,12 +209,12 @@ impl ColumnTables {
     /// The codes of a row's fixed-point inputs `t`, as [`Buckets::code`] of each column's table
     /// (the reference of [`ColumnTables::row_lanes`]).
     #[cfg(test)]
-    pub(crate) fn row<O: fqvit_ops::Code>(&self, t: &[i64], out: &mut [O]) {
+    pub(crate) fn row(&self, t: &[i64], out: &mut [u8]) {
         self.row_from(0, t, out);
     }
 
     /// [`row`](Self::row) for the columns from `first` on.
-    fn row_from<O: fqvit_ops::Code>(&self, first: usize, t: &[i64], out: &mut [O]) {
+    fn row_from(&self, first: usize, t: &[i64], out: &mut [u8]) {
         let last = self.entries.len() - 1;
         let bounds = self.base.iter().zip(&self.span).zip(self.log2_width.iter().zip(&self.start));
         for ((o, &t), ((&base, &span), (&log2, &start))) in
@@ -224,9 +224,7 @@ impl ColumnTables {
             // `min` keeps the index in the table, as the vector lanes' clamp does.
             let e = self.entries[(start as usize + (r >> log2) as usize).min(last)];
             let offset = (r as u32) & ((1 << log2) - 1);
-            *o = O::from_code(i64::from(
-                (if offset >= e & 0xffff { e >> 24 } else { e >> 16 }) as u8,
-            ));
+            *o = (if offset >= e & 0xffff { e >> 24 } else { e >> 16 }) as u8;
         }
     }
 
