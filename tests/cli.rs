@@ -91,6 +91,7 @@ fn contradictory_or_unknown_flags_are_refused_with_a_clear_message() {
     fails_with(&with(&["--layer-norm-sqrt", "exact"]), "--layer-norm-sqrt needs --quant");
     fails_with(&with(&["--float-sites", "mlp-out"]), "--float-sites needs --quant");
     fails_with(&with(&["--reparam-norm-out"]), "--reparam-norm-out needs --quant");
+    fails_with(&with(&["--weight-rounding", "gptq"]), "--weight-rounding needs --quant");
     fails_with(
         &with(&["--quant", "--ptf", "--reparam-norm-out", "--ptf-sites", "norm-out"]),
         "reparam-norm-out balances norm-out's channels",
@@ -355,6 +356,7 @@ fn quantize_then_eval_qparams_round_trips() {
     for flag in [
         &["--ptf"][..],
         &["--weight-method", "omse"],
+        &["--weight-rounding", "gptq"],
         &["--bias-correction"],
         &["--reparam-norm-out"],
     ] {

@@ -4,7 +4,8 @@
 use std::time::Instant;
 
 use fqvit_models::{
-    CalibrationSink, Classifier, Mode, QParamTable, QuantOptions, SiteId, SiteTable, TensorClass,
+    CalibrationSink, Classifier, Mode, QParamTable, QuantOptions, Quantized, SiteId, SiteTable,
+    TensorClass,
 };
 use fqvit_observers::{Observer, build};
 use fqvit_ops::QParams;
@@ -14,7 +15,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::{BadImages, ImageFolder, for_each_batch};
 use crate::error::{Error, Result};
-use crate::experiment::{CalibOrder, Experiment};
+use crate::experiment::{CalibOrder, Experiment, WeightRounding};
+use crate::gptq::{self, LinearInputs};
 use crate::reparam::NormOutRanges;
 
 enum Slot {
@@ -253,48 +255,76 @@ pub fn calibrate(
     progress: &ProgressBar,
 ) -> Result<(QParamTable, CalibrationStats)> {
     let start = Instant::now();
-    let mut sink = Calibrator::new(model.sites(), exp)?;
-    let options = exp.quant_options();
     let cal = exp.calibration;
     let pp = model.preprocess();
-    let passes = if exp.reparam_norm_out { 2 } else { 1 };
-    progress.set_length(passes * folder.samples().len() as u64);
+    progress.set_length(exp.calibration_passes() as u64 * folder.samples().len() as u64);
     let mut skipped = Vec::new();
-    if exp.reparam_norm_out {
-        let mut ranges = NormOutRanges::new(model);
-        for_each_batch(
-            folder,
-            &pp,
-            cal.batch_size,
-            device,
-            BadImages::Fail,
-            &mut skipped,
-            |batch| {
-                ranges.batch(model, &batch.images, options);
-                progress.inc(batch.samples.len() as u64);
-                Ok(())
-            },
-        )?;
-        let folded = ranges.fold(model, exp.activation_bits)?;
-        tracing::info!(layer_norms = folded, "norm-out reparameterized");
-    }
-    let mut batch_index = 0;
-    for_each_batch(folder, &pp, cal.batch_size, device, BadImages::Fail, &mut skipped, |batch| {
-        tracing::info!(batch = batch_index + 1, of = cal.iterations, "calibrating");
-        sink.batch(model, &batch.images, batch_index + 1 == cal.iterations, options)?;
-        batch_index += 1;
-        progress.inc(batch.samples.len() as u64);
-        Ok(())
+    let table = calibrate_on(model, exp, cal.iterations, |feed| {
+        for_each_batch(folder, &pp, cal.batch_size, device, BadImages::Fail, &mut skipped, |b| {
+            feed(&b.images)?;
+            progress.inc(b.samples.len() as u64);
+            Ok(())
+        })
     })?;
-    let means = sink.input_means();
-    let table = sink.freeze()?;
-    if exp.bias_correction {
-        correct_biases(model, &table, &means)?;
-    }
     Ok((
         table,
         CalibrationStats { images: folder.samples().len(), seconds: start.elapsed().as_secs_f64() },
     ))
+}
+
+/// Calibration on `batches` batches of normalized images: `each_pass` is called once per pass
+/// ([`Experiment::calibration_passes`]) and feeds every batch, in the same order each time.
+/// The passes: `reparam-norm-out`'s float ranges, then the observers (the last batch freezes
+/// every site), then GPTQ's inputs in the quantized forward; the model's parameters change in
+/// place at the end only, so a refusal leaves them as they were.
+pub fn calibrate_on(
+    model: &dyn Classifier,
+    exp: &Experiment,
+    batches: usize,
+    mut each_pass: impl FnMut(&mut dyn FnMut(&Tensor) -> Result<()>) -> Result<()>,
+) -> Result<QParamTable> {
+    let mut sink = Calibrator::new(model.sites(), exp)?;
+    let options = exp.quant_options();
+    if exp.reparam_norm_out {
+        let mut ranges = NormOutRanges::new(model);
+        each_pass(&mut |images| {
+            ranges.batch(model, images, options);
+            Ok(())
+        })?;
+        let folded = ranges.fold(model, exp.activation_bits)?;
+        tracing::info!(layer_norms = folded, "norm-out reparameterized");
+    }
+    let mut batch_index = 0;
+    each_pass(&mut |images| {
+        tracing::info!(batch = batch_index + 1, of = batches, "calibrating");
+        sink.batch(model, images, batch_index + 1 == batches, options)?;
+        batch_index += 1;
+        Ok(())
+    })?;
+    let means = sink.input_means();
+    let table = sink.freeze()?;
+    let rounded = match exp.weight_rounding {
+        WeightRounding::Nearest => Vec::new(),
+        WeightRounding::Gptq => {
+            // The linear layers' inputs as the quantized forward gives them (nearest weights).
+            let state = Quantized::new(model, table.clone(), options)?;
+            let mut inputs = LinearInputs::new(model);
+            each_pass(&mut |images| {
+                inputs.batch(model, &state, images);
+                Ok(())
+            })?;
+            gptq::round_weights(model, &table, &inputs.grams())?
+        }
+    };
+    if exp.bias_correction {
+        correct_biases_for(model, &table, &means, &rounded)?;
+    }
+    for (site, w) in &rounded {
+        if let Some(weight) = model.weight(*site) {
+            tch::no_grad(|| weight.shallow_clone().copy_(w));
+        }
+    }
+    Ok(table)
 }
 
 /// Bias correction: each linear layer's bias `b ← b − (Ŵ − W)·E[x]` in place, so that its mean
@@ -309,6 +339,17 @@ pub fn correct_biases(
     table: &QParamTable,
     means: &[(SiteId, Tensor)],
 ) -> Result<()> {
+    correct_biases_for(model, table, means, &[])
+}
+
+/// [`correct_biases`] with `Ŵ` taken from `rounded` where a site has one (GPTQ's weights, not
+/// yet in the model), else the nearest codes.
+fn correct_biases_for(
+    model: &dyn Classifier,
+    table: &QParamTable,
+    means: &[(SiteId, Tensor)],
+    rounded: &[(SiteId, Tensor)],
+) -> Result<()> {
     let sites = model.sites();
     // Every correction first, so that a refusal leaves every bias as it was.
     let mut deltas = Vec::with_capacity(means.len());
@@ -320,7 +361,10 @@ pub fn correct_biases(
         };
         let name = &sites.get(*site).name;
         let delta = tch::no_grad(|| {
-            let fq = Quantizer::new(p, Axis::First, w.device()).fake_quant(w);
+            let fq = match rounded.iter().find(|(s, _)| s == site) {
+                Some((_, r)) => r.shallow_clone(),
+                None => Quantizer::new(p, Axis::First, w.device()).fake_quant(w),
+            };
             (fq - w).to_kind(Kind::Double).mv(&mean.to_device(w.device()))
         });
         if delta.isfinite().all().int64_value(&[]) != 1 {

@@ -62,6 +62,14 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
+    /// `weight-rounding = "gptq"` could not round a linear layer's weights.
+    #[error("gptq weight rounding failed at site {site}: {reason}")]
+    WeightRounding {
+        /// The weight site's dotted name.
+        site: String,
+        /// What failed.
+        reason: String,
+    },
     /// `reparam-norm-out` could not reparameterize a LayerNorm output.
     #[error("reparam-norm-out at site {site}: {reason}")]
     Reparam {

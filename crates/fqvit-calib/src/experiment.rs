@@ -64,6 +64,30 @@ impl WeightMethod {
     }
 }
 
+/// How each weight takes its code on the frozen grid (`--weight-rounding`, TOML
+/// `weight-rounding`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum WeightRounding {
+    /// The nearest code (the original).
+    #[default]
+    Nearest,
+    /// GPTQ's closed form from each linear layer's inputs over the calibration images
+    /// (fqvit+, [`crate::gptq`]).
+    Gptq,
+}
+
+impl WeightRounding {
+    /// The name in flags and labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WeightRounding::Nearest => "nearest",
+            WeightRounding::Gptq => "gptq",
+        }
+    }
+}
+
 /// Layer-wise or channel-wise activation statistics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -133,6 +157,9 @@ pub struct Experiment {
     pub activation_granularity: ActGranularity,
     /// Weight observer (`--weight-method`; minmax in the original).
     pub weight_method: WeightMethod,
+    /// How each weight takes its code on its channel's grid (`--weight-rounding`; nearest in
+    /// the original, GPTQ in fqvit+): the grids are the weight observer's either way.
+    pub weight_rounding: WeightRounding,
     /// Fold each linear layer's expected weight-quantization error into its float bias
     /// (`--bias-correction`; fqvit+): `b ← b − (Ŵ − W)·E[x]`, `E[x]` the layer's mean input
     /// over the calibration images. The bias then enters the integer forms as any bias does.
@@ -196,6 +223,7 @@ impl Default for Experiment {
             quant_method: Method::Minmax,
             activation_granularity: ActGranularity::LayerWise,
             weight_method: WeightMethod::Minmax,
+            weight_rounding: WeightRounding::Nearest,
             bias_correction: false,
             reparam_norm_out: false,
             weight_bits: 8,
@@ -256,12 +284,20 @@ impl Experiment {
                 ));
             }
         }
-        if self.bias_correction && self.float_sites.has(SiteGroup::Weights) {
-            return bad(
-                "bias-correction corrects the weights' quantization error, and float-sites \
-                 keeps the weights in float: there is none to correct"
-                    .into(),
-            );
+        if self.float_sites.has(SiteGroup::Weights) {
+            if self.bias_correction {
+                return bad(
+                    "bias-correction corrects the weights' quantization error, and float-sites \
+                     keeps the weights in float: there is none to correct"
+                        .into(),
+                );
+            }
+            if self.weight_rounding != WeightRounding::Nearest {
+                return bad(format!(
+                    "weight-rounding = {} rounds the weights, and float-sites keeps them in float",
+                    self.weight_rounding.as_str()
+                ));
+            }
         }
         if self.reparam_norm_out {
             for (group, set) in [("ptf-sites", &self.ptf_sites), ("float-sites", &self.float_sites)]
@@ -345,6 +381,13 @@ impl Experiment {
         })
     }
 
+    /// How many times calibration reads its images: once for the observers, once more for
+    /// `reparam-norm-out`'s ranges and once more for GPTQ's inputs.
+    pub fn calibration_passes(&self) -> usize {
+        1 + usize::from(self.reparam_norm_out)
+            + usize::from(self.weight_rounding == WeightRounding::Gptq)
+    }
+
     /// The width of the residual stream's codes (validated).
     pub fn residual_bits(&self) -> Bits {
         let bits = self.residual_bits.unwrap_or(self.activation_bits);
@@ -378,6 +421,9 @@ impl Experiment {
         s.push_str(self.quant_method.observer().as_str());
         if self.weight_method != WeightMethod::Minmax {
             s.push_str(&format!(" (weights {})", self.weight_method.observer().as_str()));
+        }
+        if self.weight_rounding != WeightRounding::Nearest {
+            s.push_str(&format!(" ({} rounding)", self.weight_rounding.as_str()));
         }
         if self.bias_correction {
             s.push_str(" (bias correction)");

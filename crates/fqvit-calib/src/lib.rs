@@ -26,6 +26,7 @@ pub mod decode;
 mod error;
 pub mod eval;
 pub mod experiment;
+pub mod gptq;
 pub mod reparam;
 pub mod resize;
 

@@ -4,11 +4,10 @@
 
 mod common;
 
-use common::tiny::{calibrated, images, integer_twin};
+use common::tiny::{calibrated, engine_follows_simulation, integer_twin};
 use fqvit_calib::experiment::{ActGranularity, Experiment};
 use fqvit_calib::reparam::NormOutRanges;
-use fqvit_engine::{Engine, Images};
-use fqvit_models::{Mode, Quantizable, SiteGroup, vit};
+use fqvit_models::{Mode, SiteGroup, vit};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -150,16 +149,5 @@ fn the_engine_runs_a_reparameterized_model_as_the_simulation() {
     let dir = tempfile::tempdir().unwrap();
     let exp = Experiment { reparam_norm_out: true, ..integer_twin() };
     let c = calibrated(dir.path(), false, exp);
-    let engine = Engine::load(&c.path).unwrap();
-    let (pixels, x) = images(&c.cfg, 3, 16);
-    let sim = tch::no_grad(|| c.model.forward(&x, &mut Mode::quantized(&c.quantized)));
-    let sim = Vec::<f32>::try_from(sim.contiguous().view(-1)).unwrap();
-    let int = engine.run(Images::Pixels(&pixels)).unwrap();
-    let step = c.quantized.table().get(c.model.sites().iter().last().unwrap().0).unwrap().scale[0];
-    let diffs: Vec<f32> =
-        sim.iter().zip(&int).map(|(a, b)| ((a - b) / step).abs().round()).collect();
-    let equal = diffs.iter().filter(|&&d| d == 0.0).count();
-    let max = diffs.iter().fold(0f32, |m, &d| m.max(d));
-    assert!(equal * 10 >= diffs.len() * 9, "{equal}/{} codes equal", diffs.len());
-    assert!(max <= 4.0, "max |Δ| {max} codes");
+    engine_follows_simulation(&c);
 }

@@ -292,6 +292,10 @@ pub(crate) struct QuantArgs {
     /// channel's range to the least squared error of its codes.
     #[arg(long, value_enum)]
     pub(crate) weight_method: Option<fqvit_calib::experiment::WeightMethod>,
+    /// How each weight takes its code on its channel's grid [default: nearest, the original's];
+    /// gptq chooses each linear layer's codes from its inputs over the calibration images.
+    #[arg(long, value_enum)]
+    pub(crate) weight_rounding: Option<fqvit_calib::experiment::WeightRounding>,
     /// Fold each linear layer's expected weight-quantization error into its bias, from its
     /// mean input over the calibration images.
     #[arg(long)]

@@ -35,6 +35,9 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
     if let Some(m) = args.weight_method {
         exp.weight_method = m;
     }
+    if let Some(r) = args.weight_rounding {
+        exp.weight_rounding = r;
+    }
     exp.bias_correction |= args.bias_correction;
     exp.reparam_norm_out |= args.reparam_norm_out;
     if let Some(bits) = args.attn_bits {
@@ -77,6 +80,7 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
     let needs_quant: Vec<&str> = [
         ("--quant-method", args.quant_method.is_some()),
         ("--weight-method", args.weight_method.is_some()),
+        ("--weight-rounding", args.weight_rounding.is_some()),
         ("--bias-correction", args.bias_correction),
         ("--reparam-norm-out", args.reparam_norm_out),
         ("--attn-bits", args.attn_bits.is_some()),
@@ -151,7 +155,7 @@ mod tests {
         use clap::ValueEnum;
         use fqvit_calib::eval::Ties;
         use fqvit_calib::experiment::{
-            CalibOrder, LisInput, Method, PtfRange, StdSqrt, WeightMethod,
+            CalibOrder, LisInput, Method, PtfRange, StdSqrt, WeightMethod, WeightRounding,
         };
 
         fn check<T: ValueEnum + serde::Serialize>() -> Vec<String> {
@@ -166,6 +170,7 @@ mod tests {
         }
         assert_eq!(check::<Method>(), ["minmax", "ema", "percentile", "omse"]);
         assert_eq!(check::<WeightMethod>(), ["minmax", "omse"]);
+        assert_eq!(check::<WeightRounding>(), ["nearest", "gptq"]);
         assert_eq!(check::<CalibOrder>(), ["shuffled", "sorted"]);
         assert_eq!(check::<Ties>(), ["torch", "lower-index"]);
         assert_eq!(check::<LisInput>(), ["float", "rounded"]);

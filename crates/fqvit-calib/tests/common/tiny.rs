@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use fqvit_calib::Experiment;
 use fqvit_calib::artifact;
-use fqvit_calib::{Calibrator, Experiment};
-use fqvit_models::{Classifier, Mode, Preprocess, Quantized, vit};
+use fqvit_models::{Classifier, Mode, Preprocess, Quantizable, Quantized, vit};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
@@ -53,6 +53,27 @@ pub struct Calibrated {
     pub cfg: vit::Config,
 }
 
+/// The engine's logits on `c`'s artifact against the simulation's, 16 images (seed 3), in
+/// codes of the logits site, held to the bounds stated at
+/// `engine_logits_follow_the_simulation_for_deit_and_vit` (tests/engine.rs): at least 90 %
+/// equal, none more than 4 apart. Returns how many are equal, of how many, and the largest
+/// difference.
+pub fn engine_follows_simulation(c: &Calibrated) -> (usize, usize, f32) {
+    let engine = fqvit_engine::Engine::load(&c.path).unwrap();
+    let (pixels, x) = images(&c.cfg, 3, 16);
+    let sim = tch::no_grad(|| c.model.forward(&x, &mut Mode::quantized(&c.quantized)));
+    let sim = Vec::<f32>::try_from(sim.contiguous().view(-1)).unwrap();
+    let int = engine.run(fqvit_engine::Images::Pixels(&pixels)).unwrap();
+    let step = c.quantized.table().get(c.model.sites().iter().last().unwrap().0).unwrap().scale[0];
+    let diffs: Vec<f32> =
+        sim.iter().zip(&int).map(|(a, b)| ((a - b) / step).abs().round()).collect();
+    let equal = diffs.iter().filter(|&&d| d == 0.0).count();
+    let max = diffs.iter().fold(0f32, |m, &d| m.max(d));
+    assert!(equal * 10 >= diffs.len() * 9, "{equal}/{} codes equal", diffs.len());
+    assert!(max <= 4.0, "max |Δ| {max} codes");
+    (equal, diffs.len(), max)
+}
+
 pub fn calibrated(dir: &Path, input_quant: bool, exp: Experiment) -> Calibrated {
     calibrated_heads(dir, input_quant, 1, exp)
 }
@@ -93,27 +114,15 @@ pub fn calibrate_and_write(
     side: usize,
     path: &Path,
 ) -> Quantized {
-    if exp.reparam_norm_out {
-        // The first pass, on the same two batches.
-        let mut ranges = fqvit_calib::reparam::NormOutRanges::new(model);
+    // Every pass of calibration (reparam-norm-out's, the observers', GPTQ's) on the same two
+    // batches.
+    let table = fqvit_calib::calibrate::calibrate_on(model, &exp, 2, |feed| {
         for seed in [1, 2] {
-            ranges.batch(
-                model,
-                &images_of(side, model.preprocess(), seed, 8).1,
-                exp.quant_options(),
-            );
+            feed(&images_of(side, model.preprocess(), seed, 8).1)?;
         }
-        ranges.fold(model, exp.activation_bits).unwrap();
-    }
-    let mut sink = Calibrator::new(model.sites(), &exp).unwrap();
-    for (i, seed) in [1, 2].into_iter().enumerate() {
-        sink.set_last_batch(i == 1);
-        let (_, x) = images_of(side, model.preprocess(), seed, 8);
-        let options = exp.quant_options();
-        let _ =
-            tch::no_grad(|| model.forward(&x, &mut Mode::Calibrate { sink: &mut sink, options }));
-    }
-    let table = sink.freeze().unwrap();
+        Ok(())
+    })
+    .unwrap();
     let prov =
         super::test_provenance(model, "tiny", model.architecture(), "random", &table, exp, 16, 0);
     artifact::write(path, model, vs, &table, &prov).unwrap();

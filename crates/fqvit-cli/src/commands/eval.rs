@@ -178,6 +178,7 @@ fn eval_artifact(
         || q.config.is_some()
         || q.quant_method.is_some()
         || q.weight_method.is_some()
+        || q.weight_rounding.is_some()
         || q.bias_correction
         || q.reparam_norm_out
         || q.attn_bits.is_some()
@@ -188,7 +189,7 @@ fn eval_artifact(
         || q.holdout.is_some()
     {
         anyhow::bail!(
-            "--qparams carries its own quantization settings: drop --quant, --ptf, --lis, --quant-method, --weight-method, --bias-correction, --reparam-norm-out, --attn-bits, --ptf-sites, --ptf-max-factor, --residual-bits, --ptf-range, --holdout and --config"
+            "--qparams carries its own quantization settings: drop --quant, --ptf, --lis, --quant-method, --weight-method, --weight-rounding, --bias-correction, --reparam-norm-out, --attn-bits, --ptf-sites, --ptf-max-factor, --residual-bits, --ptf-range, --holdout and --config"
         );
     }
     let explicit_weights = args.model.weights.is_some() || args.model.weights_dir.is_some();

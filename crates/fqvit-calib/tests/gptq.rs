@@ -1,0 +1,121 @@
+//! GPTQ weight rounding (fqvit+): every linear layer's weights become codes of the grids the
+//! weight observer froze, chosen from the layer's inputs in the quantized forward, with a
+//! smaller output error than the nearest codes; the integer engine runs them as any codes.
+
+mod common;
+
+use common::tiny::{calibrated, engine_follows_simulation, integer_twin};
+use fqvit_calib::Calibrator;
+use fqvit_calib::experiment::{Experiment, WeightRounding};
+use fqvit_calib::gptq::{LinearInputs, round_weights};
+use fqvit_models::{Layer, QParamTable, Quantizable, Quantized, SiteId, vit};
+use fqvit_tensor::{Axis, Quantizer};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+fn tiny() -> (VarStore, vit::Vit) {
+    fqvit_testkit::seeded(5, || {
+        let vs = VarStore::new(Device::Cpu);
+        let cfg =
+            vit::Config { depth: 2, img_size: 32, num_classes: 10, ..vit::Config::deit_tiny() };
+        let model = vit::Vit::new(&vs.root(), &cfg);
+        tch::no_grad(|| {
+            for (_, mut v) in vs.variables() {
+                let _ = v.f_add_(&(Tensor::randn_like(&v) * 0.02)).unwrap();
+            }
+        });
+        (vs, model)
+    })
+}
+
+/// Calibrates on three random batches; returns the table and each linear layer's gram matrix
+/// of its inputs in the quantized forward.
+fn calibrate(model: &vit::Vit, exp: &Experiment) -> (QParamTable, Vec<(SiteId, Tensor)>) {
+    let batches: Vec<Tensor> = fqvit_testkit::seeded(9, || {
+        (0..3).map(|_| Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu))).collect()
+    });
+    let mut sink = Calibrator::new(model.sites(), exp).unwrap();
+    for (i, batch) in batches.iter().enumerate() {
+        sink.batch(model, batch, i + 1 == batches.len(), exp.quant_options()).unwrap();
+    }
+    let table = sink.freeze().unwrap();
+    let state = Quantized::new(model, table.clone(), exp.quant_options()).unwrap();
+    let mut inputs = LinearInputs::new(model);
+    for batch in &batches {
+        inputs.batch(model, &state, batch);
+    }
+    (table, inputs.grams())
+}
+
+fn gptq() -> Experiment {
+    Experiment { weight_bits: 4, weight_rounding: WeightRounding::Gptq, ..Experiment::default() }
+}
+
+#[test]
+fn each_linear_layer_takes_codes_of_its_grid_with_less_output_error() {
+    let (_vs, model) = tiny();
+    let (table, grams) = calibrate(&model, &gptq());
+    let linears = model.layers().into_iter().filter(|l| matches!(l, Layer::Linear(_))).count();
+    assert_eq!(grams.len(), linears, "one gram matrix per linear layer");
+    let rounded = round_weights(&model, &table, &grams).unwrap();
+    assert_eq!(rounded.len(), linears);
+    let (mut e_near, mut e_gptq) = (0.0, 0.0);
+    for ((site, wq), (gram_site, h)) in rounded.iter().zip(&grams) {
+        assert_eq!(site, gram_site);
+        let name = &model.sites().get(*site).name;
+        let w = model.weight(*site).unwrap();
+        let quantizer = Quantizer::new(table.get(*site).unwrap(), Axis::First, Device::Cpu);
+        // A fixed point of the quantizer: the quantized forward, bias correction and the
+        // artifact read exactly these codes.
+        assert!(quantizer.fake_quant(wq).equal(wq), "{name}: not codes of the grid");
+        let error = |wq: &Tensor| {
+            let d = (wq - w).to_kind(Kind::Double);
+            (d.mm(h) * &d).sum(Kind::Double).double_value(&[])
+        };
+        e_near += error(&quantizer.fake_quant(w));
+        e_gptq += error(wq);
+    }
+    assert!(e_gptq < e_near, "gptq {e_gptq:e} against nearest {e_near:e}");
+}
+
+#[test]
+fn gptq_with_float_weights_is_refused() {
+    let exp = Experiment {
+        float_sites: [fqvit_models::SiteGroup::Weights].into_iter().collect(),
+        ..gptq()
+    };
+    let err = exp.validate().unwrap_err().to_string();
+    assert!(err.contains("weight-rounding = gptq") && err.contains("float-sites"), "{err}");
+}
+
+#[test]
+fn non_finite_inputs_are_refused_naming_the_site() {
+    let (_vs, model) = tiny();
+    let (table, mut grams) = calibrate(&model, &gptq());
+    let (site, h) = &mut grams[2];
+    let _ = h.fill_(f64::NAN);
+    let name = model.sites().get(*site).name.clone();
+    let err = round_weights(&model, &table, &grams).unwrap_err().to_string();
+    assert!(err.contains("gptq weight rounding failed at site") && err.contains(&name), "{err}");
+    assert!(err.contains("not finite"), "{err}");
+}
+
+/// Through `calibrate_on` (the passes `quantize` runs), the model's linear weights become
+/// fixed points of their quantizers, so the artifact holds GPTQ's codes; the engine runs that
+/// artifact as its twin simulation does, by the bounds of
+/// `engine_logits_follow_the_simulation_for_deit_and_vit` (tests/engine.rs).
+#[test]
+fn the_engine_runs_gptq_codes_as_the_simulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = Experiment { weight_rounding: WeightRounding::Gptq, ..integer_twin() };
+    let c = calibrated(dir.path(), false, exp);
+    for layer in c.model.layers() {
+        if let Layer::Linear(l) = layer {
+            let w = c.model.weight(l.site()).unwrap();
+            let p = c.quantized.table().get(l.site()).unwrap();
+            let fq = Quantizer::new(p, Axis::First, Device::Cpu).fake_quant(w);
+            assert!(fq.equal(w), "{}: not rounded", c.model.sites().get(l.site()).name);
+        }
+    }
+    engine_follows_simulation(&c);
+}
