@@ -1,29 +1,15 @@
 //! Bias correction (fqvit+): each linear layer's bias absorbs its weights' expected rounding
 //! error at the layer's mean calibration input, and nothing else changes.
 
+mod common;
+
+use common::tiny::perturbed_deit;
 use fqvit_calib::Calibrator;
 use fqvit_calib::calibrate::correct_biases;
 use fqvit_calib::experiment::Experiment;
 use fqvit_models::{Layer, QParamTable, Quantizable, vit};
 use fqvit_tensor::{Axis, Quantizer};
-use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
-
-fn tiny() -> (VarStore, vit::Vit) {
-    fqvit_testkit::seeded(5, || {
-        let vs = VarStore::new(Device::Cpu);
-        let cfg =
-            vit::Config { depth: 2, img_size: 32, num_classes: 10, ..vit::Config::deit_tiny() };
-        let model = vit::Vit::new(&vs.root(), &cfg);
-        // timm's zero biases would hide a bias that is not updated in place.
-        tch::no_grad(|| {
-            for (_, mut v) in vs.variables() {
-                let _ = v.f_add_(&(Tensor::randn_like(&v) * 0.02)).unwrap();
-            }
-        });
-        (vs, model)
-    })
-}
 
 /// Calibrates on three random batches; returns the table and the mean inputs.
 fn calibrate(
@@ -44,7 +30,7 @@ fn calibrate(
 #[test]
 fn each_bias_absorbs_its_weights_rounding_at_the_mean_input() {
     let exp = Experiment { weight_bits: 4, bias_correction: true, ..Experiment::default() };
-    let (_vs, model) = tiny();
+    let (_vs, model) = perturbed_deit();
     let before: Vec<(fqvit_models::SiteId, Tensor)> = model
         .layers()
         .into_iter()
@@ -93,7 +79,7 @@ fn bias_correction_with_float_weights_is_refused() {
 #[test]
 fn a_non_finite_correction_is_refused_naming_the_site() {
     let exp = Experiment { bias_correction: true, ..Experiment::default() };
-    let (_vs, model) = tiny();
+    let (_vs, model) = perturbed_deit();
     let (table, mut means) = calibrate(&model, &exp);
     let (site, mean) = &mut means[1];
     let _ = mean.fill_(f64::NAN);

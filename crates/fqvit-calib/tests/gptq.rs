@@ -4,29 +4,13 @@
 
 mod common;
 
-use common::tiny::{calibrated, engine_follows_simulation, integer_twin};
+use common::tiny::{calibrated, engine_follows_simulation, integer_twin, perturbed_deit};
 use fqvit_calib::Calibrator;
 use fqvit_calib::experiment::{Experiment, WeightRounding};
 use fqvit_calib::gptq::{LinearInputs, round_weights};
 use fqvit_models::{Layer, QParamTable, Quantizable, Quantized, SiteId, vit};
 use fqvit_tensor::{Axis, Quantizer};
-use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
-
-fn tiny() -> (VarStore, vit::Vit) {
-    fqvit_testkit::seeded(5, || {
-        let vs = VarStore::new(Device::Cpu);
-        let cfg =
-            vit::Config { depth: 2, img_size: 32, num_classes: 10, ..vit::Config::deit_tiny() };
-        let model = vit::Vit::new(&vs.root(), &cfg);
-        tch::no_grad(|| {
-            for (_, mut v) in vs.variables() {
-                let _ = v.f_add_(&(Tensor::randn_like(&v) * 0.02)).unwrap();
-            }
-        });
-        (vs, model)
-    })
-}
 
 /// Calibrates on three random batches; returns the table and each linear layer's gram matrix
 /// of its inputs in the quantized forward.
@@ -53,7 +37,7 @@ fn gptq() -> Experiment {
 
 #[test]
 fn each_linear_layer_takes_codes_of_its_grid_with_less_output_error() {
-    let (_vs, model) = tiny();
+    let (_vs, model) = perturbed_deit();
     let (table, grams) = calibrate(&model, &gptq());
     let linears = model.layers().into_iter().filter(|l| matches!(l, Layer::Linear(_))).count();
     assert_eq!(grams.len(), linears, "one gram matrix per linear layer");
@@ -90,7 +74,7 @@ fn gptq_with_float_weights_is_refused() {
 
 #[test]
 fn non_finite_inputs_are_refused_naming_the_site() {
-    let (_vs, model) = tiny();
+    let (_vs, model) = perturbed_deit();
     let (table, mut grams) = calibrate(&model, &gptq());
     let (site, h) = &mut grams[2];
     let _ = h.fill_(f64::NAN);

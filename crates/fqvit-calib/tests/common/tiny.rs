@@ -46,6 +46,23 @@ pub fn images_of(side: usize, pp: Preprocess, seed: u64, batch: usize) -> (Vec<u
     (pixels, t)
 }
 
+/// A two-block DeiT-Tiny on 32-pixel images with every variable perturbed by N(0, 0.02²)
+/// (seed 5): timm's zero biases and unit γ would hide a parameter that is not updated.
+pub fn perturbed_deit() -> (VarStore, vit::Vit) {
+    fqvit_testkit::seeded(5, || {
+        let vs = VarStore::new(Device::Cpu);
+        let cfg =
+            vit::Config { depth: 2, img_size: 32, num_classes: 10, ..vit::Config::deit_tiny() };
+        let model = vit::Vit::new(&vs.root(), &cfg);
+        tch::no_grad(|| {
+            for (_, mut v) in vs.variables() {
+                let _ = v.f_add_(&(Tensor::randn_like(&v) * 0.02)).unwrap();
+            }
+        });
+        (vs, model)
+    })
+}
+
 pub struct Calibrated {
     pub model: vit::Vit,
     pub quantized: Quantized,
