@@ -138,7 +138,8 @@ pub fn round_weights(
 }
 
 /// One layer: the dequantized GPTQ weights `(out, in)` in float64, from float32 weights `w`,
-/// `H = E[x xᵀ]` `(in, in)` and the frozen per-row grids `p`.
+/// the inputs' gram matrix `h` `(in, in)` ([`LinearInputs::grams`]) and the frozen per-row
+/// grids `p`.
 fn round_layer(w: &Tensor, h: &Tensor, p: &QParams) -> std::result::Result<Tensor, String> {
     let (rows, cols) = match w.size()[..] {
         [r, c] => (r as usize, c as usize),
