@@ -16,7 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use fqvit_ops::softmax::{LisConstants, log_int_softmax_local};
+use fqvit_ops::softmax::{ExpTable, LisConstants, log_int_softmax_local};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -79,16 +79,41 @@ pub fn attn_v(kernel: &Kernel, k: &[u16], v: &[u8], z: i32, hd: usize, k_max: u3
     let n = v.len() / hd.max(1);
     let rows = k.len() / n.max(1);
     let mut s = AttnVScratch::default();
-    // The engine calls `attn_v_lanes` from its head tasks (`Head`, compiled for the ISA); this
-    // entry serves the property tests.
+    // The engine calls `attn_v_lanes` from its head tasks (`Head`); this entry serves the
+    // property tests and the benchmark, compiled for the ISA the same way.
     if fits_i32(n, k_max) {
         let mut out = vec![0i32; rows * hd];
-        kernel.arch().dispatch(|| attn_v_lanes(kernel, k, v, z, hd, k_max, &mut s, &mut out));
+        let task = AttnV { kernel, k, v, z, hd, k_max, s: &mut s, out: &mut out };
+        kernel.arch().dispatch(task);
         out.into_iter().map(i64::from).collect()
     } else {
         let mut out = vec![0i64; rows * hd];
-        kernel.arch().dispatch(|| attn_v_lanes(kernel, k, v, z, hd, k_max, &mut s, &mut out));
+        let task = AttnV { kernel, k, v, z, hd, k_max, s: &mut s, out: &mut out };
+        kernel.arch().dispatch(task);
         out
+    }
+}
+
+/// [`attn_v_lanes`] for [`pulp::Arch::dispatch`], whose `with_simd` is inlined into code
+/// compiled for the detected instruction set (a closure's body would not be).
+struct AttnV<'a, A> {
+    kernel: &'a Kernel,
+    k: &'a [u16],
+    v: &'a [u8],
+    z: i32,
+    hd: usize,
+    k_max: u32,
+    s: &'a mut AttnVScratch,
+    out: &'a mut [A],
+}
+
+impl<A: Acc> pulp::WithSimd for AttnV<'_, A> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let AttnV { kernel, k, v, z, hd, k_max, s, out } = self;
+        attn_v_lanes(kernel, k, v, z, hd, k_max, s, out);
     }
 }
 
@@ -100,6 +125,10 @@ pub(crate) struct AttnVScratch {
     upper: Vec<u32>,
     vz: Vec<i32>,
     g: Vec<i32>,
+    /// `v − 128` as int8, token rows.
+    vt: Vec<i8>,
+    /// Those packed as the GEMM's weights.
+    w: Weights,
 }
 
 /// `v` emptied and refilled with `len` defaults, keeping its allocation.
@@ -172,15 +201,13 @@ fn attn_v_lanes<A: Acc>(
             *sum = i64::from(total);
         }
     }
-    // (v − 128) as int8 "weights" `(hd, n)`: channel e's row holds token j's value.
-    let mut w = vec![0i8; hd * n];
-    for (j, row) in v.chunks_exact(hd).enumerate() {
-        for (e, &x) in row.iter().enumerate() {
-            w[e * n + j] = (i32::from(x) - 128) as i8;
-        }
-    }
+    // (v − 128) as int8 "weights" `(hd, n)`, packed from the token rows (channel e's weights
+    // are token j's values).
+    refill(&mut s.vt, n * hd);
+    s.vt.iter_mut().zip(v).for_each(|(w, &x)| *w = (x ^ 0x80) as i8);
+    s.w.repack_transposed(kernel, &s.vt, hd, n);
     refill(&mut s.g, planes * rows * hd);
-    gemm_local(kernel, &s.p, &Weights::new(kernel, w, hd, n), &mut s.g);
+    gemm_local(kernel, &s.p, &s.w, &mut s.g);
     let zero_point = A::from(128 - z);
     for (b, (plane, sums)) in
         s.g.chunks_exact(rows * hd).zip(s.row_sums.chunks_exact(rows)).enumerate()
@@ -201,9 +228,17 @@ fn attn_v_lanes<A: Acc>(
         for ((o, k), _) in
             out.chunks_exact_mut(hd).zip(k.chunks_exact(n)).zip(&s.upper).filter(|(_, c)| **c > 0)
         {
-            for (row, &kc) in s.vz.chunks_exact(hd).zip(k) {
-                let e = k_max.wrapping_sub(u32::from(kc));
-                if is_upper(e) {
+            // The row's upper entries as bits, 64 tokens a mask (compared in vector lanes), so
+            // that only they are visited, without a branch per token.
+            for (c, codes) in k.chunks(64).enumerate() {
+                let mut mask = codes.iter().enumerate().fold(0u64, |m, (b, &kc)| {
+                    m | u64::from(is_upper(k_max.wrapping_sub(u32::from(kc)))) << b
+                });
+                while mask != 0 {
+                    let j = 64 * c + mask.trailing_zeros() as usize;
+                    mask &= mask - 1;
+                    let e = k_max - u32::from(k[j]);
+                    let row = &s.vz[j * hd..][..hd];
                     o.iter_mut().zip(row).for_each(|(o, &x)| *o += A::from(x) << e);
                 }
             }
@@ -223,8 +258,8 @@ pub(crate) struct Attention {
     pub(crate) z_a: i32,
     pub(crate) hi_a: u8,
     /// The scale Log-Int-Softmax reads: the scores' (ViT) or the biased scores' (Swin).
-    /// Log-Int-Softmax's integer constants, from the scale of its input site.
-    pub(crate) lis: LisConstants,
+    /// Log-Int-Softmax's integer exponential, from the scale of its input site.
+    pub(crate) lis: ExpTable,
     pub(crate) bits: u32,
     /// Fixed-point bits of the probabilities `2^-k` in `attn · v`.
     pub(crate) k_max: u32,
@@ -313,6 +348,8 @@ impl<'a, 'b, I: Iterator<Item = &'b [u8]>> pulp::WithSimd for Head<'a, I> {
 struct HeadScratch {
     q: Vec<u8>,
     k: Vec<i8>,
+    /// The keys packed as the GEMM's weights.
+    wk: Weights,
     v: Vec<u8>,
     sq: Vec<i64>,
     sk: Vec<i64>,
@@ -426,12 +463,8 @@ impl Attention {
             }
         }
         refill(&mut s.raw, m * n);
-        gemm_local(
-            kernel,
-            &s.q,
-            &Weights::new(kernel, std::mem::take(&mut s.k), n, hd),
-            &mut s.raw,
-        );
+        s.wk.repack(kernel, &s.k, n, hd);
+        gemm_local(kernel, &s.q, &s.wk, &mut s.raw);
         refill(&mut s.x, m * n);
         self.scores(&s.raw, &s.sq, &s.sk, hd, &mut s.x);
         if let (Some(win), Some(w)) = (&self.windows, window) {
@@ -573,7 +606,7 @@ pub(crate) fn compile(
         ctx_columns,
         z_a: ga.zero_point[0],
         hi_a: ga.hi(),
-        lis: LisConstants::new(s_lis),
+        lis: ExpTable::new(LisConstants::new(s_lis)),
         bits: lis_bits.get(),
         k_max,
         m_ctx,

@@ -5,7 +5,7 @@
 use divan::{Bencher, black_box};
 use fqvit_ops::layer_norm::{InScale, LayerNormParams, ptf_layer_norm, reference as ln_ref};
 use fqvit_ops::softmax::reference as lis_ref;
-use fqvit_ops::softmax::{LisConstants, log_int_softmax_f32, log_int_softmax_with};
+use fqvit_ops::softmax::{ExpTable, LisConstants, log_int_softmax_f32, log_int_softmax_with};
 use fqvit_ops::{Isa, PtfFactor};
 
 fn main() {
@@ -85,7 +85,7 @@ fn lis_codes((rows, len): (usize, usize)) -> Vec<i32> {
 fn softmax_fast<const ISA: usize>(bencher: Bencher, shape: (usize, usize)) {
     let codes = lis_codes(shape);
     let mut out = vec![0u16; codes.len()];
-    let k = LisConstants::new(0.05);
+    let k = ExpTable::new(LisConstants::new(0.05));
     let isa = Isa::ALL[ISA];
     bencher.bench_local(|| log_int_softmax_with(isa, black_box(&codes), shape.1, &k, 4, &mut out));
 }

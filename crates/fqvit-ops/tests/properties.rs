@@ -30,7 +30,7 @@ proptest! {
         let mut slow = vec![0u16; codes.len()];
         lis_ref::log_int_softmax(&codes, len, s, bits, &mut slow);
         prop_assert_eq!(lis(&codes, len, s, bits), slow.clone());
-        let k = softmax::LisConstants::new(s);
+        let k = softmax::ExpTable::new(softmax::LisConstants::new(s));
         for isa in Isa::ALL.into_iter().filter(|isa| isa.available()) {
             let mut fast = vec![0u16; codes.len()];
             softmax::log_int_softmax_with(isa, &codes, len, &k, bits, &mut fast);

@@ -215,6 +215,13 @@ impl std::fmt::Debug for Weights {
     }
 }
 
+/// No weights yet: a buffer for [`Weights::repack`] and [`Weights::repack_transposed`].
+impl Default for Weights {
+    fn default() -> Self {
+        Weights { n: 0, k: 0, codes: Vec::new(), row_sums: Vec::new(), packed: Packing::None }
+    }
+}
+
 impl Weights {
     /// Wraps `(n, k)` codes for `kernel`.
     ///
@@ -248,6 +255,87 @@ impl Weights {
             Imp::Loops => Packing::None,
         };
         Weights { n, k, codes, row_sums, packed }
+    }
+
+    /// These weights replaced by `(n, k)` row-major codes, prepared for `kernel`, reusing the
+    /// buffers (attention packs its keys per head). The codes are kept only where the kernel
+    /// has no packing.
+    ///
+    /// # Panics
+    /// As [`Weights::new`].
+    pub fn repack(&mut self, kernel: &Kernel, codes: &[i8], n: usize, k: usize) {
+        self.reset(codes.len(), n, k);
+        self.row_sums.clear();
+        self.row_sums.extend(
+            codes.chunks_exact(k.max(1)).map(|r| r.iter().map(|&w| i32::from(w)).sum::<i32>()),
+        );
+        self.row_sums.resize(n, 0);
+        match (&kernel.imp, &mut self.packed) {
+            _ if n == 0 || k == 0 => self.packed = Packing::None,
+            (Imp::Vnni(_), Packing::Vnni(p)) => p.fill(codes, n, k),
+            (Imp::Vnni(_), _) => self.packed = Packing::Vnni(vnni::Packed::new(codes, n, k)),
+            (Imp::Avx2Pairs(_), Packing::Pairs(p)) => p.fill(codes, n, k),
+            (Imp::Avx2Pairs(_), _) => self.packed = Packing::Pairs(pairs::Packed::new(codes, n, k)),
+            (Imp::Rten(exec), _) => {
+                let view = NdTensorView::from_data([n, k], codes).transposed();
+                self.packed = Packing::Rten(exec.prepack_b(view));
+            }
+            (Imp::Loops, _) => {
+                self.packed = Packing::None;
+                self.codes.clear();
+                self.codes.extend_from_slice(codes);
+            }
+        }
+    }
+
+    /// [`Weights::repack`] from the codes transposed, `t` `(k, n)` row-major (`w[c][i] =
+    /// t[i][c]`: attention's values, tokens by channels), without a transposed copy where the
+    /// kernel packs.
+    ///
+    /// # Panics
+    /// As [`Weights::new`].
+    pub fn repack_transposed(&mut self, kernel: &Kernel, t: &[i8], n: usize, k: usize) {
+        self.reset(t.len(), n, k);
+        refill(&mut self.row_sums, n);
+        for step in t.chunks_exact(n.max(1)) {
+            self.row_sums.iter_mut().zip(step).for_each(|(s, &w)| *s += i32::from(w));
+        }
+        match (&kernel.imp, &mut self.packed) {
+            _ if n == 0 || k == 0 => self.packed = Packing::None,
+            (Imp::Vnni(_), Packing::Vnni(p)) => p.fill_transposed(t, n, k),
+            (Imp::Vnni(_), _) => {
+                let mut p = vnni::Packed::default();
+                p.fill_transposed(t, n, k);
+                self.packed = Packing::Vnni(p);
+            }
+            (Imp::Avx2Pairs(_), Packing::Pairs(p)) => p.fill_transposed(t, n, k),
+            (Imp::Avx2Pairs(_), _) => {
+                let mut p = pairs::Packed::default();
+                p.fill_transposed(t, n, k);
+                self.packed = Packing::Pairs(p);
+            }
+            (Imp::Rten(exec), _) => {
+                self.packed = Packing::Rten(exec.prepack_b(NdTensorView::from_data([k, n], t)));
+            }
+            (Imp::Loops, _) => {
+                self.packed = Packing::None;
+                refill(&mut self.codes, n * k);
+                for (i, step) in t.chunks_exact(n.max(1)).enumerate() {
+                    for (c, &w) in step.iter().enumerate() {
+                        self.codes[c * k + i] = w;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks the shape of `len` codes for `(n, k)` and takes it.
+    #[track_caller]
+    fn reset(&mut self, len: usize, n: usize, k: usize) {
+        assert_eq!(len, n * k, "gemm: {len} weight codes for ({n}, {k})");
+        assert!(k <= MAX_K, "gemm: reduction of {k} exceeds {MAX_K}");
+        (self.n, self.k) = (n, k);
+        self.codes.clear();
     }
 
     /// The codes of output channel `n`.
@@ -330,14 +418,14 @@ pub struct Scratch {
 impl Scratch {
     /// `acc = a · wᵀ` for the task's rows `a`, on this thread.
     pub fn gemm(&mut self, kernel: &Kernel, a: &[u8], w: &Weights) -> &mut [i32] {
-        resize(&mut self.acc, a.len() / w.k.max(1) * w.n);
+        refill(&mut self.acc, a.len() / w.k.max(1) * w.n);
         block(kernel, a, w, &mut self.rows, &mut self.acc);
         &mut self.acc
     }
 
     /// `acc2 = a · wᵀ`, as [`Scratch::gemm`].
     pub fn gemm2(&mut self, kernel: &Kernel, a: &[u8], w: &Weights) -> &mut [i32] {
-        resize(&mut self.acc2, a.len() / w.k.max(1) * w.n);
+        refill(&mut self.acc2, a.len() / w.k.max(1) * w.n);
         block(kernel, a, w, &mut self.rows, &mut self.acc2);
         &mut self.acc2
     }
@@ -356,13 +444,14 @@ impl Scratch {
         };
         assert_eq!(a.len() % w.k, 0, "gemm: {} input values are not rows of {}", a.len(), w.k);
         debug_assert!(a.iter().all(|&x| x < 1 << 15), "gemm: 16-bit rows take values below 2^15");
-        resize(&mut self.acc, a.len() / w.k * w.n);
+        refill(&mut self.acc, a.len() / w.k * w.n);
         pairs::block(*v3, a, packed, w.n, w.k, &mut self.rows, &mut self.acc);
         Some(&mut self.acc)
     }
 }
 
-fn resize<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
+/// `v` emptied and refilled with `len` defaults, keeping its allocation.
+fn refill<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
     v.clear();
     v.resize(len, T::default());
 }
@@ -533,11 +622,27 @@ mod tests {
             prop_assert!(kernels.iter().any(|k| k.kind() == KernelKind::Loops));
             let mut x = vec![0; m * n];
             gemm_reference(&a, &Weights::with_codes(&kernels[0], wc.clone(), n, k), &mut x);
+            // The same weights given transposed, `(k, n)`.
+            let t: Vec<i8> = (0..k * n).map(|i| wc[(i % n) * k + i / n]).collect();
             for kernel in &kernels {
                 let w = Weights::new(kernel, wc.clone(), n, k);
                 let mut y = vec![1; m * n];
                 gemm(kernel, &a, &w, &mut y);
                 prop_assert_eq!(&x, &y, "{}", kernel.name());
+                // Repacked into buffers that held another shape first.
+                let mut r = Weights::default();
+                r.repack(kernel, &vec![3; (n + 5) * (k + 3)], n + 5, k + 3);
+                r.repack(kernel, &wc, n, k);
+                prop_assert_eq!(&r.row_sums, &w.row_sums);
+                y.fill(1);
+                gemm(kernel, &a, &r, &mut y);
+                prop_assert_eq!(&x, &y, "{} repacked", kernel.name());
+                r.repack_transposed(kernel, &vec![-3; (k + 1) * (n + 2)], n + 2, k + 1);
+                r.repack_transposed(kernel, &t, n, k);
+                prop_assert_eq!(&r.row_sums, &w.row_sums);
+                y.fill(1);
+                gemm(kernel, &a, &r, &mut y);
+                prop_assert_eq!(&x, &y, "{} from the transposed codes", kernel.name());
             }
         }
     }

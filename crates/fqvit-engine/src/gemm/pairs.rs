@@ -25,6 +25,7 @@ const MR: usize = 4;
 /// Weights packed for this kernel: for panel `j` (channels `16j..16j + 16`) and reduction pair
 /// `p`, `panels[j · pairs + p][lane]` holds `(w[16j + lane][2p], w[16j + lane][2p + 1])` as two
 /// i16 in one u32 (zero past `N` and `K`).
+#[derive(Default)]
 pub(super) struct Packed {
     panels: Vec<[u32; NR]>,
     pairs: usize,
@@ -39,16 +40,46 @@ fn pair(lo: i16, hi: i16) -> u32 {
 impl Packed {
     /// Packs `(n, k)` row-major codes.
     pub(super) fn new(codes: &[i8], n: usize, k: usize) -> Self {
-        let pairs = k.div_ceil(2);
-        let mut panels = vec![[0u32; NR]; n.div_ceil(NR) * pairs];
+        let mut p = Packed::default();
+        p.fill(codes, n, k);
+        p
+    }
+
+    /// Zeroed panels for `(n, k)`, keeping the allocation.
+    fn reset(&mut self, n: usize, k: usize) {
+        self.pairs = k.div_ceil(2);
+        self.panels.clear();
+        self.panels.resize(n.div_ceil(NR) * self.pairs, [0; NR]);
+    }
+
+    /// Packs `(n, k)` row-major codes into this buffer.
+    pub(super) fn fill(&mut self, codes: &[i8], n: usize, k: usize) {
+        self.reset(n, k);
+        let pairs = self.pairs;
         for (c, row) in codes.chunks_exact(k.max(1)).enumerate().take(n) {
-            let (j, lane) = (c / NR, c % NR);
-            for (p, two) in row.chunks(2).enumerate() {
+            let (panel, lane) = (&mut self.panels[c / NR * pairs..][..pairs], c % NR);
+            for (dst, two) in panel.iter_mut().zip(row.chunks(2)) {
                 let hi = two.get(1).copied().unwrap_or(0);
-                panels[j * pairs + p][lane] = pair(i16::from(two[0]), i16::from(hi));
+                dst[lane] = pair(i16::from(two[0]), i16::from(hi));
             }
         }
-        Packed { panels, pairs }
+    }
+
+    /// Packs the codes given transposed, `t` `(k, n)` row-major (`w[c][i] = t[i][c]`), into
+    /// this buffer.
+    pub(super) fn fill_transposed(&mut self, t: &[i8], n: usize, k: usize) {
+        self.reset(n, k);
+        let pairs = self.pairs;
+        let zero = vec![0i8; n];
+        for (p, steps) in t.chunks(2 * n.max(1)).enumerate() {
+            let (r0, r1) = (&steps[..n], steps.get(n..2 * n).unwrap_or(&zero));
+            for (j, c0) in (0..n).step_by(NR).enumerate() {
+                let lanes = &mut self.panels[j * pairs + p][..NR.min(n - c0)];
+                for (l, dst) in lanes.iter_mut().enumerate() {
+                    *dst = pair(i16::from(r0[c0 + l]), i16::from(r1[c0 + l]));
+                }
+            }
+        }
     }
 
     /// Bytes held.
@@ -132,6 +163,8 @@ impl WithSimd for Task<'_> {
 fn tile<const R: usize>(v3: V3, a: [&[u32]; R], panel: &[[u32; NR]]) -> [[i32x8; 2]; R] {
     let zero = v3.splat_i32x8(0);
     let mut acc = [[zero; 2]; R];
+    // Equal lengths let the compiler drop the bounds checks of the loop.
+    assert!(a.iter().all(|r| r.len() == panel.len()));
     for (p, w) in panel.iter().enumerate() {
         let [w0, w1]: [i16x16; 2] = pulp::cast(*w);
         for r in 0..R {
@@ -150,6 +183,12 @@ fn tile<const R: usize>(v3: V3, a: [&[u32]; R], panel: &[[u32; NR]]) -> [[i32x8;
 fn store<const R: usize>(acc: &[[i32x8; 2]; R], out: &mut [i32], n: usize, cols: usize) {
     for (r, acc) in acc.iter().enumerate() {
         let lanes: [i32; NR] = pulp::cast(*acc);
-        out[r * n..][..cols].copy_from_slice(&lanes[..cols]);
+        if cols == NR {
+            // A whole panel: a fixed-size copy, two vector stores (a library call otherwise).
+            let row: &mut [i32; NR] = (&mut out[r * n..][..NR]).try_into().expect("NR lanes");
+            *row = lanes;
+        } else {
+            out[r * n..][..cols].copy_from_slice(&lanes[..cols]);
+        }
     }
 }

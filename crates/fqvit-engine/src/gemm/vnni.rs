@@ -39,25 +39,70 @@ pub(super) fn available() -> Option<Vnni> {
 }
 
 /// Weights packed for this kernel: for panel `j` (channels `32j..32j + 32`) and quad `q`
-/// (reduction steps `4q..4q + 4`), `panels[j · quads + q]` holds lane `l`'s four codes
-/// `w[32j + l][4q..4q + 4]` at bytes `4l..4l + 4` (zero past `N` and `K`).
+/// (reduction steps `4q..4q + 4`), `panels[j · quads + q][l]` holds lane `l`'s four codes
+/// `w[32j + l][4q..4q + 4]` as the bytes of one little-endian word (zero past `N` and `K`).
+#[derive(Default)]
 pub(super) struct Packed {
-    panels: Vec<[i8; 4 * NR]>,
+    panels: Vec<[u32; NR]>,
     quads: usize,
+}
+
+/// Four codes as the word `vpdpbusd` reads, the first in the low byte.
+#[inline(always)]
+fn word(b: [i8; 4]) -> u32 {
+    u32::from_le_bytes(b.map(|x| x as u8))
 }
 
 impl Packed {
     /// Packs `(n, k)` row-major codes.
     pub(super) fn new(codes: &[i8], n: usize, k: usize) -> Self {
-        let quads = k.div_ceil(4);
-        let mut panels = vec![[0i8; 4 * NR]; n.div_ceil(NR) * quads];
+        let mut p = Packed::default();
+        p.fill(codes, n, k);
+        p
+    }
+
+    /// Zeroed panels for `(n, k)`, keeping the allocation.
+    fn reset(&mut self, n: usize, k: usize) {
+        self.quads = k.div_ceil(4);
+        self.panels.clear();
+        self.panels.resize(n.div_ceil(NR) * self.quads, [0; NR]);
+    }
+
+    /// Packs `(n, k)` row-major codes into this buffer.
+    pub(super) fn fill(&mut self, codes: &[i8], n: usize, k: usize) {
+        self.reset(n, k);
+        let quads = self.quads;
         for (c, row) in codes.chunks_exact(k.max(1)).enumerate().take(n) {
-            let (j, lane) = (c / NR, c % NR);
-            for (q, four) in row.chunks(4).enumerate() {
-                panels[j * quads + q][4 * lane..][..four.len()].copy_from_slice(four);
+            let (panel, lane) = (&mut self.panels[c / NR * quads..][..quads], c % NR);
+            let (whole, tail) = row.split_at(k - k % 4);
+            for (dst, four) in panel.iter_mut().zip(whole.chunks_exact(4)) {
+                dst[lane] = word([four[0], four[1], four[2], four[3]]);
+            }
+            if !tail.is_empty() {
+                let mut b = [0i8; 4];
+                b[..tail.len()].copy_from_slice(tail);
+                panel[quads - 1][lane] = word(b);
             }
         }
-        Packed { panels, quads }
+    }
+
+    /// Packs the codes given transposed, `t` `(k, n)` row-major (`w[c][i] = t[i][c]`: an
+    /// attention head's values, tokens by channels), into this buffer.
+    pub(super) fn fill_transposed(&mut self, t: &[i8], n: usize, k: usize) {
+        self.reset(n, k);
+        let quads = self.quads;
+        let zero = vec![0i8; n];
+        for (q, steps) in t.chunks(4 * n.max(1)).enumerate() {
+            let row = |i: usize| steps.get(i * n..(i + 1) * n).unwrap_or(&zero);
+            let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+            for (j, c0) in (0..n).step_by(NR).enumerate() {
+                let lanes = &mut self.panels[j * quads + q][..NR.min(n - c0)];
+                for (l, dst) in lanes.iter_mut().enumerate() {
+                    let c = c0 + l;
+                    *dst = word([r0[c], r1[c], r2[c], r3[c]]);
+                }
+            }
+        }
     }
 
     /// Bytes held.
@@ -102,7 +147,7 @@ pub(super) fn block(
 /// Every panel of the rows `a` (`kq` quads each).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn run(a: &[u32], kq: usize, panels: &[[i8; 4 * NR]], n: usize, out: &mut [i32]) {
+fn run(a: &[u32], kq: usize, panels: &[[u32; NR]], n: usize, out: &mut [i32]) {
     if kq == 0 {
         out.fill(0);
         return;
@@ -135,7 +180,7 @@ fn run(a: &[u32], kq: usize, panels: &[[i8; 4 * NR]], n: usize, out: &mut [i32])
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
-fn tile<const R: usize>(a: [&[u32]; R], panel: &[[i8; 4 * NR]]) -> [[__m512i; 2]; R] {
+fn tile<const R: usize>(a: [&[u32]; R], panel: &[[u32; NR]]) -> [[__m512i; 2]; R] {
     let mut acc = [[_mm512_setzero_si512(); 2]; R];
     // Equal lengths let the compiler drop the bounds checks of the loop.
     assert!(a.iter().all(|r| r.len() == panel.len()));
@@ -156,6 +201,12 @@ fn tile<const R: usize>(a: [&[u32]; R], panel: &[[i8; 4 * NR]]) -> [[__m512i; 2]
 fn store<const R: usize>(acc: &[[__m512i; 2]; R], out: &mut [i32], n: usize, cols: usize) {
     for (r, acc) in acc.iter().enumerate() {
         let lanes: [i32; NR] = pulp::cast(*acc);
-        out[r * n..][..cols].copy_from_slice(&lanes[..cols]);
+        if cols == NR {
+            // A whole panel: a fixed-size copy, two vector stores (a library call otherwise).
+            let row: &mut [i32; NR] = (&mut out[r * n..][..NR]).try_into().expect("NR lanes");
+            *row = lanes;
+        } else {
+            out[r * n..][..cols].copy_from_slice(&lanes[..cols]);
+        }
     }
 }

@@ -4,17 +4,16 @@
 //! instruction set [`pulp::Arch`] detects, and each step is exact, so the codes are those of
 //! [`reference::log_int_softmax`](super::reference::log_int_softmax).
 //!
-//! `int_exp` runs in f64: every value is an integer, `e = z·2^(30−q)` with `z < 2^22` is below
-//! 2^52, and the quotient `x / I0` comes from a product and one correction, not a division.
-//! `Σ` is summed in u64. The code needs `u = round(Σ/e)` (half to even) and then `log_round(u)`:
+//! `int_exp` is read from the scale's [`ExpTable`] (exact integers below 2^52 in f64) by each
+//! logit's distance below its row's maximum. `Σ` is summed in u64. The code needs `u = round(Σ/e)` (half to even) and then `log_round(u)`:
 //! - while `Σ < 2^52`, `Σ/e` in f64 is exact enough ([`codes_by_division`], the common case:
 //!   a ViT attention row of 197 at S = 0.05 sums below 2^48);
 //! - above, up to 4 bits (the zero flag at `u ≥ 3·2^14`), an f32 estimate of `Σ/e` rounds to
 //!   `u` or a neighbour, and the exact remainder `Σ − u·e` in integers picks `u`
 //!   ([`codes_by_estimate`]); wider codes take the u64 reference.
 
-use super::LisConstants;
-use super::reference::{self, int_exp, log_code};
+use super::ExpTable;
+use super::reference::{int_exp, log_code};
 
 /// Logits per rayon task: a few tens of microseconds of work.
 pub(super) const ELEMENTS_PER_TASK: usize = 8192;
@@ -26,7 +25,7 @@ const TWO_52: f64 = 4_503_599_627_370_496.0;
 /// for the detected instruction set (a closure would not be).
 pub(super) struct Rows<'a> {
     pub(super) rows: &'a [i32],
-    pub(super) k: &'a LisConstants,
+    pub(super) k: &'a ExpTable,
     pub(super) bits: u32,
     pub(super) e: &'a mut [f64],
     pub(super) out: &'a mut [u16],
@@ -51,27 +50,15 @@ fn to_u64(v: f64) -> u64 {
 }
 
 #[inline(always)]
-fn lis_row(row: &[i32], k: &LisConstants, bits: u32, e: &mut [f64], out: &mut [u16]) {
-    let max = f64::from(row.iter().copied().max().unwrap_or(0));
-    let (i0, ib, ic) = (k.i0 as f64, k.ib as f64, k.ic as f64);
-    let (recip_i0, clip) = (1.0 / i0, f64::from(reference::N) * i0);
+fn lis_row(row: &[i32], k: &ExpTable, bits: u32, e: &mut [f64], out: &mut [u16]) {
+    let max = row.iter().copied().max().unwrap_or(0);
+    // x − max ≤ 0: its distance below the maximum indexes the table, clipped at its end as
+    // `int_exp` clips x at n·I0.
+    let last = k.e.len() - 1;
     for (ej, &x) in e.iter_mut().zip(row) {
-        let x = (f64::from(x) - max).max(clip);
-        // q = x / I0 (both ≤ 0, q ≤ 30): the product is within an ulp, so its floor is off by
-        // at most one, which the remainder r ∈ (I0, 0] corrects.
-        let q = (x * recip_i0).floor();
-        let r = x - i0 * q;
-        let q = if r > 0.0 {
-            q - 1.0
-        } else if r <= i0 {
-            q + 1.0
-        } else {
-            q
-        };
-        let z = reference::int_polynomial_f64(x - i0 * q, ib, ic);
-        // 2^(30 − q), built from the bits of q.
-        let scale = f64::from_bits(((1023 + u64::from(reference::N)) - to_u64(q)) << 52);
-        *ej = if z > 0.0 { z * scale } else { 0.0 };
+        // The clamp lets the compiler drop the bounds check and gather in vector lanes.
+        let d = (i64::from(max) - i64::from(x)).clamp(0, last as i64) as usize;
+        *ej = k.e[d];
     }
     // Eight partial sums so the reduction vectorises; u64 is exact in any order (Σ < 2^63).
     let mut lanes = [0u64; 8];
@@ -88,9 +75,9 @@ fn lis_row(row: &[i32], k: &LisConstants, bits: u32, e: &mut [f64], out: &mut [u
     } else if bits <= 4 {
         codes_by_estimate(sum, e, bits, out);
     } else {
-        let max = row.iter().copied().max().map_or(0, i64::from);
+        let max = i64::from(max);
         for (o, &x) in out.iter_mut().zip(row) {
-            *o = log_code(sum, int_exp(i64::from(x) - max, k), bits);
+            *o = log_code(sum, int_exp(i64::from(x) - max, &k.k), bits);
         }
     }
 }

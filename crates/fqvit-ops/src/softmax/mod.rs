@@ -61,6 +61,39 @@ impl LisConstants {
     }
 }
 
+/// Log-Int-Softmax's integer exponential for one scale, tabulated: entry `d` is
+/// `int_exp(−d)` for `0 ≤ d ≤ n·|I0|`, held exactly in f64 (below 2^52); a logit further below
+/// its row's maximum is clipped to `n·I0` and takes the last entry. Built once per scale (an
+/// integer runtime does it at load), it turns the polynomial per element into one load; at
+/// [`MIN_SCALE`] it has 21,301 entries, at the attention scales of a few hundredths a few
+/// hundred.
+#[derive(Clone, Debug)]
+pub struct ExpTable {
+    k: LisConstants,
+    e: Vec<f64>,
+}
+
+impl ExpTable {
+    /// The table of the constants `k` of a scale of at least [`MIN_SCALE`].
+    ///
+    /// # Panics
+    /// If `k` is not the constants of such a scale (`I_c ≥ 2^22`).
+    #[track_caller]
+    pub fn new(k: LisConstants) -> Self {
+        check_constants(&k);
+        let last = i64::from(reference::N) * -k.i0;
+        // Exact: every entry is an integer below 2^52.
+        #[allow(clippy::cast_precision_loss)]
+        let e = (0..=last).map(|d| reference::int_exp(-d, &k) as f64).collect();
+        ExpTable { k, e }
+    }
+
+    /// The constants it was built from.
+    pub fn constants(&self) -> &LisConstants {
+        &self.k
+    }
+}
+
 /// Constants of a scale of at least [`MIN_SCALE`] (`I_c < 2^22`), the integer path's bound.
 #[track_caller]
 fn check_constants(k: &LisConstants) {
@@ -167,25 +200,25 @@ fn check_row_args(n_in: usize, n_out: usize, row_len: usize, bits: u32) {
 #[track_caller]
 pub fn log_int_softmax(codes: &[i32], row_len: usize, scale: f32, bits: u32, out: &mut [u16]) {
     check_integer_scale(scale);
-    log_int_softmax_with(Isa::Native, codes, row_len, &LisConstants::new(scale), bits, out);
+    let table = ExpTable::new(LisConstants::new(scale));
+    log_int_softmax_with(Isa::Native, codes, row_len, &table, bits, out);
 }
 
-/// [`log_int_softmax`] with the constants of its scale prepared once ([`LisConstants::new`] of
-/// a scale of at least [`MIN_SCALE`]), as an integer runtime holds them, the row loops
-/// vectorised up to `isa` (the codes do not depend on it).
+/// [`log_int_softmax`] with the exponential of its scale prepared once ([`ExpTable::new`]), as
+/// an integer runtime holds it, the row loops vectorised up to `isa` (the codes do not depend
+/// on it).
 ///
 /// # Panics
-/// As [`log_int_softmax`], and if `k` is not the constants of such a scale (`I_c ≥ 2^22`).
+/// As [`log_int_softmax`].
 #[track_caller]
 pub fn log_int_softmax_with(
     isa: Isa,
     codes: &[i32],
     row_len: usize,
-    k: &LisConstants,
+    k: &ExpTable,
     bits: u32,
     out: &mut [u16],
 ) {
-    check_constants(k);
     check_row_args(codes.len(), out.len(), row_len, bits);
     let task = row_len * fast::ELEMENTS_PER_TASK.div_ceil(row_len);
     // Compiled for `isa`, so the row loops vectorise (see `lis_row`).
@@ -206,11 +239,10 @@ pub fn log_int_softmax_local(
     isa: Isa,
     codes: &[i32],
     row_len: usize,
-    k: &LisConstants,
+    k: &ExpTable,
     bits: u32,
     out: &mut [u16],
 ) {
-    check_constants(k);
     check_row_args(codes.len(), out.len(), row_len, bits);
     let e = &mut vec![0f64; row_len];
     isa.arch().dispatch(Rows { rows: codes, k, bits, e, out });

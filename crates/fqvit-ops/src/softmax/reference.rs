@@ -19,12 +19,6 @@ pub fn int_polynomial(r: i64, k: &LisConstants) -> i64 {
     r * (r + k.ib) + k.ic
 }
 
-/// [`int_polynomial`] on integers held in f64 (exact: `|r·(r + I_b)| < 2^22`).
-#[inline(always)]
-pub(crate) fn int_polynomial_f64(r: f64, ib: f64, ic: f64) -> f64 {
-    r * (r + ib) + ic
-}
-
 /// `int_exp`: `e = max(⌊z · 2^(n − q)⌋, 0)` with `x = q·I0 + r`, `x` clipped at `n·I0`.
 ///
 /// `e · a·S² / 2^30 ≈ exp(S·x)`. Bounds: `e ≤ I_c · 2^30 < 2^52` for `S ≥ 2^-10` ([`super::MIN_SCALE`]).
