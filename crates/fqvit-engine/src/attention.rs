@@ -20,7 +20,7 @@ use fqvit_ops::softmax::{ExpTable, LisConstants, log_int_softmax_local};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::gemm::{Kernel, Weights, gemm_local};
+use crate::gemm::{Kernel, Weights, gemm_local, gemm_wide_local};
 use crate::grid::Grid;
 use crate::load::{check_layer_wise, dyadic, small};
 use crate::requant::Dyadic;
@@ -129,6 +129,17 @@ pub(crate) struct AttnVScratch {
     vt: Vec<i8>,
     /// Those packed as the GEMM's weights.
     w: Weights,
+    /// The 16-bit plane ([`wide_plane`]) and the kernel's rows.
+    p16: Vec<u16>,
+    rows: Vec<u32>,
+}
+
+/// Whether `attn · v` takes one 16-bit plane: the kernel multiplies 16-bit operands anyway (the
+/// AVX2 pairs), the weights `2^e ≤ 2^15` (`K ≤ 15`: 4-bit codes) hold in it as `min(2^e, 2^15
+/// − 1)`, and every sum of `n` terms `|a·(v − 128)| < 2^15 · 128 = 2^22` stays in i32 (`n <
+/// 2^9`).
+fn wide_plane(kernel: &Kernel, n: usize, k_max: u32) -> bool {
+    kernel.takes_wide() && k_max <= 15 && n < 1 << 9
 }
 
 /// `v` emptied and refilled with `len` defaults, keeping its allocation.
@@ -156,6 +167,9 @@ fn attn_v_lanes<A: Acc>(
     assert_eq!(out.len(), rows * hd, "attn·v: room for {} sums of {rows} × {hd}", out.len());
     if rows == 0 || hd == 0 {
         return;
+    }
+    if wide_plane(kernel, n, k_max) {
+        return attn_v_wide(kernel, k, v, z, hd, k_max, s, out);
     }
     // The upper planes' entries: e = k_max − k in [8, k_max] (e wraps above k_max for the
     // dropped codes k > k_max).
@@ -242,6 +256,66 @@ fn attn_v_lanes<A: Acc>(
                     o.iter_mut().zip(row).for_each(|(o, &x)| *o += A::from(x) << e);
                 }
             }
+        }
+    }
+}
+
+/// [`attn_v_lanes`] in one 16-bit plane ([`wide_plane`]): `a_ij = 2^e` (`e = k_max − k_ij`),
+/// except `2^15 − 1` for `e = 15`, whose missing step `v_j − z` is added after; `Σ_j a_ij (v_j −
+/// z) = Σ_j a_ij (v_j − 128) + (128 − z) Σ_j a_ij`, the first a GEMM, each term below
+/// `2^22` in magnitude and each of the other two below 2^31.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attn_v_wide<A: Acc>(
+    kernel: &Kernel,
+    k: &[u16],
+    v: &[u8],
+    z: i32,
+    hd: usize,
+    k_max: u32,
+    s: &mut AttnVScratch,
+    out: &mut [A],
+) {
+    let n = v.len() / hd;
+    let rows = k.len() / n;
+    refill(&mut s.p16, rows * n);
+    refill(&mut s.row_sums, rows);
+    refill(&mut s.upper, rows);
+    for (((plane, k), sum), top) in
+        s.p16.chunks_exact_mut(n).zip(k.chunks_exact(n)).zip(&mut s.row_sums).zip(&mut s.upper)
+    {
+        let (mut total, mut count) = (0u32, 0u32);
+        for (p, &kc) in plane.iter_mut().zip(k) {
+            // e wraps above k_max for the dropped codes.
+            let e = k_max.wrapping_sub(u32::from(kc));
+            let w = if e <= k_max { (1u32 << e).min((1 << 15) - 1) } else { 0 };
+            *p = w as u16;
+            total += w;
+            count += u32::from(e == 15);
+        }
+        (*sum, *top) = (i64::from(total), count);
+    }
+    refill(&mut s.vt, n * hd);
+    s.vt.iter_mut().zip(v).for_each(|(w, &x)| *w = (x ^ 0x80) as i8);
+    s.w.repack_transposed(kernel, &s.vt, hd, n);
+    refill(&mut s.g, rows * hd);
+    gemm_wide_local(kernel, &s.p16, &s.w, &mut s.rows, &mut s.g);
+    let zero_point = A::from(128 - z);
+    for ((o, g), &sum) in out.chunks_exact_mut(hd).zip(s.g.chunks_exact(hd)).zip(&s.row_sums) {
+        // `Σ a ≤ n · 2^15 < 2^24`, times `|128 − z| ≤ 128`.
+        let row = zero_point * A::from(sum as i32);
+        o.iter_mut().zip(g).for_each(|(o, &x)| *o = A::from(x) + row);
+    }
+    // The probabilities of 1 (k = 0 with 15 fixed-point bits): rare, one step each.
+    for ((o, k), _) in
+        out.chunks_exact_mut(hd).zip(k.chunks_exact(n)).zip(&s.upper).filter(|(_, c)| **c > 0)
+    {
+        for (j, _) in
+            k.iter().enumerate().filter(|&(_, &kc)| k_max.wrapping_sub(u32::from(kc)) == 15)
+        {
+            o.iter_mut()
+                .zip(&v[j * hd..][..hd])
+                .for_each(|(o, &x)| *o += A::from(i32::from(x) - z));
         }
     }
 }

@@ -439,14 +439,49 @@ impl Scratch {
     /// # Panics
     /// As [`Scratch::gemm`].
     pub fn gemm_wide(&mut self, kernel: &Kernel, a: &[u16], w: &Weights) -> Option<&mut [i32]> {
-        let (Imp::Avx2Pairs(v3), Packing::Pairs(packed)) = (&kernel.imp, &w.packed) else {
+        if !kernel.takes_wide() {
             return None;
-        };
-        assert_eq!(a.len() % w.k, 0, "gemm: {} input values are not rows of {}", a.len(), w.k);
-        debug_assert!(a.iter().all(|&x| x < 1 << 15), "gemm: 16-bit rows take values below 2^15");
-        refill(&mut self.acc, a.len() / w.k * w.n);
-        pairs::block(*v3, a, packed, w.n, w.k, &mut self.rows, &mut self.acc);
+        }
+        refill(&mut self.acc, a.len() / w.k.max(1) * w.n);
+        gemm_wide_local(kernel, a, w, &mut self.rows, &mut self.acc);
         Some(&mut self.acc)
+    }
+}
+
+impl Kernel {
+    /// Whether [`gemm_wide_local`] runs (the AVX2 pairs, whose operands are 16 bits wide).
+    pub fn takes_wide(&self) -> bool {
+        matches!(self.imp, Imp::Avx2Pairs(_))
+    }
+}
+
+/// `out = a · wᵀ` on this thread for rows of 16-bit values below 2^15, with a kernel that
+/// [takes them](Kernel::takes_wide); `rows` is the kernel's scratch. The caller bounds the
+/// sums: `K · max(a) · 128 < 2^31`.
+///
+/// # Panics
+/// With another kernel, weights prepared for another, or lengths that do not fit.
+pub fn gemm_wide_local(
+    kernel: &Kernel,
+    a: &[u16],
+    w: &Weights,
+    rows: &mut Vec<u32>,
+    out: &mut [i32],
+) {
+    assert!(
+        w.k > 0 && a.len().is_multiple_of(w.k),
+        "gemm: {} input values are not rows of {}",
+        a.len(),
+        w.k
+    );
+    assert_eq!(out.len(), a.len() / w.k * w.n, "gemm: room for {} outputs", out.len());
+    debug_assert!(a.iter().all(|&x| x < 1 << 15), "gemm: 16-bit rows take values below 2^15");
+    match (&kernel.imp, &w.packed) {
+        (Imp::Avx2Pairs(v3), Packing::Pairs(packed)) => {
+            pairs::block(*v3, a, packed, w.n, w.k, rows, out)
+        }
+        (Imp::Avx2Pairs(_), Packing::None) if w.n == 0 => {}
+        _ => panic!("gemm: {} does not take 16-bit rows with these weights", kernel.name()),
     }
 }
 
