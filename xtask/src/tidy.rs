@@ -22,13 +22,15 @@ const FORBIDDEN: &[(&str, &str, &str)] = &[
 
 /// The only files allowed to contain unsafe code, each with a `SAFETY` note per block:
 /// glibc's mallopt, CPU tensors seen as slices for the fused passes, the entry into the
-/// AVX-512 VNNI GEMM kernel (no safe wrapper exists for `vpdpbusd`), and GELU's table lookups as
-/// vector gathers (a gather reads through a pointer; its indices are clamped to the table).
+/// AVX-512 VNNI GEMM kernel (no safe wrapper exists for `vpdpbusd`), and GELU's and
+/// Log-Int-Softmax's table lookups as vector gathers (a gather reads through a pointer; its
+/// indices are clamped to the table).
 const UNSAFE_SITES: &[&str] = &[
     "crates/fqvit-cli/src/alloc.rs",
     "crates/fqvit-tensor/src/cpu.rs",
     "crates/fqvit-engine/src/gemm/vnni.rs",
     "crates/fqvit-engine/src/gelu/lanes.rs",
+    "crates/fqvit-ops/src/softmax/gather.rs",
 ];
 
 /// The only files that seed libtorch's global generator: the test lock that makes seeded draws

@@ -13,6 +13,7 @@
 //!   ([`codes_by_estimate`]); wider codes take the u64 reference.
 
 use super::ExpTable;
+use super::gather::Gather;
 use super::reference::{int_exp, log_code};
 
 /// Logits per rayon task: a few tens of microseconds of work.
@@ -26,6 +27,7 @@ const TWO_52: f64 = 4_503_599_627_370_496.0;
 pub(super) struct Rows<'a> {
     pub(super) rows: &'a [i32],
     pub(super) k: &'a ExpTable,
+    pub(super) gather: Gather,
     pub(super) bits: u32,
     pub(super) e: &'a mut [f64],
     pub(super) out: &'a mut [u16],
@@ -38,7 +40,7 @@ impl pulp::WithSimd for Rows<'_> {
     fn with_simd<S: pulp::Simd>(self, _: S) {
         let row_len = self.e.len();
         for (row, out) in self.rows.chunks_exact(row_len).zip(self.out.chunks_exact_mut(row_len)) {
-            lis_row(row, self.k, self.bits, self.e, out);
+            lis_row(row, self.k, self.gather, self.bits, self.e, out);
         }
     }
 }
@@ -50,16 +52,11 @@ fn to_u64(v: f64) -> u64 {
 }
 
 #[inline(always)]
-fn lis_row(row: &[i32], k: &ExpTable, bits: u32, e: &mut [f64], out: &mut [u16]) {
+fn lis_row(row: &[i32], k: &ExpTable, gather: Gather, bits: u32, e: &mut [f64], out: &mut [u16]) {
     let max = row.iter().copied().max().unwrap_or(0);
     // x − max ≤ 0: its distance below the maximum indexes the table, clipped at its end as
     // `int_exp` clips x at n·I0.
-    let last = k.e.len() - 1;
-    for (ej, &x) in e.iter_mut().zip(row) {
-        // The clamp lets the compiler drop the bounds check and gather in vector lanes.
-        let d = (i64::from(max) - i64::from(x)).clamp(0, last as i64) as usize;
-        *ej = k.e[d];
-    }
+    gather.lookup(&k.e, row, max, e);
     // Eight partial sums so the reduction vectorises; u64 is exact in any order (Σ < 2^63).
     let mut lanes = [0u64; 8];
     let mut chunks = e.chunks_exact(8);

@@ -14,12 +14,14 @@
 //! flag (the original returns NaN there). Attention logits have S of a few hundredths.
 
 mod fast;
+mod gather;
 pub mod reference;
 
 use rayon::prelude::*;
 
 use crate::Isa;
 use fast::Rows;
+use gather::Gather;
 use reference::{COEF, X0};
 
 /// The smallest supported scale (see the module bounds).
@@ -225,7 +227,7 @@ pub fn log_int_softmax_with(
     let arch = isa.arch();
     codes.par_chunks(task).zip(out.par_chunks_mut(task)).for_each_init(
         || vec![0f64; row_len],
-        |e, (rows, out)| arch.dispatch(Rows { rows, k, bits, e, out }),
+        |e, (rows, out)| arch.dispatch(Rows { rows, k, gather: Gather::of(arch), bits, e, out }),
     );
 }
 
@@ -245,7 +247,8 @@ pub fn log_int_softmax_local(
 ) {
     check_row_args(codes.len(), out.len(), row_len, bits);
     let e = &mut vec![0f64; row_len];
-    isa.arch().dispatch(Rows { rows: codes, k, bits, e, out });
+    let arch = isa.arch();
+    arch.dispatch(Rows { rows: codes, k, gather: Gather::of(arch), bits, e, out });
 }
 
 /// Log-Int-Softmax on float logits with the original's float32 semantics
