@@ -73,8 +73,8 @@ pub enum WeightRounding {
     /// The nearest code (the original).
     #[default]
     Nearest,
-    /// GPTQ's closed form from each linear layer's inputs over the calibration images
-    /// (fqvit+, [`crate::gptq`]).
+    /// GPTQ's closed form from each linear layer's (and the patch embedding's) inputs over the
+    /// calibration images (fqvit+, [`crate::gptq`]).
     Gptq,
 }
 

@@ -22,7 +22,9 @@
 //!
 //! The weights are replaced in place by their fake-quantized values, a fixed point of the
 //! quantizer, so that every later reader (the quantized forward, bias correction, the artifact)
-//! takes exactly these codes. Convolutions (the patch embedding) keep nearest rounding.
+//! takes exactly these codes. The patch embedding, a convolution whose stride is its kernel, is
+//! the linear layer of its patches: its inputs are the image's patches unfolded in the weight's
+//! `(channel, row, column)` order, and its weight is rounded as the `(out, in·k·k)` matrix.
 
 use fqvit_models::{Classifier, Layer, Mode, Probe, QParamTable, Quantized, SiteId};
 use fqvit_ops::QParams;
@@ -42,8 +44,9 @@ const BLOCK: usize = 128;
 /// GPTQ's pass: `Σ x xᵀ/‖x‖²` over the tokens `x` of every linear layer's input in the
 /// quantized forward (the weights at their nearest codes), by weight site (module docs).
 pub struct LinearInputs {
-    /// The linear layers' module names (the probe's keys) and weight sites.
-    modules: Vec<(String, SiteId)>,
+    /// The linear layers' module names (the probe's keys), weight sites and, for the patch
+    /// convolution, its patch side.
+    modules: Vec<(String, SiteId, Option<i64>)>,
     /// Per weight site, the running sum (float64) and its count of tokens.
     sums: Vec<Option<(Tensor, i64)>>,
 }
@@ -56,7 +59,10 @@ impl LinearInputs {
             .layers()
             .into_iter()
             .filter_map(|l| match l {
-                Layer::Linear(l) => Some((sites.get(l.site()).original.clone(), l.site())),
+                Layer::Linear(l) => Some((sites.get(l.site()).original.clone(), l.site(), None)),
+                Layer::Conv2d(c) => {
+                    Some((sites.get(c.site()).original.clone(), c.site(), Some(c.stride())))
+                }
                 _ => None,
             })
             .collect();
@@ -83,10 +89,19 @@ impl Probe for LinearInputs {
     /// Each batch's product in float32 (a few tens of thousands of terms), the sum in float64;
     /// an all-zero token stays zero.
     fn input(&mut self, module: &str, index: usize, xs: &Tensor) -> Option<Tensor> {
-        let site = self.modules.iter().find(|(m, _)| m == module).map(|&(_, s)| s);
-        if let (0, Some(site)) = (index, site) {
-            let c = *xs.size().last().unwrap_or(&1);
-            let rows = xs.reshape([-1, c]).to_kind(Kind::Float);
+        let found = self.modules.iter().find(|(m, ..)| m == module).map(|&(_, s, p)| (s, p));
+        if let (0, Some((site, patch))) = (index, found) {
+            let size = xs.size();
+            let rows = match (patch, &size[..]) {
+                // (B, C, H, W) as rows of patches (B·H/k·W/k, C·k·k), each patch's values in
+                // the weight's order.
+                (Some(k), &[b, c, h, w]) => xs
+                    .reshape([b, c, h / k, k, w / k, k])
+                    .permute([0, 2, 4, 1, 3, 5])
+                    .reshape([-1, c * k * k]),
+                _ => xs.reshape([-1, *size.last().unwrap_or(&1)]),
+            };
+            let rows = rows.to_kind(Kind::Float);
             let norms = rows
                 .square()
                 .sum_dim_intlist([1i64].as_slice(), true, Kind::Float)
@@ -124,13 +139,12 @@ pub fn round_weights(
     let mut rounded = Vec::with_capacity(grams.len());
     for (site, h) in grams {
         let (Some(w), Some(p)) = (model.weight(*site), table.get(*site)) else { continue };
-        if w.dim() != 2 {
-            continue;
-        }
         let fail =
             |reason: String| Error::WeightRounding { site: sites.get(*site).name.clone(), reason };
-        let dequant = tch::no_grad(|| round_layer(w, h, p)).map_err(fail)?;
-        let dequant = dequant.to_kind(Kind::Float).to_device(w.device());
+        // A convolution's weight as the matrix of its patches, and back.
+        let matrix = w.reshape([w.size()[0], -1]);
+        let dequant = tch::no_grad(|| round_layer(&matrix, h, p)).map_err(fail)?;
+        let dequant = dequant.to_kind(Kind::Float).to_device(w.device()).reshape(w.size());
         rounded.push((*site, Quantizer::new(p, Axis::First, w.device()).fake_quant(&dequant)));
         tracing::debug!(site = %sites.get(*site).name, "weights rounded by gptq");
     }

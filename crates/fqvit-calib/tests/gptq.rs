@@ -1,6 +1,7 @@
-//! GPTQ weight rounding (fqvit+): every linear layer's weights become codes of the grids the
-//! weight observer froze, chosen from the layer's inputs in the quantized forward, with a
-//! smaller output error than the nearest codes; the integer engine runs them as any codes.
+//! GPTQ weight rounding (fqvit+): every linear layer's weights (and the patch convolution's)
+//! become codes of the grids the weight observer froze, chosen from the layer's inputs in the
+//! quantized forward, with a smaller output error than the nearest codes; the integer engine
+//! runs them as any codes.
 
 mod common;
 
@@ -39,8 +40,12 @@ fn gptq() -> Experiment {
 fn each_linear_layer_takes_codes_of_its_grid_with_less_output_error() {
     let (_vs, model) = perturbed_deit();
     let (table, grams) = calibrate(&model, &gptq());
-    let linears = model.layers().into_iter().filter(|l| matches!(l, Layer::Linear(_))).count();
-    assert_eq!(grams.len(), linears, "one gram matrix per linear layer");
+    let linears = model
+        .layers()
+        .into_iter()
+        .filter(|l| matches!(l, Layer::Linear(_) | Layer::Conv2d(_)))
+        .count();
+    assert_eq!(grams.len(), linears, "one gram matrix per linear layer and the patch conv");
     let rounded = round_weights(&model, &table, &grams).unwrap();
     assert_eq!(rounded.len(), linears);
     let (mut e_near, mut e_gptq) = (0.0, 0.0);
@@ -53,7 +58,8 @@ fn each_linear_layer_takes_codes_of_its_grid_with_less_output_error() {
         // artifact read exactly these codes.
         assert!(quantizer.fake_quant(wq).equal(wq), "{name}: not codes of the grid");
         let error = |wq: &Tensor| {
-            let d = (wq - w).to_kind(Kind::Double);
+            // The patch convolution's weight as the matrix of its patches.
+            let d = (wq - w).to_kind(Kind::Double).reshape([w.size()[0], -1]);
             (d.mm(h) * &d).sum(Kind::Double).double_value(&[])
         };
         e_near += error(&quantizer.fake_quant(w));
@@ -94,12 +100,15 @@ fn the_engine_runs_gptq_codes_as_the_simulation() {
     let exp = Experiment { weight_rounding: WeightRounding::Gptq, ..integer_twin() };
     let c = calibrated(dir.path(), false, exp);
     for layer in c.model.layers() {
-        if let Layer::Linear(l) = layer {
-            let w = c.model.weight(l.site()).unwrap();
-            let p = c.quantized.table().get(l.site()).unwrap();
-            let fq = Quantizer::new(p, Axis::First, Device::Cpu).fake_quant(w);
-            assert!(fq.equal(w), "{}: not rounded", c.model.sites().get(l.site()).name);
-        }
+        let site = match layer {
+            Layer::Linear(l) => l.site(),
+            Layer::Conv2d(conv) => conv.site(),
+            _ => continue,
+        };
+        let w = c.model.weight(site).unwrap();
+        let p = c.quantized.table().get(site).unwrap();
+        let fq = Quantizer::new(p, Axis::First, Device::Cpu).fake_quant(w);
+        assert!(fq.equal(w), "{}: not rounded", c.model.sites().get(site).name);
     }
     engine_follows_simulation(&c);
 }

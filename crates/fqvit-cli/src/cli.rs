@@ -293,7 +293,8 @@ pub(crate) struct QuantArgs {
     #[arg(long, value_enum)]
     pub(crate) weight_method: Option<fqvit_calib::experiment::WeightMethod>,
     /// How each weight takes its code on its channel's grid [default: nearest, the original's];
-    /// gptq chooses each linear layer's codes from its inputs over the calibration images.
+    /// gptq chooses each linear layer's (and the patch embedding's) codes from its inputs over
+    /// the calibration images.
     #[arg(long, value_enum)]
     pub(crate) weight_rounding: Option<fqvit_calib::experiment::WeightRounding>,
     /// Fold each linear layer's expected weight-quantization error into its bias, from its

@@ -154,7 +154,7 @@ impl Conv2d {
     }
 
     /// Its kernel side and stride (the patch side).
-    pub(crate) fn stride(&self) -> i64 {
+    pub fn stride(&self) -> i64 {
         self.stride
     }
 
