@@ -134,6 +134,17 @@ pub(crate) struct AttnVScratch {
     rows: Vec<u32>,
 }
 
+impl AttnVScratch {
+    /// `v − 128` as int8 "weights" `(hd, n)` in `w`, packed from the token rows `v` (channel
+    /// `e`'s weights are the tokens' values in it).
+    #[inline(always)]
+    fn pack_values(&mut self, kernel: &Kernel, v: &[u8], hd: usize) {
+        refill(&mut self.vt, v.len());
+        self.vt.iter_mut().zip(v).for_each(|(w, &x)| *w = (x ^ 0x80) as i8);
+        self.w.repack_transposed(kernel, &self.vt, hd, v.len() / hd);
+    }
+}
+
 /// Whether `attn · v` takes one 16-bit plane: the kernel multiplies 16-bit operands anyway (the
 /// AVX2 pairs), the weights `2^e ≤ 2^15` (`K ≤ 15`: 4-bit codes) hold in it as `min(2^e, 2^15
 /// − 1)`, and every sum of `n` terms `|a·(v − 128)| < 2^15 · 128 = 2^22` stays in i32 (`n <
@@ -215,11 +226,7 @@ fn attn_v_lanes<A: Acc>(
             *sum = i64::from(total);
         }
     }
-    // (v − 128) as int8 "weights" `(hd, n)`, packed from the token rows (channel e's weights
-    // are token j's values).
-    refill(&mut s.vt, n * hd);
-    s.vt.iter_mut().zip(v).for_each(|(w, &x)| *w = (x ^ 0x80) as i8);
-    s.w.repack_transposed(kernel, &s.vt, hd, n);
+    s.pack_values(kernel, v, hd);
     refill(&mut s.g, planes * rows * hd);
     gemm_local(kernel, &s.p, &s.w, &mut s.g);
     let zero_point = A::from(128 - z);
@@ -295,9 +302,7 @@ fn attn_v_wide<A: Acc>(
         }
         (*sum, *top) = (i64::from(total), count);
     }
-    refill(&mut s.vt, n * hd);
-    s.vt.iter_mut().zip(v).for_each(|(w, &x)| *w = (x ^ 0x80) as i8);
-    s.w.repack_transposed(kernel, &s.vt, hd, n);
+    s.pack_values(kernel, v, hd);
     refill(&mut s.g, rows * hd);
     gemm_wide_local(kernel, &s.p16, &s.w, &mut s.rows, &mut s.g);
     let zero_point = A::from(128 - z);
