@@ -232,24 +232,42 @@ pub(super) fn attn_v_lanes<A: Acc>(
         }
     }
     if planes == 1 && uppers > 0 {
-        refill(&mut s.vz, n * hd);
-        s.vz.iter_mut().zip(v).for_each(|(o, &x)| *o = i32::from(x) - z);
-        for ((o, k), _) in
-            out.chunks_exact_mut(hd).zip(k.chunks_exact(n)).zip(&s.upper).filter(|(_, c)| **c > 0)
-        {
-            // The row's upper entries as bits, 64 tokens a mask (compared in vector lanes), so
-            // that only they are visited, without a branch per token.
-            for (c, codes) in k.chunks(64).enumerate() {
-                let mut mask = codes.iter().enumerate().fold(0u64, |m, (b, &kc)| {
-                    m | u64::from(is_upper(k_max.wrapping_sub(u32::from(kc)))) << b
-                });
-                while mask != 0 {
-                    let j = 64 * c + mask.trailing_zeros() as usize;
-                    mask &= mask - 1;
-                    let e = k_max - u32::from(k[j]);
-                    let row = &s.vz[j * hd..][..hd];
-                    o.iter_mut().zip(row).for_each(|(o, &x)| *o += A::from(x) << e);
-                }
+        let upper = |kc: u16| is_upper(k_max.wrapping_sub(u32::from(kc)));
+        add_sparse(v, z, hd, k, &s.upper, &mut s.vz, out, upper, |kc| k_max - u32::from(kc));
+    }
+}
+
+/// Adds `(v_j − z) << shift(k_ij)` to each row `i` of `out` for the tokens `j` whose code `k_ij`
+/// is `picked`, visiting only the rows with a nonzero `counts[i]`; each row's picks are found
+/// as bits, 64 tokens a mask (compared in vector lanes), without a branch per token.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn add_sparse<A: Acc>(
+    v: &[u8],
+    z: i32,
+    hd: usize,
+    k: &[u16],
+    counts: &[u32],
+    vz: &mut Vec<i32>,
+    out: &mut [A],
+    picked: impl Fn(u16) -> bool,
+    shift: impl Fn(u16) -> u32,
+) {
+    let n = v.len() / hd;
+    refill(vz, n * hd);
+    vz.iter_mut().zip(v).for_each(|(o, &x)| *o = i32::from(x) - z);
+    for ((o, k), _) in
+        out.chunks_exact_mut(hd).zip(k.chunks_exact(n)).zip(counts).filter(|(_, c)| **c > 0)
+    {
+        for (c, codes) in k.chunks(64).enumerate() {
+            let mut mask =
+                codes.iter().enumerate().fold(0u64, |m, (b, &kc)| m | u64::from(picked(kc)) << b);
+            while mask != 0 {
+                let j = 64 * c + mask.trailing_zeros() as usize;
+                mask &= mask - 1;
+                let e = shift(k[j]);
+                let row = &vz[j * hd..][..hd];
+                o.iter_mut().zip(row).for_each(|(o, &x)| *o += A::from(x) << e);
             }
         }
     }
@@ -300,16 +318,9 @@ fn attn_v_wide<A: Acc>(
         o.iter_mut().zip(g).for_each(|(o, &x)| *o = A::from(x) + row);
     }
     // The probabilities of 1 (k = 0 with 15 fixed-point bits): rare, one step each.
-    for ((o, k), _) in
-        out.chunks_exact_mut(hd).zip(k.chunks_exact(n)).zip(&s.upper).filter(|(_, c)| **c > 0)
-    {
-        for (j, _) in
-            k.iter().enumerate().filter(|&(_, &kc)| k_max.wrapping_sub(u32::from(kc)) == 15)
-        {
-            o.iter_mut()
-                .zip(&v[j * hd..][..hd])
-                .for_each(|(o, &x)| *o += A::from(i32::from(x) - z));
-        }
+    if s.upper.iter().any(|&c| c > 0) {
+        let one = |kc: u16| k_max.wrapping_sub(u32::from(kc)) == 15;
+        add_sparse(v, z, hd, k, &s.upper, &mut s.vz, out, one, |_| 0);
     }
 }
 
