@@ -89,11 +89,6 @@ impl ExpTable {
         let e = (0..=last).map(|d| reference::int_exp(-d, &k) as f64).collect();
         ExpTable { k, e }
     }
-
-    /// The constants it was built from.
-    pub fn constants(&self) -> &LisConstants {
-        &self.k
-    }
 }
 
 /// Constants of a scale of at least [`MIN_SCALE`] (`I_c < 2^22`), the integer path's bound.
