@@ -28,7 +28,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use fqvit_ops::softmax::LisBits;
+use fqvit_ops::softmax::{ExpShift, LisBits};
 use fqvit_ops::{BitType, Bits, PtfFactor, QParams, TensorClass};
 use fqvit_program::{Op, Program};
 pub use safetensors::Dtype;
@@ -104,6 +104,8 @@ pub struct SiteInfo {
 struct Header {
     model: String,
     lis_bits: Option<LisBits>,
+    #[serde(default)]
+    lis_exp_shift: ExpShift,
     sites: Vec<SiteInfo>,
 }
 
@@ -134,6 +136,7 @@ pub struct Artifact {
     provenance: serde_json::Value,
     model: String,
     lis_bits: Option<LisBits>,
+    lis_exp_shift: ExpShift,
     sites: Vec<SiteInfo>,
     params: HashMap<String, QParams>,
     program: Option<Program>,
@@ -203,6 +206,7 @@ impl Artifact {
             provenance,
             model: head.model,
             lis_bits: head.lis_bits,
+            lis_exp_shift: head.lis_exp_shift,
             sites: head.sites,
             params: HashMap::new(),
             program: None,
@@ -210,6 +214,12 @@ impl Artifact {
             file: bytes,
         };
         art.check_floats()?;
+        if art.lis_bits.is_none() && art.lis_exp_shift != ExpShift::NONE {
+            return Err(art.bad(format!(
+                "lis_exp_shift {} without Log-Int-Softmax (lis_bits is null)",
+                art.lis_exp_shift
+            )));
+        }
         let mut seen = HashSet::new();
         for info in &art.sites {
             if !seen.insert(info.name.as_str()) {
@@ -273,6 +283,12 @@ impl Artifact {
     /// Log2 code bits of Log-Int-Softmax, when it was on.
     pub fn lis_bits(&self) -> Option<LisBits> {
         self.lis_bits
+    }
+
+    /// How much finer than its input's scale Log-Int-Softmax's exponential runs (0 in files
+    /// that do not say).
+    pub fn lis_exp_shift(&self) -> ExpShift {
+        self.lis_exp_shift
     }
 
     /// Every site, in forward order.

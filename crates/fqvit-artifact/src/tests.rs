@@ -111,6 +111,13 @@ fn the_file_and_its_metadata_are_checked() {
         m.as_object_mut().unwrap().remove("sites");
     });
     refused("9 bits: Log-Int-Softmax takes 2..=8", |_, m| m["lis_bits"] = 9.into());
+    refused("shift 9: Log-Int-Softmax's exponential takes 0..=8", |_, m| {
+        m["lis_exp_shift"] = 9.into();
+    });
+    refused("lis_exp_shift 3 without Log-Int-Softmax", |_, m| {
+        m["lis_bits"] = serde_json::Value::Null;
+        m["lis_exp_shift"] = 3.into();
+    });
     refused("tensor fc.bias is F64", |t, _| {
         t.insert("fc.bias".into(), (Dtype::F64, vec![1], vec![0; 8]));
     });

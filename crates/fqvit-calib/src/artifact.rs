@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use fqvit_models::{Architecture, QParamTable, Quantizable, SiteId, TensorClass};
-use fqvit_ops::softmax::LisBits;
+use fqvit_ops::softmax::{ExpShift, LisBits};
 use fqvit_tensor::{Axis, Quantizer};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
@@ -54,8 +54,16 @@ pub struct Provenance {
     pub calibration: CalibrationData,
     /// Log2 code bits of Log-Int-Softmax, when LIS is on.
     pub lis_bits: Option<LisBits>,
+    /// How much finer than its input's scale Log-Int-Softmax's exponential runs (0, the
+    /// original's, is left out of the file).
+    #[serde(default, skip_serializing_if = "is_none_shift")]
+    pub lis_exp_shift: ExpShift,
     /// Every site, in forward order.
     pub sites: Vec<SiteInfo>,
+}
+
+fn is_none_shift(k: &ExpShift) -> bool {
+    *k == ExpShift::NONE
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {

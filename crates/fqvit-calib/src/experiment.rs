@@ -7,7 +7,7 @@
 use fqvit_models::{QuantOptions, Site, SiteGroups, TensorClass};
 pub use fqvit_observers::PtfRange;
 use fqvit_observers::{ObserverConfig, ObserverKind};
-use fqvit_ops::softmax::LisBits;
+use fqvit_ops::softmax::{ExpShift, LisBits};
 use fqvit_ops::{BitType, Bits, Granularity, PtfFactor};
 pub use fqvit_tensor::{LisInput, StdSqrt};
 use serde::{Deserialize, Serialize};
@@ -180,6 +180,11 @@ pub struct Experiment {
     pub residual_bits: Option<u8>,
     /// Log2 code bits of LIS (`--attn-bits`: 4 for "8/8/4", 8 for "8/8/8 with LIS").
     pub attn_bits: LisBits,
+    /// How much finer than its input's scale Log-Int-Softmax's integer exponential runs
+    /// (`--lis-exp-shift`, TOML `lis-exp-shift`; 0 in the original, fqvit+): the integer logits
+    /// `x` enter it as `x·2^K` on the scale `S·2^-K`, an exact shift, so coarse attention scores
+    /// get an exponential whose base is right ([`ExpShift`]).
+    pub lis_exp_shift: ExpShift,
     /// Run LIS in the last calibration batch once its input scale is known, as the original
     /// does (spec §7.1). `false` keeps calibration entirely float.
     pub lis_in_last_calibration_batch: bool,
@@ -230,6 +235,7 @@ impl Default for Experiment {
             activation_bits: 8,
             residual_bits: None,
             attn_bits: LisBits::FOUR,
+            lis_exp_shift: ExpShift::NONE,
             lis_in_last_calibration_batch: true,
             layer_norm_sqrt: StdSqrt::Libtorch,
             lis_input: LisInput::Float,
@@ -265,6 +271,12 @@ impl Experiment {
             && let Err(e) = Bits::try_from(bits)
         {
             return bad(format!("residual-bits = {bits}: {e}"));
+        }
+        if self.lis_exp_shift != ExpShift::NONE && !(self.quant && self.lis) {
+            return bad(format!(
+                "lis-exp-shift = {}: it refines Log-Int-Softmax's exponential; turn on quant and lis",
+                self.lis_exp_shift
+            ));
         }
         if self.activation_granularity == ActGranularity::ChannelWise
             && matches!(self.quant_method, Method::Percentile | Method::Omse)
@@ -399,6 +411,7 @@ impl Experiment {
         QuantOptions {
             int_layer_norm: self.ptf,
             lis_bits: self.lis.then_some(self.attn_bits),
+            lis_exp_shift: self.lis_exp_shift,
             std_sqrt: self.layer_norm_sqrt,
             lis_input: self.lis_input,
             float_sites: self.float_sites,
@@ -443,6 +456,9 @@ impl Experiment {
         }
         if let Some(bits) = self.residual_bits {
             s.push_str(&format!(" (residual {bits}-bit)"));
+        }
+        if self.lis_exp_shift != ExpShift::NONE {
+            s.push_str(&format!(" (lis exp shift {})", self.lis_exp_shift));
         }
         if !self.float_sites.is_empty() {
             let groups: Vec<&str> = self.float_sites.iter().map(|g| g.as_str()).collect();

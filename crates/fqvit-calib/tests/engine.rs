@@ -157,8 +157,8 @@ fn bad_artifacts_and_inputs_are_refused_by_name() {
 /// factor of two. Free-running, the differences add up along the network (printed). The same
 /// holds with the options beyond the original (`configs/fqvit_plus_8_8_4.toml`: PTF on GELU's
 /// and fc2's outputs, factors up to 7, the symmetric PTF range, the percentile observer), and
-/// at 6/6/4 and 4/8/4, where every op computes at its sites' widths, and with a 12-bit
-/// residual stream.
+/// at 6/6/4 and 4/8/4, where every op computes at its sites' widths, with a 12-bit
+/// residual stream, and with Log-Int-Softmax's exponential on a finer grid (`lis-exp-shift`).
 #[test]
 fn each_engine_op_follows_the_simulation_on_the_simulations_codes() {
     use fqvit_calib::agreement::{render, site_agreement};
@@ -178,7 +178,10 @@ fn each_engine_op_follows_the_simulation_on_the_simulations_codes() {
     let w4a8 = Experiment { weight_bits: 4, ..integer_twin() };
     // A residual stream wider than a byte (u16 codes in the engine's adds and LayerNorms).
     let plus_r12 = Experiment { residual_bits: Some(12), ..plus };
-    let w6a6_r12 = Experiment { residual_bits: Some(12), ..w6a6 };
+    // Log-Int-Softmax's exponential on a finer grid (`lis-exp-shift`), as fqvit+ below 8 bits.
+    let shift = |k: u32| fqvit_ops::softmax::ExpShift::try_from(k).unwrap();
+    let w6a6_r12 = Experiment { residual_bits: Some(12), lis_exp_shift: shift(3), ..w6a6 };
+    let plus_shifted = Experiment { lis_exp_shift: shift(5), ..plus };
     for (input_quant, heads, exp) in [
         (true, 2, integer_twin()),
         (false, 4, integer_twin()),
@@ -187,6 +190,7 @@ fn each_engine_op_follows_the_simulation_on_the_simulations_codes() {
         (false, 4, w4a8),
         (false, 4, plus_r12),
         (true, 2, w6a6_r12),
+        (false, 4, plus_shifted),
     ] {
         let c = calibrated_heads(dir.path(), input_quant, heads, exp);
         if exp.ptf_max_factor > fqvit_ops::PtfFactor::ORIGINAL_MAX {

@@ -314,6 +314,11 @@ pub(crate) struct QuantArgs {
     /// (2..=8; needs --lis).
     #[arg(long)]
     pub(crate) attn_bits: Option<fqvit_ops::softmax::LisBits>,
+    /// Run Log-Int-Softmax's integer exponential on a grid 2^K times finer than its input's
+    /// scale [default: 0, the original's] (0..=8; needs --lis): coarse attention scores then
+    /// get an exponential whose base is right.
+    #[arg(long, value_name = "K")]
+    pub(crate) lis_exp_shift: Option<fqvit_ops::softmax::ExpShift>,
     /// The integer LayerNorm's square root [default: libtorch]: libtorch's float32 sqrt (the
     /// original's; its rounding depends on the CPU), exact (correctly rounded), or integer
     /// (every per-token step in integers, as the integer engine).

@@ -48,6 +48,13 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
         );
         exp.attn_bits = bits;
     }
+    if let Some(shift) = args.lis_exp_shift {
+        anyhow::ensure!(
+            exp.lis,
+            "--lis-exp-shift needs --lis: it refines Log-Int-Softmax's integer exponential"
+        );
+        exp.lis_exp_shift = shift;
+    }
     if let Some(sqrt) = args.layer_norm_sqrt {
         exp.layer_norm_sqrt = sqrt;
     }
@@ -84,6 +91,7 @@ fn resolve_with(args: &QuantArgs, quant: bool) -> Result<Experiment> {
         ("--bias-correction", args.bias_correction),
         ("--reparam-norm-out", args.reparam_norm_out),
         ("--attn-bits", args.attn_bits.is_some()),
+        ("--lis-exp-shift", args.lis_exp_shift.is_some()),
         ("--layer-norm-sqrt", args.layer_norm_sqrt.is_some()),
         ("--lis-input", args.lis_input.is_some()),
         ("--float-sites", !args.float_sites.is_empty()),

@@ -13,6 +13,9 @@ pub struct QuantOptions {
     pub int_layer_norm: bool,
     /// Log-Int-Softmax with this many bits (`--lis`, 4 by default); otherwise float softmax then uint8.
     pub lis_bits: Option<fqvit_ops::softmax::LisBits>,
+    /// How much finer than its input's scale Log-Int-Softmax's exponential runs
+    /// (`--lis-exp-shift`; 0, the original's).
+    pub lis_exp_shift: fqvit_ops::softmax::ExpShift,
     /// The integer LayerNorm's square root: libtorch's (the original's) or correctly rounded.
     pub std_sqrt: fqvit_tensor::StdSqrt,
     /// What Log-Int-Softmax reads in the quantized forward: `X/S` in float32 (the original's)

@@ -13,8 +13,8 @@ use rayon::prelude::*;
 
 use crate::bits::{Bits, Code};
 
-use crate::softmax::LisConstants;
 use crate::softmax::reference::N;
+use crate::softmax::{ExpShift, LisConstants};
 
 /// What Log-Int-Softmax computes on: the original divides the fake-quantized logits by their
 /// scale in float32 and does not round (spec §12.5), so `X/S` can lie an ulp off the integer
@@ -200,10 +200,17 @@ impl pulp::WithSimd for Dequantize<'_> {
 /// # Panics
 /// If the lengths differ or are not whole rows, or `S` is not positive and finite.
 #[track_caller]
-pub fn lis_exp_rows(logits: &[f32], row_len: usize, scale: f32, input: LisInput, e: &mut [f32]) {
+pub fn lis_exp_rows(
+    logits: &[f32],
+    row_len: usize,
+    scale: f32,
+    shift: ExpShift,
+    input: LisInput,
+    e: &mut [f32],
+) {
     assert_eq!(logits.len(), e.len(), "lis_exp_rows: input and output lengths differ");
     assert!(row_len > 0 && logits.len().is_multiple_of(row_len), "lis_exp_rows: rows of {row_len}");
-    let k = LisConstants::new(scale);
+    let k = LisConstants::shifted(scale, shift);
     let chunk = CHUNK.div_ceil(row_len) * row_len;
     let arch = pulp::Arch::new();
     logits.par_chunks(chunk).zip(e.par_chunks_mut(chunk)).for_each(|(rows, e)| {
@@ -228,6 +235,7 @@ impl pulp::WithSimd for ExpRows<'_> {
         let (i0, ib, ic) = (self.k.i0 as f32, self.k.ib as f32, self.k.ic as f32);
         let (n, s) = (N as f32, self.scale);
         let clip = n * i0;
+        let fine = pow2(self.k.shift as f32);
         for (row, e) in
             self.rows.chunks_exact(self.row_len).zip(self.e.chunks_exact_mut(self.row_len))
         {
@@ -235,7 +243,8 @@ impl pulp::WithSimd for ExpRows<'_> {
             let grid = |x: f32| self.input.grid(x, s);
             let max = row.iter().map(|&x| grid(x)).fold(f32::NEG_INFINITY, f32::max);
             for (ej, &x) in e.iter_mut().zip(row) {
-                let x = (grid(x) - max).max(clip);
+                // Exact: the exponential's grid is 2^shift times finer (`ExpShift`).
+                let x = ((grid(x) - max) * fine).max(clip);
                 let q = (x / i0).floor();
                 let r = x - q * i0;
                 let z = (r + ib) * r + ic;
@@ -321,7 +330,8 @@ mod tests {
             state
         };
         for &scale in &[0.003f32, 0.02, 0.0571, 0.1, 0.7] {
-            for bits in [4u32, 8] {
+            for (bits, shift) in [(4u32, 0u32), (8, 0), (4, 3), (8, 2)] {
+                let shift = ExpShift::try_from(shift).unwrap();
                 let row_len = 197;
                 let logits: Vec<f32> = (0..row_len * 8)
                     .map(|_| {
@@ -331,10 +341,10 @@ mod tests {
                     })
                     .collect();
                 let mut e = vec![0f32; logits.len()];
-                lis_exp_rows(&logits, row_len, scale, LisInput::Float, &mut e);
+                lis_exp_rows(&logits, row_len, scale, shift, LisInput::Float, &mut e);
                 let mut rounded = vec![0f32; logits.len()];
-                lis_exp_rows(&logits, row_len, scale, LisInput::Rounded, &mut rounded);
-                let k = LisConstants::new(scale);
+                lis_exp_rows(&logits, row_len, scale, shift, LisInput::Rounded, &mut rounded);
+                let k = LisConstants::shifted(scale, shift);
                 let mut sums = Vec::new();
                 for (row, er) in logits.chunks(row_len).zip(e.chunks(row_len)) {
                     let max = row.iter().map(|&x| x / scale).fold(f32::NEG_INFINITY, f32::max);

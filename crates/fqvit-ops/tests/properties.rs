@@ -45,6 +45,30 @@ proptest! {
         prop_assert_eq!(fast_f, slow_f);
     }
 
+    /// The exponential on a grid 2^K times finer (`ExpShift`) is, by definition, the original's
+    /// at the scale `S·2^-K` on the codes `x·2^K`; every fast path equals it on every ISA.
+    #[test]
+    fn lis_exp_shift_is_the_finer_grid_exactly((len, codes) in logit_rows(), s in scale(), k in 1u32..=8, bits in prop::sample::select(vec![2u32, 4, 8])) {
+        let fine = s * (-(k as f32)).exp2();
+        prop_assume!(fine >= softmax::MIN_SCALE);
+        let shift = softmax::ExpShift::try_from(k).unwrap();
+        let constants = softmax::LisConstants::shifted(s, shift);
+        let unshifted = softmax::LisConstants::new(fine);
+        prop_assert_eq!((constants.i0, constants.ib, constants.ic), (unshifted.i0, unshifted.ib, unshifted.ic));
+        let mut want = vec![0u16; codes.len()];
+        let scaled: Vec<i32> = codes.iter().map(|&q| q << k).collect();
+        lis_ref::log_int_softmax(&scaled, len, fine, bits, &mut want);
+        let mut slow = vec![0u16; codes.len()];
+        lis_ref::log_int_softmax_by(&codes, len, &constants, bits, &mut slow);
+        prop_assert_eq!(&slow, &want);
+        let table = softmax::ExpTable::new(constants);
+        for isa in Isa::ALL.into_iter().filter(|isa| isa.available()) {
+            let mut fast = vec![0u16; codes.len()];
+            softmax::log_int_softmax_with(isa, &codes, len, &table, bits, &mut fast);
+            prop_assert_eq!(&fast, &want, "{}", isa);
+        }
+    }
+
     #[test]
     fn lis_codes_in_range_and_masked_entries_are_zero((len, codes) in logit_rows(), s in scale(), bits in prop::sample::select(vec![2u32, 4, 8])) {
         let out = lis(&codes, len, s, bits);

@@ -2,7 +2,7 @@
 
 use fqvit_ops::float::LisInput;
 use fqvit_ops::softmax::reference::N;
-use fqvit_ops::softmax::{LisBits, LisConstants};
+use fqvit_ops::softmax::{ExpShift, LisBits, LisConstants};
 use tch::{Device, Kind, Tensor};
 
 /// Log-Int-Softmax of one attention site, its constants prepared on a device.
@@ -17,6 +17,7 @@ pub struct LogIntSoftmax {
     scale: Tensor,
     i0: Tensor,
     constants: LisConstants,
+    shift: ExpShift,
     bits: u32,
     input: LisInput,
 }
@@ -35,6 +36,7 @@ impl LogIntSoftmax {
             scale: Tensor::from_slice(&[scale]).to_device(device),
             i0: Tensor::from_slice(&[constants.i0 as f32]).to_device(device),
             constants,
+            shift: ExpShift::NONE,
             bits,
             input: LisInput::Float,
         }
@@ -43,6 +45,18 @@ impl LogIntSoftmax {
     /// The same LIS reading `X/S` as `input` says (the original: float, unrounded).
     pub fn with_input(self, input: LisInput) -> Self {
         LogIntSoftmax { input, ..self }
+    }
+
+    /// The same LIS with its exponential on a grid `2^shift` times finer than `S` (the
+    /// original: 0).
+    ///
+    /// # Panics
+    /// If `S·2^-shift` is not a normal float (checked by [`LisConstants::shifted`]).
+    #[track_caller]
+    pub fn with_exp_shift(self, shift: ExpShift) -> Self {
+        let constants = LisConstants::shifted(self.constants_scale, shift);
+        let i0 = Tensor::from_slice(&[constants.i0 as f32]).to_device(self.i0.device());
+        LogIntSoftmax { constants, shift, i0, ..self }
     }
 
     /// The scale it was made with.
@@ -63,7 +77,7 @@ impl LogIntSoftmax {
         let row_len = row_len as usize;
         let scale = self.constants_scale;
         let mut e = crate::cpu::Owned::zeros(&size);
-        fqvit_ops::float::lis_exp_rows(x, row_len, scale, self.input, e.as_mut_slice());
+        fqvit_ops::float::lis_exp_rows(x, row_len, scale, self.shift, self.input, e.as_mut_slice());
         let sums = e.tensor().sum_dim_intlist([-1i64].as_slice(), false, Kind::Float);
         let sums = crate::cpu::slice(&sums).expect("a new float32 CPU tensor is contiguous");
         fqvit_ops::float::lis_powers(e.as_mut_slice(), sums, row_len, self.bits);
@@ -81,6 +95,8 @@ impl LogIntSoftmax {
             let _ = x.round_();
         }
         let _ = x.g_sub_(&x.amax([-1i64].as_slice(), true));
+        // Exact: the exponential's finer grid (`ExpShift`).
+        let _ = x.g_mul_scalar_(f64::from(1u32 << self.shift.get()));
         let _ = x.clamp_min_(n * i0);
         let mut q = (&x / &self.i0).floor_();
         // r = x − q·I0 (the product is an exact small integer, so this is the original's value).
@@ -126,15 +142,19 @@ mod tests {
             let on_grid = (codes.to_kind(Kind::Float) - 131.0) * f64::from(scale);
             let mask = mask.to_kind(Kind::Float) * -100.0;
             let masked = &on_grid + mask;
-            for bits in [4, 8] {
-                let lis = LogIntSoftmax::new(scale, LisBits::try_from(bits).unwrap(), Device::Cpu);
+            for (bits, shift) in [(4, 0), (8, 0), (4, 3), (8, 5)] {
+                let lis = LogIntSoftmax::new(scale, LisBits::try_from(bits).unwrap(), Device::Cpu)
+                    .with_exp_shift(ExpShift::try_from(shift).unwrap());
                 for (what, xs) in
                     [("on the grid", &on_grid), ("off it", &off_grid), ("masked", &masked)]
                 {
                     let fused = lis.forward(xs);
                     let ops = lis.forward_ops(xs);
                     let differ = fused.ne_tensor(&ops).sum(Kind::Int64).int64_value(&[]);
-                    assert_eq!(differ, 0, "S = {scale}, rows of {row}, {bits} bits, logits {what}");
+                    assert_eq!(
+                        differ, 0,
+                        "S = {scale}, rows of {row}, {bits} bits, shift {shift}, logits {what}"
+                    );
                 }
             }
         }

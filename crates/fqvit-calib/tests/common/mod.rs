@@ -93,6 +93,7 @@ pub fn test_provenance(
             seed,
         },
         lis_bits: exp.quant_options().lis_bits,
+        lis_exp_shift: exp.lis_exp_shift,
         sites: artifact::site_infos(model, table, &exp),
     }
 }

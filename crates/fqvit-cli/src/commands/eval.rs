@@ -182,6 +182,7 @@ fn eval_artifact(
         || q.bias_correction
         || q.reparam_norm_out
         || q.attn_bits.is_some()
+        || q.lis_exp_shift.is_some()
         || !q.ptf_sites.is_empty()
         || q.ptf_max_factor.is_some()
         || q.residual_bits.is_some()
@@ -189,7 +190,7 @@ fn eval_artifact(
         || q.holdout.is_some()
     {
         anyhow::bail!(
-            "--qparams carries its own quantization settings: drop --quant, --ptf, --lis, --quant-method, --weight-method, --weight-rounding, --bias-correction, --reparam-norm-out, --attn-bits, --ptf-sites, --ptf-max-factor, --residual-bits, --ptf-range, --holdout and --config"
+            "--qparams carries its own quantization settings: drop --quant, --ptf, --lis, --quant-method, --weight-method, --weight-rounding, --bias-correction, --reparam-norm-out, --attn-bits, --lis-exp-shift, --ptf-sites, --ptf-max-factor, --residual-bits, --ptf-range, --holdout and --config"
         );
     }
     let explicit_weights = args.model.weights.is_some() || args.model.weights_dir.is_some();

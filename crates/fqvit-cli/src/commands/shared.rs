@@ -103,6 +103,7 @@ pub(crate) fn provenance(
             seed: exp.calibration.seed,
         },
         lis_bits: exp.quant_options().lis_bits,
+        lis_exp_shift: exp.lis_exp_shift,
         sites: artifact::site_infos(model, table, exp),
     })
 }

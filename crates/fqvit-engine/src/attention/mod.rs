@@ -31,8 +31,8 @@ pub(crate) struct Attention {
     /// The scores' zero point and largest code.
     pub(crate) z_a: i32,
     pub(crate) hi_a: u8,
-    /// The scale Log-Int-Softmax reads: the scores' (ViT) or the biased scores' (Swin).
-    /// Log-Int-Softmax's integer exponential, from the scale of its input site.
+    /// Log-Int-Softmax's integer exponential, from the scale of the site it reads (the
+    /// scores' in ViT, the biased scores' in Swin) and the artifact's `lis_exp_shift`.
     pub(crate) lis: ExpTable,
     pub(crate) bits: u32,
     /// Fixed-point bits of the probabilities `2^-k` in `attn · v`.
@@ -344,10 +344,13 @@ pub(crate) fn compile(
     if n > MAX_ROW {
         return Err(err(format!("{n} tokens exceed Log-Int-Softmax's {MAX_ROW}")));
     }
-    let s_lis = site.lis.scale[0];
-    if s_lis < MIN_SCALE {
+    let (s_lis, shift) = (site.lis.scale[0], art.lis_exp_shift());
+    // The exponential's grid, exact (a power of two).
+    let s_exp = s_lis * (-(shift.get() as f32)).exp2();
+    if s_exp < MIN_SCALE {
         return Err(err(format!(
-            "site {}: scale {s_lis} is below Log-Int-Softmax's {MIN_SCALE}",
+            "site {}: scale {s_lis} (Log-Int-Softmax's exponential on {s_exp}, lis_exp_shift \
+             {shift}) is below Log-Int-Softmax's {MIN_SCALE}",
             site.lis.name
         )));
     }
@@ -380,7 +383,7 @@ pub(crate) fn compile(
         ctx_columns,
         z_a: ga.zero_point[0],
         hi_a: ga.hi(),
-        lis: ExpTable::new(LisConstants::new(s_lis)),
+        lis: ExpTable::new(LisConstants::shifted(s_lis, shift)),
         bits: lis_bits.get(),
         k_max,
         m_ctx,

@@ -346,6 +346,7 @@ impl Softmax {
                     // already uses it, on logits that are not fake-quantized (spec §7.1).
                     (Some(bits), Some(params)) => {
                         fqvit_tensor::LogIntSoftmax::new(params.scale[0], bits, xs.device())
+                            .with_exp_shift(options.lis_exp_shift)
                             .forward(xs)
                     }
                     (Some(_), None) => xs.softmax(-1, Kind::Float),

@@ -1,6 +1,7 @@
 //! The frozen state of a quantized model: everything the quantized forward needs, prepared on
 //! the model's device once, when the state is built.
 
+use fqvit_ops::softmax::{ExpShift, LisConstants, MIN_SCALE};
 use fqvit_tensor::{Axis, IntLayerNorm, LayerNormInput, LogIntSoftmax, Quantizer};
 use tch::Tensor;
 
@@ -156,8 +157,23 @@ impl Quantized {
                     if let Some(bits) = options.lis_bits {
                         let wiring = s.wiring();
                         let p_in = table.require(wiring.in_site, &sites)?;
+                        let (scale, shift) = (p_in.scale[0], options.lis_exp_shift);
+                        // The original's grid takes any scale (in float32); a finer one is
+                        // for the integer engine, which needs `S·2^-K ≥ 2^-10`.
+                        if shift != ExpShift::NONE
+                            && !LisConstants::shifted(scale, shift).fit_integers()
+                        {
+                            return Err(Error::Site {
+                                site: sites.get(wiring.in_site).name.clone(),
+                                reason: format!(
+                                    "scale {scale} shifted by lis-exp-shift {shift} is below \
+                                     Log-Int-Softmax's integer bound {MIN_SCALE}: lower the shift"
+                                ),
+                            });
+                        }
                         softmaxes[s.out_site().index()] = Some(
-                            LogIntSoftmax::new(p_in.scale[0], bits, device)
+                            LogIntSoftmax::new(scale, bits, device)
+                                .with_exp_shift(shift)
                                 .with_input(options.lis_input),
                         );
                     }

@@ -33,24 +33,38 @@ pub const MAX_ROW: usize = 2048;
 /// float divided by a tensor is `reciprocal(S) · c` in PyTorch).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LisConstants {
-    /// `I0 = ⌊−0.6931 / S⌋`, −ln 2 in grid units (negative).
+    /// `I0 = ⌊−0.6931 / S'⌋`, −ln 2 in grid units (negative), `S' = S·2^-shift`.
     pub i0: i64,
-    /// `I_b = ⌊(b/a) / S⌋`.
+    /// `I_b = ⌊(b/a) / S'⌋`.
     pub ib: i64,
-    /// `I_c = ⌊(c/a) / S²⌋`.
+    /// `I_c = ⌊(c/a) / S'²⌋`.
     pub ic: i64,
+    /// The exponential's grid is `2^shift` times finer than the logits' ([`ExpShift`]): each
+    /// logit `x` enters `int_exp` as `x·2^shift`.
+    pub shift: u32,
 }
 
 impl LisConstants {
-    /// The constants for scale `S`.
+    /// The constants for scale `S`, the original's (no [`ExpShift`]).
     ///
     /// # Panics
     /// If `S` is not positive and finite.
     #[track_caller]
     pub fn new(scale: f32) -> Self {
+        Self::shifted(scale, ExpShift::NONE)
+    }
+
+    /// The constants for logits of scale `S` whose exponential runs on `S·2^-shift`.
+    ///
+    /// # Panics
+    /// If `S·2^-shift` is not positive, finite and normal.
+    #[track_caller]
+    pub fn shifted(scale: f32, shift: ExpShift) -> Self {
+        // Exact: a power of two times a normal float stays normal above 2^-126.
+        let scale = scale * (-(shift.get() as f32)).exp2();
         assert!(
-            scale.is_finite() && scale > 0.0,
-            "log_int_softmax: scale {scale} is not positive and finite"
+            scale.is_normal() && scale > 0.0,
+            "log_int_softmax: scale {scale} is not positive, finite and normal"
         );
         let recip = 1.0 / scale;
         let recip_sq = 1.0 / (scale * scale);
@@ -59,13 +73,79 @@ impl LisConstants {
             i0: floor(recip * X0 as f32),
             ib: floor(recip * (COEF[1] / COEF[0]) as f32),
             ic: floor(recip_sq * (COEF[2] / COEF[0]) as f32),
+            shift: shift.get(),
+        }
+    }
+
+    /// Whether these are the constants of an exponential grid of at least [`MIN_SCALE`], the
+    /// integer path's bound (`I_c < 2^22`).
+    pub fn fit_integers(&self) -> bool {
+        (0..1 << 22).contains(&self.ic)
+    }
+}
+
+/// How much finer than its logits' scale `S` Log-Int-Softmax's integer exponential runs
+/// (`--lis-exp-shift`, TOML `lis-exp-shift`, the artifact's `lis_exp_shift`): the integer
+/// logits `x` enter it as `x·2^K` on the scale `S·2^-K`, an exact shift. 0, the original's,
+/// puts the exponential on the logits' own grid, whose step `I0·S` stands for `−ln 2` only to
+/// within one step and whose constants `I_b`, `I_c` are floors on that grid: coarse logits (6-bit
+/// attention scores, `S` near 0.5) get an exponential whose base is off by a quarter. One of
+/// [`EXP_SHIFTS`], checked here only; the grid must stay at or above [`MIN_SCALE`].
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct ExpShift(u32);
+
+/// The shifts [`ExpShift`] takes.
+pub const EXP_SHIFTS: std::ops::RangeInclusive<u32> = 0..=8;
+
+impl ExpShift {
+    /// The original's: the exponential on the logits' grid.
+    pub const NONE: ExpShift = ExpShift(0);
+
+    /// The shift `K`.
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl TryFrom<u32> for ExpShift {
+    type Error = String;
+    fn try_from(k: u32) -> Result<Self, String> {
+        if EXP_SHIFTS.contains(&k) {
+            Ok(ExpShift(k))
+        } else {
+            Err(format!("shift {k}: Log-Int-Softmax's exponential takes {EXP_SHIFTS:?}"))
         }
     }
 }
 
+impl From<ExpShift> for u32 {
+    fn from(k: ExpShift) -> u32 {
+        k.0
+    }
+}
+
+impl std::str::FromStr for ExpShift {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let k: u32 = s.parse().map_err(|_| {
+            format!("{s:?} is not a shift: Log-Int-Softmax's exponential takes {EXP_SHIFTS:?}")
+        })?;
+        ExpShift::try_from(k)
+    }
+}
+
+impl std::fmt::Display for ExpShift {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// Log-Int-Softmax's integer exponential for one scale, tabulated: entry `d` is
-/// `int_exp(−d)` for `0 ≤ d ≤ n·|I0|`, held exactly in f64 (below 2^52); a logit further below
-/// its row's maximum is clipped to `n·I0` and takes the last entry. Built once per scale (an
+/// `int_exp(−d)` for `0 ≤ d·2^shift ≤ n·|I0|`, held exactly in f64 (below 2^52); a logit further
+/// below its row's maximum is clipped to `n·I0` and takes the last entry. Built once per scale (an
 /// integer runtime does it at load), it turns the polynomial per element into one load; at
 /// [`MIN_SCALE`] it has 21,301 entries, at the attention scales of a few hundredths a few
 /// hundred.
@@ -83,7 +163,8 @@ impl ExpTable {
     #[track_caller]
     pub fn new(k: LisConstants) -> Self {
         check_constants(&k);
-        let last = i64::from(reference::N) * -k.i0;
+        // The first distance whose shifted logit `−d·2^shift` is clipped.
+        let last = (u64::from(reference::N) * k.i0.unsigned_abs()).div_ceil(1 << k.shift) as i64;
         // Exact: every entry is an integer below 2^52.
         #[allow(clippy::cast_precision_loss)]
         let e = (0..=last).map(|d| reference::int_exp(-d, &k) as f64).collect();
@@ -95,7 +176,7 @@ impl ExpTable {
 #[track_caller]
 fn check_constants(k: &LisConstants) {
     assert!(
-        (0..1 << 22).contains(&k.ic),
+        k.fit_integers(),
         "log_int_softmax: I_c = {} is not the constant of a scale of at least 2^-10",
         k.ic
     );

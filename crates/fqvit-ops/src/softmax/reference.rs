@@ -19,12 +19,15 @@ pub fn int_polynomial(r: i64, k: &LisConstants) -> i64 {
     r * (r + k.ib) + k.ic
 }
 
-/// `int_exp`: `e = max(⌊z · 2^(n − q)⌋, 0)` with `x = q·I0 + r`, `x` clipped at `n·I0`.
+/// `int_exp`: `e = max(⌊z · 2^(n − q)⌋, 0)` with `x·2^shift = q·I0 + r`, clipped at `n·I0`.
 ///
-/// `e · a·S² / 2^30 ≈ exp(S·x)`. Bounds: `e ≤ I_c · 2^30 < 2^52` for `S ≥ 2^-10` ([`super::MIN_SCALE`]).
+/// `e · a·S'² / 2^30 ≈ exp(S·x)`, `S' = S·2^-shift`. Bounds: `e ≤ I_c · 2^30 < 2^52` for
+/// `S' ≥ 2^-10` ([`super::MIN_SCALE`]); `x ≤ 0` is clipped before it is shifted, so `|x| < 2^32`
+/// suffices.
 #[inline]
 pub fn int_exp(x: i64, k: &LisConstants) -> u64 {
-    let x = x.max(i64::from(N) * k.i0);
+    let clip = i64::from(N) * k.i0;
+    let x = (x.max(clip) << k.shift).max(clip);
     // x ≤ 0 and I0 < 0: truncating division is floor division here.
     let q = x / k.i0;
     let r = x - k.i0 * q;
@@ -68,17 +71,32 @@ pub fn log_code(sum: u64, e: u64, bits: u32) -> u16 {
 /// As [`log_int_softmax`](super::log_int_softmax).
 #[track_caller]
 pub fn log_int_softmax(codes: &[i32], row_len: usize, scale: f32, bits: u32, out: &mut [u16]) {
-    let k = LisConstants::new(scale);
     super::check_integer_scale(scale);
+    log_int_softmax_by(codes, row_len, &LisConstants::new(scale), bits, out);
+}
+
+/// [`log_int_softmax`] with the constants `k` of any [`ExpShift`](super::ExpShift).
+///
+/// # Panics
+/// As [`log_int_softmax`], and if `k` is not within the integer bound.
+#[track_caller]
+pub fn log_int_softmax_by(
+    codes: &[i32],
+    row_len: usize,
+    k: &LisConstants,
+    bits: u32,
+    out: &mut [u16],
+) {
+    super::check_constants(k);
     check_row_args(codes.len(), out.len(), row_len, bits);
     for (row, out) in codes.chunks_exact(row_len).zip(out.chunks_exact_mut(row_len)) {
         let max = row.iter().copied().max().map_or(0, i64::from);
         let mut sum = 0u64;
         for &x in row {
-            sum += int_exp(i64::from(x) - max, &k);
+            sum += int_exp(i64::from(x) - max, k);
         }
         for (o, &x) in out.iter_mut().zip(row) {
-            *o = log_code(sum, int_exp(i64::from(x) - max, &k), bits);
+            *o = log_code(sum, int_exp(i64::from(x) - max, k), bits);
         }
     }
 }
@@ -123,7 +141,8 @@ pub(crate) fn row_f32(
 #[inline]
 pub fn int_exp_f32(x: f32, k: &LisConstants) -> f32 {
     let (i0, ib, ic) = (k.i0 as f32, k.ib as f32, k.ic as f32);
-    let x = x.max(N as f32 * i0);
+    // Exact: a power of two (the shifted grid), then the original's steps.
+    let x = (x * (k.shift as f32).exp2()).max(N as f32 * i0);
     let q = (x / i0).floor();
     let r = x - i0 * q;
     let z = r * (r + ib) + ic;
