@@ -14,7 +14,7 @@
 //! `K ≤ 30` and `N < 2^24`. With the AVX2 pair kernel, whose operands are 16 bits wide anyway,
 //! 4-bit codes take one 16-bit plane instead ([`wide_plane`]). All compute the same integers.
 
-use crate::gemm::{Kernel, Weights, gemm_local, gemm_wide_local};
+use crate::gemm::{Kernel, Weights, gemm_local, gemm_wide_local, reuse};
 
 /// The reference: `out[i·hd + e] = Σ_j (v[j·hd + e] − z) << (k_max − k[i·n + j])`, for the
 /// query rows `i` of `k` over the `n` tokens of `v`.
@@ -127,7 +127,7 @@ impl AttnVScratch {
     /// `e`'s weights are the tokens' values in it).
     #[inline(always)]
     fn pack_values(&mut self, kernel: &Kernel, v: &[u8], hd: usize) {
-        refill(&mut self.vt, v.len());
+        reuse(&mut self.vt, v.len());
         self.vt.iter_mut().zip(v).for_each(|(w, &x)| *w = (x ^ 0x80) as i8);
         self.w.repack_transposed(kernel, &self.vt, hd, v.len() / hd);
     }
@@ -139,12 +139,6 @@ impl AttnVScratch {
 /// 2^9`).
 fn wide_plane(kernel: &Kernel, n: usize, k_max: u32) -> bool {
     kernel.takes_wide() && k_max <= 15 && n < 1 << 9
-}
-
-/// `v` emptied and refilled with `len` defaults, keeping its allocation.
-pub(super) fn refill<T: Clone + Default>(v: &mut Vec<T>, len: usize) {
-    v.clear();
-    v.resize(len, T::default());
 }
 
 #[inline(always)]
@@ -175,9 +169,9 @@ pub(super) fn attn_v_lanes<A: Acc>(
     let is_upper = |e: u32| (8..=k_max).contains(&e);
     // Plane 0 holds 2^e where e < 8, else 0: one branch-free pass, which also sums each row
     // (at most n · 128) and counts its upper entries.
-    refill(&mut s.p, rows * n);
-    refill(&mut s.row_sums, rows);
-    refill(&mut s.upper, rows);
+    reuse(&mut s.p, rows * n);
+    reuse(&mut s.row_sums, rows);
+    reuse(&mut s.upper, rows);
     for (((plane, k), sum), upper) in
         s.p.chunks_exact_mut(n).zip(k.chunks_exact(n)).zip(&mut s.row_sums).zip(&mut s.upper)
     {
@@ -215,7 +209,7 @@ pub(super) fn attn_v_lanes<A: Acc>(
         }
     }
     s.pack_values(kernel, v, hd);
-    refill(&mut s.g, planes * rows * hd);
+    reuse(&mut s.g, planes * rows * hd);
     gemm_local(kernel, &s.p, &s.w, &mut s.g);
     let zero_point = A::from(128 - z);
     for (b, (plane, sums)) in
@@ -254,7 +248,7 @@ fn add_sparse<A: Acc>(
     shift: impl Fn(u16) -> u32,
 ) {
     let n = v.len() / hd;
-    refill(vz, n * hd);
+    reuse(vz, n * hd);
     vz.iter_mut().zip(v).for_each(|(o, &x)| *o = i32::from(x) - z);
     for ((o, k), _) in
         out.chunks_exact_mut(hd).zip(k.chunks_exact(n)).zip(counts).filter(|(_, c)| **c > 0)
@@ -291,9 +285,9 @@ fn attn_v_wide<A: Acc>(
 ) {
     let n = v.len() / hd;
     let rows = k.len() / n;
-    refill(&mut s.p16, rows * n);
-    refill(&mut s.row_sums, rows);
-    refill(&mut s.upper, rows);
+    reuse(&mut s.p16, rows * n);
+    reuse(&mut s.row_sums, rows);
+    reuse(&mut s.upper, rows);
     for (((plane, k), sum), top) in
         s.p16.chunks_exact_mut(n).zip(k.chunks_exact(n)).zip(&mut s.row_sums).zip(&mut s.upper)
     {
@@ -309,7 +303,7 @@ fn attn_v_wide<A: Acc>(
         (*sum, *top) = (i64::from(total), count);
     }
     s.pack_values(kernel, v, hd);
-    refill(&mut s.g, rows * hd);
+    reuse(&mut s.g, rows * hd);
     gemm_wide_local(kernel, &s.p16, &s.w, &mut s.rows, &mut s.g);
     let zero_point = A::from(128 - z);
     for ((o, g), &sum) in out.chunks_exact_mut(hd).zip(s.g.chunks_exact(hd)).zip(&s.row_sums) {

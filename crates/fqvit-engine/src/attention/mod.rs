@@ -7,7 +7,7 @@ use fqvit_ops::softmax::{ExpTable, LisConstants, log_int_softmax_local};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::gemm::{Kernel, Weights, gemm_local};
+use crate::gemm::{Kernel, Weights, gemm_local, reuse};
 use crate::grid::Grid;
 use crate::load::{check_layer_wise, dyadic, small};
 use crate::requant::Dyadic;
@@ -17,7 +17,7 @@ use fqvit_ops::softmax::{LisBits, MAX_ROW, MIN_SCALE};
 
 mod attn_v;
 
-use attn_v::{Acc, AttnVScratch, attn_v_lanes, refill};
+use attn_v::{Acc, AttnVScratch, attn_v_lanes};
 pub use attn_v::{attn_v, attn_v_reference, fits_i32};
 
 /// Multi-head attention compiled from an `attention` or `window-attention` op.
@@ -216,11 +216,11 @@ impl Attention {
         // u8 × i8 GEMM takes q·kᵀ: Σ(q − z)(k − z) = Σ q·(k − 128) + (128 − z)·Σq − z·Σk +
         // hd·z², each term below 2^31 in magnitude for hd < 2^15), v, and the row sums of q
         // and k.
-        refill(&mut s.q, m * hd);
-        refill(&mut s.k, n * hd);
-        refill(&mut s.v, n * hd);
-        refill(&mut s.sq, m);
-        refill(&mut s.sk, n);
+        reuse(&mut s.q, m * hd);
+        reuse(&mut s.k, n * hd);
+        reuse(&mut s.v, n * hd);
+        reuse(&mut s.sq, m);
+        reuse(&mut s.sk, n);
         let sum = |x: &[u8]| x.iter().map(|&x| u32::from(x)).sum::<u32>();
         for (i, token) in rows.enumerate() {
             let part = |p: usize| &token[p * d + h * hd..][..hd];
@@ -236,27 +236,27 @@ impl Attention {
                 s.sq[r] = i64::from(sum(qi));
             }
         }
-        refill(&mut s.raw, m * n);
+        reuse(&mut s.raw, m * n);
         s.wk.repack(kernel, &s.k, n, hd);
         gemm_local(kernel, &s.q, &s.wk, &mut s.raw);
-        refill(&mut s.x, m * n);
+        reuse(&mut s.x, m * n);
         self.scores(&s.raw, &s.sq, &s.sk, hd, &mut s.x);
         if let (Some(win), Some(w)) = (&self.windows, window) {
             win.bias_and_mask(h, w, queries.start, &mut s.x);
         }
         let mm = t.elapsed();
         let t = Instant::now();
-        refill(&mut s.codes, m * n);
+        reuse(&mut s.codes, m * n);
         log_int_softmax_local(kernel.isa(), &s.x, n, &self.lis, self.bits, &mut s.codes);
         let sm = t.elapsed();
         let t = Instant::now();
         let mut out = vec![0u8; m * hd];
         if fits_i32(n, self.k_max) {
-            refill(&mut s.sums32, m * hd);
+            reuse(&mut s.sums32, m * hd);
             attn_v_lanes(kernel, &s.codes, &s.v, self.z, hd, self.k_max, &mut s.av, &mut s.sums32);
             self.context(h, hd, &s.sums32, &mut out);
         } else {
-            refill(&mut s.sums64, m * hd);
+            reuse(&mut s.sums64, m * hd);
             attn_v_lanes(kernel, &s.codes, &s.v, self.z, hd, self.k_max, &mut s.av, &mut s.sums64);
             self.context(h, hd, &s.sums64, &mut out);
         }

@@ -296,7 +296,9 @@ impl Weights {
     /// As [`Weights::new`].
     pub fn repack_transposed(&mut self, kernel: &Kernel, t: &[i8], n: usize, k: usize) {
         self.reset(t.len(), n, k);
-        refill(&mut self.row_sums, n);
+        // Summed into: zeroed.
+        self.row_sums.clear();
+        self.row_sums.resize(n, 0);
         for step in t.chunks_exact(n.max(1)) {
             self.row_sums.iter_mut().zip(step).for_each(|(s, &w)| *s += i32::from(w));
         }
@@ -319,7 +321,7 @@ impl Weights {
             }
             (Imp::Loops, _) => {
                 self.packed = Packing::None;
-                refill(&mut self.codes, n * k);
+                reuse(&mut self.codes, n * k);
                 for (i, step) in t.chunks_exact(n.max(1)).enumerate() {
                     for (c, &w) in step.iter().enumerate() {
                         self.codes[c * k + i] = w;
@@ -418,14 +420,14 @@ pub struct Scratch {
 impl Scratch {
     /// `acc = a · wᵀ` for the task's rows `a`, on this thread.
     pub fn gemm(&mut self, kernel: &Kernel, a: &[u8], w: &Weights) -> &mut [i32] {
-        refill(&mut self.acc, a.len() / w.k.max(1) * w.n);
+        reuse(&mut self.acc, a.len() / w.k.max(1) * w.n);
         block(kernel, a, w, &mut self.rows, &mut self.acc);
         &mut self.acc
     }
 
     /// `acc2 = a · wᵀ`, as [`Scratch::gemm`].
     pub fn gemm2(&mut self, kernel: &Kernel, a: &[u8], w: &Weights) -> &mut [i32] {
-        refill(&mut self.acc2, a.len() / w.k.max(1) * w.n);
+        reuse(&mut self.acc2, a.len() / w.k.max(1) * w.n);
         block(kernel, a, w, &mut self.rows, &mut self.acc2);
         &mut self.acc2
     }
@@ -442,7 +444,7 @@ impl Scratch {
         if !kernel.takes_wide() {
             return None;
         }
-        refill(&mut self.acc, a.len() / w.k.max(1) * w.n);
+        reuse(&mut self.acc, a.len() / w.k.max(1) * w.n);
         gemm_wide_local(kernel, a, w, &mut self.rows, &mut self.acc);
         Some(&mut self.acc)
     }
@@ -485,9 +487,10 @@ pub fn gemm_wide_local(
     }
 }
 
-/// `v` emptied and refilled with `len` defaults, keeping its allocation.
-fn refill<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
-    v.clear();
+/// `v` holding `len` elements, keeping its allocation and its old values (growth is filled with
+/// defaults): for a buffer the caller overwrites whole before reading it, which zeroing would
+/// only make slower (a head's attention buffers, half a megabyte, are reused by every head).
+pub(crate) fn reuse<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
     v.resize(len, T::default());
 }
 
