@@ -6,7 +6,8 @@
 //! code is `k`, and `k ≥ 2^bits` means the probability is exactly 0. Dequantized, a code is
 //! `2^-k`, or 0 for the zero flag.
 //!
-//! Integer bounds: `S ≥ 2^-10` ([`MIN_SCALE`]) keeps `I_c = ⌊2.79/S²⌋ < 2^22`, so
+//! Integer bounds: an exponential grid `S ≥ 2^-10` ([`MIN_SCALE`]; `S·2^-K` with an
+//! [`ExpShift`] `K`) keeps `I_c = ⌊2.79/S²⌋ < 2^22`, so
 //! `e ≤ I_c·2^30 < 2^52`, and rows of at most [`MAX_ROW`] = 2048 keep `Σ < 2^63` (u64).
 //!
 //! Coarse scales: the grid step `I0·S` is −ln 2 only up to one step, so accuracy falls as S
@@ -60,7 +61,7 @@ impl LisConstants {
     /// If `S·2^-shift` is not positive, finite and normal.
     #[track_caller]
     pub fn shifted(scale: f32, shift: ExpShift) -> Self {
-        // Exact: a power of two times a normal float stays normal above 2^-126.
+        // Exact while the product is normal, which the assertion checks.
         let scale = scale * (-(shift.get() as f32)).exp2();
         assert!(
             scale.is_normal() && scale > 0.0,
