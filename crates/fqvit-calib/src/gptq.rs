@@ -94,8 +94,11 @@ impl Probe for LinearInputs {
             let size = xs.size();
             let rows = match (patch, &size[..]) {
                 // (B, C, H, W) as rows of patches (B·H/k·W/k, C·k·k), each patch's values in
-                // the weight's order.
+                // the weight's order; pixels past the last whole patch, which the strided
+                // convolution never reads, left out.
                 (Some(k), &[b, c, h, w]) => xs
+                    .narrow(2, 0, h / k * k)
+                    .narrow(3, 0, w / k * k)
                     .reshape([b, c, h / k, k, w / k, k])
                     .permute([0, 2, 4, 1, 3, 5])
                     .reshape([-1, c * k * k]),

@@ -112,3 +112,30 @@ fn the_engine_runs_gptq_codes_as_the_simulation() {
     }
     engine_follows_simulation(&c);
 }
+
+/// The patch convolution's inputs are unfolded into its patches; an image side that is not a
+/// whole number of patches loses only the pixels the strided convolution never reads (no
+/// panic on the reshape).
+#[test]
+fn patches_past_the_last_whole_one_are_left_out() {
+    use fqvit_models::Probe;
+    let (_vs, model) = perturbed_deit();
+    let (module, k) = model
+        .layers()
+        .into_iter()
+        .find_map(|l| match l {
+            Layer::Conv2d(c) => Some((model.sites().get(c.site()).original.clone(), c.stride())),
+            _ => None,
+        })
+        .expect("a patch convolution");
+    let whole = fqvit_testkit::seeded(3, || {
+        Tensor::randn([2, 3, 4 * k + 3, 2 * k + 1], (Kind::Float, Device::Cpu))
+    });
+    let cropped = whole.narrow(2, 0, 4 * k).narrow(3, 0, 2 * k);
+    let gram = |x: &Tensor| {
+        let mut inputs = LinearInputs::new(&model);
+        let _ = inputs.input(&module, 0, x);
+        inputs.grams().into_iter().next().expect("the convolution's").1
+    };
+    assert!(gram(&whole).equal(&gram(&cropped)));
+}
