@@ -109,6 +109,12 @@ fn contradictory_or_unknown_flags_are_refused_with_a_clear_message() {
         "invalid value '9' for '--attn-bits <ATTN_BITS>': 9 bits: Log-Int-Softmax takes 2..=8",
     );
     fails_with(&with(&["--quant", "--attn-bits", "8"]), "--attn-bits needs --lis");
+    fails_with(
+        &with(&["--quant", "--lis", "--lis-exp-shift", "9"]),
+        "invalid value '9' for '--lis-exp-shift <K>': shift 9: Log-Int-Softmax's exponential takes 0..=8",
+    );
+    fails_with(&with(&["--quant", "--lis-exp-shift", "3"]), "--lis-exp-shift needs --lis");
+    fails_with(&with(&["--lis-exp-shift", "3"]), "--lis-exp-shift needs --lis");
     fails_with(&with(&["--lis-input", "rounded"]), "--lis-input needs --quant");
     fails_with(
         &with(&["--quant", "--lis-input", "floor"]),

@@ -311,3 +311,24 @@ fn swin_follows_the_simulation(dir: &Path, exp: Experiment) {
     let equal = sim.iter().zip(&int).filter(|(a, b)| ((*a - *b) / step).abs() < 0.5).count();
     eprintln!("swin: {equal}/{} logit codes equal free-running", int.len());
 }
+
+/// A Log-Int-Softmax grid `S·2^-K` below the integer bound 2^-10 is refused when the quantized
+/// model is built, naming the scores' site and the setting (the engine would refuse the
+/// artifact too); K = 8 takes every scale below 1/4 there.
+#[test]
+fn an_exponential_grid_below_the_integer_bound_is_refused_by_site() {
+    let (_vs, model) = common::tiny::perturbed_deit();
+    let exp = Experiment {
+        lis_exp_shift: fqvit_ops::softmax::ExpShift::try_from(8).unwrap(),
+        ..integer_twin()
+    };
+    let batch = fqvit_testkit::seeded(5, || {
+        tch::Tensor::randn([4, 3, 32, 32], (tch::Kind::Float, Device::Cpu))
+    });
+    let mut sink = fqvit_calib::Calibrator::new(model.sites(), &exp).unwrap();
+    sink.batch(&model, &batch, true, exp.quant_options()).unwrap();
+    let table = sink.freeze().unwrap();
+    let err = Quantized::new(&model, table, exp.quant_options()).unwrap_err().to_string();
+    assert!(err.contains("attn.attn_scores") && err.contains("lis-exp-shift 8"), "{err}");
+    assert!(err.contains("below Log-Int-Softmax's integer bound"), "{err}");
+}
