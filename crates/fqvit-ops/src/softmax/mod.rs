@@ -90,7 +90,8 @@ impl LisConstants {
 /// logits `x` enter it as `x·2^K` on the scale `S·2^-K`, an exact shift. 0, the original's,
 /// puts the exponential on the logits' own grid, whose step `I0·S` stands for `−ln 2` only to
 /// within one step and whose constants `I_b`, `I_c` are floors on that grid: coarse logits (6-bit
-/// attention scores, `S` near 0.5) get an exponential whose base is off by a quarter. One of
+/// attention scores, `S` 0.25 to 0.72 in ViT-Tiny) get an exponential whose base is off by up
+/// to 43 %. One of
 /// [`EXP_SHIFTS`], checked here only; the grid must stay at or above [`MIN_SCALE`].
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
